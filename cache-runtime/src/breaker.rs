@@ -1,0 +1,106 @@
+//! A circuit breaker, so a sick Redis costs callers no network time.
+//!
+//! Closed: every call may use Redis; consecutive failures are counted. After
+//! `threshold` of them the breaker opens for `cool_down`: calls skip Redis
+//! entirely (one atomic load and a clock read). Then exactly one call is let
+//! through as a probe; its success closes the breaker, its failure reopens it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    epoch: Instant,
+    threshold: u32,
+    cool_down: Duration,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the breaker is open; 0: closed.
+    open_until_ms: AtomicU64,
+    probe_in_flight: AtomicBool,
+}
+
+/// What the breaker lets a call do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Allowed,
+    Probe,
+    Rejected,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cool_down: Duration) -> Self {
+        Self {
+            epoch: Instant::now(),
+            threshold: threshold.max(1),
+            cool_down,
+            consecutive_failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            probe_in_flight: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Never 0, so 0 can mean "closed".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn admit(&self) -> Admission {
+        let open_until = self.open_until_ms.load(Relaxed);
+        if open_until == 0 {
+            return Admission::Allowed;
+        }
+        if self.now_ms() < open_until {
+            return Admission::Rejected;
+        }
+        match self.probe_in_flight.compare_exchange(false, true, Relaxed, Relaxed) {
+            Ok(_) => Admission::Probe,
+            Err(_) => Admission::Rejected,
+        }
+    }
+
+    pub(crate) fn record_success(&self) {
+        self.consecutive_failures.store(0, Relaxed);
+        if self.open_until_ms.load(Relaxed) != 0 {
+            self.open_until_ms.store(0, Relaxed);
+            self.probe_in_flight.store(false, Relaxed);
+        }
+    }
+
+    /// Returns true when this failure opened the breaker.
+    pub(crate) fn record_failure(&self, admission: Admission) -> bool {
+        if admission == Admission::Probe {
+            self.open_until_ms.store(self.now_ms() + self.cool_down.as_millis() as u64, Relaxed);
+            self.probe_in_flight.store(false, Relaxed);
+            return false;
+        }
+        let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        if failures >= self.threshold && self.open_until_ms.load(Relaxed) == 0 {
+            self.open_until_ms.store(self.now_ms() + self.cool_down.as_millis() as u64, Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_then_probes_once() {
+        let b = Breaker::new(2, Duration::from_millis(30));
+        assert_eq!(b.admit(), Admission::Allowed);
+        assert!(!b.record_failure(Admission::Allowed));
+        assert!(b.record_failure(Admission::Allowed));
+        assert_eq!(b.admit(), Admission::Rejected);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.admit(), Admission::Probe);
+        assert_eq!(b.admit(), Admission::Rejected, "one probe at a time");
+        b.record_failure(Admission::Probe);
+        assert_eq!(b.admit(), Admission::Rejected, "a failed probe reopens");
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.admit(), Admission::Probe);
+        b.record_success();
+        assert_eq!(b.admit(), Admission::Allowed);
+    }
+}

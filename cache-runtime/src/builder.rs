@@ -1,0 +1,206 @@
+//! Configuring a [`Cache`].
+
+use crate::breaker::Breaker;
+use crate::cache::{Cache, Settings};
+use crate::connection::{Connections, Deadlines};
+use crate::error::Error;
+use redis::IntoConnectionInfo;
+use std::time::Duration;
+
+/// Builds a [`Cache`]. `build` validates everything and needs no running
+/// Redis: connections are made on first use.
+///
+/// ```
+/// use cache_runtime::Cache;
+/// use std::time::Duration;
+///
+/// let cache = Cache::builder()
+///     .url("redis://127.0.0.1:6379/0")
+///     .key_prefix("myapp")
+///     .pool_size(32)
+///     .default_ttl(Duration::from_secs(60))
+///     .command_timeout(Duration::from_millis(50))
+///     .build()?;
+/// # Ok::<(), cache_runtime::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct CacheBuilder {
+    url: Option<String>,
+    key_prefix: String,
+    pool_size: usize,
+    default_ttl: Option<Duration>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    breaker_failures: u32,
+    breaker_cool_down: Duration,
+    max_value_bytes: usize,
+}
+
+impl Default for CacheBuilder {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "cache".to_owned(),
+            pool_size: 8,
+            default_ttl: None,
+            connect_timeout: Duration::from_millis(50),
+            command_timeout: Duration::from_millis(50),
+            breaker_failures: 5,
+            breaker_cool_down: Duration::from_secs(1),
+            max_value_bytes: 1 << 20,
+        }
+    }
+}
+
+impl CacheBuilder {
+    /// The Redis server: `redis://[user:password@]host[:port][/db]`, or
+    /// `redis+unix:///path/to/socket`.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// The application's namespace, first in every key: two applications
+    /// sharing one Redis never see each other's entries. Default: `cache`.
+    pub fn key_prefix(mut self, key_prefix: impl Into<String>) -> Self {
+        self.key_prefix = key_prefix.into();
+        self
+    }
+
+    /// The most connections the pool opens. Connections are multiplexed, so
+    /// a few carry many concurrent calls. Default: 8.
+    pub fn pool_size(mut self, pool_size: usize) -> Self {
+        self.pool_size = pool_size;
+        self
+    }
+
+    /// The TTL of functions whose `#[cached]` gives none.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = Some(ttl);
+        self
+    }
+
+    /// How long a call may wait for a connection, including connecting a new
+    /// one, before it computes without the cache. Default: 50 ms.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one Redis command may take before the call computes without
+    /// the cache. Default: 50 ms.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// After `failures` consecutive failed Redis operations, skip Redis for
+    /// `cool_down`, then let one call probe it. Default: 5 failures, 1 s.
+    pub fn circuit_breaker(mut self, failures: u32, cool_down: Duration) -> Self {
+        self.breaker_failures = failures;
+        self.breaker_cool_down = cool_down;
+        self
+    }
+
+    /// Values whose encoding is larger than this are returned but not
+    /// stored. Default: 1 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// Validates the settings and builds the cache. Does not connect.
+    pub fn build(self) -> Result<Cache, Error> {
+        let url = self.url.ok_or_else(|| Error::InvalidConfig("no Redis URL: call .url(...)".to_owned()))?;
+        let info = parse_url(&url)?;
+        validate_key_prefix(&self.key_prefix)?;
+        if self.pool_size == 0 {
+            return Err(Error::InvalidConfig("pool_size must be at least 1".to_owned()));
+        }
+        if self.connect_timeout.is_zero() || self.command_timeout.is_zero() {
+            return Err(Error::InvalidConfig("timeouts must be longer than zero".to_owned()));
+        }
+        if self.breaker_failures == 0 {
+            return Err(Error::InvalidConfig("the circuit breaker needs at least 1 failure to open".to_owned()));
+        }
+        if let Some(ttl) = self.default_ttl
+            && ttl.as_millis() == 0
+        {
+            return Err(Error::InvalidConfig("default_ttl must be at least 1 ms".to_owned()));
+        }
+        let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
+        let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
+        let connections = Connections::new(info, self.pool_size, deadlines, breaker)?;
+        Ok(Cache::from_settings(Settings {
+            connections,
+            key_prefix: self.key_prefix,
+            default_ttl: self.default_ttl,
+            max_value_bytes: self.max_value_bytes,
+        }))
+    }
+}
+
+fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Error> {
+    let refuse = |reason: String| Error::InvalidUrl { url: mask_password(url), reason };
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    match scheme {
+        Some("redis" | "redis+unix" | "unix") => {}
+        Some("rediss") => {
+            return Err(refuse("TLS (`rediss://`) is not built into this version of cache-runtime".to_owned()));
+        }
+        Some(other) => return Err(refuse(format!("unknown scheme `{other}`, expected redis:// or redis+unix://"))),
+        None => return Err(refuse("expected a URL such as redis://127.0.0.1:6379".to_owned())),
+    }
+    url.into_connection_info().map_err(|e| refuse(e.to_string()))
+}
+
+fn validate_key_prefix(prefix: &str) -> Result<(), Error> {
+    if prefix.is_empty() {
+        return Err(Error::InvalidConfig("key_prefix must not be empty".to_owned()));
+    }
+    if let Some(c) = prefix.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}')) {
+        return Err(Error::InvalidConfig(format!(
+            "key_prefix {prefix:?} contains {c:?}: use letters, digits and punctuation other than braces"
+        )));
+    }
+    Ok(())
+}
+
+/// The URL with its password, if any, replaced by `***`, for messages.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((credentials, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_urls_are_clear_errors() {
+        for (url, needle) in [
+            ("http://x", "unknown scheme `http`"),
+            ("localhost:6379", "expected a URL"),
+            ("rediss://x", "TLS"),
+            ("redis://:hunter2@host:notaport", "invalid Redis URL `redis://:***@host:notaport`"),
+        ] {
+            let err = CacheBuilder::default().url(url).build().unwrap_err().to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+            assert!(!err.contains("hunter2"), "password leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn good_settings_build_without_redis() {
+        let cache = CacheBuilder::default().url("redis://user:pw@127.0.0.1:1/3").key_prefix("app:v2").build();
+        assert!(cache.is_ok());
+        let err = CacheBuilder::default().url("redis://127.0.0.1").key_prefix("a b").build().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)));
+        assert!(CacheBuilder::default().url("redis://127.0.0.1").pool_size(0).build().is_err());
+    }
+}

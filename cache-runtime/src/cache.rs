@@ -1,0 +1,413 @@
+//! The cache: one pool, the namespace versions, and the cache-aside flow
+//! every cached call goes through.
+
+use crate::builder::CacheBuilder;
+use crate::canonical::Unencodable;
+use crate::codec::{Codec, StoredEntry};
+use crate::connection::Connections;
+use crate::error::{Error, Fault};
+use crate::key::KeyHash;
+use crate::stats::{Counters, Stats, add, bump};
+use crate::warnings::{Cause, Warnings};
+use serde::{Serialize, de::DeserializeOwned};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+/// A Redis-backed cache: a connection pool, a key namespace and counters.
+///
+/// Cheap to clone (one `Arc`); clones share everything. Build one with
+/// [`Cache::builder`], then either hand it to [`init`](crate::init) for
+/// `#[cached]` functions or name it with `#[cached(cache = ...)]`.
+///
+/// ```
+/// use cache_runtime::Cache;
+///
+/// let cache = Cache::builder().url("redis://127.0.0.1:6379").key_prefix("myapp").build()?;
+/// let clone = cache.clone();
+/// assert_eq!(clone.key_prefix(), "myapp");
+/// # Ok::<(), cache_runtime::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connections: Connections,
+    key_prefix: String,
+    default_ttl: Option<Duration>,
+    max_value_bytes: usize,
+    counters: Counters,
+    warnings: Warnings,
+}
+
+pub(crate) struct Settings {
+    pub connections: Connections,
+    pub key_prefix: String,
+    pub default_ttl: Option<Duration>,
+    pub max_value_bytes: usize,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("key_prefix", &self.inner.key_prefix)
+            .field("default_ttl", &self.inner.default_ttl)
+            .field("connections", &self.inner.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one call site asks of the cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan<'a> {
+    pub prefix: &'a str,
+    pub tags: &'a [&'a str],
+    pub ttl: Option<Duration>,
+    pub jitter: f64,
+    pub codec: Codec,
+}
+
+/// Stores `payload` under the entry key only if every namespace still has
+/// the version the computation started from, so a value computed from data
+/// read before an invalidation is never stored under the new version. A
+/// namespace without a version yet gets a random one: should a version key
+/// ever be evicted or flushed, it comes back as a value no old entry is
+/// bound to.
+///
+/// KEYS: entry, then one version key per namespace.
+/// ARGV: ttl ms, header, payload, the observed versions ('' for none), then
+/// one fresh seed per namespace.
+static STORE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = #KEYS - 1
+local versions = {}
+for i = 1, n do
+  local current = redis.call('GET', KEYS[i + 1])
+  local observed = ARGV[3 + i]
+  if observed == '' then
+    if current then return 0 end
+    current = ARGV[3 + n + i]
+    redis.call('SET', KEYS[i + 1], current)
+  elseif current ~= observed then
+    return 0
+  end
+  versions[i] = current
+end
+redis.call('SET', KEYS[1], ARGV[2] .. table.concat(versions, ',') .. '|' .. ARGV[3], 'PX', ARGV[1])
+return 1
+",
+    )
+});
+
+/// Bumps a namespace's version; a missing version starts from a random
+/// seed rather than from 1, which an evicted version key may have had.
+static INVALIDATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
+return redis.call('INCR', KEYS[1])
+",
+    )
+});
+
+/// A random starting version, far from both 0 and overflow.
+fn fresh_seed() -> u64 {
+    rand::random_range((1u64 << 32)..(1u64 << 62))
+}
+
+/// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.
+pub(crate) fn jittered_ttl_ms(ttl: Duration, jitter: f64) -> u64 {
+    let base = ttl.as_millis() as f64;
+    let factor = if jitter > 0.0 { rand::random_range((1.0 - jitter)..=(1.0 + jitter)) } else { 1.0 };
+    ((base * factor).round() as u64).max(1)
+}
+
+/// How a call's output maps to the value that is stored.
+///
+/// Implemented for `Result<T, E>` (only `Ok(T)` is stored) by
+/// [`ResultOutput`](crate::__private::ResultOutput) and for any other type
+/// (stored as is) by [`PlainOutput`](crate::__private::PlainOutput).
+pub trait OutputKind<R> {
+    /// The stored part of the output.
+    type Value;
+    /// The part to store, or `None` when this output must not be cached.
+    fn stored(output: &R) -> Option<&Self::Value>;
+    /// Rebuilds the output from a stored value.
+    fn from_stored(value: Self::Value) -> R;
+}
+
+/// What reading an entry found.
+enum Lookup<V> {
+    Hit(V),
+    /// Not usable; carries the namespace versions observed at the read.
+    Miss(Vec<Option<Vec<u8>>>),
+    /// Redis could not be asked; compute without storing.
+    Unavailable,
+}
+
+impl Cache {
+    /// Starts configuring a cache.
+    ///
+    /// ```
+    /// let builder = cache_runtime::Cache::builder().url("redis://127.0.0.1:6379");
+    /// assert!(builder.build().is_ok());
+    /// ```
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::default()
+    }
+
+    pub(crate) fn from_settings(settings: Settings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connections: settings.connections,
+                key_prefix: settings.key_prefix,
+                default_ttl: settings.default_ttl,
+                max_value_bytes: settings.max_value_bytes,
+                counters: Counters::default(),
+                warnings: Warnings::default(),
+            }),
+        }
+    }
+
+    /// The application namespace that starts every key.
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.key_prefix
+    }
+
+    /// A snapshot of this cache's counters.
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder().url("redis://127.0.0.1:6379").build()?;
+    /// assert_eq!(cache.stats().hits, 0);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Makes every entry of `namespace` stale, in this process and every
+    /// other one using the same Redis and key prefix, by bumping the
+    /// namespace's version: one atomic command, no scan. Returns the new
+    /// version.
+    ///
+    /// A namespace is a `prefix` or a `tags(...)` name of `#[cached]`. Old
+    /// entries are never returned again and expire by their TTL.
+    ///
+    /// Unlike cached calls, this reports failure: when it returns `Err`,
+    /// other processes may still serve the old entries until their TTL
+    /// ends, so retry or surface the error on the write path.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
+    /// let version = cache.invalidate("products").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
+        let key = self.version_key(namespace);
+        let mut invocation = INVALIDATE_SCRIPT.key(&key);
+        invocation.arg(fresh_seed());
+        self.inner
+            .connections
+            .run_unguarded(|conn| conn.invoke::<u64>(&invocation))
+            .await
+            .map_err(|fault| {
+                self.note_fault(&fault);
+                Error::from(fault)
+            })
+    }
+
+    fn entry_key(&self, prefix: &str, hash: KeyHash) -> String {
+        let hex = hash.to_hex();
+        let mut key = String::with_capacity(self.inner.key_prefix.len() + prefix.len() + hex.len() + 2);
+        key.push_str(&self.inner.key_prefix);
+        key.push(':');
+        key.push_str(prefix);
+        key.push(':');
+        key.extend(hex.iter().map(|&b| char::from(b)));
+        key
+    }
+
+    fn version_key(&self, namespace: &str) -> String {
+        format!("{}:{namespace}:#v", self.inner.key_prefix)
+    }
+
+    fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
+        self.inner.warnings.warn(cause, message);
+    }
+
+    fn note_fault(&self, fault: &Fault) {
+        let c = &self.inner.counters;
+        match fault {
+            Fault::Timeout => bump(&c.timeouts),
+            Fault::BreakerOpen => {
+                bump(&c.breaker_rejections);
+                return;
+            }
+            Fault::Connection(_) => bump(&c.connection_errors),
+            Fault::Server(_) => bump(&c.server_errors),
+        }
+        self.warn(Cause::Redis, format_args!("Redis operation failed, computing without the cache: {fault:?}"));
+    }
+
+    /// The cache-aside flow: one MGET of the entry and its namespace
+    /// versions; on a hit decode and return; otherwise compute, and store
+    /// successes bound to the versions observed before computing.
+    pub(crate) async fn fetch_or_compute<R, K, F>(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>, compute: F) -> R
+    where
+        K: OutputKind<R>,
+        K::Value: Serialize + DeserializeOwned,
+        F: Future<Output = R>,
+    {
+        let counters = &self.inner.counters;
+        let Some(ttl) = plan.ttl.or(self.inner.default_ttl) else {
+            bump(&counters.bypassed);
+            self.warn(
+                Cause::NoTtl,
+                format_args!("prefix `{}` has no ttl and the cache no default_ttl: not caching it", plan.prefix),
+            );
+            return compute.await;
+        };
+        let hash = match key {
+            Ok(hash) => hash,
+            Err(e) => {
+                bump(&counters.encode_errors);
+                self.warn(Cause::Encode, format_args!("prefix `{}`: {e}; computing without the cache", plan.prefix));
+                return compute.await;
+            }
+        };
+        let entry_key = self.entry_key(plan.prefix, hash);
+        let version_keys: Vec<String> =
+            std::iter::once(plan.prefix).chain(plan.tags.iter().copied()).map(|ns| self.version_key(ns)).collect();
+
+        let observed = match self.lookup::<K::Value>(plan, &entry_key, &version_keys).await {
+            Lookup::Hit(value) => return K::from_stored(value),
+            Lookup::Miss(observed) => Some(observed),
+            Lookup::Unavailable => None,
+        };
+        let output = compute.await;
+        if let (Some(observed), Some(value)) = (observed, K::stored(&output)) {
+            self.store(plan, ttl, &entry_key, &version_keys, &observed, value).await;
+        }
+        output
+    }
+
+    async fn lookup<V: DeserializeOwned>(&self, plan: &Plan<'_>, entry_key: &str, version_keys: &[String]) -> Lookup<V> {
+        let counters = &self.inner.counters;
+        let mut mget = redis::cmd("MGET");
+        mget.arg(entry_key).arg(version_keys);
+        let mut values = match self.inner.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await {
+            Ok(values) if values.len() == version_keys.len() + 1 => values,
+            Ok(values) => {
+                self.note_fault(&Fault::Server(format!("MGET returned {} values", values.len())));
+                bump(&counters.bypassed);
+                return Lookup::Unavailable;
+            }
+            Err(fault) => {
+                self.note_fault(&fault);
+                bump(&counters.bypassed);
+                return Lookup::Unavailable;
+            }
+        };
+        let entry = values[0].take();
+        let versions = values.split_off(1);
+        let miss = |versions| {
+            bump(&counters.misses);
+            Lookup::Miss(versions)
+        };
+        let Some(bytes) = entry else { return miss(versions) };
+        let Some(stored) = StoredEntry::parse(&bytes).filter(|e| e.is_codec(plan.codec)) else {
+            bump(&counters.decode_errors);
+            self.warn(
+                Cause::Decode,
+                format_args!("`{entry_key}` holds no {} entry of this cache; recomputing", plan.codec.name()),
+            );
+            return miss(versions);
+        };
+        if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
+            bump(&counters.stale);
+            return miss(versions);
+        }
+        match plan.codec.decode::<V>(stored.payload) {
+            Ok(value) => {
+                bump(&counters.hits);
+                add(&counters.bytes_read, stored.payload.len() as u64);
+                Lookup::Hit(value)
+            }
+            Err(e) => {
+                bump(&counters.decode_errors);
+                self.warn(Cause::Decode, format_args!("`{entry_key}` could not be decoded ({e}); recomputing"));
+                miss(versions)
+            }
+        }
+    }
+
+    async fn store<V: Serialize>(
+        &self,
+        plan: &Plan<'_>,
+        ttl: Duration,
+        entry_key: &str,
+        version_keys: &[String],
+        observed: &[Option<Vec<u8>>],
+        value: &V,
+    ) {
+        let counters = &self.inner.counters;
+        let payload = match plan.codec.encode(value) {
+            Ok(payload) => payload,
+            Err(e) => {
+                bump(&counters.encode_errors);
+                self.warn(Cause::Encode, format_args!("a value of prefix `{}` could not be encoded: {e}", plan.prefix));
+                return;
+            }
+        };
+        if payload.len() > self.inner.max_value_bytes {
+            bump(&counters.oversize);
+            self.warn(
+                Cause::Oversize,
+                format_args!(
+                    "a value of prefix `{}` is {} bytes, over max_value_bytes ({}): returned but not stored",
+                    plan.prefix,
+                    payload.len(),
+                    self.inner.max_value_bytes
+                ),
+            );
+            return;
+        }
+        let mut invocation = STORE_SCRIPT.key(entry_key);
+        invocation
+            .key(version_keys)
+            .arg(jittered_ttl_ms(ttl, plan.jitter))
+            .arg(&plan.codec.head()[..])
+            .arg(&payload[..]);
+        for version in observed {
+            invocation.arg(version.as_deref().unwrap_or(b""));
+        }
+        for _ in observed {
+            invocation.arg(fresh_seed());
+        }
+        match self.inner.connections.run(|conn| conn.invoke::<i64>(&invocation)).await {
+            Ok(1) => {
+                bump(&counters.writes);
+                add(&counters.bytes_written, payload.len() as u64);
+            }
+            Ok(_) => bump(&counters.writes_skipped),
+            Err(fault) => self.note_fault(&fault),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_bounds() {
+        let ttl = Duration::from_secs(100);
+        let samples: Vec<u64> = (0..1000).map(|_| jittered_ttl_ms(ttl, 0.1)).collect();
+        assert!(samples.iter().all(|&ms| (90_000..=110_000).contains(&ms)));
+        assert!(samples.iter().any(|&ms| ms != samples[0]));
+        assert_eq!(jittered_ttl_ms(ttl, 0.0), 100_000);
+        assert_eq!(jittered_ttl_ms(Duration::from_micros(10), 0.0), 1);
+    }
+}

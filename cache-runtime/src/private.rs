@@ -1,0 +1,160 @@
+//! What `#[cached]` expands to calls. Not a public API: names and
+//! signatures here change without notice.
+
+use crate::cache::{OutputKind, Plan};
+use crate::canonical::Unencodable;
+use crate::codec::Codec;
+use crate::key::KeyHash;
+use crate::warnings::{Cause, PROCESS_WARNINGS};
+use crate::Cache;
+use serde::{Serialize, de::DeserializeOwned};
+use std::marker::PhantomData;
+use std::time::Duration;
+
+pub use crate::key::KeyHasher;
+
+/// The attribute's arguments, one `static` per cached function.
+#[derive(Debug)]
+pub struct CallSite {
+    pub prefix: &'static str,
+    pub tags: &'static [&'static str],
+    /// 0: use the cache's `default_ttl`.
+    pub ttl_secs: u64,
+    pub jitter: f64,
+    pub codec: Codec,
+}
+
+impl CallSite {
+    fn plan(&self) -> Plan<'static> {
+        Plan {
+            prefix: self.prefix,
+            tags: self.tags,
+            ttl: (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs)),
+            jitter: self.jitter,
+            codec: self.codec,
+        }
+    }
+}
+
+/// Runs one cached call: `cache` or the process-wide cache, or the bare
+/// computation when there is neither.
+pub async fn call<R, K, F>(cache: Option<&Cache>, site: &'static CallSite, key: Result<KeyHash, Unencodable>, _kind: K, compute: F) -> R
+where
+    K: OutputKind<R>,
+    K::Value: Serialize + DeserializeOwned,
+    F: Future<Output = R>,
+{
+    match cache.or_else(|| crate::global()) {
+        Some(cache) => cache.fetch_or_compute::<R, K, F>(&site.plan(), key, compute).await,
+        None => {
+            PROCESS_WARNINGS.warn(
+                Cause::NotInitialized,
+                format_args!("cached call before cache_runtime::init: computing without the cache"),
+            );
+            compute.await
+        }
+    }
+}
+
+/// Resolves `#[cached(cache = EXPR)]`: anything that borrows as a `Cache`.
+pub fn resolve_cache<C: std::borrow::Borrow<Cache>>(cache: &C) -> Cache {
+    cache.borrow().clone()
+}
+
+/// Checks at the return type's span that the stored value is serializable,
+/// so the compiler's complaint points there rather than into generated code.
+pub fn cacheable<R, K>(kind: K) -> K
+where
+    K: OutputKind<R>,
+    K::Value: Serialize + DeserializeOwned,
+{
+    kind
+}
+
+/// Checks at an argument's span that it can be part of a key.
+pub fn key_part<T: Serialize + ?Sized>(value: &T) -> &T {
+    value
+}
+
+// Picking the output kind by the return type, on stable Rust: method
+// resolution tries `&Tag<R>` before `&&Tag<R>`, so `Result` outputs find
+// `ResultTag` first and everything else falls back to `PlainTag`. This sees
+// through type aliases, which a syntactic check of the return type cannot.
+
+/// A type-level marker for the output type `R`.
+pub struct Tag<R>(PhantomData<fn() -> R>);
+
+impl<R> Tag<R> {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Tag(PhantomData)
+    }
+}
+
+/// `Result<T, E>`: store `T` from `Ok`, never an `Err`.
+pub struct ResultOutput<T, E>(PhantomData<fn() -> (T, E)>);
+/// Any other output: store it as is (so `None` is cached too).
+pub struct PlainOutput<R>(PhantomData<fn() -> R>);
+
+pub trait ResultTag {
+    type Kind;
+    fn kind(&self) -> Self::Kind;
+}
+
+impl<T, E> ResultTag for Tag<Result<T, E>> {
+    type Kind = ResultOutput<T, E>;
+    fn kind(&self) -> Self::Kind {
+        ResultOutput(PhantomData)
+    }
+}
+
+pub trait PlainTag {
+    type Kind;
+    fn kind(&self) -> Self::Kind;
+}
+
+impl<R> PlainTag for &Tag<R> {
+    type Kind = PlainOutput<R>;
+    fn kind(&self) -> Self::Kind {
+        PlainOutput(PhantomData)
+    }
+}
+
+impl<T, E> OutputKind<Result<T, E>> for ResultOutput<T, E> {
+    type Value = T;
+    fn stored(output: &Result<T, E>) -> Option<&T> {
+        output.as_ref().ok()
+    }
+    fn from_stored(value: T) -> Result<T, E> {
+        Ok(value)
+    }
+}
+
+impl<R> OutputKind<R> for PlainOutput<R> {
+    type Value = R;
+    fn stored(output: &R) -> Option<&R> {
+        Some(output)
+    }
+    fn from_stored(value: R) -> R {
+        value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type MyResult<T> = Result<T, String>;
+
+    fn stores<R, K: OutputKind<R>>(_: K, output: &R) -> bool {
+        K::stored(output).is_some()
+    }
+
+    #[test]
+    fn results_store_only_ok_even_through_aliases() {
+        assert!(stores((&Tag::<MyResult<u8>>::new()).kind(), &Ok(1)));
+        assert!(!stores((&Tag::<MyResult<u8>>::new()).kind(), &Err("no".into())));
+        assert!(stores((&Tag::<Option<u8>>::new()).kind(), &None));
+        assert!(stores((&Tag::<u8>::new()).kind(), &7));
+    }
+}
