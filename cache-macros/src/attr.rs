@@ -1,0 +1,247 @@
+//! Parsing and validating `#[cached(...)]`'s arguments.
+//!
+//! Every mistake becomes a `syn::Error` spanned on the offending token, and
+//! all of them are reported together.
+
+use proc_macro2::Span;
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
+
+const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags";
+pub(crate) const MAX_JITTER: f64 = 0.5;
+
+/// The validated arguments.
+#[derive(Default)]
+pub(crate) struct CachedArgs {
+    pub ttl_secs: Option<u64>,
+    pub prefix: Option<LitStr>,
+    pub jitter: Option<f64>,
+    pub skip: Vec<Ident>,
+    pub key: Option<Expr>,
+    pub codec: Option<Codec>,
+    pub cache: Option<Expr>,
+    pub version: Option<u32>,
+    pub tags: Vec<LitStr>,
+    /// Where `skip` was written, for errors about it.
+    pub skip_span: Option<Span>,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Codec {
+    Bincode,
+    Json,
+}
+
+/// One `name = value` or `name(list)` before validation.
+struct RawArg {
+    name: Ident,
+    value: RawValue,
+}
+
+enum RawValue {
+    Assign(Expr),
+    List(Punctuated<Expr, Token![,]>),
+    Bare,
+}
+
+impl Parse for RawArg {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let name: Ident = input.call(syn::ext::IdentExt::parse_any)?;
+        let value = if input.peek(Token![=]) {
+            input.parse::<Token![=]>()?;
+            RawValue::Assign(input.parse()?)
+        } else if input.peek(syn::token::Paren) {
+            let content;
+            syn::parenthesized!(content in input);
+            RawValue::List(content.parse_terminated(Expr::parse, Token![,])?)
+        } else {
+            RawValue::Bare
+        };
+        Ok(RawArg { name, value })
+    }
+}
+
+/// Collects errors so that one run of the compiler reports all of them.
+#[derive(Default)]
+pub(crate) struct Errors(Option<syn::Error>);
+
+impl Errors {
+    pub(crate) fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(first) => first.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    pub(crate) fn at(&mut self, span: Span, message: impl std::fmt::Display) {
+        self.push(syn::Error::new(span, message));
+    }
+
+    pub(crate) fn finish(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+impl Parse for CachedArgs {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let raw = Punctuated::<RawArg, Token![,]>::parse_terminated(input)?;
+        let mut args = CachedArgs::default();
+        let mut errors = Errors::default();
+        let mut seen: Vec<String> = Vec::new();
+        for arg in raw {
+            let name = arg.name.to_string();
+            if seen.contains(&name) {
+                errors.at(arg.name.span(), format!("duplicate `{name}` argument"));
+                continue;
+            }
+            seen.push(name.clone());
+            if let Err(e) = args.accept(&name, arg) {
+                errors.push(e);
+            }
+        }
+        if let (Some(key), Some(span)) = (&args.key, args.skip_span) {
+            let mut e = syn::Error::new(span, "`skip` has no effect together with `key`: `key` alone decides what is hashed");
+            e.combine(syn::Error::new_spanned(key, "`key` given here"));
+            errors.push(e);
+        }
+        errors.finish()?;
+        Ok(args)
+    }
+}
+
+impl CachedArgs {
+    fn accept(&mut self, name: &str, arg: RawArg) -> syn::Result<()> {
+        let span = arg.name.span();
+        match (name, arg.value) {
+            ("ttl", RawValue::Assign(expr)) => self.ttl_secs = Some(positive_int(&expr, "ttl", "seconds")?),
+            ("version", RawValue::Assign(expr)) => {
+                self.version = Some(u32::try_from(non_negative_int(&expr, "version")?).map_err(|_| {
+                    syn::Error::new_spanned(&expr, "`version` must fit in a u32")
+                })?)
+            }
+            ("jitter", RawValue::Assign(expr)) => self.jitter = Some(jitter(&expr)?),
+            ("prefix", RawValue::Assign(expr)) => self.prefix = Some(namespace(&expr, "prefix")?),
+            ("codec", RawValue::Assign(expr)) => {
+                let lit = string(&expr, "codec")?;
+                self.codec = Some(match lit.value().as_str() {
+                    "bincode" => Codec::Bincode,
+                    "json" => Codec::Json,
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            lit,
+                            format!("unknown codec `{other}`: expected \"bincode\" or \"json\""),
+                        ));
+                    }
+                })
+            }
+            ("key", RawValue::Assign(expr)) => self.key = Some(expr),
+            ("cache", RawValue::Assign(expr)) => self.cache = Some(expr),
+            ("skip", RawValue::List(list)) => {
+                self.skip_span = Some(span);
+                let mut errors = Errors::default();
+                for expr in list {
+                    match parameter_name(&expr) {
+                        Some(ident) => self.skip.push(ident),
+                        None => errors.at(syn::spanned::Spanned::span(&expr), "expected a parameter name"),
+                    }
+                }
+                errors.finish()?;
+            }
+            ("tags", RawValue::List(list)) => {
+                let mut errors = Errors::default();
+                for expr in list {
+                    match namespace(&expr, "tag") {
+                        Ok(tag) if self.tags.iter().any(|t| t.value() == tag.value()) => {
+                            errors.at(tag.span(), format!("duplicate tag \"{}\"", tag.value()))
+                        }
+                        Ok(tag) => self.tags.push(tag),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                errors.finish()?;
+            }
+            ("ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache", _) => {
+                return Err(syn::Error::new(span, format!("expected `{name} = ...`")));
+            }
+            ("skip" | "tags", _) => return Err(syn::Error::new(span, format!("expected `{name}(...)`"))),
+            _ => return Err(syn::Error::new(span, format!("unknown argument `{name}`; expected one of: {ARGS}"))),
+        }
+        Ok(())
+    }
+}
+
+fn parameter_name(expr: &Expr) -> Option<Ident> {
+    match expr {
+        Expr::Path(p) if p.attrs.is_empty() && p.qself.is_none() => p.path.get_ident().cloned(),
+        _ => None,
+    }
+}
+
+fn int_literal(expr: &Expr) -> Option<(&syn::LitInt, bool)> {
+    match expr {
+        Expr::Lit(ExprLit { lit: Lit::Int(int), .. }) => Some((int, false)),
+        Expr::Unary(ExprUnary { op: UnOp::Neg(_), expr, .. }) => match &**expr {
+            Expr::Lit(ExprLit { lit: Lit::Int(int), .. }) => Some((int, true)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn non_negative_int(expr: &Expr, name: &str) -> syn::Result<u64> {
+    match int_literal(expr) {
+        Some((int, false)) => int.base10_parse(),
+        Some((_, true)) => Err(syn::Error::new_spanned(expr, format!("`{name}` must not be negative"))),
+        None => Err(syn::Error::new_spanned(expr, format!("`{name}` must be an integer literal"))),
+    }
+}
+
+fn positive_int(expr: &Expr, name: &str, unit: &str) -> syn::Result<u64> {
+    let value = match int_literal(expr) {
+        Some((_, true)) => 0,
+        Some((int, false)) => int.base10_parse()?,
+        None => return Err(syn::Error::new_spanned(expr, format!("`{name}` must be an integer literal of {unit}"))),
+    };
+    if value == 0 {
+        return Err(syn::Error::new_spanned(expr, format!("`{name}` must be at least 1 ({unit})")));
+    }
+    Ok(value)
+}
+
+fn jitter(expr: &Expr) -> syn::Result<f64> {
+    let (value, negative) = match expr {
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => (f.base10_parse::<f64>()?, false),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => (i.base10_parse::<f64>()?, false),
+        Expr::Unary(ExprUnary { op: UnOp::Neg(_), .. }) => (0.0, true),
+        _ => return Err(syn::Error::new_spanned(expr, "`jitter` must be a number literal such as 0.1")),
+    };
+    if negative || !(0.0..=MAX_JITTER).contains(&value) {
+        return Err(syn::Error::new_spanned(expr, format!("`jitter` must be between 0 and {MAX_JITTER}")));
+    }
+    Ok(value)
+}
+
+fn string(expr: &Expr, name: &str) -> syn::Result<LitStr> {
+    match expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.clone()),
+        _ => Err(syn::Error::new_spanned(expr, format!("`{name}` must be a string literal"))),
+    }
+}
+
+/// A prefix or tag: non-empty, and nothing that would make keys ambiguous
+/// or hard to type in `redis-cli`.
+fn namespace(expr: &Expr, name: &str) -> syn::Result<LitStr> {
+    let lit = string(expr, name)?;
+    let value = lit.value();
+    if value.is_empty() {
+        return Err(syn::Error::new_spanned(&lit, format!("a {name} must not be empty")));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | '*' | '?' | '[' | ']' | '#')) {
+        return Err(syn::Error::new_spanned(
+            &lit,
+            format!("a {name} must not contain {c:?}: use letters, digits, `_`, `-`, `.` or `:`"),
+        ));
+    }
+    Ok(lit)
+}

@@ -1,0 +1,207 @@
+//! Turning a validated `async fn` into a thin call into the runtime.
+//!
+//! The function keeps its signature; its body moves into an `async` block
+//! that the runtime runs on a miss. Everything the expansion names is an
+//! absolute path, and its locals use mixed-site hygiene, so nothing in the
+//! user's body can see or shadow them.
+
+use crate::attr::{CachedArgs, Codec, Errors};
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericParam, Ident, ItemFn, Pat, ReturnType, Type};
+
+/// What goes into the key besides the function's identity.
+enum KeyParts<'a> {
+    /// `key = EXPR`.
+    Expr(&'a syn::Expr),
+    /// Every parameter that is not skipped, by name, with its span.
+    Params(Vec<TokenStream>),
+}
+
+pub(crate) fn expand(args: CachedArgs, function: ItemFn) -> syn::Result<TokenStream> {
+    let mut errors = Errors::default();
+    let sig = &function.sig;
+    if sig.asyncness.is_none() {
+        errors.at(sig.fn_token.span(), "#[cached] caches async functions: add `async` to this `fn`");
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.at(variadic.span(), "#[cached] does not support variadic functions");
+    }
+    if let ReturnType::Type(_, ty) = &sig.output
+        && let Type::ImplTrait(_) = &**ty
+    {
+        errors.at(ty.span(), "#[cached] cannot store an `impl Trait`: name the concrete type");
+    }
+    let key_parts = key_parts(&args, &function, &mut errors);
+    errors.finish()?;
+    Ok(emit(&args, &function, key_parts))
+}
+
+/// What to hash; mistakes are recorded in `errors`.
+fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -> KeyParts<'a> {
+    let mut names: Vec<Ident> = Vec::new();
+    let mut parts = Vec::new();
+    for input in &function.sig.inputs {
+        match input {
+            FnArg::Receiver(receiver) => {
+                let ident = Ident::new("self", receiver.self_token.span);
+                let skipped = args.skip.iter().any(|s| s == "self");
+                if !skipped && args.key.is_none() {
+                    errors.at(
+                        receiver.self_token.span,
+                        "`self` is not hashed silently: add `skip(self)` if the result does not depend on it, \
+                         or name what it contributes with `key = (self.id, ...)`",
+                    );
+                }
+                names.push(ident);
+            }
+            FnArg::Typed(typed) => match &*typed.pat {
+                Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => {
+                    let ident = &pat.ident;
+                    names.push(ident.clone());
+                    if !args.skip.iter().any(|s| s == ident) {
+                        let span = typed.ty.span();
+                        let ident = ident.clone();
+                        parts.push(quote_spanned! {span=> ::cache_runtime::__private::key_part(&#ident) });
+                    }
+                }
+                other => {
+                    if args.key.is_none() {
+                        errors.at(
+                            other.span(),
+                            "#[cached] hashes arguments by name: bind this parameter to a plain name, \
+                             or choose the key with `key = ...`",
+                        );
+                    }
+                }
+            },
+        }
+    }
+    for skipped in &args.skip {
+        if !names.iter().any(|n| n == skipped) {
+            errors.at(skipped.span(), format!("`skip` names `{skipped}`, which is not a parameter of this function"));
+        }
+    }
+    match &args.key {
+        Some(expr) => KeyParts::Expr(expr),
+        None => KeyParts::Params(parts),
+    }
+}
+
+fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenStream {
+    let ItemFn { attrs, vis, sig, block } = function;
+    let hygienic = |name: &str| Ident::new(name, Span::mixed_site());
+    let (key, hasher, kind, site, cache, h) = (
+        hygienic("__cache_key"),
+        hygienic("__cache_hasher"),
+        hygienic("__cache_kind"),
+        hygienic("__CACHE_SITE"),
+        hygienic("__cache"),
+        hygienic("__cache_h"),
+    );
+
+    let output = match &sig.output {
+        ReturnType::Default => quote! { () },
+        ReturnType::Type(_, ty) => ty.to_token_stream(),
+    };
+    let output_span = match &sig.output {
+        ReturnType::Default => sig.ident.span(),
+        ReturnType::Type(_, ty) => ty.span(),
+    };
+    // The return type as written is part of the identity: changing it
+    // changes every key, so old entries of another type are never decoded.
+    let output_text = output.to_string();
+    let version = args.version.unwrap_or(1);
+
+    let type_params = sig.generics.params.iter().filter_map(|param| match param {
+        GenericParam::Type(t) => {
+            let ident = &t.ident;
+            Some(quote! { #hasher.part(::core::any::type_name::<#ident>().as_bytes()); })
+        }
+        _ => None,
+    });
+    let const_params = sig.generics.params.iter().filter_map(|param| match param {
+        GenericParam::Const(c) => {
+            let ident = &c.ident;
+            Some(quote! { .and_then(|#h| #h.arg(&#ident)) })
+        }
+        _ => None,
+    });
+    let args_chain: Vec<TokenStream> = match key_parts {
+        KeyParts::Expr(expr) => {
+            let span = expr.span();
+            vec![quote_spanned! {span=> .and_then(|#h| #h.arg(::cache_runtime::__private::key_part(&(#expr)))) }]
+        }
+        KeyParts::Params(parts) => parts.into_iter().map(|part| quote! { .and_then(|#h| #h.arg(#part)) }).collect(),
+    };
+
+    let prefix = match &args.prefix {
+        Some(prefix) => prefix.to_token_stream(),
+        None => {
+            let name = sig.ident.to_string();
+            quote! { ::core::concat!(::core::module_path!(), "::", #name) }
+        }
+    };
+    let tags = &args.tags;
+    let ttl_secs = args.ttl_secs.unwrap_or(0);
+    let jitter = args.jitter.unwrap_or(0.0);
+    let codec = match args.codec.unwrap_or(Codec::Bincode) {
+        Codec::Bincode => quote! { ::cache_runtime::Codec::Bincode },
+        Codec::Json => quote! { ::cache_runtime::Codec::Json },
+    };
+    let (bind_cache, cache_ref) = match &args.cache {
+        Some(expr) => (
+            quote_spanned! {expr.span()=> let #cache = ::cache_runtime::__private::resolve_cache(&(#expr)); },
+            quote! { ::core::option::Option::Some(&#cache) },
+        ),
+        None => (quote! {}, quote! { ::core::option::Option::None }),
+    };
+    let select_kind = quote_spanned! {output_span=>
+        ::cache_runtime::__private::cacheable::<#output, _>({
+            #[allow(unused_imports)]
+            use ::cache_runtime::__private::{PlainTag as _, ResultTag as _};
+            (&::cache_runtime::__private::Tag::<#output>::new()).kind()
+        })
+    };
+    let stmts = &block.stmts;
+
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            let #key = {
+                fn __cache_identity() {}
+                let mut #hasher = ::cache_runtime::__private::KeyHasher::new(
+                    ::core::any::type_name_of_val(&__cache_identity),
+                    #version,
+                );
+                #hasher.part(#output_text.as_bytes());
+                #(#type_params)*
+                ::core::result::Result::Ok::<_, ::cache_runtime::Unencodable>(&mut #hasher)
+                    #(#const_params)*
+                    #(#args_chain)*
+                    .map(|#h| #h.finish())
+            };
+            let #kind = #select_kind;
+            static #site: ::cache_runtime::__private::CallSite = ::cache_runtime::__private::CallSite {
+                prefix: #prefix,
+                tags: &[#(#tags),*],
+                ttl_secs: #ttl_secs,
+                jitter: #jitter,
+                codec: #codec,
+            };
+            #bind_cache
+            ::cache_runtime::__private::call(#cache_ref, &#site, #key, #kind, async move {
+                // Pins the block's output type, so `?` and `return` in the
+                // body infer exactly as they did in the function.
+                #[allow(unreachable_code, clippy::diverging_sub_expression)]
+                if false {
+                    let __cache_unreachable: #output = loop {};
+                    return __cache_unreachable;
+                }
+                #(#stmts)*
+            })
+            .await
+        }
+    }
+}
