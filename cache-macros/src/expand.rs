@@ -60,7 +60,9 @@ fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -
                 Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => {
                     let ident = &pat.ident;
                     names.push(ident.clone());
-                    if !args.skip.iter().any(|s| s == ident) {
+                    // The parameter that `cache = param` names is a handle, never data.
+                    let is_cache_handle = args.cache.as_ref().and_then(as_ident).is_some_and(|c| c == ident);
+                    if !is_cache_handle && !args.skip.iter().any(|s| s == ident) {
                         let span = typed.ty.span();
                         let ident = ident.clone();
                         parts.push(quote_spanned! {span=> ::cache_runtime::__private::key_part(&#ident) });
@@ -86,6 +88,13 @@ fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -
     match &args.key {
         Some(expr) => KeyParts::Expr(expr),
         None => KeyParts::Params(parts),
+    }
+}
+
+fn as_ident(expr: &syn::Expr) -> Option<&Ident> {
+    match expr {
+        syn::Expr::Path(p) if p.qself.is_none() => p.path.get_ident(),
+        _ => None,
     }
 }
 

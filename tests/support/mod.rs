@@ -1,0 +1,166 @@
+//! Test harness: private `redis-server` processes on free loopback ports.
+//!
+//! Each server belongs to the test that started it: it is stopped, frozen
+//! and killed by its own pid only, never by name, and never touches the
+//! Redis that may already listen on 6379.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
+    listener.local_addr().expect("listener has an address").port()
+}
+
+impl RedisServer {
+    /// Starts a fresh server on a free port and waits until it answers.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments, e.g.
+    /// `["--maxmemory", "1mb"]`.
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = Self {
+            port,
+            child: None,
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", self.dir.to_str().expect("utf-8 temp dir")])
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (apt-get install redis-server)");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// A plain synchronous connection for inspecting the server.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .expect("valid url")
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("server answers")
+    }
+
+    /// SIGKILL, by pid, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Wait until the port is really free, so a restart can take it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts a new server process on the same port (with empty data).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("kill(1) is available");
+        assert!(status.success(), "kill {signal} {} failed", self.pid());
+    }
+
+    /// SIGSTOP: the server keeps its sockets but answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen server would ignore nothing, but make sure it can die.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs an async test body on a multi-threaded runtime with a hard
+/// deadline, so a hang fails fast instead of stalling CI.
+pub fn run<F: Future<Output = ()>>(deadline: Duration, body: F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(deadline, body)
+            .await
+            .unwrap_or_else(|_| panic!("test exceeded its {deadline:?} deadline"));
+    });
+}
+
+/// The keys of the entries (not the version keys) under `pattern`.
+pub fn entry_keys(conn: &mut redis::Connection, pattern: &str) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(conn).expect("KEYS");
+    keys.into_iter().filter(|k| !k.ends_with(":#v")).collect()
+}
