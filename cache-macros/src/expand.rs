@@ -15,8 +15,9 @@ use syn::{FnArg, GenericParam, Ident, ItemFn, Pat, ReturnType, Type};
 enum KeyParts<'a> {
     /// `key = EXPR`.
     Expr(&'a syn::Expr),
-    /// Every parameter that is not skipped, by name, with its span.
-    Params(Vec<TokenStream>),
+    /// Every parameter that is not skipped: its name, and its type's span
+    /// for errors about it.
+    Params(Vec<(Ident, Span)>),
 }
 
 pub(crate) fn expand(args: CachedArgs, function: ItemFn) -> syn::Result<TokenStream> {
@@ -63,9 +64,7 @@ fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -
                     // The parameter that `cache = param` names is a handle, never data.
                     let is_cache_handle = args.cache.as_ref().and_then(as_ident).is_some_and(|c| c == ident);
                     if !is_cache_handle && !args.skip.iter().any(|s| s == ident) {
-                        let span = typed.ty.span();
-                        let ident = ident.clone();
-                        parts.push(quote_spanned! {span=> ::cache_runtime::__private::key_part(&#ident) });
+                        parts.push((ident.clone(), typed.ty.span()));
                     }
                 }
                 other => {
@@ -140,9 +139,12 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
     let args_chain: Vec<TokenStream> = match key_parts {
         KeyParts::Expr(expr) => {
             let span = expr.span();
-            vec![quote_spanned! {span=> .and_then(|#h| #h.arg(::cache_runtime::__private::key_part(&(#expr)))) }]
+            vec![quote_spanned! {span=> .and_then(|#h| #h.arg(&(#expr))) }]
         }
-        KeyParts::Params(parts) => parts.into_iter().map(|part| quote! { .and_then(|#h| #h.arg(#part)) }).collect(),
+        KeyParts::Params(parts) => parts
+            .into_iter()
+            .map(|(ident, span)| quote_spanned! {span=> .and_then(|#h| #h.arg(&#ident)) })
+            .collect(),
     };
 
     let prefix = match &args.prefix {

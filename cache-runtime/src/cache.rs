@@ -3,7 +3,7 @@
 
 use crate::builder::CacheBuilder;
 use crate::canonical::Unencodable;
-use crate::codec::{Codec, StoredEntry};
+use crate::codec::{Codec, CodecError, StoredEntry};
 use crate::connection::Connections;
 use crate::error::{Error, Fault};
 use crate::key::KeyHash;
@@ -103,18 +103,21 @@ return 1
 
 /// Bumps a namespace's version; a missing version starts from a random
 /// seed rather than from 1, which an evicted version key may have had.
+/// Returns the version as Redis's string: Lua numbers are doubles.
 static INVALIDATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
-return redis.call('INCR', KEYS[1])
+redis.call('INCR', KEYS[1])
+return redis.call('GET', KEYS[1])
 ",
     )
 });
 
-/// A random starting version, far from both 0 and overflow.
+/// A random starting version: far from 0, and below 2^52 so that no tool
+/// that reads versions as doubles (Lua, JSON) ever rounds one.
 fn fresh_seed() -> u64 {
-    rand::random_range((1u64 << 32)..(1u64 << 62))
+    rand::random_range((1u64 << 32)..(1u64 << 52))
 }
 
 /// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.
@@ -126,9 +129,8 @@ pub(crate) fn jittered_ttl_ms(ttl: Duration, jitter: f64) -> u64 {
 
 /// How a call's output maps to the value that is stored.
 ///
-/// Implemented for `Result<T, E>` (only `Ok(T)` is stored) by
-/// [`ResultOutput`](crate::__private::ResultOutput) and for any other type
-/// (stored as is) by [`PlainOutput`](crate::__private::PlainOutput).
+/// Implemented for `Result<T, E>` (only `Ok(T)` is stored) and for any
+/// other type (stored as is); `#[cached]` picks one by the return type.
 pub trait OutputKind<R> {
     /// The stored part of the output.
     type Value;
@@ -136,6 +138,45 @@ pub trait OutputKind<R> {
     fn stored(output: &R) -> Option<&Self::Value>;
     /// Rebuilds the output from a stored value.
     fn from_stored(value: Self::Value) -> R;
+}
+
+/// How outputs of type `R` are encoded and decoded: the serde bounds,
+/// resolved once into two function pointers.
+pub struct Storage<R> {
+    encode: fn(&R, Codec) -> Option<Result<Vec<u8>, CodecError>>,
+    decode: fn(&[u8], Codec) -> Result<R, CodecError>,
+}
+
+impl<R> Clone for Storage<R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<R> Copy for Storage<R> {}
+
+impl<R> Storage<R> {
+    pub(crate) fn of<K>() -> Self
+    where
+        K: OutputKind<R>,
+        K::Value: Serialize + DeserializeOwned,
+    {
+        fn encode<R, K>(output: &R, codec: Codec) -> Option<Result<Vec<u8>, CodecError>>
+        where
+            K: OutputKind<R>,
+            K::Value: Serialize,
+        {
+            K::stored(output).map(|value| codec.encode(value))
+        }
+        fn decode<R, K>(payload: &[u8], codec: Codec) -> Result<R, CodecError>
+        where
+            K: OutputKind<R>,
+            K::Value: DeserializeOwned,
+        {
+            codec.decode::<K::Value>(payload).map(K::from_stored)
+        }
+        Self { encode: encode::<R, K>, decode: decode::<R, K> }
+    }
 }
 
 /// What reading an entry found.
@@ -254,10 +295,14 @@ impl Cache {
     /// The cache-aside flow: one MGET of the entry and its namespace
     /// versions; on a hit decode and return; otherwise compute, and store
     /// successes bound to the versions observed before computing.
-    pub(crate) async fn fetch_or_compute<R, K, F>(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>, compute: F) -> R
+    pub(crate) async fn fetch_or_compute<R, F>(
+        &self,
+        plan: &Plan<'_>,
+        key: Result<KeyHash, Unencodable>,
+        storage: Storage<R>,
+        compute: F,
+    ) -> R
     where
-        K: OutputKind<R>,
-        K::Value: Serialize + DeserializeOwned,
         F: Future<Output = R>,
     {
         let counters = &self.inner.counters;
@@ -281,19 +326,21 @@ impl Cache {
         let version_keys: Vec<String> =
             std::iter::once(plan.prefix).chain(plan.tags.iter().copied()).map(|ns| self.version_key(ns)).collect();
 
-        let observed = match self.lookup::<K::Value>(plan, &entry_key, &version_keys).await {
-            Lookup::Hit(value) => return K::from_stored(value),
+        let observed = match self.lookup(plan, storage, &entry_key, &version_keys).await {
+            Lookup::Hit(output) => return output,
             Lookup::Miss(observed) => Some(observed),
             Lookup::Unavailable => None,
         };
         let output = compute.await;
-        if let (Some(observed), Some(value)) = (observed, K::stored(&output)) {
-            self.store(plan, ttl, &entry_key, &version_keys, &observed, value).await;
+        if let Some(observed) = observed
+            && let Some(encoded) = (storage.encode)(&output, plan.codec)
+        {
+            self.store(plan, ttl, &entry_key, &version_keys, &observed, encoded).await;
         }
         output
     }
 
-    async fn lookup<V: DeserializeOwned>(&self, plan: &Plan<'_>, entry_key: &str, version_keys: &[String]) -> Lookup<V> {
+    async fn lookup<R>(&self, plan: &Plan<'_>, storage: Storage<R>, entry_key: &str, version_keys: &[String]) -> Lookup<R> {
         let counters = &self.inner.counters;
         let mut mget = redis::cmd("MGET");
         mget.arg(entry_key).arg(version_keys);
@@ -329,7 +376,7 @@ impl Cache {
             bump(&counters.stale);
             return miss(versions);
         }
-        match plan.codec.decode::<V>(stored.payload) {
+        match (storage.decode)(stored.payload, plan.codec) {
             Ok(value) => {
                 bump(&counters.hits);
                 add(&counters.bytes_read, stored.payload.len() as u64);
@@ -343,17 +390,17 @@ impl Cache {
         }
     }
 
-    async fn store<V: Serialize>(
+    async fn store(
         &self,
         plan: &Plan<'_>,
         ttl: Duration,
         entry_key: &str,
         version_keys: &[String],
         observed: &[Option<Vec<u8>>],
-        value: &V,
+        encoded: Result<Vec<u8>, CodecError>,
     ) {
         let counters = &self.inner.counters;
-        let payload = match plan.codec.encode(value) {
+        let payload = match encoded {
             Ok(payload) => payload,
             Err(e) => {
                 bump(&counters.encode_errors);

@@ -41,7 +41,7 @@ mod warnings;
 pub mod __private;
 
 pub use builder::CacheBuilder;
-pub use cache::{Cache, OutputKind};
+pub use cache::Cache;
 pub use canonical::Unencodable;
 pub use codec::Codec;
 pub use error::Error;

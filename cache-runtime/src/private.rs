@@ -1,7 +1,7 @@
 //! What `#[cached]` expands to calls. Not a public API: names and
 //! signatures here change without notice.
 
-use crate::cache::{OutputKind, Plan};
+use crate::cache::{Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::Codec;
 use crate::key::KeyHash;
@@ -11,6 +11,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::marker::PhantomData;
 use std::time::Duration;
 
+pub use crate::cache::OutputKind;
 pub use crate::key::KeyHasher;
 
 /// The attribute's arguments, one `static` per cached function.
@@ -38,14 +39,18 @@ impl CallSite {
 
 /// Runs one cached call: `cache` or the process-wide cache, or the bare
 /// computation when there is neither.
-pub async fn call<R, K, F>(cache: Option<&Cache>, site: &'static CallSite, key: Result<KeyHash, Unencodable>, _kind: K, compute: F) -> R
+pub async fn call<R, F>(
+    cache: Option<&Cache>,
+    site: &'static CallSite,
+    key: Result<KeyHash, Unencodable>,
+    storage: Storage<R>,
+    compute: F,
+) -> R
 where
-    K: OutputKind<R>,
-    K::Value: Serialize + DeserializeOwned,
     F: Future<Output = R>,
 {
     match cache.or_else(|| crate::global()) {
-        Some(cache) => cache.fetch_or_compute::<R, K, F>(&site.plan(), key, compute).await,
+        Some(cache) => cache.fetch_or_compute(&site.plan(), key, storage, compute).await,
         None => {
             PROCESS_WARNINGS.warn(
                 Cause::NotInitialized,
@@ -61,19 +66,15 @@ pub fn resolve_cache<C: std::borrow::Borrow<Cache>>(cache: &C) -> Cache {
     cache.borrow().clone()
 }
 
-/// Checks at the return type's span that the stored value is serializable,
-/// so the compiler's complaint points there rather than into generated code.
-pub fn cacheable<R, K>(kind: K) -> K
+/// How outputs of type `R` are stored, checked once at the return type's
+/// span: the serde bounds live here only, so a type that is not
+/// serializable is reported there, not again inside generated code.
+pub fn cacheable<R, K>(_kind: K) -> Storage<R>
 where
     K: OutputKind<R>,
     K::Value: Serialize + DeserializeOwned,
 {
-    kind
-}
-
-/// Checks at an argument's span that it can be part of a key.
-pub fn key_part<T: Serialize + ?Sized>(value: &T) -> &T {
-    value
+    Storage::of::<K>()
 }
 
 // Picking the output kind by the return type, on stable Rust: method
