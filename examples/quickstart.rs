@@ -1,1 +1,68 @@
-fn main(){}
+//! Quickstart: a slow function, cached in Redis with one attribute.
+//!
+//! ```text
+//! cargo run --example quickstart
+//! REDIS_URL=redis://127.0.0.1:6380 cargo run --example quickstart
+//! ```
+//!
+//! Runs with or without Redis: when it is unreachable the example says so
+//! and every call simply computes.
+
+use cache_runtime::{Cache, cached};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Product {
+    id: u64,
+    name: String,
+    price_cents: u32,
+}
+
+#[derive(Debug)]
+struct DbError;
+
+static QUERIES: AtomicUsize = AtomicUsize::new(0);
+
+/// Pretend this is an expensive database query.
+#[cached(ttl = 300, prefix = "products", jitter = 0.1)]
+async fn list_products(page: u32) -> Result<Vec<Product>, DbError> {
+    QUERIES.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok((0..3)
+        .map(|i| {
+            let id = u64::from(page) * 10 + i;
+            Product { id, name: format!("product {id}"), price_cents: 999 + id as u32 }
+        })
+        .collect())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let cache = Cache::builder().url(&url).key_prefix("quickstart").pool_size(4).build()?;
+    cache_runtime::init(cache.clone())?;
+
+    // Start from a cold cache so the first call below is a miss.
+    match cache.invalidate("products").await {
+        Ok(_) => println!("Redis at {url}: caching"),
+        Err(e) => println!("Redis at {url} is unreachable ({e}): every call computes, nothing breaks"),
+    }
+
+    for attempt in ["first call", "second call"] {
+        let started = Instant::now();
+        let products = list_products(1).await.map_err(|e| format!("{e:?}"))?;
+        println!("{attempt:<12} {:>8.2?}  {} products, first: {}", started.elapsed(), products.len(), products[0].name);
+    }
+
+    let stats = cache.stats();
+    println!(
+        "queries run: {}   hits: {}   misses: {}   bypassed: {}",
+        QUERIES.load(Ordering::Relaxed),
+        stats.hits,
+        stats.misses,
+        stats.bypassed
+    );
+    Ok(())
+}

@@ -205,7 +205,7 @@ fn errors_are_returned_and_never_cached() {
 #[cached(ttl = 60, prefix = "lookup", skip(calls), cache = cache)]
 async fn lookup(cache: &Cache, calls: &AtomicUsize, id: u32) -> Option<String> {
     calls.fetch_add(1, SeqCst);
-    (id % 2 == 0).then(|| format!("even {id}"))
+    id.is_multiple_of(2).then(|| format!("even {id}"))
 }
 
 #[test]
@@ -303,7 +303,11 @@ fn trait_impl_methods_are_cached_and_kept_apart() {
 }
 
 #[cached(ttl = 60, prefix = "generic", skip(calls), cache = cache)]
-async fn describe<T: Serialize + Send + Sync + std::fmt::Debug>(cache: &Cache, calls: &AtomicUsize, value: T) -> String {
+async fn describe<T: Serialize + Send + Sync + std::fmt::Debug>(
+    cache: &Cache,
+    calls: &AtomicUsize,
+    value: T,
+) -> String {
     calls.fetch_add(1, SeqCst);
     format!("{value:?} as {}", std::any::type_name::<T>())
 }

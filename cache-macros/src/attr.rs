@@ -101,7 +101,8 @@ impl Parse for CachedArgs {
             }
         }
         if let (Some(key), Some(span)) = (&args.key, args.skip_span) {
-            let mut e = syn::Error::new(span, "`skip` has no effect together with `key`: `key` alone decides what is hashed");
+            let mut e =
+                syn::Error::new(span, "`skip` has no effect together with `key`: `key` alone decides what is hashed");
             e.combine(syn::Error::new_spanned(key, "`key` given here"));
             errors.push(e);
         }
@@ -116,9 +117,10 @@ impl CachedArgs {
         match (name, arg.value) {
             ("ttl", RawValue::Assign(expr)) => self.ttl_secs = Some(positive_int(&expr, "ttl", "seconds")?),
             ("version", RawValue::Assign(expr)) => {
-                self.version = Some(u32::try_from(non_negative_int(&expr, "version")?).map_err(|_| {
-                    syn::Error::new_spanned(&expr, "`version` must fit in a u32")
-                })?)
+                self.version = Some(
+                    u32::try_from(non_negative_int(&expr, "version")?)
+                        .map_err(|_| syn::Error::new_spanned(&expr, "`version` must fit in a u32"))?,
+                )
             }
             ("jitter", RawValue::Assign(expr)) => self.jitter = Some(jitter(&expr)?),
             ("prefix", RawValue::Assign(expr)) => self.prefix = Some(namespace(&expr, "prefix")?),
@@ -237,7 +239,10 @@ fn namespace(expr: &Expr, name: &str) -> syn::Result<LitStr> {
     if value.is_empty() {
         return Err(syn::Error::new_spanned(&lit, format!("a {name} must not be empty")));
     }
-    if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | '*' | '?' | '[' | ']' | '#')) {
+    if let Some(c) = value
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | '*' | '?' | '[' | ']' | '#'))
+    {
         return Err(syn::Error::new_spanned(
             &lit,
             format!("a {name} must not contain {c:?}: use letters, digits, `_`, `-`, `.` or `:`"),

@@ -141,10 +141,9 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
             let span = expr.span();
             vec![quote_spanned! {span=> .and_then(|#h| #h.arg(&(#expr))) }]
         }
-        KeyParts::Params(parts) => parts
-            .into_iter()
-            .map(|(ident, span)| quote_spanned! {span=> .and_then(|#h| #h.arg(&#ident)) })
-            .collect(),
+        KeyParts::Params(parts) => {
+            parts.into_iter().map(|(ident, span)| quote_spanned! {span=> .and_then(|#h| #h.arg(&#ident)) }).collect()
+        }
     };
 
     let prefix = match &args.prefix {

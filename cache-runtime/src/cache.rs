@@ -140,10 +140,13 @@ pub trait OutputKind<R> {
     fn from_stored(value: Self::Value) -> R;
 }
 
+type Encoded = Result<Vec<u8>, CodecError>;
+
 /// How outputs of type `R` are encoded and decoded: the serde bounds,
 /// resolved once into two function pointers.
 pub struct Storage<R> {
-    encode: fn(&R, Codec) -> Option<Result<Vec<u8>, CodecError>>,
+    /// `None`: this output is not stored (an `Err`).
+    encode: fn(&R, Codec) -> Option<Encoded>,
     decode: fn(&[u8], Codec) -> Result<R, CodecError>,
 }
 
@@ -161,7 +164,7 @@ impl<R> Storage<R> {
         K: OutputKind<R>,
         K::Value: Serialize + DeserializeOwned,
     {
-        fn encode<R, K>(output: &R, codec: Codec) -> Option<Result<Vec<u8>, CodecError>>
+        fn encode<R, K>(output: &R, codec: Codec) -> Option<Encoded>
         where
             K: OutputKind<R>,
             K::Value: Serialize,
@@ -249,14 +252,10 @@ impl Cache {
         let key = self.version_key(namespace);
         let mut invocation = INVALIDATE_SCRIPT.key(&key);
         invocation.arg(fresh_seed());
-        self.inner
-            .connections
-            .run_unguarded(|conn| conn.invoke::<u64>(&invocation))
-            .await
-            .map_err(|fault| {
-                self.note_fault(&fault);
-                Error::from(fault)
-            })
+        self.inner.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await.map_err(|fault| {
+            self.note_fault(&fault);
+            Error::from(fault)
+        })
     }
 
     fn entry_key(&self, prefix: &str, hash: KeyHash) -> String {
@@ -340,7 +339,13 @@ impl Cache {
         output
     }
 
-    async fn lookup<R>(&self, plan: &Plan<'_>, storage: Storage<R>, entry_key: &str, version_keys: &[String]) -> Lookup<R> {
+    async fn lookup<R>(
+        &self,
+        plan: &Plan<'_>,
+        storage: Storage<R>,
+        entry_key: &str,
+        version_keys: &[String],
+    ) -> Lookup<R> {
         let counters = &self.inner.counters;
         let mut mget = redis::cmd("MGET");
         mget.arg(entry_key).arg(version_keys);
@@ -397,7 +402,7 @@ impl Cache {
         entry_key: &str,
         version_keys: &[String],
         observed: &[Option<Vec<u8>>],
-        encoded: Result<Vec<u8>, CodecError>,
+        encoded: Encoded,
     ) {
         let counters = &self.inner.counters;
         let payload = match encoded {

@@ -222,7 +222,11 @@ impl<'a, S: Sink> ser::Serializer for Encoder<'a, S> {
         self.variant(tag::UNIT_VARIANT, index, variant);
         Ok(())
     }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(mut self, name: &'static str, value: &T) -> Result<(), Unencodable> {
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), Unencodable> {
         self.sink.put(&[tag::NEWTYPE_STRUCT]);
         self.name(name);
         value.serialize(self)
@@ -341,10 +345,8 @@ impl<S: Sink> ser::SerializeMap for SortedMap<'_, S> {
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Unencodable> {
-        let key = self
-            .pending_key
-            .take()
-            .ok_or_else(|| <Unencodable as ser::Error>::custom("map value without a key"))?;
+        let key =
+            self.pending_key.take().ok_or_else(|| <Unencodable as ser::Error>::custom("map value without a key"))?;
         let mut buf = Vec::new();
         encode(&mut buf, value)?;
         self.entries.push((key, buf));

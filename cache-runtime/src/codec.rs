@@ -65,8 +65,9 @@ impl Codec {
 
     pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, CodecError> {
         match self {
-            Codec::Bincode => bincode::serde::encode_to_vec(value, bincode_config())
-                .map_err(|e| CodecError(e.to_string())),
+            Codec::Bincode => {
+                bincode::serde::encode_to_vec(value, bincode_config()).map_err(|e| CodecError(e.to_string()))
+            }
             Codec::Json => serde_json::to_vec(value).map_err(|e| CodecError(e.to_string())),
         }
     }

@@ -37,11 +37,7 @@ impl managed::Manager for RedisManager {
     }
 
     async fn recycle(&self, conn: &mut PooledConnection, _: &Metrics) -> RecycleResult<RedisError> {
-        if conn.broken.load(Relaxed) {
-            Err(RecycleError::message("the connection failed a command"))
-        } else {
-            Ok(())
-        }
+        if conn.broken.load(Relaxed) { Err(RecycleError::message("the connection failed a command")) } else { Ok(()) }
     }
 }
 

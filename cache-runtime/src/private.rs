@@ -1,12 +1,12 @@
 //! What `#[cached]` expands to calls. Not a public API: names and
 //! signatures here change without notice.
 
+use crate::Cache;
 use crate::cache::{Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::Codec;
 use crate::key::KeyHash;
 use crate::warnings::{Cause, PROCESS_WARNINGS};
-use crate::Cache;
 use serde::{Serialize, de::DeserializeOwned};
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -49,7 +49,11 @@ pub async fn call<R, F>(
 where
     F: Future<Output = R>,
 {
-    match cache.or_else(|| crate::global()) {
+    // The closure lets `global()`'s `&'static` shorten to `cache`'s lifetime;
+    // the bare function would demand that `cache` be `'static` too.
+    #[allow(clippy::redundant_closure)]
+    let cache = cache.or_else(|| crate::global());
+    match cache {
         Some(cache) => cache.fetch_or_compute(&site.plan(), key, storage, compute).await,
         None => {
             PROCESS_WARNINGS.warn(

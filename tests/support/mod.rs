@@ -35,12 +35,8 @@ impl RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut server = Self {
-            port,
-            child: None,
-            dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut server =
+            Self { port, child: None, dir, extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
         server.spawn();
         server
     }
@@ -112,10 +108,8 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid().to_string()])
-            .status()
-            .expect("kill(1) is available");
+        let status =
+            Command::new("kill").args([signal, &self.pid().to_string()]).status().expect("kill(1) is available");
         assert!(status.success(), "kill {signal} {} failed", self.pid());
     }
 
@@ -147,11 +141,8 @@ impl Drop for RedisServer {
 /// Runs an async test body on a multi-threaded runtime with a hard
 /// deadline, so a hang fails fast instead of stalling CI.
 pub fn run<F: Future<Output = ()>>(deadline: Duration, body: F) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         tokio::time::timeout(deadline, body)
             .await
