@@ -156,6 +156,8 @@ mod tests {
     }
 
     #[test]
+    // The borrow is the mechanism: it makes `&Tag<R>` the first candidate.
+    #[allow(clippy::needless_borrow)]
     fn results_store_only_ok_even_through_aliases() {
         assert!(stores((&Tag::<MyResult<u8>>::new()).kind(), &Ok(1)));
         assert!(!stores((&Tag::<MyResult<u8>>::new()).kind(), &Err("no".into())));
