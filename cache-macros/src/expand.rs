@@ -195,7 +195,7 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
             let #kind = #select_kind;
             static #site: ::cache_runtime::__private::CallSite = ::cache_runtime::__private::CallSite {
                 prefix: #prefix,
-                tags: &[#(#tags),*],
+                tags: &[#(::std::borrow::Cow::Borrowed(#tags)),*],
                 ttl_secs: #ttl_secs,
                 jitter: #jitter,
                 codec: #codec,

@@ -6,10 +6,14 @@ use crate::canonical::Unencodable;
 use crate::codec::{Codec, CodecError, StoredEntry};
 use crate::connection::Connections;
 use crate::error::{Error, Fault};
-use crate::key::KeyHash;
+use crate::key::{KeyHash, KeyHasher};
+use crate::policy::{Policy, check_namespace};
+use crate::private::ResultOutput;
+use crate::scope;
 use crate::stats::{Counters, Stats, add, bump};
 use crate::warnings::{Cause, Warnings};
 use serde::{Serialize, de::DeserializeOwned};
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -62,7 +66,7 @@ impl std::fmt::Debug for Cache {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan<'a> {
     pub prefix: &'a str,
-    pub tags: &'a [&'a str],
+    pub tags: &'a [Cow<'static, str>],
     pub ttl: Option<Duration>,
     pub jitter: f64,
     pub codec: Codec,
@@ -75,9 +79,15 @@ pub(crate) struct Plan<'a> {
 /// ever be evicted or flushed, it comes back as a value no old entry is
 /// bound to.
 ///
+/// A `fill` (a miss) leaves alone an entry already bound to the current
+/// versions: someone stored a value at least as fresh meanwhile, perhaps a
+/// write-through. A `put` (a refresh) overwrites. Anything else at the key
+/// (a stale or foreign value, another Redis type) is overwritten.
+///
 /// KEYS: entry, then one version key per namespace.
-/// ARGV: ttl ms, header, payload, the observed versions ('' for none), then
-/// one fresh seed per namespace.
+/// ARGV: ttl ms, header, payload, 'fill' or 'put', the observed versions
+/// ('' for none), then one fresh seed per namespace.
+/// Returns 1 stored, 0 a version changed, 2 a current entry was there.
 static STORE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -85,17 +95,22 @@ local n = #KEYS - 1
 local versions = {}
 for i = 1, n do
   local current = redis.call('GET', KEYS[i + 1])
-  local observed = ARGV[3 + i]
+  local observed = ARGV[4 + i]
   if observed == '' then
     if current then return 0 end
-    current = ARGV[3 + n + i]
+    current = ARGV[4 + n + i]
     redis.call('SET', KEYS[i + 1], current)
   elseif current ~= observed then
     return 0
   end
   versions[i] = current
 end
-redis.call('SET', KEYS[1], ARGV[2] .. table.concat(versions, ',') .. '|' .. ARGV[3], 'PX', ARGV[1])
+local head = ARGV[2] .. table.concat(versions, ',') .. '|'
+if ARGV[4] == 'fill' then
+  local existing = redis.pcall('GET', KEYS[1])
+  if type(existing) == 'string' and string.sub(existing, 1, #head) == head then return 2 end
+end
+redis.call('SET', KEYS[1], head .. ARGV[3], 'PX', ARGV[1])
 return 1
 ",
     )
@@ -182,6 +197,29 @@ impl<R> Storage<R> {
     }
 }
 
+/// The Redis keys of one entry: the entry itself and the version key of
+/// each of its namespaces, prefix first.
+pub(crate) struct EntryKeys {
+    entry: String,
+    versions: Vec<String>,
+}
+
+impl Plan<'_> {
+    /// The prefix, then the tags.
+    pub(crate) fn namespaces(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.prefix).chain(self.tags.iter().map(|tag| &**tag))
+    }
+}
+
+/// Whether a call may answer from an existing entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Intent {
+    /// Cache-aside: a usable entry is returned.
+    Read,
+    /// Write-through: compute anyway and overwrite.
+    Refresh,
+}
+
 /// What reading an entry found.
 enum Lookup<V> {
     Hit(V),
@@ -249,6 +287,7 @@ impl Cache {
     /// # Ok(()) }
     /// ```
     pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
+        check_namespace(namespace).map_err(Error::InvalidConfig)?;
         let key = self.version_key(namespace);
         let mut invocation = INVALIDATE_SCRIPT.key(&key);
         invocation.arg(fresh_seed());
@@ -256,6 +295,88 @@ impl Cache {
             self.note_fault(&fault);
             Error::from(fault)
         })
+    }
+
+    /// Cache-aside for code where the attribute does not fit: returns the
+    /// cached value for `key` in `policy`'s namespace, or awaits `compute`
+    /// and stores its `Ok`. Same keys, versions, TTL, jitter and failure
+    /// handling as `#[cached]`: when Redis is unavailable this is just
+    /// `compute.await`.
+    ///
+    /// The entry is identified by the namespace, `key`, `T` and the
+    /// policy's version.
+    ///
+    /// ```no_run
+    /// use cache_runtime::{Cache, Policy};
+    /// use std::time::Duration;
+    ///
+    /// # async fn load_report(_: &str, _: u32) -> Result<Vec<u64>, std::io::Error> { Ok(vec![]) }
+    /// # async fn demo(cache: Cache) -> Result<(), std::io::Error> {
+    /// let policy = Policy::new("reports").ttl(Duration::from_secs(300)).tags(["orders"]);
+    /// let (region, year) = ("emea", 2026);
+    /// let report = cache.get_or_compute(&policy, &(region, year), load_report(region, year)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_compute<K, T, E, F>(&self, policy: &Policy, key: &K, compute: F) -> Result<T, E>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
+        let hash = programmatic_key::<K, T>(policy, key);
+        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), Intent::Read, compute).await
+    }
+
+    /// Write-through for [`get_or_compute`](Self::get_or_compute) entries:
+    /// awaits `compute` and stores its `Ok` over any existing entry.
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{Cache, Policy};
+    /// # async fn demo(cache: Cache) {
+    /// let policy = Policy::new("profiles");
+    /// let fresh = cache.refresh(&policy, &42u64, async { Ok::<_, std::io::Error>("new name".to_owned()) }).await;
+    /// # }
+    /// ```
+    pub async fn refresh<K, T, E, F>(&self, policy: &Policy, key: &K, compute: F) -> Result<T, E>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
+        let hash = programmatic_key::<K, T>(policy, key);
+        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), Intent::Refresh, compute).await
+    }
+
+    /// Deletes the [`get_or_compute`](Self::get_or_compute) entry of `key`
+    /// holding a `T`. Returns whether there was one.
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{Cache, Policy};
+    /// # async fn demo(cache: Cache) -> Result<(), cache_runtime::Error> {
+    /// let existed = cache.forget::<_, String>(&Policy::new("profiles"), &42u64).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn forget<K, T>(&self, policy: &Policy, key: &K) -> Result<bool, Error>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+    {
+        let hash = programmatic_key::<K, T>(policy, key);
+        self.forget_entry(&policy.plan(), hash).await
+    }
+
+    /// Deletes one entry; for `forget(f(args))` and [`Cache::forget`].
+    pub(crate) async fn forget_entry(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>) -> Result<bool, Error> {
+        let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
+        check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
+        let entry = self.entry_key(plan.prefix, hash);
+        let mut del = redis::cmd("DEL");
+        del.arg(&entry);
+        let deleted = self.inner.connections.run_unguarded(|conn| conn.query::<u64>(&del)).await.map_err(|fault| {
+            self.note_fault(&fault);
+            Error::from(fault)
+        })?;
+        Ok(deleted > 0)
     }
 
     fn entry_key(&self, prefix: &str, hash: KeyHash) -> String {
@@ -267,6 +388,13 @@ impl Cache {
         key.push(':');
         key.extend(hex.iter().map(|&b| char::from(b)));
         key
+    }
+
+    fn entry_keys(&self, plan: &Plan<'_>, hash: KeyHash) -> EntryKeys {
+        EntryKeys {
+            entry: self.entry_key(plan.prefix, hash),
+            versions: plan.namespaces().map(|ns| self.version_key(ns)).collect(),
+        }
     }
 
     fn version_key(&self, namespace: &str) -> String {
@@ -299,6 +427,7 @@ impl Cache {
         plan: &Plan<'_>,
         key: Result<KeyHash, Unencodable>,
         storage: Storage<R>,
+        intent: Intent,
         compute: F,
     ) -> R
     where
@@ -321,32 +450,32 @@ impl Cache {
                 return compute.await;
             }
         };
-        let entry_key = self.entry_key(plan.prefix, hash);
-        let version_keys: Vec<String> =
-            std::iter::once(plan.prefix).chain(plan.tags.iter().copied()).map(|ns| self.version_key(ns)).collect();
-
-        let observed = match self.lookup(plan, storage, &entry_key, &version_keys).await {
+        if let Err(why) = plan.namespaces().try_for_each(check_namespace) {
+            bump(&counters.encode_errors);
+            self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));
+            return compute.await;
+        }
+        let keys = self.entry_keys(plan, hash);
+        let observed = match self.lookup(plan, storage, intent, &keys).await {
             Lookup::Hit(output) => return output,
             Lookup::Miss(observed) => Some(observed),
             Lookup::Unavailable => None,
         };
-        let output = compute.await;
+        let output = match intent {
+            Intent::Read => compute.await,
+            Intent::Refresh => scope::normally(compute).await,
+        };
         if let Some(observed) = observed
             && let Some(encoded) = (storage.encode)(&output, plan.codec)
         {
-            self.store(plan, ttl, &entry_key, &version_keys, &observed, encoded).await;
+            self.store(plan, ttl, intent, &keys, &observed, encoded).await;
         }
         output
     }
 
-    async fn lookup<R>(
-        &self,
-        plan: &Plan<'_>,
-        storage: Storage<R>,
-        entry_key: &str,
-        version_keys: &[String],
-    ) -> Lookup<R> {
+    async fn lookup<R>(&self, plan: &Plan<'_>, storage: Storage<R>, intent: Intent, keys: &EntryKeys) -> Lookup<R> {
         let counters = &self.inner.counters;
+        let (entry_key, version_keys) = (&keys.entry, &keys.versions);
         let mut mget = redis::cmd("MGET");
         mget.arg(entry_key).arg(version_keys);
         let mut values = match self.inner.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await {
@@ -364,6 +493,10 @@ impl Cache {
         };
         let entry = values[0].take();
         let versions = values.split_off(1);
+        if intent == Intent::Refresh {
+            bump(&counters.refreshes);
+            return Lookup::Miss(versions);
+        }
         let miss = |versions| {
             bump(&counters.misses);
             Lookup::Miss(versions)
@@ -399,8 +532,8 @@ impl Cache {
         &self,
         plan: &Plan<'_>,
         ttl: Duration,
-        entry_key: &str,
-        version_keys: &[String],
+        intent: Intent,
+        keys: &EntryKeys,
         observed: &[Option<Vec<u8>>],
         encoded: Encoded,
     ) {
@@ -426,12 +559,13 @@ impl Cache {
             );
             return;
         }
-        let mut invocation = STORE_SCRIPT.key(entry_key);
+        let mut invocation = STORE_SCRIPT.key(&keys.entry);
         invocation
-            .key(version_keys)
+            .key(&keys.versions)
             .arg(jittered_ttl_ms(ttl, plan.jitter))
             .arg(&plan.codec.head()[..])
-            .arg(&payload[..]);
+            .arg(&payload[..])
+            .arg(if intent == Intent::Refresh { "put" } else { "fill" });
         for version in observed {
             invocation.arg(version.as_deref().unwrap_or(b""));
         }
@@ -447,6 +581,13 @@ impl Cache {
             Err(fault) => self.note_fault(&fault),
         }
     }
+}
+
+/// The key of a programmatic entry: namespace, value type, user key.
+fn programmatic_key<K: Serialize + ?Sized, T>(policy: &Policy, key: &K) -> Result<KeyHash, Unencodable> {
+    let mut hasher = KeyHasher::new("cache_runtime::Cache::get_or_compute", policy.version_number());
+    hasher.part(policy.prefix().as_bytes()).part(std::any::type_name::<T>().as_bytes());
+    hasher.arg(key).map(|h| h.finish())
 }
 
 #[cfg(test)]

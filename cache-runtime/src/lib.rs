@@ -33,12 +33,17 @@ mod codec;
 mod connection;
 mod error;
 mod key;
+mod policy;
+mod private;
+mod scope;
 mod stats;
 mod warnings;
 
+/// What `#[cached]` expands to calls; not a public API.
 #[doc(hidden)]
-#[path = "private.rs"]
-pub mod __private;
+pub mod __private {
+    pub use crate::private::*;
+}
 
 pub use builder::CacheBuilder;
 pub use cache::Cache;
@@ -46,6 +51,8 @@ pub use canonical::Unencodable;
 pub use codec::Codec;
 pub use error::Error;
 pub use key::{KeyHash, KeyHasher};
+pub use policy::Policy;
+pub use scope::{forget, refresh};
 pub use stats::Stats;
 
 /// Caches an async function in Redis. See the crate README for the

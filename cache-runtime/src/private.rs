@@ -2,12 +2,14 @@
 //! signatures here change without notice.
 
 use crate::Cache;
-use crate::cache::{Plan, Storage};
+use crate::cache::{Intent, Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::Codec;
 use crate::key::KeyHash;
+use crate::scope::{self, Mode};
 use crate::warnings::{Cause, PROCESS_WARNINGS};
 use serde::{Serialize, de::DeserializeOwned};
+use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ pub use crate::key::KeyHasher;
 #[derive(Debug)]
 pub struct CallSite {
     pub prefix: &'static str,
-    pub tags: &'static [&'static str],
+    pub tags: &'static [Cow<'static, str>],
     /// 0: use the cache's `default_ttl`.
     pub ttl_secs: u64,
     pub jitter: f64,
@@ -53,9 +55,22 @@ where
     // the bare function would demand that `cache` be `'static` too.
     #[allow(clippy::redundant_closure)]
     let cache = cache.or_else(|| crate::global());
-    match cache {
-        Some(cache) => cache.fetch_or_compute(&site.plan(), key, storage, compute).await,
-        None => {
+    match (cache, scope::current()) {
+        (Some(cache), Mode::Normal) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Read, compute).await,
+        (Some(cache), Mode::Refresh) => {
+            cache.fetch_or_compute(&site.plan(), key, storage, Intent::Refresh, compute).await
+        }
+        (cache, Mode::Forget(slot)) => {
+            let outcome = match cache {
+                Some(cache) => cache.forget_entry(&site.plan(), key).await,
+                None => Err(crate::Error::NotInitialized),
+            };
+            scope::report_forget(&slot, outcome);
+            // `forget` stops polling once the outcome is reported: the body
+            // never runs.
+            std::future::pending().await
+        }
+        (None, _) => {
             PROCESS_WARNINGS.warn(
                 Cause::NotInitialized,
                 format_args!("cached call before cache_runtime::init: computing without the cache"),

@@ -8,6 +8,7 @@ pub(crate) struct Counters {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub stale: AtomicU64,
+    pub refreshes: AtomicU64,
     pub writes: AtomicU64,
     pub writes_skipped: AtomicU64,
     pub bypassed: AtomicU64,
@@ -49,10 +50,12 @@ pub struct Stats {
     pub misses: u64,
     /// Misses whose entry existed but was bound to an older namespace version.
     pub stale: u64,
+    /// Write-through computations (`refresh`), which neither hit nor miss.
+    pub refreshes: u64,
     /// Values stored.
     pub writes: u64,
     /// Values not stored because a namespace was invalidated while they were
-    /// being computed.
+    /// being computed, or a fresher entry was stored meanwhile.
     pub writes_skipped: u64,
     /// Calls that ran the function without asking Redis: not initialized, no
     /// TTL, breaker open, or Redis unreachable.
@@ -103,6 +106,7 @@ impl Counters {
             hits: get(&self.hits),
             misses: get(&self.misses),
             stale: get(&self.stale),
+            refreshes: get(&self.refreshes),
             writes: get(&self.writes),
             writes_skipped: get(&self.writes_skipped),
             bypassed: get(&self.bypassed),

@@ -1,0 +1,100 @@
+//! How entries of one namespace are cached, for the programmatic API.
+
+use crate::cache::Plan;
+use crate::codec::Codec;
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// The caching rules of a namespace, for [`Cache::get_or_compute`] and
+/// friends: what `#[cached(...)]`'s arguments are to the attribute.
+///
+/// ```
+/// use cache_runtime::{Codec, Policy};
+/// use std::time::Duration;
+///
+/// let policy = Policy::new("product_page")
+///     .ttl(Duration::from_secs(600))
+///     .jitter(0.1)
+///     .tags(["products", "categories"])
+///     .codec(Codec::Json);
+/// assert_eq!(policy.prefix(), "product_page");
+/// ```
+///
+/// [`Cache::get_or_compute`]: crate::Cache::get_or_compute
+#[derive(Debug, Clone)]
+pub struct Policy {
+    prefix: Cow<'static, str>,
+    tags: Vec<Cow<'static, str>>,
+    ttl: Option<Duration>,
+    jitter: f64,
+    codec: Codec,
+    version: u32,
+}
+
+impl Policy {
+    /// Entries in namespace `prefix`, with the cache's `default_ttl`, no
+    /// jitter, no tags, the bincode codec, and version 1.
+    pub fn new(prefix: impl Into<Cow<'static, str>>) -> Self {
+        Self { prefix: prefix.into(), tags: Vec::new(), ttl: None, jitter: 0.0, codec: Codec::Bincode, version: 1 }
+    }
+
+    /// How long entries live.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Spread each TTL uniformly over ±`jitter` of it; clamped to [0, 0.5].
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.jitter = if jitter.is_nan() { 0.0 } else { jitter.clamp(0.0, 0.5) };
+        self
+    }
+
+    /// More namespaces the entries belong to: invalidating any of them
+    /// makes the entries stale.
+    pub fn tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<Cow<'static, str>>,
+    {
+        self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How values are stored.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Bump when the cached type's layout changes: old entries are ignored.
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// The namespace.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn version_number(&self) -> u32 {
+        self.version
+    }
+
+    pub(crate) fn plan(&self) -> Plan<'_> {
+        Plan { prefix: &self.prefix, tags: &self.tags, ttl: self.ttl, jitter: self.jitter, codec: self.codec }
+    }
+}
+
+/// A namespace name must keep keys unambiguous and easy to type in
+/// `redis-cli`; `#[cached]` checks the same rules at compile time.
+pub(crate) fn check_namespace(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a namespace must not be empty".to_owned());
+    }
+    match name.chars().find(|c| c.is_whitespace() || c.is_control() || "{}*?[]#".contains(*c)) {
+        Some(c) => Err(format!("namespace {name:?} contains {c:?}: use letters, digits, `_`, `-`, `.` or `:`")),
+        None => Ok(()),
+    }
+}
