@@ -74,10 +74,7 @@ pub(crate) struct Plan<'a> {
 
 /// Stores `payload` under the entry key only if every namespace still has
 /// the version the computation started from, so a value computed from data
-/// read before an invalidation is never stored under the new version. A
-/// namespace without a version yet gets a random one: should a version key
-/// ever be evicted or flushed, it comes back as a value no old entry is
-/// bound to.
+/// read before an invalidation is never stored under the new version.
 ///
 /// A `fill` (a miss) leaves alone an entry already bound to the current
 /// versions: someone stored a value at least as fresh meanwhile, perhaps a
@@ -85,25 +82,16 @@ pub(crate) struct Plan<'a> {
 /// (a stale or foreign value, another Redis type) is overwritten.
 ///
 /// KEYS: entry, then one version key per namespace.
-/// ARGV: ttl ms, header, payload, 'fill' or 'put', the observed versions
-/// ('' for none), then one fresh seed per namespace.
+/// ARGV: ttl ms, header, payload, 'fill' or 'put', then the observed versions.
 /// Returns 1 stored, 0 a version changed, 2 a current entry was there.
 static STORE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-local n = #KEYS - 1
 local versions = {}
-for i = 1, n do
-  local current = redis.call('GET', KEYS[i + 1])
-  local observed = ARGV[4 + i]
-  if observed == '' then
-    if current then return 0 end
-    current = ARGV[4 + n + i]
-    redis.call('SET', KEYS[i + 1], current)
-  elseif current ~= observed then
-    return 0
-  end
-  versions[i] = current
+for i = 2, #KEYS do
+  local current = redis.call('GET', KEYS[i])
+  if current ~= ARGV[3 + i] then return 0 end
+  versions[i - 1] = current
 end
 local head = ARGV[2] .. table.concat(versions, ',') .. '|'
 if ARGV[4] == 'fill' then
@@ -112,6 +100,22 @@ if ARGV[4] == 'fill' then
 end
 redis.call('SET', KEYS[1], head .. ARGV[3], 'PX', ARGV[1])
 return 1
+",
+    )
+});
+
+/// Gives namespaces that have no version yet a random one, and returns the
+/// versions of all KEYS. A namespace gets its version before anything is
+/// computed under it, so every computation is bound to a version it
+/// observed; and a version key that was evicted or flushed comes back as a
+/// value no old entry is bound to.
+///
+/// KEYS: version keys. ARGV: one fresh seed per key.
+static SEED_VERSIONS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end
+return redis.call('MGET', unpack(KEYS))
 ",
     )
 });
@@ -223,7 +227,8 @@ pub(crate) enum Intent {
 /// What reading an entry found.
 enum Lookup<V> {
     Hit(V),
-    /// Not usable; carries the namespace versions observed at the read.
+    /// Not usable; carries the namespace versions observed at the read
+    /// (`None`: the namespace has no version yet).
     Miss(Vec<Option<Vec<u8>>>),
     /// Redis could not be asked; compute without storing.
     Unavailable,
@@ -458,7 +463,7 @@ impl Cache {
         let keys = self.entry_keys(plan, hash);
         let observed = match self.lookup(plan, storage, intent, &keys).await {
             Lookup::Hit(output) => return output,
-            Lookup::Miss(observed) => Some(observed),
+            Lookup::Miss(observed) => self.seed_missing_versions(&keys, observed).await,
             Lookup::Unavailable => None,
         };
         let output = match intent {
@@ -471,6 +476,26 @@ impl Cache {
             self.store(plan, ttl, intent, &keys, &observed, encoded).await;
         }
         output
+    }
+
+    /// The observed versions, after giving any namespace without one its
+    /// first version; `None` when Redis could not be asked.
+    async fn seed_missing_versions(&self, keys: &EntryKeys, observed: Vec<Option<Vec<u8>>>) -> Option<Vec<Vec<u8>>> {
+        if let Some(all) = observed.iter().cloned().collect::<Option<Vec<_>>>() {
+            return Some(all);
+        }
+        let mut invocation = SEED_VERSIONS_SCRIPT.prepare_invoke();
+        invocation.key(&keys.versions);
+        for _ in &keys.versions {
+            invocation.arg(fresh_seed());
+        }
+        match self.inner.connections.run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
+            Ok(seeded) => seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == keys.versions.len()),
+            Err(fault) => {
+                self.note_fault(&fault);
+                None
+            }
+        }
     }
 
     async fn lookup<R>(&self, plan: &Plan<'_>, storage: Storage<R>, intent: Intent, keys: &EntryKeys) -> Lookup<R> {
@@ -534,7 +559,7 @@ impl Cache {
         ttl: Duration,
         intent: Intent,
         keys: &EntryKeys,
-        observed: &[Option<Vec<u8>>],
+        observed: &[Vec<u8>],
         encoded: Encoded,
     ) {
         let counters = &self.inner.counters;
@@ -567,10 +592,7 @@ impl Cache {
             .arg(&payload[..])
             .arg(if intent == Intent::Refresh { "put" } else { "fill" });
         for version in observed {
-            invocation.arg(version.as_deref().unwrap_or(b""));
-        }
-        for _ in observed {
-            invocation.arg(fresh_seed());
+            invocation.arg(&version[..]);
         }
         match self.inner.connections.run(|conn| conn.invoke::<i64>(&invocation)).await {
             Ok(1) => {
