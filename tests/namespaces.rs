@@ -337,7 +337,11 @@ fn a_lost_version_key_never_revives_old_entries() {
         product_page(&cache, &db, 1).await;
         // Simulate eviction or a careless FLUSH of the version keys only.
         redis::cmd("DEL")
-            .arg(&["shop:products:#v", "shop:categories:#v", "shop:product_page:#v"])
+            .arg(&[
+                "shop:products:{products}#v",
+                "shop:categories:{categories}#v",
+                "shop:product_page:{product_page}#v",
+            ])
             .query::<()>(&mut admin)
             .unwrap();
         // The next invalidate starts from a fresh random version, not 1.

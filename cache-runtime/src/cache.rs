@@ -384,14 +384,34 @@ impl Cache {
         Ok(deleted > 0)
     }
 
+    /// `app:prefix:{prefix}<hex>`: readable first, so `app:prefix:*` finds
+    /// a namespace; the hash tag puts a namespace's entries and its version
+    /// key in one Redis Cluster slot. Braces are refused in prefixes, so the
+    /// first `{` is always this one.
     fn entry_key(&self, prefix: &str, hash: KeyHash) -> String {
         let hex = hash.to_hex();
-        let mut key = String::with_capacity(self.inner.key_prefix.len() + prefix.len() + hex.len() + 2);
-        key.push_str(&self.inner.key_prefix);
-        key.push(':');
-        key.push_str(prefix);
-        key.push(':');
+        let mut key = self.namespace_head(prefix, hex.len());
         key.extend(hex.iter().map(|&b| char::from(b)));
+        key
+    }
+
+    /// `app:namespace:{namespace}#v`, in the namespace's slot.
+    fn version_key(&self, namespace: &str) -> String {
+        let mut key = self.namespace_head(namespace, 2);
+        key.push_str("#v");
+        key
+    }
+
+    /// `app:namespace:{namespace}`, with room for `extra` more bytes.
+    fn namespace_head(&self, namespace: &str, extra: usize) -> String {
+        let app = &self.inner.key_prefix;
+        let mut key = String::with_capacity(app.len() + 2 * namespace.len() + 4 + extra);
+        key.push_str(app);
+        key.push(':');
+        key.push_str(namespace);
+        key.push_str(":{");
+        key.push_str(namespace);
+        key.push('}');
         key
     }
 
@@ -400,10 +420,6 @@ impl Cache {
             entry: self.entry_key(plan.prefix, hash),
             versions: plan.namespaces().map(|ns| self.version_key(ns)).collect(),
         }
-    }
-
-    fn version_key(&self, namespace: &str) -> String {
-        format!("{}:{namespace}:#v", self.inner.key_prefix)
     }
 
     fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
@@ -615,6 +631,26 @@ fn programmatic_key<K: Serialize + ?Sized, T>(policy: &Policy, key: &K) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The part of a key Redis Cluster hashes: the first non-empty `{...}`.
+    fn hash_tag(key: &str) -> &str {
+        key.find('{')
+            .and_then(|open| key[open + 1..].find('}').map(|len| &key[open + 1..open + 1 + len]))
+            .filter(|tag| !tag.is_empty())
+            .unwrap_or(key)
+    }
+
+    #[test]
+    fn a_namespace_lives_in_one_cluster_slot() {
+        let cache = Cache::builder().url("redis://127.0.0.1:1").key_prefix("myapp").build().unwrap();
+        let plan = Plan { prefix: "products", tags: &[], ttl: None, jitter: 0.0, codec: Codec::Bincode };
+        let keys = cache.entry_keys(&plan, KeyHasher::new("f", 1).finish());
+        assert!(keys.entry.starts_with("myapp:products:{products}"), "{}", keys.entry);
+        assert_eq!(keys.entry.len(), "myapp:products:{products}".len() + 32);
+        assert_eq!(keys.versions, ["myapp:products:{products}#v"]);
+        assert_eq!(hash_tag(&keys.entry), "products");
+        assert_eq!(hash_tag(&keys.versions[0]), hash_tag(&keys.entry));
+    }
 
     #[test]
     fn jitter_stays_in_bounds() {
