@@ -8,7 +8,7 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
-const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags";
+const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags, lock, lock_timeout";
 pub(crate) const MAX_JITTER: f64 = 0.5;
 
 /// The validated arguments.
@@ -23,6 +23,8 @@ pub(crate) struct CachedArgs {
     pub cache: Option<Expr>,
     pub version: Option<u32>,
     pub tags: Vec<LitStr>,
+    pub lock: Option<bool>,
+    pub lock_timeout_ms: Option<u64>,
     /// Where `skip` was written, for errors about it.
     pub skip_span: Option<Span>,
 }
@@ -138,6 +140,11 @@ impl CachedArgs {
                 })
             }
             ("key", RawValue::Assign(expr)) => self.key = Some(expr),
+            ("lock", RawValue::Assign(expr)) => match &expr {
+                Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => self.lock = Some(b.value),
+                _ => return Err(syn::Error::new_spanned(expr, "`lock` must be `true` or `false`")),
+            },
+            ("lock_timeout", RawValue::Assign(expr)) => self.lock_timeout_ms = Some(seconds_as_millis(&expr)?),
             ("cache", RawValue::Assign(expr)) => self.cache = Some(expr),
             ("skip", RawValue::List(list)) => {
                 self.skip_span = Some(span);
@@ -163,7 +170,7 @@ impl CachedArgs {
                 }
                 errors.finish()?;
             }
-            ("ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache", _) => {
+            ("ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache" | "lock" | "lock_timeout", _) => {
                 return Err(syn::Error::new(span, format!("expected `{name} = ...`")));
             }
             ("skip" | "tags", _) => return Err(syn::Error::new(span, format!("expected `{name}(...)`"))),
@@ -209,6 +216,20 @@ fn positive_int(expr: &Expr, name: &str, unit: &str) -> syn::Result<u64> {
         return Err(syn::Error::new_spanned(expr, format!("`{name}` must be at least 1 ({unit})")));
     }
     Ok(value)
+}
+
+/// A positive number of seconds, integer or fractional, in milliseconds.
+fn seconds_as_millis(expr: &Expr) -> syn::Result<u64> {
+    let seconds = match expr {
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>()?,
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<f64>()?,
+        _ => return Err(syn::Error::new_spanned(expr, "`lock_timeout` must be a number of seconds, such as 2 or 0.5")),
+    };
+    let millis = (seconds * 1000.0).round();
+    if !(1.0..=86_400_000.0).contains(&millis) {
+        return Err(syn::Error::new_spanned(expr, "`lock_timeout` must be between 0.001 and 86400 seconds"));
+    }
+    Ok(millis as u64)
 }
 
 fn jitter(expr: &Expr) -> syn::Result<f64> {

@@ -156,6 +156,8 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
     let tags = &args.tags;
     let ttl_secs = args.ttl_secs.unwrap_or(0);
     let jitter = args.jitter.unwrap_or(0.0);
+    let lock = args.lock.unwrap_or(true);
+    let lock_timeout_ms = args.lock_timeout_ms.unwrap_or(0);
     let codec = match args.codec.unwrap_or(Codec::Bincode) {
         Codec::Bincode => quote! { ::cache_runtime::Codec::Bincode },
         Codec::Json => quote! { ::cache_runtime::Codec::Json },
@@ -199,6 +201,8 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
                 ttl_secs: #ttl_secs,
                 jitter: #jitter,
                 codec: #codec,
+                lock: #lock,
+                lock_timeout_ms: #lock_timeout_ms,
             };
             #bind_cache
             ::cache_runtime::__private::call(#cache_ref, &#site, #key, #kind, async move {

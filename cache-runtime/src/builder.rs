@@ -34,6 +34,7 @@ pub struct CacheBuilder {
     command_timeout: Duration,
     breaker_failures: u32,
     breaker_cool_down: Duration,
+    lock_timeout: Duration,
     max_value_bytes: usize,
 }
 
@@ -48,6 +49,7 @@ impl Default for CacheBuilder {
             command_timeout: Duration::from_millis(50),
             breaker_failures: 5,
             breaker_cool_down: Duration::from_secs(1),
+            lock_timeout: Duration::from_secs(5),
             max_value_bytes: 1 << 20,
         }
     }
@@ -103,6 +105,16 @@ impl CacheBuilder {
         self
     }
 
+    /// How long a caller waits for another caller (in this process or
+    /// another) that is computing the same key, before computing itself. It
+    /// is also the TTL of the Redis stampede lock, so a crashed process
+    /// delays others at most this long. Default: 5 s; `#[cached(lock_timeout
+    /// = ...)]` overrides it per function.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
     /// Values whose encoding is larger than this are returned but not
     /// stored. Default: 1 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
@@ -121,6 +133,9 @@ impl CacheBuilder {
         if self.connect_timeout.is_zero() || self.command_timeout.is_zero() {
             return Err(Error::InvalidConfig("timeouts must be longer than zero".to_owned()));
         }
+        if self.lock_timeout.as_millis() == 0 {
+            return Err(Error::InvalidConfig("lock_timeout must be at least 1 ms".to_owned()));
+        }
         if self.breaker_failures == 0 {
             return Err(Error::InvalidConfig("the circuit breaker needs at least 1 failure to open".to_owned()));
         }
@@ -136,6 +151,7 @@ impl CacheBuilder {
             connections,
             key_prefix: self.key_prefix,
             default_ttl: self.default_ttl,
+            lock_timeout: self.lock_timeout,
             max_value_bytes: self.max_value_bytes,
         }))
     }

@@ -1,20 +1,21 @@
-//! The cache: one pool, the namespace versions, and the cache-aside flow
-//! every cached call goes through.
+//! The cache: its settings, counters, and public operations. The flow of
+//! one cached call lives in `flow.rs`.
 
 use crate::builder::CacheBuilder;
 use crate::canonical::Unencodable;
-use crate::codec::{Codec, CodecError, StoredEntry};
+use crate::codec::{Codec, CodecError};
 use crate::connection::Connections;
 use crate::error::{Error, Fault};
-use crate::key::{KeyHash, KeyHasher};
+use crate::flight::Flights;
+use crate::key::{EntryKeys, KeyHash, KeyHasher, version_key};
 use crate::policy::{Policy, check_namespace};
 use crate::private::ResultOutput;
-use crate::scope;
-use crate::stats::{Counters, Stats, add, bump};
+use crate::scripts::{self, fresh_seed};
+use crate::stats::{Counters, Stats, bump};
 use crate::warnings::{Cause, Warnings};
 use serde::{Serialize, de::DeserializeOwned};
 use std::borrow::Cow;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A Redis-backed cache: a connection pool, a key namespace and counters.
@@ -40,15 +41,18 @@ struct Inner {
     connections: Connections,
     key_prefix: String,
     default_ttl: Option<Duration>,
+    lock_timeout: Duration,
     max_value_bytes: usize,
     counters: Counters,
     warnings: Warnings,
+    flights: Flights,
 }
 
 pub(crate) struct Settings {
     pub connections: Connections,
     pub key_prefix: String,
     pub default_ttl: Option<Duration>,
+    pub lock_timeout: Duration,
     pub max_value_bytes: usize,
 }
 
@@ -70,73 +74,10 @@ pub(crate) struct Plan<'a> {
     pub ttl: Option<Duration>,
     pub jitter: f64,
     pub codec: Codec,
-}
-
-/// Stores `payload` under the entry key only if every namespace still has
-/// the version the computation started from, so a value computed from data
-/// read before an invalidation is never stored under the new version.
-///
-/// A `fill` (a miss) leaves alone an entry already bound to the current
-/// versions: someone stored a value at least as fresh meanwhile, perhaps a
-/// write-through. A `put` (a refresh) overwrites. Anything else at the key
-/// (a stale or foreign value, another Redis type) is overwritten.
-///
-/// KEYS: entry, then one version key per namespace.
-/// ARGV: ttl ms, header, payload, 'fill' or 'put', then the observed versions.
-/// Returns 1 stored, 0 a version changed, 2 a current entry was there.
-static STORE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local versions = {}
-for i = 2, #KEYS do
-  local current = redis.call('GET', KEYS[i])
-  if current ~= ARGV[3 + i] then return 0 end
-  versions[i - 1] = current
-end
-local head = ARGV[2] .. table.concat(versions, ',') .. '|'
-if ARGV[4] == 'fill' then
-  local existing = redis.pcall('GET', KEYS[1])
-  if type(existing) == 'string' and string.sub(existing, 1, #head) == head then return 2 end
-end
-redis.call('SET', KEYS[1], head .. ARGV[3], 'PX', ARGV[1])
-return 1
-",
-    )
-});
-
-/// Gives namespaces that have no version yet a random one, and returns the
-/// versions of all KEYS. A namespace gets its version before anything is
-/// computed under it, so every computation is bound to a version it
-/// observed; and a version key that was evicted or flushed comes back as a
-/// value no old entry is bound to.
-///
-/// KEYS: version keys. ARGV: one fresh seed per key.
-static SEED_VERSIONS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end
-return redis.call('MGET', unpack(KEYS))
-",
-    )
-});
-
-/// Bumps a namespace's version; a missing version starts from a random
-/// seed rather than from 1, which an evicted version key may have had.
-/// Returns the version as Redis's string: Lua numbers are doubles.
-static INVALIDATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
-redis.call('INCR', KEYS[1])
-return redis.call('GET', KEYS[1])
-",
-    )
-});
-
-/// A random starting version: far from 0, and below 2^52 so that no tool
-/// that reads versions as doubles (Lua, JSON) ever rounds one.
-fn fresh_seed() -> u64 {
-    rand::random_range((1u64 << 32)..(1u64 << 52))
+    /// Stampede protection: one computation per key at a time.
+    pub lock: bool,
+    /// How long callers wait for another's computation; `None`: the cache's.
+    pub lock_timeout: Option<Duration>,
 }
 
 /// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.
@@ -165,8 +106,8 @@ type Encoded = Result<Vec<u8>, CodecError>;
 /// resolved once into two function pointers.
 pub struct Storage<R> {
     /// `None`: this output is not stored (an `Err`).
-    encode: fn(&R, Codec) -> Option<Encoded>,
-    decode: fn(&[u8], Codec) -> Result<R, CodecError>,
+    pub(crate) encode: fn(&R, Codec) -> Option<Encoded>,
+    pub(crate) decode: fn(&[u8], Codec) -> Result<R, CodecError>,
 }
 
 impl<R> Clone for Storage<R> {
@@ -201,13 +142,6 @@ impl<R> Storage<R> {
     }
 }
 
-/// The Redis keys of one entry: the entry itself and the version key of
-/// each of its namespaces, prefix first.
-pub(crate) struct EntryKeys {
-    entry: String,
-    versions: Vec<String>,
-}
-
 impl Plan<'_> {
     /// The prefix, then the tags.
     pub(crate) fn namespaces(&self) -> impl Iterator<Item = &str> {
@@ -222,16 +156,6 @@ pub(crate) enum Intent {
     Read,
     /// Write-through: compute anyway and overwrite.
     Refresh,
-}
-
-/// What reading an entry found.
-enum Lookup<V> {
-    Hit(V),
-    /// Not usable; carries the namespace versions observed at the read
-    /// (`None`: the namespace has no version yet).
-    Miss(Vec<Option<Vec<u8>>>),
-    /// Redis could not be asked; compute without storing.
-    Unavailable,
 }
 
 impl Cache {
@@ -251,9 +175,11 @@ impl Cache {
                 connections: settings.connections,
                 key_prefix: settings.key_prefix,
                 default_ttl: settings.default_ttl,
+                lock_timeout: settings.lock_timeout,
                 max_value_bytes: settings.max_value_bytes,
                 counters: Counters::default(),
                 warnings: Warnings::default(),
+                flights: Flights::default(),
             }),
         }
     }
@@ -293,8 +219,8 @@ impl Cache {
     /// ```
     pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
         check_namespace(namespace).map_err(Error::InvalidConfig)?;
-        let key = self.version_key(namespace);
-        let mut invocation = INVALIDATE_SCRIPT.key(&key);
+        let key = version_key(self.key_prefix(), namespace);
+        let mut invocation = scripts::INVALIDATE.key(&key);
         invocation.arg(fresh_seed());
         self.inner.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await.map_err(|fault| {
             self.note_fault(&fault);
@@ -374,9 +300,9 @@ impl Cache {
     pub(crate) async fn forget_entry(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>) -> Result<bool, Error> {
         let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
         check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
-        let entry = self.entry_key(plan.prefix, hash);
+        let keys = EntryKeys::new(self.key_prefix(), plan.prefix, plan.namespaces(), hash);
         let mut del = redis::cmd("DEL");
-        del.arg(&entry);
+        del.arg(&keys.entry);
         let deleted = self.inner.connections.run_unguarded(|conn| conn.query::<u64>(&del)).await.map_err(|fault| {
             self.note_fault(&fault);
             Error::from(fault)
@@ -384,49 +310,35 @@ impl Cache {
         Ok(deleted > 0)
     }
 
-    /// `app:prefix:{prefix}<hex>`: readable first, so `app:prefix:*` finds
-    /// a namespace; the hash tag puts a namespace's entries and its version
-    /// key in one Redis Cluster slot. Braces are refused in prefixes, so the
-    /// first `{` is always this one.
-    fn entry_key(&self, prefix: &str, hash: KeyHash) -> String {
-        let hex = hash.to_hex();
-        let mut key = self.namespace_head(prefix, hex.len());
-        key.extend(hex.iter().map(|&b| char::from(b)));
-        key
-    }
-
-    /// `app:namespace:{namespace}#v`, in the namespace's slot.
-    fn version_key(&self, namespace: &str) -> String {
-        let mut key = self.namespace_head(namespace, 2);
-        key.push_str("#v");
-        key
-    }
-
-    /// `app:namespace:{namespace}`, with room for `extra` more bytes.
-    fn namespace_head(&self, namespace: &str, extra: usize) -> String {
-        let app = &self.inner.key_prefix;
-        let mut key = String::with_capacity(app.len() + 2 * namespace.len() + 4 + extra);
-        key.push_str(app);
-        key.push(':');
-        key.push_str(namespace);
-        key.push_str(":{");
-        key.push_str(namespace);
-        key.push('}');
-        key
-    }
-
-    fn entry_keys(&self, plan: &Plan<'_>, hash: KeyHash) -> EntryKeys {
-        EntryKeys {
-            entry: self.entry_key(plan.prefix, hash),
-            versions: plan.namespaces().map(|ns| self.version_key(ns)).collect(),
-        }
-    }
-
-    fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
+    pub(crate) fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
         self.inner.warnings.warn(cause, message);
     }
 
-    fn note_fault(&self, fault: &Fault) {
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.inner.connections
+    }
+
+    pub(crate) fn flights(&self) -> &Flights {
+        &self.inner.flights
+    }
+
+    pub(crate) fn default_ttl(&self) -> Option<Duration> {
+        self.inner.default_ttl
+    }
+
+    pub(crate) fn lock_timeout(&self) -> Duration {
+        self.inner.lock_timeout
+    }
+
+    pub(crate) fn max_value_bytes(&self) -> usize {
+        self.inner.max_value_bytes
+    }
+
+    pub(crate) fn note_fault(&self, fault: &Fault) {
         let c = &self.inner.counters;
         match fault {
             Fault::Timeout => bump(&c.timeouts),
@@ -438,186 +350,6 @@ impl Cache {
             Fault::Server(_) => bump(&c.server_errors),
         }
         self.warn(Cause::Redis, format_args!("Redis operation failed, computing without the cache: {fault:?}"));
-    }
-
-    /// The cache-aside flow: one MGET of the entry and its namespace
-    /// versions; on a hit decode and return; otherwise compute, and store
-    /// successes bound to the versions observed before computing.
-    pub(crate) async fn fetch_or_compute<R, F>(
-        &self,
-        plan: &Plan<'_>,
-        key: Result<KeyHash, Unencodable>,
-        storage: Storage<R>,
-        intent: Intent,
-        compute: F,
-    ) -> R
-    where
-        F: Future<Output = R>,
-    {
-        let counters = &self.inner.counters;
-        let Some(ttl) = plan.ttl.or(self.inner.default_ttl) else {
-            bump(&counters.bypassed);
-            self.warn(
-                Cause::NoTtl,
-                format_args!("prefix `{}` has no ttl and the cache no default_ttl: not caching it", plan.prefix),
-            );
-            return compute.await;
-        };
-        let hash = match key {
-            Ok(hash) => hash,
-            Err(e) => {
-                bump(&counters.encode_errors);
-                self.warn(Cause::Encode, format_args!("prefix `{}`: {e}; computing without the cache", plan.prefix));
-                return compute.await;
-            }
-        };
-        if let Err(why) = plan.namespaces().try_for_each(check_namespace) {
-            bump(&counters.encode_errors);
-            self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));
-            return compute.await;
-        }
-        let keys = self.entry_keys(plan, hash);
-        let observed = match self.lookup(plan, storage, intent, &keys).await {
-            Lookup::Hit(output) => return output,
-            Lookup::Miss(observed) => self.seed_missing_versions(&keys, observed).await,
-            Lookup::Unavailable => None,
-        };
-        let output = match intent {
-            Intent::Read => compute.await,
-            Intent::Refresh => scope::normally(compute).await,
-        };
-        if let Some(observed) = observed
-            && let Some(encoded) = (storage.encode)(&output, plan.codec)
-        {
-            self.store(plan, ttl, intent, &keys, &observed, encoded).await;
-        }
-        output
-    }
-
-    /// The observed versions, after giving any namespace without one its
-    /// first version; `None` when Redis could not be asked.
-    async fn seed_missing_versions(&self, keys: &EntryKeys, observed: Vec<Option<Vec<u8>>>) -> Option<Vec<Vec<u8>>> {
-        if let Some(all) = observed.iter().cloned().collect::<Option<Vec<_>>>() {
-            return Some(all);
-        }
-        let mut invocation = SEED_VERSIONS_SCRIPT.prepare_invoke();
-        invocation.key(&keys.versions);
-        for _ in &keys.versions {
-            invocation.arg(fresh_seed());
-        }
-        match self.inner.connections.run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
-            Ok(seeded) => seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == keys.versions.len()),
-            Err(fault) => {
-                self.note_fault(&fault);
-                None
-            }
-        }
-    }
-
-    async fn lookup<R>(&self, plan: &Plan<'_>, storage: Storage<R>, intent: Intent, keys: &EntryKeys) -> Lookup<R> {
-        let counters = &self.inner.counters;
-        let (entry_key, version_keys) = (&keys.entry, &keys.versions);
-        let mut mget = redis::cmd("MGET");
-        mget.arg(entry_key).arg(version_keys);
-        let mut values = match self.inner.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await {
-            Ok(values) if values.len() == version_keys.len() + 1 => values,
-            Ok(values) => {
-                self.note_fault(&Fault::Server(format!("MGET returned {} values", values.len())));
-                bump(&counters.bypassed);
-                return Lookup::Unavailable;
-            }
-            Err(fault) => {
-                self.note_fault(&fault);
-                bump(&counters.bypassed);
-                return Lookup::Unavailable;
-            }
-        };
-        let entry = values[0].take();
-        let versions = values.split_off(1);
-        if intent == Intent::Refresh {
-            bump(&counters.refreshes);
-            return Lookup::Miss(versions);
-        }
-        let miss = |versions| {
-            bump(&counters.misses);
-            Lookup::Miss(versions)
-        };
-        let Some(bytes) = entry else { return miss(versions) };
-        let Some(stored) = StoredEntry::parse(&bytes).filter(|e| e.is_codec(plan.codec)) else {
-            bump(&counters.decode_errors);
-            self.warn(
-                Cause::Decode,
-                format_args!("`{entry_key}` holds no {} entry of this cache; recomputing", plan.codec.name()),
-            );
-            return miss(versions);
-        };
-        if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
-            bump(&counters.stale);
-            return miss(versions);
-        }
-        match (storage.decode)(stored.payload, plan.codec) {
-            Ok(value) => {
-                bump(&counters.hits);
-                add(&counters.bytes_read, stored.payload.len() as u64);
-                Lookup::Hit(value)
-            }
-            Err(e) => {
-                bump(&counters.decode_errors);
-                self.warn(Cause::Decode, format_args!("`{entry_key}` could not be decoded ({e}); recomputing"));
-                miss(versions)
-            }
-        }
-    }
-
-    async fn store(
-        &self,
-        plan: &Plan<'_>,
-        ttl: Duration,
-        intent: Intent,
-        keys: &EntryKeys,
-        observed: &[Vec<u8>],
-        encoded: Encoded,
-    ) {
-        let counters = &self.inner.counters;
-        let payload = match encoded {
-            Ok(payload) => payload,
-            Err(e) => {
-                bump(&counters.encode_errors);
-                self.warn(Cause::Encode, format_args!("a value of prefix `{}` could not be encoded: {e}", plan.prefix));
-                return;
-            }
-        };
-        if payload.len() > self.inner.max_value_bytes {
-            bump(&counters.oversize);
-            self.warn(
-                Cause::Oversize,
-                format_args!(
-                    "a value of prefix `{}` is {} bytes, over max_value_bytes ({}): returned but not stored",
-                    plan.prefix,
-                    payload.len(),
-                    self.inner.max_value_bytes
-                ),
-            );
-            return;
-        }
-        let mut invocation = STORE_SCRIPT.key(&keys.entry);
-        invocation
-            .key(&keys.versions)
-            .arg(jittered_ttl_ms(ttl, plan.jitter))
-            .arg(&plan.codec.head()[..])
-            .arg(&payload[..])
-            .arg(if intent == Intent::Refresh { "put" } else { "fill" });
-        for version in observed {
-            invocation.arg(&version[..]);
-        }
-        match self.inner.connections.run(|conn| conn.invoke::<i64>(&invocation)).await {
-            Ok(1) => {
-                bump(&counters.writes);
-                add(&counters.bytes_written, payload.len() as u64);
-            }
-            Ok(_) => bump(&counters.writes_skipped),
-            Err(fault) => self.note_fault(&fault),
-        }
     }
 }
 
@@ -631,26 +363,6 @@ fn programmatic_key<K: Serialize + ?Sized, T>(policy: &Policy, key: &K) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The part of a key Redis Cluster hashes: the first non-empty `{...}`.
-    fn hash_tag(key: &str) -> &str {
-        key.find('{')
-            .and_then(|open| key[open + 1..].find('}').map(|len| &key[open + 1..open + 1 + len]))
-            .filter(|tag| !tag.is_empty())
-            .unwrap_or(key)
-    }
-
-    #[test]
-    fn a_namespace_lives_in_one_cluster_slot() {
-        let cache = Cache::builder().url("redis://127.0.0.1:1").key_prefix("myapp").build().unwrap();
-        let plan = Plan { prefix: "products", tags: &[], ttl: None, jitter: 0.0, codec: Codec::Bincode };
-        let keys = cache.entry_keys(&plan, KeyHasher::new("f", 1).finish());
-        assert!(keys.entry.starts_with("myapp:products:{products}"), "{}", keys.entry);
-        assert_eq!(keys.entry.len(), "myapp:products:{products}".len() + 32);
-        assert_eq!(keys.versions, ["myapp:products:{products}#v"]);
-        assert_eq!(hash_tag(&keys.entry), "products");
-        assert_eq!(hash_tag(&keys.versions[0]), hash_tag(&keys.entry));
-    }
 
     #[test]
     fn jitter_stays_in_bounds() {

@@ -118,6 +118,51 @@ impl KeyHasher {
     }
 }
 
+/// The Redis keys of one entry.
+///
+/// `app:prefix:{prefix}<hex>`: readable first, so `redis-cli --scan
+/// --pattern 'app:prefix:*'` finds a namespace; the `{prefix}` hash tag
+/// puts a namespace's entries, locks and version key in one Redis Cluster
+/// slot. Braces are refused in prefixes and key prefixes, so the first `{`
+/// is always this one.
+#[derive(Debug)]
+pub(crate) struct EntryKeys {
+    pub entry: String,
+    /// The stampede lock: `<entry>#lock`.
+    pub lock: String,
+    /// One version key per namespace, the prefix's first.
+    pub versions: Vec<String>,
+}
+
+impl EntryKeys {
+    pub(crate) fn new<'n>(app: &str, prefix: &str, namespaces: impl Iterator<Item = &'n str>, hash: KeyHash) -> Self {
+        let hex = hash.to_hex();
+        let mut entry = namespace_head(app, prefix, hex.len() + 5);
+        entry.extend(hex.iter().map(|&b| char::from(b)));
+        let lock = format!("{entry}#lock");
+        Self { entry, lock, versions: namespaces.map(|ns| version_key(app, ns)).collect() }
+    }
+}
+
+/// `app:namespace:{namespace}#v`, in the namespace's slot.
+pub(crate) fn version_key(app: &str, namespace: &str) -> String {
+    let mut key = namespace_head(app, namespace, 2);
+    key.push_str("#v");
+    key
+}
+
+/// `app:namespace:{namespace}`, with room for `extra` more bytes.
+fn namespace_head(app: &str, namespace: &str, extra: usize) -> String {
+    let mut key = String::with_capacity(app.len() + 2 * namespace.len() + 4 + extra);
+    key.push_str(app);
+    key.push(':');
+    key.push_str(namespace);
+    key.push_str(":{");
+    key.push_str(namespace);
+    key.push('}');
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +180,27 @@ mod tests {
         // Changing this value means every deployed cache goes cold: only ever
         // together with KEY_SCHEMA.
         assert_eq!(key("f", 1, &[1, 2]).to_string(), "b9ea0c1fbe8f59c133616bf76fb00c0f");
+    }
+
+    /// The part of a key Redis Cluster hashes: the first non-empty `{...}`.
+    fn hash_tag(key: &str) -> &str {
+        key.find('{')
+            .and_then(|open| key[open + 1..].find('}').map(|len| &key[open + 1..open + 1 + len]))
+            .filter(|tag| !tag.is_empty())
+            .unwrap_or(key)
+    }
+
+    #[test]
+    fn a_namespace_lives_in_one_cluster_slot() {
+        let keys = EntryKeys::new("myapp", "products", ["products"].into_iter(), key("f", 1, &[]));
+        assert!(keys.entry.starts_with("myapp:products:{products}"), "{}", keys.entry);
+        assert_eq!(keys.entry.len(), "myapp:products:{products}".len() + 32);
+        assert_eq!(keys.lock, format!("{}#lock", keys.entry));
+        assert_eq!(keys.versions, ["myapp:products:{products}#v"]);
+        for key in [&keys.lock, &keys.versions[0]] {
+            assert_eq!(hash_tag(key), hash_tag(&keys.entry));
+        }
+        assert_eq!(hash_tag(&keys.entry), "products");
     }
 
     #[test]

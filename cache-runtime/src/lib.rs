@@ -32,10 +32,13 @@ mod canonical;
 mod codec;
 mod connection;
 mod error;
+mod flight;
+mod flow;
 mod key;
 mod policy;
 mod private;
 mod scope;
+mod scripts;
 mod stats;
 mod warnings;
 

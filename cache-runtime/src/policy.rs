@@ -29,13 +29,25 @@ pub struct Policy {
     jitter: f64,
     codec: Codec,
     version: u32,
+    lock: bool,
+    lock_timeout: Option<Duration>,
 }
 
 impl Policy {
     /// Entries in namespace `prefix`, with the cache's `default_ttl`, no
-    /// jitter, no tags, the bincode codec, and version 1.
+    /// jitter, no tags, the bincode codec, version 1, and stampede
+    /// protection with the cache's lock timeout.
     pub fn new(prefix: impl Into<Cow<'static, str>>) -> Self {
-        Self { prefix: prefix.into(), tags: Vec::new(), ttl: None, jitter: 0.0, codec: Codec::Bincode, version: 1 }
+        Self {
+            prefix: prefix.into(),
+            tags: Vec::new(),
+            ttl: None,
+            jitter: 0.0,
+            codec: Codec::Bincode,
+            version: 1,
+            lock: true,
+            lock_timeout: None,
+        }
     }
 
     /// How long entries live.
@@ -73,6 +85,19 @@ impl Policy {
         self
     }
 
+    /// Stampede protection (default on): concurrent misses of one key, in
+    /// this process and across processes, run one computation.
+    pub fn lock(mut self, lock: bool) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    /// How long callers wait for another's computation of the same key.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = Some(timeout);
+        self
+    }
+
     /// The namespace.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -83,7 +108,15 @@ impl Policy {
     }
 
     pub(crate) fn plan(&self) -> Plan<'_> {
-        Plan { prefix: &self.prefix, tags: &self.tags, ttl: self.ttl, jitter: self.jitter, codec: self.codec }
+        Plan {
+            prefix: &self.prefix,
+            tags: &self.tags,
+            ttl: self.ttl,
+            jitter: self.jitter,
+            codec: self.codec,
+            lock: self.lock,
+            lock_timeout: self.lock_timeout,
+        }
     }
 }
 

@@ -25,6 +25,9 @@ pub struct CallSite {
     pub ttl_secs: u64,
     pub jitter: f64,
     pub codec: Codec,
+    pub lock: bool,
+    /// 0: use the cache's lock timeout.
+    pub lock_timeout_ms: u64,
 }
 
 impl CallSite {
@@ -35,6 +38,8 @@ impl CallSite {
             ttl: (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs)),
             jitter: self.jitter,
             codec: self.codec,
+            lock: self.lock,
+            lock_timeout: (self.lock_timeout_ms > 0).then(|| Duration::from_millis(self.lock_timeout_ms)),
         }
     }
 }

@@ -9,6 +9,9 @@ pub(crate) struct Counters {
     pub misses: AtomicU64,
     pub stale: AtomicU64,
     pub refreshes: AtomicU64,
+    pub coalesced: AtomicU64,
+    pub lock_waits: AtomicU64,
+    pub lock_timeouts: AtomicU64,
     pub writes: AtomicU64,
     pub writes_skipped: AtomicU64,
     pub bypassed: AtomicU64,
@@ -46,12 +49,21 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
 pub struct Stats {
     /// Calls answered from Redis.
     pub hits: u64,
-    /// Calls that ran the function after looking in Redis (includes `stale`).
+    /// Calls that ran the function after looking in Redis.
     pub misses: u64,
     /// Misses whose entry existed but was bound to an older namespace version.
     pub stale: u64,
     /// Write-through computations (`refresh`), which neither hit nor miss.
     pub refreshes: u64,
+    /// Calls answered by another caller's computation of the same key in
+    /// this process (stampede protection), without a Redis round trip.
+    pub coalesced: u64,
+    /// Times a leader found another process computing the same key and
+    /// waited for its value.
+    pub lock_waits: u64,
+    /// Callers that waited the whole lock timeout and then computed
+    /// themselves.
+    pub lock_timeouts: u64,
     /// Values stored.
     pub writes: u64,
     /// Values not stored because a namespace was invalidated while they were
@@ -82,10 +94,12 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// `hits / (hits + misses)`, or 0 before any lookup.
+    /// The share of lookups that did not run the function:
+    /// `(hits + coalesced) / (hits + coalesced + misses)`, or 0 before any.
     pub fn hit_rate(&self) -> f64 {
-        let lookups = self.hits + self.misses;
-        if lookups == 0 { 0.0 } else { self.hits as f64 / lookups as f64 }
+        let served = self.hits + self.coalesced;
+        let lookups = served + self.misses;
+        if lookups == 0 { 0.0 } else { served as f64 / lookups as f64 }
     }
 
     /// All failed Redis operations and bad values, whatever the kind.
@@ -107,6 +121,9 @@ impl Counters {
             misses: get(&self.misses),
             stale: get(&self.stale),
             refreshes: get(&self.refreshes),
+            coalesced: get(&self.coalesced),
+            lock_waits: get(&self.lock_waits),
+            lock_timeouts: get(&self.lock_timeouts),
             writes: get(&self.writes),
             writes_skipped: get(&self.writes_skipped),
             bypassed: get(&self.bypassed),

@@ -153,5 +153,5 @@ pub fn run<F: Future<Output = ()>>(deadline: Duration, body: F) {
 /// The keys of the entries (not the version keys) under `pattern`.
 pub fn entry_keys(conn: &mut redis::Connection, pattern: &str) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(conn).expect("KEYS");
-    keys.into_iter().filter(|k| !k.ends_with("#v")).collect()
+    keys.into_iter().filter(|k| !k.ends_with("#v") && !k.ends_with("#lock")).collect()
 }

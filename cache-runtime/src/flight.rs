@@ -1,0 +1,119 @@
+//! In-process coalescing: concurrent misses on one key run the function
+//! once; the others await the leader's result in memory.
+//!
+//! The leader holds a [`Leader`]; waiters hold a receiver. If the leader
+//! finishes without a shareable result (an `Err`, a panic, its future
+//! dropped), the channel closes and one waiter takes over at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// What a finished leader hands its waiters.
+#[derive(Debug, Clone)]
+pub(crate) enum Shared {
+    /// Encoded payload, good to return to anyone who asked.
+    Value(Arc<Vec<u8>>),
+    /// The result was computed from data older than an invalidation that
+    /// happened meanwhile: waiters must look again.
+    Stale,
+}
+
+type Slot = Option<Shared>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Flights {
+    in_flight: Mutex<HashMap<String, watch::Receiver<Slot>>>,
+}
+
+pub(crate) enum Role<'a> {
+    Leader(Leader<'a>),
+    Waiter(watch::Receiver<Slot>),
+}
+
+/// The one computation of a key in this process. Dropping it without
+/// [`Leader::finish`] releases the waiters to take over.
+pub(crate) struct Leader<'a> {
+    flights: &'a Flights,
+    key: String,
+    sender: watch::Sender<Slot>,
+}
+
+impl Flights {
+    /// Leads the computation of `key`, or waits for the one under way.
+    pub(crate) fn join(&self, key: &str) -> Role<'_> {
+        let Ok(mut in_flight) = self.in_flight.lock() else {
+            // A poisoned map only loses coalescing, never correctness.
+            let (sender, _) = watch::channel(None);
+            return Role::Leader(Leader { flights: self, key: String::new(), sender });
+        };
+        if let Some(receiver) = in_flight.get(key)
+            && receiver.has_changed().is_ok()
+        {
+            return Role::Waiter(receiver.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        in_flight.insert(key.to_owned(), receiver);
+        Role::Leader(Leader { flights: self, key: key.to_owned(), sender })
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.in_flight.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl Leader<'_> {
+    /// Hands `shared` to every waiter.
+    pub(crate) fn finish(self, shared: Shared) {
+        // Nobody listening is fine: there were no waiters.
+        let _ = self.sender.send(Some(shared));
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut in_flight) = self.flights.in_flight.lock()
+            && in_flight.get(&self.key).is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+        {
+            in_flight.remove(&self.key);
+        }
+    }
+}
+
+/// Waits for the leader: `Some` when it shared a result, `None` when it
+/// gave up (waiters should try to lead).
+pub(crate) async fn wait(mut receiver: watch::Receiver<Slot>) -> Option<Shared> {
+    match receiver.wait_for(Option::is_some).await {
+        Ok(slot) => slot.clone(),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_leader_many_waiters() {
+        let flights = Flights::default();
+        let Role::Leader(leader) = flights.join("k") else { panic!("first is leader") };
+        let Role::Waiter(w1) = flights.join("k") else { panic!("second waits") };
+        let Role::Waiter(w2) = flights.join("k") else { panic!("third waits") };
+        leader.finish(Shared::Value(Arc::new(vec![7])));
+        assert!(matches!(wait(w1).await, Some(Shared::Value(v)) if *v == [7]));
+        assert!(matches!(wait(w2).await, Some(Shared::Value(_))));
+        assert_eq!(flights.len(), 0, "a finished flight leaves the map");
+        assert!(matches!(flights.join("k"), Role::Leader(_)), "the next miss leads again");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_releases_its_waiters() {
+        let flights = Flights::default();
+        let leader = flights.join("k");
+        let Role::Waiter(waiter) = flights.join("k") else { panic!("second waits") };
+        drop(leader);
+        assert!(wait(waiter).await.is_none());
+        assert!(matches!(flights.join("k"), Role::Leader(_)), "a waiter can take over");
+    }
+}

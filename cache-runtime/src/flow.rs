@@ -1,0 +1,502 @@
+//! One cached call, from the lookup to the store.
+//!
+//! A hit is one `MGET` of the entry and its namespace versions. On a miss,
+//! concurrent callers in this process elect one leader (`flight`); the
+//! leader takes the Redis stampede lock (`scripts::LOCK`, which re-checks
+//! for an entry stored meanwhile), computes, and stores the value bound to
+//! the versions observed before computing (`scripts::STORE`, which also
+//! releases the lock). Everyone else gets the leader's result, or takes
+//! over when the leader fails, and nobody waits longer than the lock
+//! timeout.
+
+use crate::cache::{Cache, Intent, Plan, Storage};
+use crate::canonical::Unencodable;
+use crate::codec::StoredEntry;
+use crate::error::Fault;
+use crate::flight::{self, Leader, Role, Shared};
+use crate::key::{EntryKeys, KeyHash};
+use crate::policy::check_namespace;
+use crate::scope;
+use crate::scripts::{self, fresh_seed};
+use crate::stats::{add, bump};
+use crate::warnings::Cause;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What reading an entry found.
+enum Lookup<R> {
+    Hit(R),
+    /// Not usable; carries the namespace versions observed at the read
+    /// (`None`: the namespace has no version yet).
+    Miss(Vec<Option<Vec<u8>>>),
+    /// Redis could not be asked; compute without storing.
+    Unavailable,
+}
+
+/// What the stampede lock script answered.
+enum Acquire {
+    /// An entry bound to the current versions is there now.
+    Hit(Vec<u8>),
+    /// We hold the lock; the current versions.
+    Lead(Vec<Vec<u8>>),
+    /// Someone else holds it.
+    Wait,
+    Unavailable,
+}
+
+/// Whether storing ran the store script, which releases the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    ScriptRan,
+    Skipped,
+}
+
+/// Releases the Redis lock if the leader never got to store (an `Err`, a
+/// panic, its future dropped): from a spawned task, since `Drop` cannot
+/// wait. Should that fail, the lock expires by its TTL.
+struct LockGuard {
+    cache: Cache,
+    lock: String,
+    token: String,
+    armed: bool,
+}
+
+impl LockGuard {
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (cache, lock, token) =
+            (self.cache.clone(), std::mem::take(&mut self.lock), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { cache.release_lock(&lock, &token).await });
+        }
+    }
+}
+
+const FIRST_POLL: Duration = Duration::from_millis(4);
+const MAX_POLL: Duration = Duration::from_millis(50);
+
+impl Cache {
+    /// The cache-aside flow of one call; see the module docs.
+    pub(crate) async fn fetch_or_compute<R, F>(
+        &self,
+        plan: &Plan<'_>,
+        key: Result<KeyHash, Unencodable>,
+        storage: Storage<R>,
+        intent: Intent,
+        compute: F,
+    ) -> R
+    where
+        F: Future<Output = R>,
+    {
+        let counters = self.counters();
+        let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
+            bump(&counters.bypassed);
+            self.warn(
+                Cause::NoTtl,
+                format_args!("prefix `{}` has no ttl and the cache no default_ttl: not caching it", plan.prefix),
+            );
+            return compute.await;
+        };
+        let hash = match key {
+            Ok(hash) => hash,
+            Err(e) => {
+                bump(&counters.encode_errors);
+                self.warn(Cause::Encode, format_args!("prefix `{}`: {e}; computing without the cache", plan.prefix));
+                return compute.await;
+            }
+        };
+        if let Err(why) = plan.namespaces().try_for_each(check_namespace) {
+            bump(&counters.encode_errors);
+            self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));
+            return compute.await;
+        }
+        let keys = EntryKeys::new(self.key_prefix(), plan.prefix, plan.namespaces(), hash);
+        let call = Call { cache: self, plan, ttl, storage, keys: &keys };
+        if intent == Intent::Refresh {
+            return call.refresh(compute).await;
+        }
+        if !plan.lock {
+            return match call.lookup().await {
+                Lookup::Hit(output) => output,
+                Lookup::Miss(observed) => call.compute_unlocked(Some(observed), compute).await,
+                Lookup::Unavailable => call.compute_unlocked(None, compute).await,
+            };
+        }
+        call.coordinated(compute).await
+    }
+
+    pub(crate) async fn release_lock(&self, lock: &str, token: &str) {
+        let mut invocation = scripts::RELEASE.key(lock);
+        invocation.arg(token);
+        if let Err(fault) = self.connections().run(|conn| conn.invoke::<i64>(&invocation)).await {
+            self.note_fault(&fault);
+        }
+    }
+}
+
+/// One call's context.
+struct Call<'c, R> {
+    cache: &'c Cache,
+    plan: &'c Plan<'c>,
+    ttl: Duration,
+    storage: Storage<R>,
+    keys: &'c EntryKeys,
+}
+
+impl<R> Call<'_, R> {
+    /// With stampede protection: one computation per key in this process,
+    /// and across processes while the lock is held.
+    async fn coordinated<F: Future<Output = R>>(&self, compute: F) -> R {
+        let counters = self.cache.counters();
+        let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
+        let deadline = Instant::now() + lock_timeout;
+        loop {
+            let observed = match self.lookup().await {
+                Lookup::Hit(output) => return output,
+                Lookup::Miss(observed) => Some(observed),
+                Lookup::Unavailable => None,
+            };
+            if Instant::now() >= deadline {
+                bump(&counters.lock_timeouts);
+                return self.compute_unlocked(observed, compute).await;
+            }
+            match self.cache.flights().join(&self.keys.entry) {
+                Role::Leader(leader) => return self.lead(leader, observed, deadline, compute).await,
+                Role::Waiter(waiter) => match tokio::time::timeout_at(deadline.into(), flight::wait(waiter)).await {
+                    Ok(Some(Shared::Value(payload))) => {
+                        if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
+                            bump(&counters.coalesced);
+                            return output;
+                        }
+                    }
+                    // The leader's value is stale, or it gave up: look again;
+                    // the first to get here leads.
+                    Ok(Some(Shared::Stale) | None) => {}
+                    Err(_) => {
+                        bump(&counters.lock_timeouts);
+                        return self.compute_unlocked(observed, compute).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// The process's leader for this key: takes the Redis lock (or waits
+    /// for its holder's value), computes, stores, shares.
+    async fn lead<F: Future<Output = R>>(
+        &self,
+        leader: Leader<'_>,
+        observed: Option<Vec<Option<Vec<u8>>>>,
+        deadline: Instant,
+        compute: F,
+    ) -> R {
+        let counters = self.cache.counters();
+        let Some(observed) = observed else {
+            // Redis is unavailable: coalesce in this process only.
+            let output = self.compute(compute).await;
+            if let (_, Some(shared)) = self.store(Intent::Read, None, "", &output).await {
+                leader.finish(shared);
+            }
+            return output;
+        };
+        let token = format!("{:032x}", rand::random::<u128>());
+        let mut poll = FIRST_POLL;
+        let mut waited = false;
+        let (versions, mut guard) = loop {
+            match self.acquire(&token).await {
+                Acquire::Lead(versions) => {
+                    let guard = LockGuard {
+                        cache: self.cache.clone(),
+                        lock: self.keys.lock.clone(),
+                        token: token.clone(),
+                        armed: true,
+                    };
+                    break (Some(versions), Some(guard));
+                }
+                Acquire::Hit(entry) => {
+                    if let Some(stored) = self.parse(&entry)
+                        && let Some(output) = self.decode_payload(stored.payload)
+                    {
+                        bump(&counters.hits);
+                        leader.finish(Shared::Value(Arc::new(stored.payload.to_vec())));
+                        return output;
+                    }
+                    break (None, None);
+                }
+                Acquire::Wait if Instant::now() + poll < deadline => {
+                    if !waited {
+                        bump(&counters.lock_waits);
+                        waited = true;
+                    }
+                    tokio::time::sleep(jittered(poll)).await;
+                    poll = (poll * 2).min(MAX_POLL);
+                }
+                Acquire::Wait => {
+                    bump(&counters.lock_timeouts);
+                    break (None, None);
+                }
+                Acquire::Unavailable => break (None, None),
+            }
+        };
+        let observed = match versions {
+            Some(versions) => Some(versions),
+            None => self.seed_missing_versions(observed).await,
+        };
+        // From here until the lock is released, a panic or a dropped future
+        // releases it through the guard, and the waiters through `leader`.
+        let output = self.compute(compute).await;
+        let token = if guard.is_some() { token.as_str() } else { "" };
+        let (stored, shared) = self.store(Intent::Read, observed, token, &output).await;
+        if let Some(guard) = guard.as_mut() {
+            if stored != Stored::ScriptRan {
+                self.cache.release_lock(&guard.lock, &guard.token).await;
+            }
+            guard.disarm();
+        }
+        match shared {
+            Some(Shared::Value(payload)) => leader.finish(Shared::Value(payload)),
+            Some(Shared::Stale) => leader.finish(Shared::Stale),
+            // Not cacheable (an `Err`): dropping the leader lets a waiter
+            // take over at once.
+            None => {}
+        }
+        output
+    }
+
+    /// Write-through: compute now, overwrite.
+    async fn refresh<F: Future<Output = R>>(&self, compute: F) -> R {
+        let counters = self.cache.counters();
+        let observed = match self.read().await {
+            Some((_, versions)) => self.seed_missing_versions(versions).await,
+            None => None,
+        };
+        bump(&counters.refreshes);
+        // Nested cached calls in the body behave normally.
+        let output = scope::normally(compute).await;
+        self.store(Intent::Refresh, observed, "", &output).await;
+        output
+    }
+
+    /// Without coordination: `lock = false`, or past the lock timeout.
+    async fn compute_unlocked<F: Future<Output = R>>(&self, observed: Option<Vec<Option<Vec<u8>>>>, compute: F) -> R {
+        let observed = match observed {
+            Some(observed) => self.seed_missing_versions(observed).await,
+            None => None,
+        };
+        let output = self.compute(compute).await;
+        self.store(Intent::Read, observed, "", &output).await;
+        output
+    }
+
+    async fn compute<F: Future<Output = R>>(&self, compute: F) -> R {
+        bump(&self.cache.counters().misses);
+        compute.await
+    }
+
+    /// One `MGET` of the entry and its namespace versions.
+    async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
+        let counters = self.cache.counters();
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&self.keys.entry).arg(&self.keys.versions);
+        let result = self.cache.connections().run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await;
+        match result {
+            Ok(mut values) if values.len() == self.keys.versions.len() + 1 => {
+                let entry = values[0].take();
+                Some((entry, values.split_off(1)))
+            }
+            Ok(values) => {
+                self.cache.note_fault(&Fault::Server(format!("MGET returned {} values", values.len())));
+                bump(&counters.bypassed);
+                None
+            }
+            Err(fault) => {
+                self.cache.note_fault(&fault);
+                bump(&counters.bypassed);
+                None
+            }
+        }
+    }
+
+    async fn lookup(&self) -> Lookup<R> {
+        let counters = self.cache.counters();
+        let Some((entry, versions)) = self.read().await else { return Lookup::Unavailable };
+        let Some(bytes) = entry else { return Lookup::Miss(versions) };
+        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(versions) };
+        if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
+            bump(&counters.stale);
+            return Lookup::Miss(versions);
+        }
+        match self.decode_payload(stored.payload) {
+            Some(output) => {
+                bump(&counters.hits);
+                Lookup::Hit(output)
+            }
+            None => Lookup::Miss(versions),
+        }
+    }
+
+    /// An entry's parts, if it is one of ours in this call's codec.
+    fn parse<'b>(&self, bytes: &'b [u8]) -> Option<StoredEntry<'b>> {
+        let stored = StoredEntry::parse(bytes).filter(|e| e.is_codec(self.plan.codec));
+        if stored.is_none() {
+            bump(&self.cache.counters().decode_errors);
+            self.cache.warn(
+                Cause::Decode,
+                format_args!(
+                    "`{}` holds no {} entry of this cache; recomputing",
+                    self.keys.entry,
+                    self.plan.codec.name()
+                ),
+            );
+        }
+        stored
+    }
+
+    fn decode_payload(&self, payload: &[u8]) -> Option<R> {
+        match (self.storage.decode)(payload, self.plan.codec) {
+            Ok(output) => {
+                add(&self.cache.counters().bytes_read, payload.len() as u64);
+                Some(output)
+            }
+            Err(e) => {
+                bump(&self.cache.counters().decode_errors);
+                self.cache
+                    .warn(Cause::Decode, format_args!("`{}` could not be decoded ({e}); recomputing", self.keys.entry));
+                None
+            }
+        }
+    }
+
+    async fn acquire(&self, token: &str) -> Acquire {
+        let mut invocation = scripts::LOCK.key(&self.keys.entry);
+        invocation
+            .key(&self.keys.lock)
+            .key(&self.keys.versions)
+            .arg(&self.plan.codec.head()[..])
+            .arg(token)
+            .arg(self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()).as_millis() as u64);
+        for _ in &self.keys.versions {
+            invocation.arg(fresh_seed());
+        }
+        match self.cache.connections().run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await {
+            Ok(mut reply) if !reply.is_empty() => match reply[0].as_slice() {
+                b"hit" if reply.len() == 2 => Acquire::Hit(reply.swap_remove(1)),
+                b"lead" if reply.len() == self.keys.versions.len() + 1 => Acquire::Lead(reply.split_off(1)),
+                b"wait" => Acquire::Wait,
+                _ => Acquire::Unavailable,
+            },
+            Ok(_) => Acquire::Unavailable,
+            Err(fault) => {
+                self.cache.note_fault(&fault);
+                Acquire::Unavailable
+            }
+        }
+    }
+
+    /// The observed versions, after giving any namespace without one its
+    /// first version; `None` when Redis could not be asked.
+    async fn seed_missing_versions(&self, observed: Vec<Option<Vec<u8>>>) -> Option<Vec<Vec<u8>>> {
+        if let Some(all) = observed.iter().cloned().collect::<Option<Vec<_>>>() {
+            return Some(all);
+        }
+        let mut invocation = scripts::SEED_VERSIONS.prepare_invoke();
+        invocation.key(&self.keys.versions);
+        for _ in &self.keys.versions {
+            invocation.arg(fresh_seed());
+        }
+        match self.cache.connections().run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
+            Ok(seeded) => {
+                seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == self.keys.versions.len())
+            }
+            Err(fault) => {
+                self.cache.note_fault(&fault);
+                None
+            }
+        }
+    }
+
+    /// Encodes and stores `output` if it is cacheable. Returns whether the
+    /// store script ran, and what waiters may be given: the payload, `Stale`
+    /// if a namespace was invalidated while computing, or nothing when the
+    /// output is not cacheable.
+    async fn store(
+        &self,
+        intent: Intent,
+        observed: Option<Vec<Vec<u8>>>,
+        lock_token: &str,
+        output: &R,
+    ) -> (Stored, Option<Shared>) {
+        let counters = self.cache.counters();
+        let payload = match (self.storage.encode)(output, self.plan.codec) {
+            None => return (Stored::Skipped, None),
+            Some(Ok(payload)) => Arc::new(payload),
+            Some(Err(e)) => {
+                bump(&counters.encode_errors);
+                self.cache.warn(
+                    Cause::Encode,
+                    format_args!("a value of prefix `{}` could not be encoded: {e}", self.plan.prefix),
+                );
+                return (Stored::Skipped, None);
+            }
+        };
+        let max = self.cache.max_value_bytes();
+        if payload.len() > max {
+            bump(&counters.oversize);
+            self.cache.warn(
+                Cause::Oversize,
+                format_args!(
+                    "a value of prefix `{}` is {} bytes, over max_value_bytes ({max}): returned but not stored",
+                    self.plan.prefix,
+                    payload.len(),
+                ),
+            );
+            return (Stored::Skipped, Some(Shared::Value(payload)));
+        }
+        let Some(observed) = observed else { return (Stored::Skipped, Some(Shared::Value(payload))) };
+        let mut invocation = scripts::STORE.key(&self.keys.entry);
+        invocation
+            .key(&self.keys.lock)
+            .key(&self.keys.versions)
+            .arg(crate::cache::jittered_ttl_ms(self.ttl, self.plan.jitter))
+            .arg(&self.plan.codec.head()[..])
+            .arg(&payload[..])
+            .arg(if intent == Intent::Refresh { "put" } else { "fill" })
+            .arg(lock_token);
+        for version in &observed {
+            invocation.arg(&version[..]);
+        }
+        match self.cache.connections().run(|conn| conn.invoke::<i64>(&invocation)).await {
+            Ok(1) => {
+                bump(&counters.writes);
+                add(&counters.bytes_written, payload.len() as u64);
+                (Stored::ScriptRan, Some(Shared::Value(payload)))
+            }
+            // A value at least as fresh was already there.
+            Ok(2) => {
+                bump(&counters.writes_skipped);
+                (Stored::ScriptRan, Some(Shared::Value(payload)))
+            }
+            Ok(_) => {
+                bump(&counters.writes_skipped);
+                (Stored::ScriptRan, Some(Shared::Stale))
+            }
+            Err(fault) => {
+                self.cache.note_fault(&fault);
+                (Stored::Skipped, Some(Shared::Value(payload)))
+            }
+        }
+    }
+}
+
+/// `base` plus up to a quarter more, so pollers in many processes spread out.
+fn jittered(base: Duration) -> Duration {
+    base + base.mul_f64(rand::random_range(0.0..0.25))
+}
