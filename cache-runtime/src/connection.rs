@@ -93,6 +93,11 @@ impl Connections {
         Ok(Self { pool, deadlines, breaker })
     }
 
+    /// The longest one operation may take: a connection, then a command.
+    pub(crate) fn longest_round_trip(&self) -> Duration {
+        self.deadlines.connect + self.deadlines.command
+    }
+
     /// Runs one Redis operation under the breaker and the deadlines.
     ///
     /// `op` gets a connection handle; server errors it returns (WRONGTYPE,

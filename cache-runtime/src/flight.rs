@@ -19,7 +19,17 @@ pub(crate) enum Shared {
     Stale,
 }
 
-type Slot = Option<Shared>;
+/// A flight's progress, as its waiters see it.
+#[derive(Debug, Clone)]
+pub(crate) enum Progress {
+    /// The leader is waiting for another process's computation.
+    Waiting,
+    /// The leader is computing.
+    Computing,
+    Done(Shared),
+}
+
+type Slot = Progress;
 
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
@@ -44,7 +54,7 @@ impl Flights {
     pub(crate) fn join(&self, key: &str) -> Role<'_> {
         let Ok(mut in_flight) = self.in_flight.lock() else {
             // A poisoned map only loses coalescing, never correctness.
-            let (sender, _) = watch::channel(None);
+            let (sender, _) = watch::channel(Progress::Waiting);
             return Role::Leader(Leader { flights: self, key: String::new(), sender });
         };
         if let Some(receiver) = in_flight.get(key)
@@ -52,7 +62,7 @@ impl Flights {
         {
             return Role::Waiter(receiver.clone());
         }
-        let (sender, receiver) = watch::channel(None);
+        let (sender, receiver) = watch::channel(Progress::Waiting);
         in_flight.insert(key.to_owned(), receiver);
         Role::Leader(Leader { flights: self, key: key.to_owned(), sender })
     }
@@ -64,10 +74,15 @@ impl Flights {
 }
 
 impl Leader<'_> {
+    /// Tells waiters the computation has started: they give it another
+    /// lock timeout to finish.
+    pub(crate) fn computing(&self) {
+        self.sender.send_replace(Progress::Computing);
+    }
+
     /// Hands `shared` to every waiter.
     pub(crate) fn finish(self, shared: Shared) {
-        // Nobody listening is fine: there were no waiters.
-        let _ = self.sender.send(Some(shared));
+        self.sender.send_replace(Progress::Done(shared));
     }
 }
 
@@ -81,11 +96,19 @@ impl Drop for Leader<'_> {
     }
 }
 
-/// Waits for the leader: `Some` when it shared a result, `None` when it
-/// gave up (waiters should try to lead).
-pub(crate) async fn wait(mut receiver: watch::Receiver<Slot>) -> Option<Shared> {
-    match receiver.wait_for(Option::is_some).await {
-        Ok(slot) => slot.clone(),
+/// Waits until the leader computes (or is done): false when it gave up.
+pub(crate) async fn started(receiver: &mut watch::Receiver<Slot>) -> bool {
+    receiver.wait_for(|p| !matches!(p, Progress::Waiting)).await.is_ok()
+}
+
+/// Waits for the leader's result: `None` when it gave up (waiters should
+/// try to lead).
+pub(crate) async fn done(receiver: &mut watch::Receiver<Slot>) -> Option<Shared> {
+    match receiver.wait_for(|p| matches!(p, Progress::Done(_))).await {
+        Ok(progress) => match &*progress {
+            Progress::Done(shared) => Some(shared.clone()),
+            _ => None,
+        },
         Err(_) => None,
     }
 }
@@ -98,11 +121,14 @@ mod tests {
     async fn one_leader_many_waiters() {
         let flights = Flights::default();
         let Role::Leader(leader) = flights.join("k") else { panic!("first is leader") };
-        let Role::Waiter(w1) = flights.join("k") else { panic!("second waits") };
-        let Role::Waiter(w2) = flights.join("k") else { panic!("third waits") };
+        let Role::Waiter(mut w1) = flights.join("k") else { panic!("second waits") };
+        let Role::Waiter(mut w2) = flights.join("k") else { panic!("third waits") };
+        leader.computing();
+        assert!(started(&mut w1).await);
         leader.finish(Shared::Value(Arc::new(vec![7])));
-        assert!(matches!(wait(w1).await, Some(Shared::Value(v)) if *v == [7]));
-        assert!(matches!(wait(w2).await, Some(Shared::Value(_))));
+        assert!(matches!(done(&mut w1).await, Some(Shared::Value(v)) if *v == [7]));
+        assert!(started(&mut w2).await, "a finished flight has started");
+        assert!(matches!(done(&mut w2).await, Some(Shared::Value(_))));
         assert_eq!(flights.len(), 0, "a finished flight leaves the map");
         assert!(matches!(flights.join("k"), Role::Leader(_)), "the next miss leads again");
     }
@@ -111,9 +137,10 @@ mod tests {
     async fn a_dropped_leader_releases_its_waiters() {
         let flights = Flights::default();
         let leader = flights.join("k");
-        let Role::Waiter(waiter) = flights.join("k") else { panic!("second waits") };
+        let Role::Waiter(mut waiter) = flights.join("k") else { panic!("second waits") };
         drop(leader);
-        assert!(wait(waiter).await.is_none());
+        assert!(!started(&mut waiter).await);
+        assert!(done(&mut waiter).await.is_none());
         assert!(matches!(flights.join("k"), Role::Leader(_)), "a waiter can take over");
     }
 }

@@ -170,7 +170,7 @@ impl<R> Call<'_, R> {
             }
             match self.cache.flights().join(&self.keys.entry) {
                 Role::Leader(leader) => return self.lead(leader, observed, deadline, compute).await,
-                Role::Waiter(waiter) => match tokio::time::timeout_at(deadline.into(), flight::wait(waiter)).await {
+                Role::Waiter(mut waiter) => match self.wait_for_leader(&mut waiter, deadline, lock_timeout).await {
                     Ok(Some(Shared::Value(payload))) => {
                         if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
                             bump(&counters.coalesced);
@@ -189,6 +189,22 @@ impl<R> Call<'_, R> {
         }
     }
 
+    /// Waits for the leader to start computing, then one more lock timeout
+    /// for its result. The leader joined first, so its deadline is no later
+    /// than ours; it starts at the latest one Redis round trip after it.
+    async fn wait_for_leader(
+        &self,
+        waiter: &mut tokio::sync::watch::Receiver<flight::Progress>,
+        deadline: Instant,
+        lock_timeout: Duration,
+    ) -> Result<Option<Shared>, tokio::time::error::Elapsed> {
+        let start_by = deadline + self.cache.connections().longest_round_trip();
+        if !tokio::time::timeout_at(start_by.into(), flight::started(waiter)).await? {
+            return Ok(None);
+        }
+        tokio::time::timeout(lock_timeout, flight::done(waiter)).await
+    }
+
     /// The process's leader for this key: takes the Redis lock (or waits
     /// for its holder's value), computes, stores, shares.
     async fn lead<F: Future<Output = R>>(
@@ -201,6 +217,7 @@ impl<R> Call<'_, R> {
         let counters = self.cache.counters();
         let Some(observed) = observed else {
             // Redis is unavailable: coalesce in this process only.
+            leader.computing();
             let output = self.compute(compute).await;
             if let (_, Some(shared)) = self.store(Intent::Read, None, "", &output).await {
                 leader.finish(shared);
@@ -236,7 +253,7 @@ impl<R> Call<'_, R> {
                         bump(&counters.lock_waits);
                         waited = true;
                     }
-                    tokio::time::sleep(jittered(poll)).await;
+                    tokio::time::sleep(jittered(poll).min(deadline.saturating_duration_since(Instant::now()))).await;
                     poll = (poll * 2).min(MAX_POLL);
                 }
                 Acquire::Wait => {
@@ -252,6 +269,7 @@ impl<R> Call<'_, R> {
         };
         // From here until the lock is released, a panic or a dropped future
         // releases it through the guard, and the waiters through `leader`.
+        leader.computing();
         let output = self.compute(compute).await;
         let token = if guard.is_some() { token.as_str() } else { "" };
         let (stored, shared) = self.store(Intent::Read, observed, token, &output).await;
