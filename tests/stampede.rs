@@ -274,3 +274,37 @@ fn waiters_never_get_a_value_an_invalidate_made_stale() {
         assert_eq!(catalog(&cache, &version, &calls).await, 2);
     });
 }
+
+#[cached(ttl = 600, prefix = "offline", skip(calls), cache = cache)]
+async fn offline(cache: &Cache, calls: &AtomicUsize, id: u64) -> u64 {
+    calls.fetch_add(1, SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    id * 10
+}
+
+#[test]
+fn with_redis_down_concurrent_callers_still_share_one_computation() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.kill();
+    run(DEADLINE, async {
+        let cache = Cache::builder()
+            .url(url)
+            .connect_timeout(Duration::from_millis(100))
+            .command_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move { offline(&cache, &calls, 5).await })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), 50);
+        }
+        assert_eq!(calls.load(SeqCst), 1, "no Redis, no lock, but one computation in this process");
+        assert_eq!(cache.stats().coalesced, 49);
+    });
+}
