@@ -80,6 +80,11 @@ impl Leader<'_> {
         self.sender.send_replace(Progress::Computing);
     }
 
+    /// Whether anyone is waiting for this flight (the map holds one receiver).
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.sender.receiver_count() > 1
+    }
+
     /// Hands `shared` to every waiter.
     pub(crate) fn finish(self, shared: Shared) {
         self.sender.send_replace(Progress::Done(shared));

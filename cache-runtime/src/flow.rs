@@ -51,6 +51,16 @@ enum Stored {
     Skipped,
 }
 
+/// How a leader goes on after trying the stampede lock.
+enum Next {
+    /// We hold the lock; the current versions.
+    Locked(Vec<Vec<u8>>),
+    /// Compute without the lock (waited too long), but store.
+    Unlocked,
+    /// Redis failed: compute, and leave Redis alone for this call.
+    Offline,
+}
+
 /// Releases the Redis lock if the leader never got to store (an `Err`, a
 /// panic, its future dropped): from a spawned task, since `Drop` cannot
 /// wait. Should that fail, the lock expires by its TTL.
@@ -217,36 +227,31 @@ impl<R> Call<'_, R> {
         let counters = self.cache.counters();
         let Some(observed) = observed else {
             // Redis is unavailable: coalesce in this process only.
-            leader.computing();
-            let output = self.compute(compute).await;
-            if let (_, Some(shared)) = self.store(Intent::Read, None, "", &output).await {
-                leader.finish(shared);
-            }
-            return output;
+            return self.lead_offline(leader, compute).await;
         };
         let token = format!("{:032x}", rand::random::<u128>());
         let mut poll = FIRST_POLL;
         let mut waited = false;
-        let (versions, mut guard) = loop {
+        let mut discarded = false;
+        let next = loop {
             match self.acquire(&token).await {
-                Acquire::Lead(versions) => {
-                    let guard = LockGuard {
-                        cache: self.cache.clone(),
-                        lock: self.keys.lock.clone(),
-                        token: token.clone(),
-                        armed: true,
-                    };
-                    break (Some(versions), Some(guard));
-                }
+                Acquire::Lead(versions) => break Next::Locked(versions),
                 Acquire::Hit(entry) => {
-                    if let Some(stored) = self.parse(&entry)
-                        && let Some(output) = self.decode_payload(stored.payload)
-                    {
-                        bump(&counters.hits);
-                        leader.finish(Shared::Value(Arc::new(stored.payload.to_vec())));
-                        return output;
+                    if let Some(stored) = self.parse(&entry) {
+                        if let Some(output) = self.decode_payload(stored.payload) {
+                            bump(&counters.hits);
+                            leader.finish(Shared::Value(Arc::new(stored.payload.to_vec())));
+                            return output;
+                        }
+                        if !discarded {
+                            // Current header, undecodable payload: remove it so
+                            // the lock (and the store) can replace it.
+                            discarded = true;
+                            self.discard_corrupt().await;
+                            continue;
+                        }
                     }
-                    break (None, None);
+                    break Next::Unlocked;
                 }
                 Acquire::Wait if Instant::now() + poll < deadline => {
                     if !waited {
@@ -258,14 +263,24 @@ impl<R> Call<'_, R> {
                 }
                 Acquire::Wait => {
                     bump(&counters.lock_timeouts);
-                    break (None, None);
+                    break Next::Unlocked;
                 }
-                Acquire::Unavailable => break (None, None),
+                Acquire::Unavailable => break Next::Offline,
             }
         };
-        let observed = match versions {
-            Some(versions) => Some(versions),
-            None => self.seed_missing_versions(observed).await,
+        let (observed, mut guard) = match next {
+            Next::Locked(versions) => {
+                let guard = LockGuard {
+                    cache: self.cache.clone(),
+                    lock: self.keys.lock.clone(),
+                    token: token.clone(),
+                    armed: true,
+                };
+                (Some(versions), Some(guard))
+            }
+            Next::Unlocked => (self.seed_missing_versions(observed).await, None),
+            // Redis just failed this call: do not make it wait on Redis again.
+            Next::Offline => return self.lead_offline(leader, compute).await,
         };
         // From here until the lock is released, a panic or a dropped future
         // releases it through the guard, and the waiters through `leader`.
@@ -279,12 +294,23 @@ impl<R> Call<'_, R> {
             }
             guard.disarm();
         }
-        match shared {
-            Some(Shared::Value(payload)) => leader.finish(Shared::Value(payload)),
-            Some(Shared::Stale) => leader.finish(Shared::Stale),
-            // Not cacheable (an `Err`): dropping the leader lets a waiter
-            // take over at once.
-            None => {}
+        // Nothing to share (an `Err`): dropping the leader lets a waiter
+        // take over at once.
+        if let Some(shared) = shared {
+            leader.finish(shared);
+        }
+        output
+    }
+
+    /// Computes without Redis, sharing the result with waiters in this
+    /// process (encoded only if someone is waiting).
+    async fn lead_offline<F: Future<Output = R>>(&self, leader: Leader<'_>, compute: F) -> R {
+        leader.computing();
+        let output = self.compute(compute).await;
+        if leader.has_waiters()
+            && let Some(Ok(payload)) = (self.storage.encode)(&output, self.plan.codec)
+        {
+            leader.finish(Shared::Value(Arc::new(payload)));
         }
         output
     }
@@ -357,7 +383,21 @@ impl<R> Call<'_, R> {
                 bump(&counters.hits);
                 Lookup::Hit(output)
             }
-            None => Lookup::Miss(versions),
+            None => {
+                self.discard_corrupt().await;
+                Lookup::Miss(versions)
+            }
+        }
+    }
+
+    /// Deletes an entry whose header is current but whose payload does not
+    /// decode (corrupt, or written for another layout): left in place, a
+    /// miss would not overwrite it, since it looks current.
+    async fn discard_corrupt(&self) {
+        let mut del = redis::cmd("DEL");
+        del.arg(&self.keys.entry);
+        if let Err(fault) = self.cache.connections().run(|conn| conn.query::<i64>(&del)).await {
+            self.cache.note_fault(&fault);
         }
     }
 
