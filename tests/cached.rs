@@ -447,3 +447,65 @@ fn a_stopped_redis_costs_nothing_but_the_cache() {
     assert!(stats.connection_errors >= 1 && stats.breaker_rejections >= 1, "{stats:?}");
     assert!(cache.stats().errors() >= 50);
 }
+
+#[cached(ttl = 60, prefix = "big", skip(calls), cache = cache)]
+async fn big_report(cache: &Cache, calls: &AtomicUsize, rows: usize) -> Vec<u64> {
+    calls.fetch_add(1, SeqCst);
+    (0..rows as u64).collect()
+}
+
+#[test]
+fn oversized_values_are_returned_but_not_stored() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = Cache::builder()
+            .url(server.url())
+            .key_prefix("app")
+            .max_value_bytes(1024)
+            .command_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let calls = AtomicUsize::new(0);
+        assert_eq!(big_report(&cache, &calls, 5_000).await.len(), 5_000);
+        assert_eq!(big_report(&cache, &calls, 5_000).await.len(), 5_000);
+        assert_eq!(calls.load(SeqCst), 2, "too large to store: computed each time");
+        assert_eq!(big_report(&cache, &calls, 10).await.len(), 10);
+        assert_eq!(big_report(&cache, &calls, 10).await.len(), 10);
+        assert_eq!(calls.load(SeqCst), 3, "small values are still cached");
+        assert_eq!(cache.stats().oversize, 2);
+    });
+    assert_eq!(entry_keys(&mut server.conn(), "app:big:*").len(), 1);
+}
+
+#[cached(ttl = 60, prefix = "shared_entry", cache = cache)]
+async fn as_bincode(cache: &Cache, id: u64) -> Product {
+    Product { id, name: "from bincode".into(), price_cents: 1 }
+}
+
+#[cached(ttl = 60, prefix = "shared_entry", codec = "json", cache = cache)]
+async fn as_json(cache: &Cache, id: u64) -> Product {
+    Product { id, name: "from json".into(), price_cents: 2 }
+}
+
+#[test]
+fn an_entry_written_by_another_codec_is_a_miss_that_is_overwritten() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        as_bincode(&cache, 1).await;
+        // Point the JSON function at the bincode entry, as a codec change
+        // in a deploy would.
+        let mut admin = server.conn();
+        let keys = entry_keys(&mut admin, "app:shared_entry:*");
+        assert_eq!(keys.len(), 1);
+        as_json(&cache, 1).await;
+        let json_key = entry_keys(&mut admin, "app:shared_entry:*").into_iter().find(|k| *k != keys[0]).unwrap();
+        let bincode_entry: Vec<u8> = redis::cmd("GET").arg(&keys[0]).query(&mut admin).unwrap();
+        let _: () = redis::cmd("SET").arg(&json_key).arg(bincode_entry).query(&mut admin).unwrap();
+
+        assert_eq!(as_json(&cache, 1).await.name, "from json", "never a wrong value");
+        assert_eq!(cache.stats().decode_errors, 1);
+        assert_eq!(as_json(&cache, 1).await.name, "from json");
+        assert_eq!(cache.stats().decode_errors, 1, "the foreign entry was overwritten");
+    });
+}

@@ -148,6 +148,11 @@ impl Connections {
     {
         let pooled = match tokio::time::timeout(self.deadlines.connect, self.pool.get()).await {
             Err(_) => return Err(Fault::Timeout),
+            Ok(Err(deadpool::managed::PoolError::Backend(e))) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+                return Err(Fault::Connection(format!(
+                    "Redis refused the credentials: check the password or ACL user in the URL ({e})"
+                )));
+            }
             Ok(Err(e)) => return Err(Fault::Connection(e.to_string())),
             Ok(Ok(pooled)) => pooled,
         };
