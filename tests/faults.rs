@@ -372,3 +372,34 @@ fn a_wrong_password_is_a_clear_error_and_calls_still_work() {
         assert_eq!(cache.stats().hits, 0);
     });
 }
+
+#[test]
+fn a_read_only_replica_serves_hits_and_never_fails_a_call() {
+    let _serial = serial();
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let writer = fault_cache(&primary.url());
+        for id in 0..10 {
+            value_of(&writer, id).await;
+        }
+        // Wait until the replica has the entries.
+        let mut replica_admin = replica.conn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while support::entry_keys(&mut replica_admin, "faults:values:*").len() < 10 {
+            assert!(Instant::now() < deadline, "the replica never synced");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reader = fault_cache(&replica.url());
+        for id in 0..20 {
+            assert_eq!(value_of(&reader, id).await, Product::expected(id));
+        }
+        let stats = reader.stats();
+        println!("{:<28} {stats:?}", "read-only replica");
+        assert_eq!(stats.hits, 10, "replicated entries are hits");
+        assert_eq!(stats.misses, 10, "the rest compute");
+        assert!(stats.server_errors > 0, "READONLY refusals were absorbed: {stats:?}");
+        assert_eq!(stats.writes, 0);
+    });
+}
