@@ -85,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("products under 10.00: {cheap:?}");
     }
 
-    let stats = cache.stats();
+    let stats = cache.stats().total;
     println!(
         "\nhits {} misses {} stale {} refreshes {} writes {}",
         stats.hits, stats.misses, stats.stale, stats.refreshes, stats.writes

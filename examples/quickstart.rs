@@ -56,7 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{attempt:<12} {:>8.2?}  {} products, first: {}", started.elapsed(), products.len(), products[0].name);
     }
 
-    let stats = cache.stats();
+    let stats = cache.stats().total;
     println!(
         "queries run: {}   hits: {}   misses: {}   bypassed: {}",
         QUERIES.load(Ordering::Relaxed),

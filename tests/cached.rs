@@ -48,7 +48,7 @@ fn miss_then_hit_runs_the_body_once() {
         assert_eq!(calls.load(SeqCst), 1, "the second call must be a hit");
         product(&cache, &calls, 8).await;
         assert_eq!(calls.load(SeqCst), 2, "another argument is another entry");
-        let stats = cache.stats();
+        let stats = cache.stats().total;
         assert_eq!((stats.hits, stats.misses, stats.writes), (1, 2, 2));
     });
     let keys = entry_keys(&mut server.conn(), "app:products:*");
@@ -345,7 +345,7 @@ fn functions_with_equal_arguments_never_share_entries() {
             assert_eq!(double(&cache, 10).await, 20);
             assert_eq!(triple(&cache, 10).await, 30);
         }
-        assert_eq!(cache.stats().hits, 2);
+        assert_eq!(cache.stats().total.hits, 2);
     });
 }
 
@@ -378,7 +378,7 @@ fn json_entries_are_readable_with_a_plain_get() {
         let cache = cache_for(&server, "app");
         readable(&cache, 3).await;
         assert_eq!(readable(&cache, 3).await.name, "lamp");
-        assert_eq!(cache.stats().hits, 1);
+        assert_eq!(cache.stats().total.hits, 1);
     });
     let mut conn = server.conn();
     let keys = entry_keys(&mut conn, "app:readable:*");
@@ -413,7 +413,7 @@ fn a_hundred_concurrent_callers_get_the_right_values() {
             let (n, squared) = task.await.expect("task did not panic");
             assert_eq!(squared, n * n);
         }
-        let stats = cache.stats();
+        let stats = cache.stats().total;
         assert_eq!(stats.hits + stats.misses + stats.coalesced, 100, "{stats:?}");
         assert_eq!(stats.misses, 10, "one computation per key: {stats:?}");
     });
@@ -442,10 +442,10 @@ fn a_stopped_redis_costs_nothing_but_the_cache() {
         }
     });
     assert_eq!(calls.load(SeqCst), 51, "every call computed");
-    let stats = cache.stats();
+    let stats = cache.stats().total;
     assert_eq!(stats.bypassed, 50);
     assert!(stats.connection_errors >= 1 && stats.breaker_rejections >= 1, "{stats:?}");
-    assert!(cache.stats().errors() >= 50);
+    assert!(cache.stats().total.errors() >= 50);
 }
 
 #[cached(ttl = 60, prefix = "big", skip(calls), cache = cache)]
@@ -472,7 +472,7 @@ fn oversized_values_are_returned_but_not_stored() {
         assert_eq!(big_report(&cache, &calls, 10).await.len(), 10);
         assert_eq!(big_report(&cache, &calls, 10).await.len(), 10);
         assert_eq!(calls.load(SeqCst), 3, "small values are still cached");
-        assert_eq!(cache.stats().oversize, 2);
+        assert_eq!(cache.stats().total.oversize, 2);
     });
     assert_eq!(entry_keys(&mut server.conn(), "app:big:*").len(), 1);
 }
@@ -504,8 +504,8 @@ fn an_entry_written_by_another_codec_is_a_miss_that_is_overwritten() {
         let _: () = redis::cmd("SET").arg(&json_key).arg(bincode_entry).query(&mut admin).unwrap();
 
         assert_eq!(as_json(&cache, 1).await.name, "from json", "never a wrong value");
-        assert_eq!(cache.stats().decode_errors, 1);
+        assert_eq!(cache.stats().total.decode_errors, 1);
         assert_eq!(as_json(&cache, 1).await.name, "from json");
-        assert_eq!(cache.stats().decode_errors, 1, "the foreign entry was overwritten");
+        assert_eq!(cache.stats().total.decode_errors, 1, "the foreign entry was overwritten");
     });
 }

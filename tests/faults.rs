@@ -9,7 +9,7 @@
 
 mod support;
 
-use cache_runtime::{Cache, Stats, cached};
+use cache_runtime::{Cache, Counts, cached};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::net::TcpListener;
@@ -85,7 +85,7 @@ struct Report {
     wrong: usize,
     during: Vec<Duration>,
     hit_rate_after: f64,
-    stats: Stats,
+    stats: Counts,
 }
 
 impl Report {
@@ -121,9 +121,9 @@ impl Report {
     }
 }
 
-fn hit_rate_between(before: &Stats, after: &Stats) -> f64 {
+fn hit_rate_between(before: &Counts, after: &Counts) -> f64 {
     let served = (after.hits + after.coalesced) - (before.hits + before.coalesced);
-    let computed = after.misses - before.misses;
+    let computed = (after.misses + after.bypassed) - (before.misses + before.bypassed);
     served as f64 / (served + computed).max(1) as f64
 }
 
@@ -139,9 +139,9 @@ fn scenario(cache: Cache, fault: impl FnOnce()) -> Report {
     fault();
     let recovered = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let settled = cache.stats();
+    let settled = cache.stats().total;
     std::thread::sleep(Duration::from_secs(1));
-    let end = cache.stats();
+    let end = cache.stats().total;
     stop.store(true, SeqCst);
     let calls: Vec<Call> = runtime.block_on(async {
         let deadline = Duration::from_secs(10);
@@ -344,7 +344,7 @@ fn a_blackhole_costs_one_timeout_then_nothing() {
             open.push(t.elapsed());
         }
         open.sort();
-        let stats = cache.stats();
+        let stats = cache.stats().total;
         println!(
             "{:<28} breaker open: 200 calls, p50 {:.1?}, p99 {:.1?} per call; {stats:?}",
             "", open[100], open[197]
@@ -369,7 +369,7 @@ fn a_wrong_password_is_a_clear_error_and_calls_still_work() {
         println!("{:<28} invalidate says: {err}", "wrong password");
         assert!(err.contains("refused the credentials"), "{err}");
         assert!(!err.contains("wrong-password"), "the password must not leak: {err}");
-        assert_eq!(cache.stats().hits, 0);
+        assert_eq!(cache.stats().total.hits, 0);
     });
 }
 
@@ -395,7 +395,7 @@ fn a_read_only_replica_serves_hits_and_never_fails_a_call() {
         for id in 0..20 {
             assert_eq!(value_of(&reader, id).await, Product::expected(id));
         }
-        let stats = reader.stats();
+        let stats = reader.stats().total;
         println!("{:<28} {stats:?}", "read-only replica");
         assert_eq!(stats.hits, 10, "replicated entries are hits");
         assert_eq!(stats.misses, 10, "the rest compute");

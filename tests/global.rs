@@ -38,7 +38,7 @@ fn before_init_calls_compute_and_after_init_they_cache() {
         assert_eq!(greeting("ada".into()).await, "hello, ada");
         assert_eq!(greeting("ada".into()).await, "hello, ada");
         assert_eq!(CALLS.load(SeqCst), 3, "after init the second call is a hit");
-        assert_eq!(cache_runtime::stats().hits, 1);
+        assert_eq!(cache_runtime::stats().total.hits, 1);
 
         let version = cache_runtime::invalidate("greeting").await.unwrap();
         assert!(version > 1);

@@ -92,7 +92,7 @@ fn an_invalidate_in_another_process_is_seen_at_once() {
         assert_eq!(db.reads.load(SeqCst), 2);
         assert_eq!(product_page(&cache, &db, 1).await, "product 1 costs 90");
         assert_eq!(db.reads.load(SeqCst), 2, "the new value is cached again");
-        assert_eq!(cache.stats().stale, 1);
+        assert_eq!(cache.stats().total.stale, 1);
     });
 }
 
@@ -141,7 +141,7 @@ fn a_value_read_before_an_invalidate_is_never_served_after_it() {
             cache.invalidate("slow_price").await.unwrap();
         });
         assert_eq!(stale, 10, "the running call returns what it computed");
-        assert_eq!(cache.stats().writes_skipped, 1, "but does not store it under the new version");
+        assert_eq!(cache.stats().total.writes_skipped, 1, "but does not store it under the new version");
         assert_eq!(slow_price(&cache, &db, 1).await, 20);
         assert_eq!(slow_price(&cache, &db, 1).await, 20);
         assert_eq!(db.reads.load(SeqCst), 2);
@@ -316,8 +316,8 @@ fn an_older_computation_never_overwrites_a_refresh() {
         });
         assert_eq!((old, fresh), (11, 12));
         assert_eq!(priced(&cache, &db, slow, 2).await, 12, "the older value did not overwrite the refresh");
-        assert_eq!(cache.stats().refreshes, 2);
-        assert_eq!(cache.stats().writes_skipped, 1);
+        assert_eq!(cache.stats().total.refreshes, 2);
+        assert_eq!(cache.stats().total.writes_skipped, 1);
     });
 }
 
@@ -352,7 +352,7 @@ fn get_or_compute_has_the_attribute_guarantees() {
 
         assert_eq!(cache.forget::<_, Vec<u64>>(&policy, &("emea", 2026)).await, Ok(true));
         assert_eq!(cache.forget::<_, Vec<u64>>(&policy, &("emea", 2026)).await, Ok(false));
-        let stats = cache.stats();
+        let stats = cache.stats().total;
         assert_eq!((stats.hits, stats.writes), (1, 2));
     });
     let keys = entry_keys(&mut server.conn(), "shop:reports:*");

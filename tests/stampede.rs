@@ -205,7 +205,7 @@ fn a_killed_process_delays_others_at_most_the_lock_ttl() {
         let took = locked_at.elapsed();
         let bound = lock_ttl + work + Duration::from_millis(500);
         assert!(took < bound, "callers finished after {took:?}, more than the lock TTL plus one computation");
-        assert!(cache.stats().lock_waits >= 1, "{:?}", cache.stats());
+        assert!(cache.stats().total.lock_waits >= 1, "{:?}", cache.stats());
     });
     assert_eq!(body_runs(&server), 2, "the killed computation and one more");
 }
@@ -305,6 +305,6 @@ fn with_redis_down_concurrent_callers_still_share_one_computation() {
             assert_eq!(task.await.unwrap(), 50);
         }
         assert_eq!(calls.load(SeqCst), 1, "no Redis, no lock, but one computation in this process");
-        assert_eq!(cache.stats().coalesced, 49);
+        assert_eq!(cache.stats().total.coalesced, 49);
     });
 }

@@ -11,12 +11,14 @@ use crate::key::{EntryKeys, KeyHash, KeyHasher, version_key};
 use crate::policy::{Policy, check_namespace};
 use crate::private::ResultOutput;
 use crate::scripts::{self, fresh_seed};
-use crate::stats::{Counters, Stats, bump};
+use crate::stats::{CounterSlot, Counters, Registry, Stats, bump};
 use crate::warnings::{Cause, Warnings};
 use serde::{Serialize, de::DeserializeOwned};
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
+
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A Redis-backed cache: a connection pool, a key namespace and counters.
 ///
@@ -43,7 +45,9 @@ struct Inner {
     default_ttl: Option<Duration>,
     lock_timeout: Duration,
     max_value_bytes: usize,
-    counters: Counters,
+    /// Tells caches apart in call sites' counter slots.
+    id: u64,
+    registry: Registry,
     warnings: Warnings,
     flights: Flights,
 }
@@ -78,6 +82,8 @@ pub(crate) struct Plan<'a> {
     pub lock: bool,
     /// How long callers wait for another's computation; `None`: the cache's.
     pub lock_timeout: Option<Duration>,
+    /// Where the call site keeps its prefix's counters.
+    pub slot: &'a CounterSlot,
 }
 
 /// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.
@@ -177,7 +183,8 @@ impl Cache {
                 default_ttl: settings.default_ttl,
                 lock_timeout: settings.lock_timeout,
                 max_value_bytes: settings.max_value_bytes,
-                counters: Counters::default(),
+                id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                registry: Registry::default(),
                 warnings: Warnings::default(),
                 flights: Flights::default(),
             }),
@@ -193,11 +200,11 @@ impl Cache {
     ///
     /// ```
     /// let cache = cache_runtime::Cache::builder().url("redis://127.0.0.1:6379").build()?;
-    /// assert_eq!(cache.stats().hits, 0);
+    /// assert_eq!(cache.stats().total.hits, 0);
     /// # Ok::<(), cache_runtime::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        self.inner.registry.snapshot()
     }
 
     /// Makes every entry of `namespace` stale, in this process and every
@@ -223,7 +230,7 @@ impl Cache {
         let mut invocation = scripts::INVALIDATE.key(&key);
         invocation.arg(fresh_seed());
         self.inner.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await.map_err(|fault| {
-            self.note_fault(&fault);
+            self.note_fault(&self.inner.registry.general, &fault);
             Error::from(fault)
         })
     }
@@ -304,7 +311,7 @@ impl Cache {
         let mut del = redis::cmd("DEL");
         del.arg(&keys.entry);
         let deleted = self.inner.connections.run_unguarded(|conn| conn.query::<u64>(&del)).await.map_err(|fault| {
-            self.note_fault(&fault);
+            self.note_fault(&self.inner.registry.general, &fault);
             Error::from(fault)
         })?;
         Ok(deleted > 0)
@@ -314,8 +321,12 @@ impl Cache {
         self.inner.warnings.warn(cause, message);
     }
 
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.inner.counters
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
     }
 
     pub(crate) fn connections(&self) -> &Connections {
@@ -338,8 +349,14 @@ impl Cache {
         self.inner.max_value_bytes
     }
 
-    pub(crate) fn note_fault(&self, fault: &Fault) {
-        let c = &self.inner.counters;
+    pub(crate) fn note_fault(&self, c: &Counters, fault: &Fault) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::error(match fault {
+            Fault::Timeout => "timeout",
+            Fault::BreakerOpen => "breaker_open",
+            Fault::Connection(_) => "connection",
+            Fault::Server(_) => "server",
+        });
         match fault {
             Fault::Timeout => bump(&c.timeouts),
             Fault::BreakerOpen => {

@@ -18,10 +18,93 @@ use crate::key::{EntryKeys, KeyHash};
 use crate::policy::check_namespace;
 use crate::scope;
 use crate::scripts::{self, fresh_seed};
-use crate::stats::{add, bump};
+use crate::stats::{CountersRef, add, bump};
 use crate::warnings::Cause;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// What a call came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Answered from Redis.
+    Hit,
+    /// Looked in Redis, found nothing usable, computed.
+    Miss,
+    /// Computed without asking Redis (unavailable, breaker open, no TTL).
+    Bypass,
+    /// Answered by another caller's computation in this process.
+    Coalesced,
+    /// Write-through: computed whatever was stored.
+    Refresh,
+}
+
+impl Outcome {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Bypass => "bypass",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Refresh => "refresh",
+        }
+    }
+}
+
+/// Counts a call's outcome and events in its prefix's counters, records
+/// them on its `tracing` span and, with the `metrics` feature, emits them.
+pub(crate) struct Observer<'c> {
+    pub counters: CountersRef<'c>,
+    span: tracing::Span,
+    #[cfg(feature = "metrics")]
+    prefix: &'c str,
+    #[cfg(feature = "metrics")]
+    started: Instant,
+}
+
+impl<'c> Observer<'c> {
+    fn new(counters: CountersRef<'c>, prefix: &'c str) -> Self {
+        let span = tracing::debug_span!(
+            target: "cache_runtime",
+            "cached",
+            prefix,
+            key = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        Self {
+            counters,
+            span,
+            #[cfg(feature = "metrics")]
+            prefix,
+            #[cfg(feature = "metrics")]
+            started: Instant::now(),
+        }
+    }
+
+    fn key(&self, hash: KeyHash) {
+        if !self.span.is_disabled() {
+            let hex = hash.to_hex();
+            self.span.record("key", String::from_utf8_lossy(&hex[..8]).as_ref());
+        }
+    }
+
+    pub(crate) fn outcome(&self, outcome: Outcome) {
+        let c = &self.counters;
+        bump(match outcome {
+            Outcome::Hit => &c.hits,
+            Outcome::Miss => &c.misses,
+            Outcome::Bypass => &c.bypassed,
+            Outcome::Coalesced => &c.coalesced,
+            Outcome::Refresh => &c.refreshes,
+        });
+        if matches!(outcome, Outcome::Miss | Outcome::Bypass | Outcome::Refresh) {
+            bump(&c.computations);
+        }
+        self.span.record("outcome", outcome.name());
+        #[cfg(feature = "metrics")]
+        crate::metrics::outcome(self.prefix, outcome, self.started.elapsed());
+    }
+}
 
 /// What reading an entry found.
 enum Lookup<R> {
@@ -106,48 +189,60 @@ impl Cache {
     where
         F: Future<Output = R>,
     {
-        let counters = self.counters();
-        let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
-            bump(&counters.bypassed);
-            self.warn(
-                Cause::NoTtl,
-                format_args!("prefix `{}` has no ttl and the cache no default_ttl: not caching it", plan.prefix),
-            );
-            return compute.await;
-        };
-        let hash = match key {
-            Ok(hash) => hash,
-            Err(e) => {
+        let observer = Observer::new(plan.slot.get_or_register(self.id(), self.registry(), plan.prefix), plan.prefix);
+        let span = observer.span.clone();
+        async move {
+            let counters = &*observer.counters;
+            let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
+                observer.outcome(Outcome::Bypass);
+                self.warn(
+                    Cause::NoTtl,
+                    format_args!("prefix `{}` has no ttl and the cache no default_ttl: not caching it", plan.prefix),
+                );
+                return compute.await;
+            };
+            let hash = match key {
+                Ok(hash) => hash,
+                Err(e) => {
+                    bump(&counters.encode_errors);
+                    observer.outcome(Outcome::Bypass);
+                    self.warn(
+                        Cause::Encode,
+                        format_args!("prefix `{}`: {e}; computing without the cache", plan.prefix),
+                    );
+                    return compute.await;
+                }
+            };
+            if let Err(why) = plan.namespaces().try_for_each(check_namespace) {
                 bump(&counters.encode_errors);
-                self.warn(Cause::Encode, format_args!("prefix `{}`: {e}; computing without the cache", plan.prefix));
+                observer.outcome(Outcome::Bypass);
+                self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));
                 return compute.await;
             }
-        };
-        if let Err(why) = plan.namespaces().try_for_each(check_namespace) {
-            bump(&counters.encode_errors);
-            self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));
-            return compute.await;
+            observer.key(hash);
+            let keys = EntryKeys::new(self.key_prefix(), plan.prefix, plan.namespaces(), hash);
+            let call = Call { cache: self, plan, ttl, storage, keys: &keys, observer: &observer };
+            if intent == Intent::Refresh {
+                return call.refresh(compute).await;
+            }
+            if !plan.lock {
+                return match call.lookup().await {
+                    Lookup::Hit(output) => output,
+                    Lookup::Miss(observed) => call.compute_unlocked(Some(observed), compute).await,
+                    Lookup::Unavailable => call.compute_unlocked(None, compute).await,
+                };
+            }
+            call.coordinated(compute).await
         }
-        let keys = EntryKeys::new(self.key_prefix(), plan.prefix, plan.namespaces(), hash);
-        let call = Call { cache: self, plan, ttl, storage, keys: &keys };
-        if intent == Intent::Refresh {
-            return call.refresh(compute).await;
-        }
-        if !plan.lock {
-            return match call.lookup().await {
-                Lookup::Hit(output) => output,
-                Lookup::Miss(observed) => call.compute_unlocked(Some(observed), compute).await,
-                Lookup::Unavailable => call.compute_unlocked(None, compute).await,
-            };
-        }
-        call.coordinated(compute).await
+        .instrument(span)
+        .await
     }
 
     pub(crate) async fn release_lock(&self, lock: &str, token: &str) {
         let mut invocation = scripts::RELEASE.key(lock);
         invocation.arg(token);
         if let Err(fault) = self.connections().run(|conn| conn.invoke::<i64>(&invocation)).await {
-            self.note_fault(&fault);
+            self.note_fault(&self.registry().general, &fault);
         }
     }
 }
@@ -159,13 +254,14 @@ struct Call<'c, R> {
     ttl: Duration,
     storage: Storage<R>,
     keys: &'c EntryKeys,
+    observer: &'c Observer<'c>,
 }
 
 impl<R> Call<'_, R> {
     /// With stampede protection: one computation per key in this process,
     /// and across processes while the lock is held.
     async fn coordinated<F: Future<Output = R>>(&self, compute: F) -> R {
-        let counters = self.cache.counters();
+        let counters = &*self.observer.counters;
         let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
         let deadline = Instant::now() + lock_timeout;
         loop {
@@ -183,7 +279,7 @@ impl<R> Call<'_, R> {
                 Role::Waiter(mut waiter) => match self.wait_for_leader(&mut waiter, deadline, lock_timeout).await {
                     Ok(Some(Shared::Value(payload))) => {
                         if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
-                            bump(&counters.coalesced);
+                            self.observer.outcome(Outcome::Coalesced);
                             return output;
                         }
                     }
@@ -224,10 +320,10 @@ impl<R> Call<'_, R> {
         deadline: Instant,
         compute: F,
     ) -> R {
-        let counters = self.cache.counters();
+        let counters = &*self.observer.counters;
         let Some(observed) = observed else {
             // Redis is unavailable: coalesce in this process only.
-            return self.lead_offline(leader, compute).await;
+            return self.lead_offline(leader, Outcome::Bypass, compute).await;
         };
         let token = format!("{:032x}", rand::random::<u128>());
         let mut poll = FIRST_POLL;
@@ -239,7 +335,7 @@ impl<R> Call<'_, R> {
                 Acquire::Hit(entry) => {
                     if let Some(stored) = self.parse(&entry) {
                         if let Some(output) = self.decode_payload(stored.payload) {
-                            bump(&counters.hits);
+                            self.observer.outcome(Outcome::Hit);
                             leader.finish(Shared::Value(Arc::new(stored.payload.to_vec())));
                             return output;
                         }
@@ -280,12 +376,12 @@ impl<R> Call<'_, R> {
             }
             Next::Unlocked => (self.seed_missing_versions(observed).await, None),
             // Redis just failed this call: do not make it wait on Redis again.
-            Next::Offline => return self.lead_offline(leader, compute).await,
+            Next::Offline => return self.lead_offline(leader, Outcome::Miss, compute).await,
         };
         // From here until the lock is released, a panic or a dropped future
         // releases it through the guard, and the waiters through `leader`.
         leader.computing();
-        let output = self.compute(compute).await;
+        let output = self.compute(Outcome::Miss, compute).await;
         let token = if guard.is_some() { token.as_str() } else { "" };
         let (stored, shared) = self.store(Intent::Read, observed, token, &output).await;
         if let Some(guard) = guard.as_mut() {
@@ -304,9 +400,9 @@ impl<R> Call<'_, R> {
 
     /// Computes without Redis, sharing the result with waiters in this
     /// process (encoded only if someone is waiting).
-    async fn lead_offline<F: Future<Output = R>>(&self, leader: Leader<'_>, compute: F) -> R {
+    async fn lead_offline<F: Future<Output = R>>(&self, leader: Leader<'_>, outcome: Outcome, compute: F) -> R {
         leader.computing();
-        let output = self.compute(compute).await;
+        let output = self.compute(outcome, compute).await;
         if leader.has_waiters()
             && let Some(Ok(payload)) = (self.storage.encode)(&output, self.plan.codec)
         {
@@ -317,37 +413,34 @@ impl<R> Call<'_, R> {
 
     /// Write-through: compute now, overwrite.
     async fn refresh<F: Future<Output = R>>(&self, compute: F) -> R {
-        let counters = self.cache.counters();
         let observed = match self.read().await {
             Some((_, versions)) => self.seed_missing_versions(versions).await,
             None => None,
         };
-        bump(&counters.refreshes);
         // Nested cached calls in the body behave normally.
-        let output = scope::normally(compute).await;
+        let output = self.compute(Outcome::Refresh, scope::normally(compute)).await;
         self.store(Intent::Refresh, observed, "", &output).await;
         output
     }
 
     /// Without coordination: `lock = false`, or past the lock timeout.
     async fn compute_unlocked<F: Future<Output = R>>(&self, observed: Option<Vec<Option<Vec<u8>>>>, compute: F) -> R {
-        let observed = match observed {
-            Some(observed) => self.seed_missing_versions(observed).await,
-            None => None,
+        let (outcome, observed) = match observed {
+            Some(observed) => (Outcome::Miss, self.seed_missing_versions(observed).await),
+            None => (Outcome::Bypass, None),
         };
-        let output = self.compute(compute).await;
+        let output = self.compute(outcome, compute).await;
         self.store(Intent::Read, observed, "", &output).await;
         output
     }
 
-    async fn compute<F: Future<Output = R>>(&self, compute: F) -> R {
-        bump(&self.cache.counters().misses);
+    async fn compute<F: Future<Output = R>>(&self, outcome: Outcome, compute: F) -> R {
+        self.observer.outcome(outcome);
         compute.await
     }
 
     /// One `MGET` of the entry and its namespace versions.
     async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
-        let counters = self.cache.counters();
         let mut mget = redis::cmd("MGET");
         mget.arg(&self.keys.entry).arg(&self.keys.versions);
         let result = self.cache.connections().run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await;
@@ -357,20 +450,21 @@ impl<R> Call<'_, R> {
                 Some((entry, values.split_off(1)))
             }
             Ok(values) => {
-                self.cache.note_fault(&Fault::Server(format!("MGET returned {} values", values.len())));
-                bump(&counters.bypassed);
+                self.cache.note_fault(
+                    &self.observer.counters,
+                    &Fault::Server(format!("MGET returned {} values", values.len())),
+                );
                 None
             }
             Err(fault) => {
-                self.cache.note_fault(&fault);
-                bump(&counters.bypassed);
+                self.cache.note_fault(&self.observer.counters, &fault);
                 None
             }
         }
     }
 
     async fn lookup(&self) -> Lookup<R> {
-        let counters = self.cache.counters();
+        let counters = &*self.observer.counters;
         let Some((entry, versions)) = self.read().await else { return Lookup::Unavailable };
         let Some(bytes) = entry else { return Lookup::Miss(versions) };
         let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(versions) };
@@ -380,7 +474,7 @@ impl<R> Call<'_, R> {
         }
         match self.decode_payload(stored.payload) {
             Some(output) => {
-                bump(&counters.hits);
+                self.observer.outcome(Outcome::Hit);
                 Lookup::Hit(output)
             }
             None => {
@@ -397,7 +491,7 @@ impl<R> Call<'_, R> {
         let mut del = redis::cmd("DEL");
         del.arg(&self.keys.entry);
         if let Err(fault) = self.cache.connections().run(|conn| conn.query::<i64>(&del)).await {
-            self.cache.note_fault(&fault);
+            self.cache.note_fault(&self.observer.counters, &fault);
         }
     }
 
@@ -405,7 +499,7 @@ impl<R> Call<'_, R> {
     fn parse<'b>(&self, bytes: &'b [u8]) -> Option<StoredEntry<'b>> {
         let stored = StoredEntry::parse(bytes).filter(|e| e.is_codec(self.plan.codec));
         if stored.is_none() {
-            bump(&self.cache.counters().decode_errors);
+            bump(&self.observer.counters.decode_errors);
             self.cache.warn(
                 Cause::Decode,
                 format_args!(
@@ -421,11 +515,13 @@ impl<R> Call<'_, R> {
     fn decode_payload(&self, payload: &[u8]) -> Option<R> {
         match (self.storage.decode)(payload, self.plan.codec) {
             Ok(output) => {
-                add(&self.cache.counters().bytes_read, payload.len() as u64);
+                add(&self.observer.counters.bytes_read, payload.len() as u64);
                 Some(output)
             }
             Err(e) => {
-                bump(&self.cache.counters().decode_errors);
+                bump(&self.observer.counters.decode_errors);
+                #[cfg(feature = "metrics")]
+                crate::metrics::error("decode");
                 self.cache
                     .warn(Cause::Decode, format_args!("`{}` could not be decoded ({e}); recomputing", self.keys.entry));
                 None
@@ -453,7 +549,7 @@ impl<R> Call<'_, R> {
             },
             Ok(_) => Acquire::Unavailable,
             Err(fault) => {
-                self.cache.note_fault(&fault);
+                self.cache.note_fault(&self.observer.counters, &fault);
                 Acquire::Unavailable
             }
         }
@@ -475,7 +571,7 @@ impl<R> Call<'_, R> {
                 seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == self.keys.versions.len())
             }
             Err(fault) => {
-                self.cache.note_fault(&fault);
+                self.cache.note_fault(&self.observer.counters, &fault);
                 None
             }
         }
@@ -492,7 +588,7 @@ impl<R> Call<'_, R> {
         lock_token: &str,
         output: &R,
     ) -> (Stored, Option<Shared>) {
-        let counters = self.cache.counters();
+        let counters = &*self.observer.counters;
         let payload = match (self.storage.encode)(output, self.plan.codec) {
             None => return (Stored::Skipped, None),
             Some(Ok(payload)) => Arc::new(payload),
@@ -508,6 +604,8 @@ impl<R> Call<'_, R> {
         let max = self.cache.max_value_bytes();
         if payload.len() > max {
             bump(&counters.oversize);
+            #[cfg(feature = "metrics")]
+            crate::metrics::error("oversize");
             self.cache.warn(
                 Cause::Oversize,
                 format_args!(
@@ -547,7 +645,7 @@ impl<R> Call<'_, R> {
                 (Stored::ScriptRan, Some(Shared::Stale))
             }
             Err(fault) => {
-                self.cache.note_fault(&fault);
+                self.cache.note_fault(&self.observer.counters, &fault);
                 (Stored::Skipped, Some(Shared::Value(payload)))
             }
         }

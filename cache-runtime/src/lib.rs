@@ -35,6 +35,8 @@ mod error;
 mod flight;
 mod flow;
 mod key;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod policy;
 mod private;
 mod scope;
@@ -56,7 +58,7 @@ pub use error::Error;
 pub use key::{KeyHash, KeyHasher};
 pub use policy::Policy;
 pub use scope::{forget, refresh};
-pub use stats::Stats;
+pub use stats::{Counts, Stats};
 
 /// Caches an async function in Redis. See the crate README for the
 /// arguments; the function body runs only on a miss.
@@ -117,7 +119,7 @@ pub async fn invalidate(namespace: &str) -> Result<u64, Error> {
 ///
 /// ```
 /// let stats = cache_runtime::stats();
-/// assert_eq!(stats.hits, 0);
+/// assert_eq!(stats.total.hits, 0);
 /// ```
 pub fn stats() -> Stats {
     global().map(Cache::stats).unwrap_or_default()

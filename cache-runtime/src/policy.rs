@@ -2,6 +2,7 @@
 
 use crate::cache::Plan;
 use crate::codec::Codec;
+use crate::stats::CounterSlot;
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ pub struct Policy {
     version: u32,
     lock: bool,
     lock_timeout: Option<Duration>,
+    slot: CounterSlot,
 }
 
 impl Policy {
@@ -47,6 +49,7 @@ impl Policy {
             version: 1,
             lock: true,
             lock_timeout: None,
+            slot: CounterSlot::new(),
         }
     }
 
@@ -116,6 +119,7 @@ impl Policy {
             codec: self.codec,
             lock: self.lock,
             lock_timeout: self.lock_timeout,
+            slot: &self.slot,
         }
     }
 }

@@ -1,29 +1,84 @@
-//! Counters, kept with relaxed atomics so counting costs the hit path
-//! almost nothing.
+//! Counters: one set of relaxed atomics per prefix, found without a lock
+//! on the hit path, summed only when someone asks for a snapshot.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, RwLock};
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub stale: AtomicU64,
-    pub refreshes: AtomicU64,
-    pub coalesced: AtomicU64,
-    pub lock_waits: AtomicU64,
-    pub lock_timeouts: AtomicU64,
-    pub writes: AtomicU64,
-    pub writes_skipped: AtomicU64,
-    pub bypassed: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub connection_errors: AtomicU64,
-    pub server_errors: AtomicU64,
-    pub breaker_rejections: AtomicU64,
-    pub decode_errors: AtomicU64,
-    pub encode_errors: AtomicU64,
-    pub oversize: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// The live counters of one prefix.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $( pub $name: AtomicU64, )*
+        }
+
+        /// The counts of one prefix, or of all of them.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Counts {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Counters {
+            fn snapshot(&self) -> Counts {
+                Counts { $( $name: self.$name.load(Relaxed), )* }
+            }
+        }
+
+        impl std::ops::AddAssign for Counts {
+            fn add_assign(&mut self, other: Counts) {
+                $( self.$name += other.$name; )*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Calls answered from Redis.
+    hits,
+    /// Calls that looked in Redis, found no usable entry, and ran the function.
+    misses,
+    /// Calls that ran the function without asking Redis: Redis unreachable
+    /// or refused by the breaker, no TTL, or an argument that cannot be encoded.
+    bypassed,
+    /// Calls answered by another caller's computation of the same key in this
+    /// process (stampede protection), without a Redis round trip.
+    coalesced,
+    /// Write-through calls (`refresh`), which compute whatever is stored.
+    refreshes,
+    /// Times the function body ran: misses, bypasses and refreshes.
+    computations,
+    /// Misses whose entry existed but was bound to an older namespace version.
+    stale,
+    /// Times a leader found another process computing the same key and waited.
+    lock_waits,
+    /// Callers that waited the whole lock timeout, then computed themselves.
+    lock_timeouts,
+    /// Values stored.
+    writes,
+    /// Values not stored because a namespace was invalidated while they were
+    /// being computed, or a fresher entry was stored meanwhile.
+    writes_skipped,
+    /// Redis operations past their deadline.
+    timeouts,
+    /// Redis operations that could not connect or lost the connection.
+    connection_errors,
+    /// Redis operations the server refused (OOM, READONLY, NOPERM).
+    server_errors,
+    /// Redis operations skipped because the circuit breaker was open.
+    breaker_rejections,
+    /// Stored values that could not be decoded: corrupt, foreign or written
+    /// for another layout. Each was treated as a miss and replaced.
+    decode_errors,
+    /// Values or arguments that could not be encoded.
+    encode_errors,
+    /// Values larger than `max_value_bytes`, returned but not stored.
+    oversize,
+    /// Payload bytes read on hits.
+    bytes_read,
+    /// Payload bytes written on misses.
+    bytes_written,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -34,75 +89,22 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Relaxed);
 }
 
-/// A snapshot of a cache's counters since it was built.
-///
-/// ```
-/// use cache_runtime::Cache;
-///
-/// let cache = Cache::builder().url("redis://127.0.0.1:1").build().unwrap();
-/// let stats = cache.stats();
-/// assert_eq!(stats.hits + stats.misses, 0);
-/// assert_eq!(stats.hit_rate(), 0.0);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Calls answered from Redis.
-    pub hits: u64,
-    /// Calls that ran the function after looking in Redis.
-    pub misses: u64,
-    /// Misses whose entry existed but was bound to an older namespace version.
-    pub stale: u64,
-    /// Write-through computations (`refresh`), which neither hit nor miss.
-    pub refreshes: u64,
-    /// Calls answered by another caller's computation of the same key in
-    /// this process (stampede protection), without a Redis round trip.
-    pub coalesced: u64,
-    /// Times a leader found another process computing the same key and
-    /// waited for its value.
-    pub lock_waits: u64,
-    /// Callers that waited the whole lock timeout and then computed
-    /// themselves.
-    pub lock_timeouts: u64,
-    /// Values stored.
-    pub writes: u64,
-    /// Values not stored because a namespace was invalidated while they were
-    /// being computed, or a fresher entry was stored meanwhile.
-    pub writes_skipped: u64,
-    /// Calls that ran the function without asking Redis: not initialized, no
-    /// TTL, breaker open, or Redis unreachable.
-    pub bypassed: u64,
-    /// Redis operations past their deadline.
-    pub timeouts: u64,
-    /// Redis operations that could not connect or lost the connection.
-    pub connection_errors: u64,
-    /// Redis operations the server refused (OOM, READONLY, WRONGTYPE).
-    pub server_errors: u64,
-    /// Redis operations skipped because the circuit breaker was open.
-    pub breaker_rejections: u64,
-    /// Stored values that could not be decoded: corrupt, foreign or written
-    /// for another layout. Each was treated as a miss and overwritten.
-    pub decode_errors: u64,
-    /// Values or arguments that could not be encoded.
-    pub encode_errors: u64,
-    /// Values larger than `max_value_bytes`, returned but not stored.
-    pub oversize: u64,
-    /// Payload bytes read on hits.
-    pub bytes_read: u64,
-    /// Payload bytes written on misses.
-    pub bytes_written: u64,
-}
-
-impl Stats {
-    /// The share of lookups that did not run the function:
-    /// `(hits + coalesced) / (hits + coalesced + misses)`, or 0 before any.
+impl Counts {
+    /// The share of calls answered without running the function:
+    /// `(hits + coalesced) / (hits + coalesced + misses + bypassed)`, or 0
+    /// before any call.
+    ///
+    /// ```
+    /// let counts = cache_runtime::Counts::default();
+    /// assert_eq!(counts.hit_rate(), 0.0);
+    /// ```
     pub fn hit_rate(&self) -> f64 {
         let served = self.hits + self.coalesced;
-        let lookups = served + self.misses;
-        if lookups == 0 { 0.0 } else { served as f64 / lookups as f64 }
+        let calls = served + self.misses + self.bypassed;
+        if calls == 0 { 0.0 } else { served as f64 / calls as f64 }
     }
 
-    /// All failed Redis operations and bad values, whatever the kind.
+    /// Failed Redis operations and bad values, whatever the kind.
     pub fn errors(&self) -> u64 {
         self.timeouts
             + self.connection_errors
@@ -113,29 +115,146 @@ impl Stats {
     }
 }
 
-impl Counters {
-    pub(crate) fn snapshot(&self) -> Stats {
-        let get = |c: &AtomicU64| c.load(Relaxed);
-        Stats {
-            hits: get(&self.hits),
-            misses: get(&self.misses),
-            stale: get(&self.stale),
-            refreshes: get(&self.refreshes),
-            coalesced: get(&self.coalesced),
-            lock_waits: get(&self.lock_waits),
-            lock_timeouts: get(&self.lock_timeouts),
-            writes: get(&self.writes),
-            writes_skipped: get(&self.writes_skipped),
-            bypassed: get(&self.bypassed),
-            timeouts: get(&self.timeouts),
-            connection_errors: get(&self.connection_errors),
-            server_errors: get(&self.server_errors),
-            breaker_rejections: get(&self.breaker_rejections),
-            decode_errors: get(&self.decode_errors),
-            encode_errors: get(&self.encode_errors),
-            oversize: get(&self.oversize),
-            bytes_read: get(&self.bytes_read),
-            bytes_written: get(&self.bytes_written),
+/// A snapshot of a cache's counters: in total, and per prefix.
+///
+/// ```
+/// use cache_runtime::Cache;
+///
+/// let cache = Cache::builder().url("redis://127.0.0.1:6379").build()?;
+/// let stats = cache.stats();
+/// assert_eq!(stats.total.hits, 0);
+/// assert_eq!(stats.hit_rate(), 0.0);
+/// assert!(stats.prefix("products").is_none());
+/// # Ok::<(), cache_runtime::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Everything this cache counted, including events outside any prefix
+    /// (such as a failed `invalidate`).
+    pub total: Counts,
+    /// Per prefix (the `prefix` of `#[cached]` or of a `Policy`).
+    pub prefixes: BTreeMap<String, Counts>,
+}
+
+impl Stats {
+    /// The hit rate of all calls; see [`Counts::hit_rate`].
+    pub fn hit_rate(&self) -> f64 {
+        self.total.hit_rate()
+    }
+
+    /// The counts of one prefix, if it has been called.
+    pub fn prefix(&self, prefix: &str) -> Option<&Counts> {
+        self.prefixes.get(prefix)
+    }
+}
+
+/// Every prefix's counters, plus those for events outside any prefix.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    by_prefix: RwLock<HashMap<String, Arc<Counters>>>,
+    pub general: Counters,
+}
+
+impl Registry {
+    pub(crate) fn of(&self, prefix: &str) -> Arc<Counters> {
+        if let Ok(map) = self.by_prefix.read()
+            && let Some(counters) = map.get(prefix)
+        {
+            return counters.clone();
         }
+        match self.by_prefix.write() {
+            Ok(mut map) => map.entry(prefix.to_owned()).or_default().clone(),
+            // A poisoned map only loses per-prefix detail.
+            Err(_) => Arc::default(),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let mut stats = Stats { total: self.general.snapshot(), prefixes: BTreeMap::new() };
+        if let Ok(map) = self.by_prefix.read() {
+            for (prefix, counters) in map.iter() {
+                let counts = counters.snapshot();
+                stats.total += counts;
+                stats.prefixes.insert(prefix.clone(), counts);
+            }
+        }
+        stats
+    }
+}
+
+/// Where a call site keeps the counters it found, so that later calls
+/// through the same cache skip the registry.
+#[derive(Debug, Default)]
+pub struct CounterSlot(OnceLock<(u64, Arc<Counters>)>);
+
+impl CounterSlot {
+    /// An empty slot, for a `static`.
+    pub const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    pub(crate) fn get_or_register<'s>(&'s self, cache_id: u64, registry: &Registry, prefix: &str) -> CountersRef<'s> {
+        if let Some((id, counters)) = self.0.get() {
+            if *id == cache_id {
+                return CountersRef::Borrowed(counters);
+            }
+            return CountersRef::Owned(registry.of(prefix));
+        }
+        let counters = registry.of(prefix);
+        let _ = self.0.set((cache_id, counters.clone()));
+        CountersRef::Owned(counters)
+    }
+}
+
+impl Clone for CounterSlot {
+    /// A clone starts empty: it may be used with another cache.
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+/// The counters of the call's prefix.
+pub(crate) enum CountersRef<'a> {
+    Borrowed(&'a Counters),
+    Owned(Arc<Counters>),
+}
+
+impl std::ops::Deref for CountersRef<'_> {
+    type Target = Counters;
+    fn deref(&self) -> &Counters {
+        match self {
+            CountersRef::Borrowed(counters) => counters,
+            CountersRef::Owned(counters) => counters,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_the_prefixes() {
+        let registry = Registry::default();
+        bump(&registry.of("a").hits);
+        bump(&registry.of("a").hits);
+        bump(&registry.of("b").misses);
+        bump(&registry.general.timeouts);
+        let stats = registry.snapshot();
+        assert_eq!(stats.prefix("a").map(|c| c.hits), Some(2));
+        assert_eq!((stats.total.hits, stats.total.misses, stats.total.timeouts), (2, 1, 1));
+        assert!((stats.hit_rate() - 2.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_slot_serves_the_cache_it_was_filled_for() {
+        let (registry, other) = (Registry::default(), Registry::default());
+        let slot = CounterSlot::new();
+        bump(&slot.get_or_register(1, &registry, "p").hits);
+        bump(&slot.get_or_register(1, &registry, "p").hits);
+        bump(&slot.get_or_register(2, &other, "p").hits);
+        assert_eq!(registry.snapshot().total.hits, 2);
+        assert_eq!(other.snapshot().total.hits, 1);
     }
 }
