@@ -81,11 +81,14 @@ fn a_scripted_sequence_gives_exact_counts() {
     assert_eq!(after.total.computations, stats.total.computations + 10);
 }
 
+/// One span's fields, as recorded: name and value.
+type SpanFields = Vec<(String, String)>;
+
 /// Records the fields of every `cached` span.
 #[derive(Clone, Default)]
-struct SpanRecorder(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+struct SpanRecorder(Arc<Mutex<Vec<SpanFields>>>);
 
-struct FieldVisitor<'a>(&'a mut Vec<(String, String)>);
+struct FieldVisitor<'a>(&'a mut SpanFields);
 
 impl tracing::field::Visit for FieldVisitor<'_> {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
@@ -123,7 +126,7 @@ where
         ctx: tracing_subscriber::layer::Context<'_, S>,
     ) {
         if let Some(span) = ctx.span(id)
-            && let Some(fields) = span.extensions_mut().get_mut::<Vec<(String, String)>>()
+            && let Some(fields) = span.extensions_mut().get_mut::<SpanFields>()
         {
             values.record(&mut FieldVisitor(fields));
         }
@@ -131,7 +134,7 @@ where
 
     fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
         if let Some(span) = ctx.span(&id)
-            && let Some(fields) = span.extensions_mut().remove::<Vec<(String, String)>>()
+            && let Some(fields) = span.extensions_mut().remove::<SpanFields>()
             && let Ok(mut spans) = self.0.lock()
         {
             spans.push(fields);
@@ -154,7 +157,7 @@ fn each_call_has_a_debug_span_with_prefix_outcome_and_key() {
     });
     let spans = recorder.0.lock().unwrap().clone();
     assert_eq!(spans.len(), 2, "{spans:?}");
-    let field = |span: &Vec<(String, String)>, name: &str| {
+    let field = |span: &SpanFields, name: &str| {
         span.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default()
     };
     assert_eq!(field(&spans[0], "prefix"), "products");
