@@ -203,7 +203,7 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
                 codec: #codec,
                 lock: #lock,
                 lock_timeout_ms: #lock_timeout_ms,
-                counters: ::cache_runtime::__private::CounterSlot::new(),
+                site: ::cache_runtime::__private::SiteSlot::new(),
             };
             #bind_cache
             ::cache_runtime::__private::call(#cache_ref, &#site, #key, #kind, async move {

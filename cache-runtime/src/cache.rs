@@ -7,11 +7,12 @@ use crate::codec::{Codec, CodecError};
 use crate::connection::Connections;
 use crate::error::{Error, Fault};
 use crate::flight::Flights;
-use crate::key::{EntryKeys, KeyHash, KeyHasher, version_key};
+use crate::key::{KeyHash, KeyHasher, entry_key, version_key};
 use crate::policy::{Policy, check_namespace};
 use crate::private::ResultOutput;
 use crate::scripts::{self, fresh_seed};
-use crate::stats::{CounterSlot, Counters, Registry, Stats, bump};
+use crate::site::{CacheView, SiteSlot};
+use crate::stats::{Counters, Registry, Stats, bump};
 use crate::warnings::{Cause, Warnings};
 use serde::{Serialize, de::DeserializeOwned};
 use std::borrow::Cow;
@@ -83,7 +84,7 @@ pub(crate) struct Plan<'a> {
     /// How long callers wait for another's computation; `None`: the cache's.
     pub lock_timeout: Option<Duration>,
     /// Where the call site keeps its prefix's counters.
-    pub slot: &'a CounterSlot,
+    pub slot: &'a SiteSlot,
 }
 
 /// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.
@@ -307,9 +308,8 @@ impl Cache {
     pub(crate) async fn forget_entry(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>) -> Result<bool, Error> {
         let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
         check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
-        let keys = EntryKeys::new(self.key_prefix(), plan.prefix, plan.namespaces(), hash);
         let mut del = redis::cmd("DEL");
-        del.arg(&keys.entry);
+        del.arg(entry_key(self.key_prefix(), plan.prefix, hash));
         let deleted = self.inner.connections.run_unguarded(|conn| conn.query::<u64>(&del)).await.map_err(|fault| {
             self.note_fault(&self.inner.registry.general, &fault);
             Error::from(fault)
@@ -325,8 +325,8 @@ impl Cache {
         &self.inner.registry
     }
 
-    pub(crate) fn id(&self) -> u64 {
-        self.inner.id
+    pub(crate) fn view(&self) -> CacheView<'_> {
+        CacheView { id: self.inner.id, key_prefix: &self.inner.key_prefix, registry: &self.inner.registry }
     }
 
     pub(crate) fn connections(&self) -> &Connections {

@@ -18,7 +18,8 @@ use crate::key::{EntryKeys, KeyHash};
 use crate::policy::check_namespace;
 use crate::scope;
 use crate::scripts::{self, fresh_seed};
-use crate::stats::{CountersRef, add, bump};
+use crate::site::SiteRef;
+use crate::stats::{add, bump};
 use crate::warnings::Cause;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +55,7 @@ impl Outcome {
 /// Counts a call's outcome and events in its prefix's counters, records
 /// them on its `tracing` span and, with the `metrics` feature, emits them.
 pub(crate) struct Observer<'c> {
-    pub counters: CountersRef<'c>,
+    pub site: SiteRef<'c>,
     span: tracing::Span,
     #[cfg(feature = "metrics")]
     prefix: &'c str,
@@ -63,7 +64,7 @@ pub(crate) struct Observer<'c> {
 }
 
 impl<'c> Observer<'c> {
-    fn new(counters: CountersRef<'c>, prefix: &'c str) -> Self {
+    fn new(site: SiteRef<'c>, prefix: &'c str) -> Self {
         let span = tracing::debug_span!(
             target: "cache_runtime",
             "cached",
@@ -72,7 +73,7 @@ impl<'c> Observer<'c> {
             outcome = tracing::field::Empty,
         );
         Self {
-            counters,
+            site,
             span,
             #[cfg(feature = "metrics")]
             prefix,
@@ -89,7 +90,7 @@ impl<'c> Observer<'c> {
     }
 
     pub(crate) fn outcome(&self, outcome: Outcome) {
-        let c = &self.counters;
+        let c = &self.site.counters;
         bump(match outcome {
             Outcome::Hit => &c.hits,
             Outcome::Miss => &c.misses,
@@ -189,10 +190,10 @@ impl Cache {
     where
         F: Future<Output = R>,
     {
-        let observer = Observer::new(plan.slot.get_or_register(self.id(), self.registry(), plan.prefix), plan.prefix);
+        let observer = Observer::new(plan.slot.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix);
         let span = observer.span.clone();
         async move {
-            let counters = &*observer.counters;
+            let counters = &*observer.site.counters;
             let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
                 observer.outcome(Outcome::Bypass);
                 self.warn(
@@ -220,7 +221,7 @@ impl Cache {
                 return compute.await;
             }
             observer.key(hash);
-            let keys = EntryKeys::new(self.key_prefix(), plan.prefix, plan.namespaces(), hash);
+            let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
             let call = Call { cache: self, plan, ttl, storage, keys: &keys, observer: &observer };
             if intent == Intent::Refresh {
                 return call.refresh(compute).await;
@@ -253,7 +254,7 @@ struct Call<'c, R> {
     plan: &'c Plan<'c>,
     ttl: Duration,
     storage: Storage<R>,
-    keys: &'c EntryKeys,
+    keys: &'c EntryKeys<'c>,
     observer: &'c Observer<'c>,
 }
 
@@ -261,7 +262,7 @@ impl<R> Call<'_, R> {
     /// With stampede protection: one computation per key in this process,
     /// and across processes while the lock is held.
     async fn coordinated<F: Future<Output = R>>(&self, compute: F) -> R {
-        let counters = &*self.observer.counters;
+        let counters = &*self.observer.site.counters;
         let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
         let deadline = Instant::now() + lock_timeout;
         loop {
@@ -320,17 +321,18 @@ impl<R> Call<'_, R> {
         deadline: Instant,
         compute: F,
     ) -> R {
-        let counters = &*self.observer.counters;
+        let counters = &*self.observer.site.counters;
         let Some(observed) = observed else {
             // Redis is unavailable: coalesce in this process only.
             return self.lead_offline(leader, Outcome::Bypass, compute).await;
         };
         let token = format!("{:032x}", rand::random::<u128>());
+        let lock = self.keys.lock();
         let mut poll = FIRST_POLL;
         let mut waited = false;
         let mut discarded = false;
         let next = loop {
-            match self.acquire(&token).await {
+            match self.acquire(&lock, &token).await {
                 Acquire::Lead(versions) => break Next::Locked(versions),
                 Acquire::Hit(entry) => {
                     if let Some(stored) = self.parse(&entry) {
@@ -366,12 +368,8 @@ impl<R> Call<'_, R> {
         };
         let (observed, mut guard) = match next {
             Next::Locked(versions) => {
-                let guard = LockGuard {
-                    cache: self.cache.clone(),
-                    lock: self.keys.lock.clone(),
-                    token: token.clone(),
-                    armed: true,
-                };
+                let guard =
+                    LockGuard { cache: self.cache.clone(), lock: lock.clone(), token: token.clone(), armed: true };
                 (Some(versions), Some(guard))
             }
             Next::Unlocked => (self.seed_missing_versions(observed).await, None),
@@ -383,7 +381,7 @@ impl<R> Call<'_, R> {
         leader.computing();
         let output = self.compute(Outcome::Miss, compute).await;
         let token = if guard.is_some() { token.as_str() } else { "" };
-        let (stored, shared) = self.store(Intent::Read, observed, token, &output).await;
+        let (stored, shared) = self.store(Intent::Read, observed, &lock, token, &output).await;
         if let Some(guard) = guard.as_mut() {
             if stored != Stored::ScriptRan {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
@@ -419,7 +417,7 @@ impl<R> Call<'_, R> {
         };
         // Nested cached calls in the body behave normally.
         let output = self.compute(Outcome::Refresh, scope::normally(compute)).await;
-        self.store(Intent::Refresh, observed, "", &output).await;
+        self.store(Intent::Refresh, observed, &self.keys.lock(), "", &output).await;
         output
     }
 
@@ -430,7 +428,7 @@ impl<R> Call<'_, R> {
             None => (Outcome::Bypass, None),
         };
         let output = self.compute(outcome, compute).await;
-        self.store(Intent::Read, observed, "", &output).await;
+        self.store(Intent::Read, observed, &self.keys.lock(), "", &output).await;
         output
     }
 
@@ -441,8 +439,8 @@ impl<R> Call<'_, R> {
 
     /// One `MGET` of the entry and its namespace versions.
     async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
-        let mut mget = redis::cmd("MGET");
-        mget.arg(&self.keys.entry).arg(&self.keys.versions);
+        let mut mget = redis::Cmd::with_capacity(2 + self.keys.versions.len(), 64 * (2 + self.keys.versions.len()));
+        mget.arg("MGET").arg(&self.keys.entry).arg(self.keys.versions);
         let result = self.cache.connections().run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await;
         match result {
             Ok(mut values) if values.len() == self.keys.versions.len() + 1 => {
@@ -451,20 +449,20 @@ impl<R> Call<'_, R> {
             }
             Ok(values) => {
                 self.cache.note_fault(
-                    &self.observer.counters,
+                    &self.observer.site.counters,
                     &Fault::Server(format!("MGET returned {} values", values.len())),
                 );
                 None
             }
             Err(fault) => {
-                self.cache.note_fault(&self.observer.counters, &fault);
+                self.cache.note_fault(&self.observer.site.counters, &fault);
                 None
             }
         }
     }
 
     async fn lookup(&self) -> Lookup<R> {
-        let counters = &*self.observer.counters;
+        let counters = &*self.observer.site.counters;
         let Some((entry, versions)) = self.read().await else { return Lookup::Unavailable };
         let Some(bytes) = entry else { return Lookup::Miss(versions) };
         let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(versions) };
@@ -491,7 +489,7 @@ impl<R> Call<'_, R> {
         let mut del = redis::cmd("DEL");
         del.arg(&self.keys.entry);
         if let Err(fault) = self.cache.connections().run(|conn| conn.query::<i64>(&del)).await {
-            self.cache.note_fault(&self.observer.counters, &fault);
+            self.cache.note_fault(&self.observer.site.counters, &fault);
         }
     }
 
@@ -499,7 +497,7 @@ impl<R> Call<'_, R> {
     fn parse<'b>(&self, bytes: &'b [u8]) -> Option<StoredEntry<'b>> {
         let stored = StoredEntry::parse(bytes).filter(|e| e.is_codec(self.plan.codec));
         if stored.is_none() {
-            bump(&self.observer.counters.decode_errors);
+            bump(&self.observer.site.counters.decode_errors);
             self.cache.warn(
                 Cause::Decode,
                 format_args!(
@@ -515,11 +513,11 @@ impl<R> Call<'_, R> {
     fn decode_payload(&self, payload: &[u8]) -> Option<R> {
         match (self.storage.decode)(payload, self.plan.codec) {
             Ok(output) => {
-                add(&self.observer.counters.bytes_read, payload.len() as u64);
+                add(&self.observer.site.counters.bytes_read, payload.len() as u64);
                 Some(output)
             }
             Err(e) => {
-                bump(&self.observer.counters.decode_errors);
+                bump(&self.observer.site.counters.decode_errors);
                 #[cfg(feature = "metrics")]
                 crate::metrics::error("decode");
                 self.cache
@@ -529,15 +527,15 @@ impl<R> Call<'_, R> {
         }
     }
 
-    async fn acquire(&self, token: &str) -> Acquire {
+    async fn acquire(&self, lock: &str, token: &str) -> Acquire {
         let mut invocation = scripts::LOCK.key(&self.keys.entry);
         invocation
-            .key(&self.keys.lock)
-            .key(&self.keys.versions)
+            .key(lock)
+            .key(self.keys.versions)
             .arg(&self.plan.codec.head()[..])
             .arg(token)
             .arg(self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()).as_millis() as u64);
-        for _ in &self.keys.versions {
+        for _ in self.keys.versions {
             invocation.arg(fresh_seed());
         }
         match self.cache.connections().run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await {
@@ -549,7 +547,7 @@ impl<R> Call<'_, R> {
             },
             Ok(_) => Acquire::Unavailable,
             Err(fault) => {
-                self.cache.note_fault(&self.observer.counters, &fault);
+                self.cache.note_fault(&self.observer.site.counters, &fault);
                 Acquire::Unavailable
             }
         }
@@ -562,8 +560,8 @@ impl<R> Call<'_, R> {
             return Some(all);
         }
         let mut invocation = scripts::SEED_VERSIONS.prepare_invoke();
-        invocation.key(&self.keys.versions);
-        for _ in &self.keys.versions {
+        invocation.key(self.keys.versions);
+        for _ in self.keys.versions {
             invocation.arg(fresh_seed());
         }
         match self.cache.connections().run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
@@ -571,7 +569,7 @@ impl<R> Call<'_, R> {
                 seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == self.keys.versions.len())
             }
             Err(fault) => {
-                self.cache.note_fault(&self.observer.counters, &fault);
+                self.cache.note_fault(&self.observer.site.counters, &fault);
                 None
             }
         }
@@ -585,10 +583,11 @@ impl<R> Call<'_, R> {
         &self,
         intent: Intent,
         observed: Option<Vec<Vec<u8>>>,
+        lock: &str,
         lock_token: &str,
         output: &R,
     ) -> (Stored, Option<Shared>) {
-        let counters = &*self.observer.counters;
+        let counters = &*self.observer.site.counters;
         let payload = match (self.storage.encode)(output, self.plan.codec) {
             None => return (Stored::Skipped, None),
             Some(Ok(payload)) => Arc::new(payload),
@@ -619,8 +618,8 @@ impl<R> Call<'_, R> {
         let Some(observed) = observed else { return (Stored::Skipped, Some(Shared::Value(payload))) };
         let mut invocation = scripts::STORE.key(&self.keys.entry);
         invocation
-            .key(&self.keys.lock)
-            .key(&self.keys.versions)
+            .key(lock)
+            .key(self.keys.versions)
             .arg(crate::cache::jittered_ttl_ms(self.ttl, self.plan.jitter))
             .arg(&self.plan.codec.head()[..])
             .arg(&payload[..])
@@ -645,7 +644,7 @@ impl<R> Call<'_, R> {
                 (Stored::ScriptRan, Some(Shared::Stale))
             }
             Err(fault) => {
-                self.cache.note_fault(&self.observer.counters, &fault);
+                self.cache.note_fault(&self.observer.site.counters, &fault);
                 (Stored::Skipped, Some(Shared::Value(payload)))
             }
         }

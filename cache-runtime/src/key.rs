@@ -126,22 +126,32 @@ impl KeyHasher {
 /// slot. Braces are refused in prefixes and key prefixes, so the first `{`
 /// is always this one.
 #[derive(Debug)]
-pub(crate) struct EntryKeys {
+pub(crate) struct EntryKeys<'v> {
     pub entry: String,
-    /// The stampede lock: `<entry>#lock`.
-    pub lock: String,
     /// One version key per namespace, the prefix's first.
-    pub versions: Vec<String>,
+    pub versions: &'v [String],
 }
 
-impl EntryKeys {
-    pub(crate) fn new<'n>(app: &str, prefix: &str, namespaces: impl Iterator<Item = &'n str>, hash: KeyHash) -> Self {
-        let hex = hash.to_hex();
-        let mut entry = namespace_head(app, prefix, hex.len() + 5);
-        entry.extend(hex.iter().map(|&b| char::from(b)));
-        let lock = format!("{entry}#lock");
-        Self { entry, lock, versions: namespaces.map(|ns| version_key(app, ns)).collect() }
+impl<'v> EntryKeys<'v> {
+    pub(crate) fn new(app: &str, prefix: &str, versions: &'v [String], hash: KeyHash) -> Self {
+        Self { entry: entry_key(app, prefix, hash), versions }
     }
+
+    /// The stampede lock: `<entry>#lock`. Only misses need it.
+    pub(crate) fn lock(&self) -> String {
+        let mut lock = String::with_capacity(self.entry.len() + 5);
+        lock.push_str(&self.entry);
+        lock.push_str("#lock");
+        lock
+    }
+}
+
+/// `app:prefix:{prefix}<32 hex digits>`.
+pub(crate) fn entry_key(app: &str, prefix: &str, hash: KeyHash) -> String {
+    let hex = hash.to_hex();
+    let mut entry = namespace_head(app, prefix, hex.len());
+    entry.extend(hex.iter().map(|&b| char::from(b)));
+    entry
 }
 
 /// `app:namespace:{namespace}#v`, in the namespace's slot.
@@ -192,12 +202,13 @@ mod tests {
 
     #[test]
     fn a_namespace_lives_in_one_cluster_slot() {
-        let keys = EntryKeys::new("myapp", "products", ["products"].into_iter(), key("f", 1, &[]));
+        let versions = [version_key("myapp", "products")];
+        let keys = EntryKeys::new("myapp", "products", &versions, key("f", 1, &[]));
         assert!(keys.entry.starts_with("myapp:products:{products}"), "{}", keys.entry);
         assert_eq!(keys.entry.len(), "myapp:products:{products}".len() + 32);
-        assert_eq!(keys.lock, format!("{}#lock", keys.entry));
+        assert_eq!(keys.lock(), format!("{}#lock", keys.entry));
         assert_eq!(keys.versions, ["myapp:products:{products}#v"]);
-        for key in [&keys.lock, &keys.versions[0]] {
+        for key in [&keys.lock(), &keys.versions[0]] {
             assert_eq!(hash_tag(key), hash_tag(&keys.entry));
         }
         assert_eq!(hash_tag(&keys.entry), "products");

@@ -41,6 +41,7 @@ mod policy;
 mod private;
 mod scope;
 mod scripts;
+mod site;
 mod stats;
 mod warnings;
 

@@ -2,7 +2,7 @@
 
 use crate::cache::Plan;
 use crate::codec::Codec;
-use crate::stats::CounterSlot;
+use crate::site::SiteSlot;
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ pub struct Policy {
     version: u32,
     lock: bool,
     lock_timeout: Option<Duration>,
-    slot: CounterSlot,
+    slot: SiteSlot,
 }
 
 impl Policy {
@@ -49,7 +49,7 @@ impl Policy {
             version: 1,
             lock: true,
             lock_timeout: None,
-            slot: CounterSlot::new(),
+            slot: SiteSlot::new(),
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 pub use crate::cache::OutputKind;
 pub use crate::key::KeyHasher;
-pub use crate::stats::CounterSlot;
+pub use crate::site::SiteSlot;
 
 /// The attribute's arguments, one `static` per cached function.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub struct CallSite {
     pub lock: bool,
     /// 0: use the cache's lock timeout.
     pub lock_timeout_ms: u64,
-    pub counters: CounterSlot,
+    pub site: SiteSlot,
 }
 
 impl CallSite {
@@ -42,7 +42,7 @@ impl CallSite {
             codec: self.codec,
             lock: self.lock,
             lock_timeout: (self.lock_timeout_ms > 0).then(|| Duration::from_millis(self.lock_timeout_ms)),
-            slot: &self.counters,
+            slot: &self.site,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
@@ -183,53 +183,6 @@ impl Registry {
     }
 }
 
-/// Where a call site keeps the counters it found, so that later calls
-/// through the same cache skip the registry.
-#[derive(Debug, Default)]
-pub struct CounterSlot(OnceLock<(u64, Arc<Counters>)>);
-
-impl CounterSlot {
-    /// An empty slot, for a `static`.
-    pub const fn new() -> Self {
-        Self(OnceLock::new())
-    }
-
-    pub(crate) fn get_or_register<'s>(&'s self, cache_id: u64, registry: &Registry, prefix: &str) -> CountersRef<'s> {
-        if let Some((id, counters)) = self.0.get() {
-            if *id == cache_id {
-                return CountersRef::Borrowed(counters);
-            }
-            return CountersRef::Owned(registry.of(prefix));
-        }
-        let counters = registry.of(prefix);
-        let _ = self.0.set((cache_id, counters.clone()));
-        CountersRef::Owned(counters)
-    }
-}
-
-impl Clone for CounterSlot {
-    /// A clone starts empty: it may be used with another cache.
-    fn clone(&self) -> Self {
-        Self::new()
-    }
-}
-
-/// The counters of the call's prefix.
-pub(crate) enum CountersRef<'a> {
-    Borrowed(&'a Counters),
-    Owned(Arc<Counters>),
-}
-
-impl std::ops::Deref for CountersRef<'_> {
-    type Target = Counters;
-    fn deref(&self) -> &Counters {
-        match self {
-            CountersRef::Borrowed(counters) => counters,
-            CountersRef::Owned(counters) => counters,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,16 +198,5 @@ mod tests {
         assert_eq!(stats.prefix("a").map(|c| c.hits), Some(2));
         assert_eq!((stats.total.hits, stats.total.misses, stats.total.timeouts), (2, 1, 1));
         assert!((stats.hit_rate() - 2.0 / 3.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn a_slot_serves_the_cache_it_was_filled_for() {
-        let (registry, other) = (Registry::default(), Registry::default());
-        let slot = CounterSlot::new();
-        bump(&slot.get_or_register(1, &registry, "p").hits);
-        bump(&slot.get_or_register(1, &registry, "p").hits);
-        bump(&slot.get_or_register(2, &other, "p").hits);
-        assert_eq!(registry.snapshot().total.hits, 2);
-        assert_eq!(other.snapshot().total.hits, 1);
     }
 }

@@ -1,0 +1,438 @@
+//! The hit path, the miss path, a stampede, a dead Redis and the CPU cost of
+//! keys and codecs, each measured side by side in one run against one
+//! private redis-server, so machine noise cancels out in the ratios.
+//!
+//! ```text
+//! cargo bench --bench cache
+//! ```
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use cache_runtime::{Cache, KeyHasher, cached};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+const KEYS: u32 = 1_000;
+const RUN: Duration = Duration::from_secs(2);
+
+/// About 100 bytes encoded, like a typical row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Product {
+    id: u32,
+    sku: String,
+    name: String,
+    price_cents: u64,
+    stock: u32,
+    tags: Vec<String>,
+}
+
+impl Product {
+    fn new(id: u32) -> Self {
+        Product {
+            id,
+            sku: format!("SKU-{id:08}"),
+            name: format!("Stainless steel water bottle, {id} ml"),
+            price_cents: 1999 + u64::from(id),
+            stock: id % 50,
+            tags: vec!["kitchen".into(), "outdoor".into(), "gift".into()],
+        }
+    }
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+#[derive(Debug, Clone)]
+struct BenchError(String);
+
+#[cached(ttl = 3600, prefix = "bench_hit", cache = cache)]
+async fn ours(cache: &Cache, id: u32) -> Product {
+    Product::new(id)
+}
+
+#[cached(ttl = 3600, prefix = "bench_miss", cache = cache)]
+async fn ours_miss(cache: &Cache, id: u64) -> Product {
+    Product::new(id as u32)
+}
+
+#[cached(ttl = 3600, prefix = "bench_miss_unlocked", lock = false, cache = cache)]
+async fn ours_miss_unlocked(cache: &Cache, id: u64) -> Product {
+    Product::new(id as u32)
+}
+
+#[::cached::macros::concurrent_cached(
+    redis = true,
+    ttl_secs = 3600,
+    map_error = r##"|e| BenchError(format!("{e:?}"))"##
+)]
+async fn theirs(id: u32) -> Result<Product, BenchError> {
+    Ok(Product::new(id))
+}
+
+/// One benchmark row.
+struct Row {
+    name: String,
+    tasks: usize,
+    ops: u64,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Row {
+    fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs `call` from `tasks` concurrent tasks for `RUN`, on keys spread
+/// over the pre-warmed set.
+async fn measure<F, Fut>(name: &str, tasks: usize, call: F) -> Row
+where
+    F: Fn(u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let call = Arc::new(call);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (call, stop) = (call.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(100_000);
+                let mut id = (t as u32 * 7919) % KEYS;
+                while !stop.load(Relaxed) {
+                    id = (id * 21 + 13) % KEYS;
+                    let t0 = Instant::now();
+                    call(id).await;
+                    latencies.push(t0.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(RUN).await;
+    stop.store(true, Relaxed);
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.await.expect("bench task"));
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    Row { name: name.to_owned(), tasks, ops: latencies.len() as u64, elapsed, p50: at(0.5), p99: at(0.99) }
+}
+
+/// `redis-benchmark -t get` at `clients` connections: the server's ceiling.
+fn redis_benchmark(port: u16, clients: usize, pipeline: usize) -> Option<Row> {
+    let requests = if clients == 1 { 20_000 } else { 200_000 };
+    let output = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "get", "-r", "1000", "-d", "100", "--csv"])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string(), "-P", &pipeline.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let line = text.lines().find(|l| l.starts_with("\"GET\""))?;
+    let fields: Vec<f64> = line.split(',').skip(1).filter_map(|f| f.trim_matches('"').parse().ok()).collect();
+    let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
+    let name =
+        if pipeline > 1 { format!("redis-benchmark -t get -P {pipeline}") } else { "redis-benchmark -t get".into() };
+    Some(Row {
+        name,
+        tasks: clients,
+        ops: fields[0] as u64,
+        elapsed: Duration::from_secs(1),
+        p50: ms(fields[3]),
+        p99: ms(fields[5]),
+    })
+}
+
+fn print_table(title: &str, rows: &[Row], baseline: &str) {
+    println!("\n{title}");
+    println!("{:<44} {:>5} {:>11} {:>9} {:>9} {:>9} {:>9}", "", "tasks", "ops/s", "p50", "p99", "ops/s ×", "p50 ×");
+    for row in rows {
+        let base = rows.iter().find(|r| r.name == baseline && r.tasks == row.tasks);
+        let (ops_ratio, p50_ratio) = match base {
+            Some(b) => (row.ops_per_sec() / b.ops_per_sec(), row.p50.as_secs_f64() / b.p50.as_secs_f64()),
+            None => (f64::NAN, f64::NAN),
+        };
+        println!(
+            "{:<44} {:>5} {:>11.0} {:>9.1?} {:>9.1?} {:>9.2} {:>9.2}",
+            row.name,
+            row.tasks,
+            row.ops_per_sec(),
+            row.p50,
+            row.p99,
+            ops_ratio,
+            p50_ratio
+        );
+    }
+}
+
+const RAW_MUX: &str = "raw redis-rs multiplexed GET + bincode";
+
+async fn hit_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
+    // Warm every contender's entries for the same 1,000 ids.
+    let mut raw = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    for id in 0..KEYS {
+        ours(cache, id).await;
+        let _ = theirs(id).await;
+        let bytes = bincode::serde::encode_to_vec(Product::new(id), bincode_config()).unwrap();
+        let _: () = raw.set(format!("raw:{id}"), bytes).await.unwrap();
+    }
+    let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|id| format!("raw:{id}")).collect());
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .expect("deadpool-redis pool");
+
+    let mut rows = Vec::new();
+    for tasks in [1, 64] {
+        let c = cache.clone();
+        rows.push(
+            measure("cache-runtime #[cached] hit", tasks, move |id| {
+                let c = c.clone();
+                async move {
+                    black_box(ours(&c, id).await);
+                }
+            })
+            .await,
+        );
+        let (conn, k) = (raw.clone(), keys.clone());
+        rows.push(
+            measure(RAW_MUX, tasks, move |id| {
+                let (mut conn, k) = (conn.clone(), k.clone());
+                async move {
+                    let bytes: Vec<u8> = conn.get(&k[id as usize]).await.unwrap();
+                    let (p, _): (Product, usize) = bincode::serde::decode_from_slice(&bytes, bincode_config()).unwrap();
+                    black_box(p);
+                }
+            })
+            .await,
+        );
+        let (p, k) = (pool.clone(), keys.clone());
+        rows.push(
+            measure("raw deadpool-redis (stock) GET + bincode", tasks, move |id| {
+                let (p, k) = (p.clone(), k.clone());
+                async move {
+                    let mut conn = p.get().await.unwrap();
+                    let bytes: Vec<u8> = conn.get(&k[id as usize]).await.unwrap();
+                    let (p, _): (Product, usize) = bincode::serde::decode_from_slice(&bytes, bincode_config()).unwrap();
+                    black_box(p);
+                }
+            })
+            .await,
+        );
+        rows.push(
+            measure("cached 4 #[concurrent_cached(redis)] hit", tasks, |id| async move {
+                black_box(theirs(id).await.unwrap());
+            })
+            .await,
+        );
+        rows.extend(redis_benchmark(server.port(), tasks, 1));
+    }
+    rows.extend(redis_benchmark(server.port(), 64, 16));
+    rows
+}
+
+async fn miss_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
+    let mut raw = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut rows = Vec::new();
+    for tasks in [1, 64] {
+        let (c, n) = (cache.clone(), next.clone());
+        rows.push(
+            measure("cache-runtime #[cached] miss", tasks, move |_| {
+                let (c, n) = (c.clone(), n.clone());
+                async move {
+                    black_box(ours_miss(&c, n.fetch_add(1, Relaxed)).await);
+                }
+            })
+            .await,
+        );
+        let (c, n) = (cache.clone(), next.clone());
+        rows.push(
+            measure("cache-runtime #[cached(lock = false)] miss", tasks, move |_| {
+                let (c, n) = (c.clone(), n.clone());
+                async move {
+                    black_box(ours_miss_unlocked(&c, n.fetch_add(1, Relaxed)).await);
+                }
+            })
+            .await,
+        );
+        let (conn, n) = (raw.clone(), next.clone());
+        rows.push(
+            measure("raw GET (nil) + SET PX", tasks, move |_| {
+                let (mut conn, n) = (conn.clone(), n.clone());
+                async move {
+                    let key = format!("raw-miss:{}", n.fetch_add(1, Relaxed));
+                    let hit: Option<Vec<u8>> = conn.get(&key).await.unwrap();
+                    assert!(hit.is_none());
+                    let product = Product::new(7);
+                    let bytes = bincode::serde::encode_to_vec(&product, bincode_config()).unwrap();
+                    let _: () = conn.pset_ex(&key, bytes, 3_600_000).await.unwrap();
+                    black_box(product);
+                }
+            })
+            .await,
+        );
+    }
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut raw).await.unwrap();
+    rows
+}
+
+#[cached(ttl = 3600, prefix = "bench_stampede", cache = cache)]
+async fn cold_report(cache: &Cache, runs: &AtomicUsize, round: u32) -> Result<String, BenchError> {
+    runs.fetch_add(1, Relaxed);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(format!("report {round}"))
+}
+
+async fn stampede(cache: &Cache) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..1_000)
+        .map(|_| {
+            let (cache, runs) = (cache.clone(), runs.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                cold_report(&cache, &runs, 1).await.unwrap();
+                t.elapsed()
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.push(task.await.unwrap());
+    }
+    latencies.sort();
+    println!(
+        "\nStampede: 1,000 concurrent callers of one cold key, 50 ms body (more: cargo bench --bench stampede)\n\
+         cache-runtime #[cached]: body ran {} time(s), p50 {:.1?}, p99 {:.1?}",
+        runs.load(Relaxed),
+        latencies[500],
+        latencies[990]
+    );
+}
+
+async fn breaker_open() {
+    let mut server = support::RedisServer::start();
+    let cache = Cache::builder().url(server.url()).key_prefix("bench").build().unwrap();
+    server.kill();
+    for id in 0..10 {
+        ours(&cache, id).await;
+    }
+    const CALLS: u32 = 100_000;
+    let t = Instant::now();
+    for id in 0..CALLS {
+        black_box(ours(&cache, id % KEYS).await);
+    }
+    let cached = t.elapsed() / CALLS;
+    let t = Instant::now();
+    for id in 0..CALLS {
+        black_box(Product::new(id % KEYS));
+    }
+    let bare = t.elapsed() / CALLS;
+    println!(
+        "\nRedis stopped, breaker open: a call costs {cached:.2?}, the bare body {bare:.2?}: {:.2?} added per call \
+         (target: under 50 µs); breaker rejections {}",
+        cached.saturating_sub(bare),
+        cache.stats().total.breaker_rejections
+    );
+}
+
+fn key_and_codec_cpu() {
+    const N: u32 = 1_000_000;
+    let product = Product::new(42);
+    let encoded = bincode::serde::encode_to_vec(&product, bincode_config()).unwrap();
+    let t = Instant::now();
+    for id in 0..N {
+        let mut hasher = KeyHasher::new("bench::ours::__cache_identity", 1);
+        hasher.part(b"Product");
+        hasher.arg(&black_box(id)).unwrap();
+        black_box(hasher.finish().to_hex());
+    }
+    let key = t.elapsed() / N;
+    let t = Instant::now();
+    for _ in 0..N {
+        black_box(bincode::serde::encode_to_vec(black_box(&product), bincode_config()).unwrap());
+    }
+    let encode = t.elapsed() / N;
+    let t = Instant::now();
+    for _ in 0..N {
+        let (p, _): (Product, usize) =
+            bincode::serde::decode_from_slice(black_box(&encoded), bincode_config()).unwrap();
+        black_box(p);
+    }
+    let decode = t.elapsed() / N;
+    println!(
+        "\nCPU per call, {}-byte value: key {key:.0?}, encode {encode:.0?}, decode {decode:.0?}; key + decode (a hit) \
+         {:.0?} (target: under 1 µs)",
+        encoded.len(),
+        key + decode
+    );
+}
+
+/// `BENCH_ONLY=ours64` runs only our 64-task hit path, for 10 s: for
+/// profiling (`perf record -e cpu-clock -g`).
+async fn profile_only(cache: &Cache) {
+    for id in 0..KEYS {
+        ours(cache, id).await;
+    }
+    let c = cache.clone();
+    let row = measure("cache-runtime #[cached] hit", 64, move |id| {
+        let c = c.clone();
+        async move {
+            black_box(ours(&c, id).await);
+        }
+    })
+    .await;
+    println!("{} ops/s", row.ops_per_sec() as u64);
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ours64") {
+        let server = support::RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
+            profile_only(&cache).await;
+        });
+        return;
+    }
+    let server = support::RedisServer::start();
+    // The `cached` crate reads its Redis URL from the environment, once.
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("CACHED_REDIS_CONNECTION_STRING", server.url()) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    println!(
+        "cache-runtime benchmark: {} cores, {}, {}-byte value, {KEYS} pre-warmed keys, {RUN:?} per row",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        String::from_utf8_lossy(
+            &std::process::Command::new("redis-server").arg("--version").output().map(|o| o.stdout).unwrap_or_default()
+        )
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" "),
+        bincode::serde::encode_to_vec(Product::new(1), bincode_config()).map(|v| v.len()).unwrap_or(0)
+    );
+    runtime.block_on(async {
+        let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
+        let rows = hit_path(&server, &cache).await;
+        print_table("Hit path (ratios against the raw multiplexed client at the same concurrency)", &rows, RAW_MUX);
+        let rows = miss_path(&server, &cache).await;
+        print_table("Miss path, body returns at once (ratios against raw GET + SET)", &rows, "raw GET (nil) + SET PX");
+        stampede(&cache).await;
+        breaker_open().await;
+    });
+    key_and_codec_cpu();
+}

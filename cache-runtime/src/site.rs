@@ -1,0 +1,109 @@
+//! What a call site remembers per cache, so that a hit does no work that
+//! is the same every time: its prefix's counters, and the Redis keys of its
+//! namespaces' versions.
+
+use crate::key::version_key;
+use crate::stats::{Counters, Registry};
+use std::sync::{Arc, OnceLock};
+
+/// A call site's state for one cache.
+#[derive(Debug)]
+pub(crate) struct Site {
+    pub counters: Arc<Counters>,
+    /// One version key per namespace, the prefix's first.
+    pub version_keys: Vec<String>,
+}
+
+impl Site {
+    fn new<'n>(cache: CacheView<'_>, prefix: &str, namespaces: impl Iterator<Item = &'n str>) -> Self {
+        Site {
+            counters: cache.registry.of(prefix),
+            version_keys: namespaces.map(|ns| version_key(cache.key_prefix, ns)).collect(),
+        }
+    }
+}
+
+/// What a site needs to know of the cache it is used with.
+#[derive(Clone, Copy)]
+pub(crate) struct CacheView<'c> {
+    pub id: u64,
+    pub key_prefix: &'c str,
+    pub registry: &'c Registry,
+}
+
+/// Where a call site (a `#[cached]` function, or a `Policy`) keeps its
+/// [`Site`] for the first cache it is used with; other caches get a fresh
+/// one per call.
+#[derive(Debug, Default)]
+pub struct SiteSlot(OnceLock<(u64, Arc<Site>)>);
+
+impl SiteSlot {
+    /// An empty slot, for a `static`.
+    pub const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    pub(crate) fn get<'s, 'n>(
+        &'s self,
+        cache: CacheView<'_>,
+        prefix: &str,
+        namespaces: impl Iterator<Item = &'n str>,
+    ) -> SiteRef<'s> {
+        if let Some((id, site)) = self.0.get() {
+            if *id == cache.id {
+                return SiteRef::Borrowed(site);
+            }
+            return SiteRef::Owned(Arc::new(Site::new(cache, prefix, namespaces)));
+        }
+        let site = Arc::new(Site::new(cache, prefix, namespaces));
+        let _ = self.0.set((cache.id, site.clone()));
+        SiteRef::Owned(site)
+    }
+}
+
+impl Clone for SiteSlot {
+    /// A clone starts empty: it may be used with another cache.
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+/// A call's site state.
+pub(crate) enum SiteRef<'a> {
+    Borrowed(&'a Site),
+    Owned(Arc<Site>),
+}
+
+impl std::ops::Deref for SiteRef<'_> {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        match self {
+            SiteRef::Borrowed(site) => site,
+            SiteRef::Owned(site) => site,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::bump;
+
+    #[test]
+    fn a_slot_serves_the_cache_it_was_filled_for() {
+        let (registry, other) = (Registry::default(), Registry::default());
+        let view = CacheView { id: 1, key_prefix: "app", registry: &registry };
+        let other_view = CacheView { id: 2, key_prefix: "other", registry: &other };
+        let slot = SiteSlot::new();
+        let namespaces = || ["p", "tag"].into_iter();
+        bump(&slot.get(view, "p", namespaces()).counters.hits);
+        let again = slot.get(view, "p", namespaces());
+        assert!(matches!(again, SiteRef::Borrowed(_)), "the second call borrows");
+        bump(&again.counters.hits);
+        let elsewhere = slot.get(other_view, "p", namespaces());
+        bump(&elsewhere.counters.hits);
+        assert_eq!(elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v"]);
+        assert_eq!(registry.snapshot().total.hits, 2);
+        assert_eq!(other.snapshot().total.hits, 1);
+    }
+}
