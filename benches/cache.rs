@@ -231,7 +231,7 @@ async fn hit_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
         );
         rows.push(
             measure("cached 4 #[concurrent_cached(redis)] hit", tasks, |id| async move {
-                black_box(theirs(id).await.unwrap());
+                black_box(theirs(id).await.unwrap_or_else(|BenchError(why)| panic!("cached crate failed: {why}")));
             })
             .await,
         );
