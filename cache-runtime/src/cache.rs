@@ -1,6 +1,7 @@
 //! The cache: its settings, counters, and public operations. The flow of
 //! one cached call lives in `flow.rs`.
 
+use crate::batch::Batcher;
 use crate::builder::CacheBuilder;
 use crate::canonical::Unencodable;
 use crate::codec::{Codec, CodecError};
@@ -41,7 +42,8 @@ pub struct Cache {
 }
 
 struct Inner {
-    connections: Connections,
+    connections: Arc<Connections>,
+    batcher: Arc<Batcher>,
     key_prefix: String,
     default_ttl: Option<Duration>,
     lock_timeout: Duration,
@@ -179,7 +181,8 @@ impl Cache {
     pub(crate) fn from_settings(settings: Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
-                connections: settings.connections,
+                connections: Arc::new(settings.connections),
+                batcher: Arc::default(),
                 key_prefix: settings.key_prefix,
                 default_ttl: settings.default_ttl,
                 lock_timeout: settings.lock_timeout,
@@ -329,8 +332,12 @@ impl Cache {
         CacheView { id: self.inner.id, key_prefix: &self.inner.key_prefix, registry: &self.inner.registry }
     }
 
-    pub(crate) fn connections(&self) -> &Connections {
+    pub(crate) fn connections(&self) -> &Arc<Connections> {
         &self.inner.connections
+    }
+
+    pub(crate) fn batcher(&self) -> &Arc<Batcher> {
+        &self.inner.batcher
     }
 
     pub(crate) fn flights(&self) -> &Flights {

@@ -12,7 +12,6 @@
 use crate::cache::{Cache, Intent, Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::StoredEntry;
-use crate::error::Fault;
 use crate::flight::{self, Leader, Role, Shared};
 use crate::key::{EntryKeys, KeyHash};
 use crate::policy::check_namespace;
@@ -179,7 +178,27 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 
 impl Cache {
     /// The cache-aside flow of one call; see the module docs.
+    ///
+    /// The flow is boxed: a `Box`'s layout does not depend on what it holds,
+    /// so the compiler's layout queries for a caller's future stop here
+    /// instead of recursing through every layer of the flow. Without it, a
+    /// few nested async functions in the user's code exceed rustc's default
+    /// query depth.
     pub(crate) async fn fetch_or_compute<R, F>(
+        &self,
+        plan: &Plan<'_>,
+        key: Result<KeyHash, Unencodable>,
+        storage: Storage<R>,
+        intent: Intent,
+        compute: F,
+    ) -> R
+    where
+        F: Future<Output = R>,
+    {
+        Box::pin(self.flow(plan, key, storage, intent, compute)).await
+    }
+
+    async fn flow<R, F>(
         &self,
         plan: &Plan<'_>,
         key: Result<KeyHash, Unencodable>,
@@ -437,22 +456,14 @@ impl<R> Call<'_, R> {
         compute.await
     }
 
-    /// One `MGET` of the entry and its namespace versions.
+    /// One `MGET` of the entry and its namespace versions, batched with
+    /// concurrent lookups under load.
     async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
-        let mut mget = redis::Cmd::with_capacity(2 + self.keys.versions.len(), 64 * (2 + self.keys.versions.len()));
-        mget.arg("MGET").arg(&self.keys.entry).arg(self.keys.versions);
-        let result = self.cache.connections().run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await;
-        match result {
-            Ok(mut values) if values.len() == self.keys.versions.len() + 1 => {
+        let connections = self.cache.connections();
+        match self.cache.batcher().mget(connections, &self.keys.entry, self.keys.versions).await {
+            Ok(mut values) => {
                 let entry = values[0].take();
                 Some((entry, values.split_off(1)))
-            }
-            Ok(values) => {
-                self.cache.note_fault(
-                    &self.observer.site.counters,
-                    &Fault::Server(format!("MGET returned {} values", values.len())),
-                );
-                None
             }
             Err(fault) => {
                 self.cache.note_fault(&self.observer.site.counters, &fault);
@@ -535,7 +546,7 @@ impl<R> Call<'_, R> {
             .arg(&self.plan.codec.head()[..])
             .arg(token)
             .arg(self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()).as_millis() as u64);
-        for _ in self.keys.versions {
+        for _ in self.keys.versions.iter() {
             invocation.arg(fresh_seed());
         }
         match self.cache.connections().run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await {
@@ -561,7 +572,7 @@ impl<R> Call<'_, R> {
         }
         let mut invocation = scripts::SEED_VERSIONS.prepare_invoke();
         invocation.key(self.keys.versions);
-        for _ in self.keys.versions {
+        for _ in self.keys.versions.iter() {
             invocation.arg(fresh_seed());
         }
         match self.cache.connections().run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {

@@ -4,6 +4,7 @@
 use crate::canonical::{self, Unencodable};
 use serde::Serialize;
 use std::fmt;
+use std::sync::Arc;
 
 /// Bumped only if the key layout itself changes; folded into every hash.
 const KEY_SCHEMA: &[u8] = b"cache-runtime/key/v1";
@@ -129,11 +130,11 @@ impl KeyHasher {
 pub(crate) struct EntryKeys<'v> {
     pub entry: String,
     /// One version key per namespace, the prefix's first.
-    pub versions: &'v [String],
+    pub versions: &'v Arc<[String]>,
 }
 
 impl<'v> EntryKeys<'v> {
-    pub(crate) fn new(app: &str, prefix: &str, versions: &'v [String], hash: KeyHash) -> Self {
+    pub(crate) fn new(app: &str, prefix: &str, versions: &'v Arc<[String]>, hash: KeyHash) -> Self {
         Self { entry: entry_key(app, prefix, hash), versions }
     }
 
@@ -202,12 +203,12 @@ mod tests {
 
     #[test]
     fn a_namespace_lives_in_one_cluster_slot() {
-        let versions = [version_key("myapp", "products")];
+        let versions: Arc<[String]> = vec![version_key("myapp", "products")].into();
         let keys = EntryKeys::new("myapp", "products", &versions, key("f", 1, &[]));
         assert!(keys.entry.starts_with("myapp:products:{products}"), "{}", keys.entry);
         assert_eq!(keys.entry.len(), "myapp:products:{products}".len() + 32);
         assert_eq!(keys.lock(), format!("{}#lock", keys.entry));
-        assert_eq!(keys.versions, ["myapp:products:{products}#v"]);
+        assert_eq!(&**keys.versions, ["myapp:products:{products}#v"]);
         for key in [&keys.lock(), &keys.versions[0]] {
             assert_eq!(hash_tag(key), hash_tag(&keys.entry));
         }

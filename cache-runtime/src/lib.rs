@@ -25,6 +25,7 @@
 //! runs its body and returns what it returns. Such events are counted in
 //! [`Stats`] and logged through `tracing`, rate-limited.
 
+mod batch;
 mod breaker;
 mod builder;
 mod cache;

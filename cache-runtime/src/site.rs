@@ -10,15 +10,16 @@ use std::sync::{Arc, OnceLock};
 #[derive(Debug)]
 pub(crate) struct Site {
     pub counters: Arc<Counters>,
-    /// One version key per namespace, the prefix's first.
-    pub version_keys: Vec<String>,
+    /// One version key per namespace, the prefix's first; shared with
+    /// batched lookups.
+    pub version_keys: Arc<[String]>,
 }
 
 impl Site {
     fn new<'n>(cache: CacheView<'_>, prefix: &str, namespaces: impl Iterator<Item = &'n str>) -> Self {
         Site {
             counters: cache.registry.of(prefix),
-            version_keys: namespaces.map(|ns| version_key(cache.key_prefix, ns)).collect(),
+            version_keys: namespaces.map(|ns| version_key(cache.key_prefix, ns)).collect::<Vec<_>>().into(),
         }
     }
 }
@@ -102,7 +103,7 @@ mod tests {
         bump(&again.counters.hits);
         let elsewhere = slot.get(other_view, "p", namespaces());
         bump(&elsewhere.counters.hits);
-        assert_eq!(elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v"]);
+        assert_eq!(&*elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v"]);
         assert_eq!(registry.snapshot().total.hits, 2);
         assert_eq!(other.snapshot().total.hits, 1);
     }
