@@ -4,18 +4,21 @@
 //! deadpool-redis's stock manager sends `UNWATCH` + `PING` on every checkout,
 //! which doubles the round trips of a cache hit. This manager creates
 //! connections through deadpool-redis but recycles by checking a flag that
-//! failed commands set, so a checkout costs no I/O. A checked-out
-//! connection is multiplexed: the call clones its handle and gives the slot
-//! back at once, so concurrent calls pipeline on the same socket instead of
-//! queueing for a slot.
+//! failed commands set, so a checkout costs no I/O.
+//!
+//! Connections are multiplexed, so they are not checked out per call: a few
+//! (one per core, at most `pool_size`) are kept checked out, and a call
+//! clones a handle to one of them, round robin; concurrent calls pipeline on
+//! the same sockets. A slot whose connection failed is refilled from the
+//! pool, under the connect deadline.
 
 use crate::breaker::{Admission, Breaker};
 use crate::error::Fault;
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, RedisError};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub(crate) struct RedisManager {
@@ -52,6 +55,10 @@ pub(crate) struct Deadlines {
 
 pub(crate) struct Connections {
     pool: managed::Pool<RedisManager>,
+    /// Connections checked out of the pool and kept: calls clone a handle
+    /// from one of them, round robin, without touching the pool.
+    slots: Box<[RwLock<Option<managed::Object<RedisManager>>>]>,
+    next_slot: AtomicUsize,
     deadlines: Deadlines,
     breaker: Breaker,
 }
@@ -90,7 +97,12 @@ impl Connections {
             .max_size(pool_size)
             .build()
             .map_err(|e| crate::Error::InvalidConfig(format!("could not build the connection pool: {e}")))?;
-        Ok(Self { pool, deadlines, breaker })
+        // A multiplexed connection pipelines everything sent on it, and
+        // Redis runs commands one at a time: more connections than cores
+        // add syscalls, not throughput.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slots = (0..pool_size.min(cores).max(1)).map(|_| RwLock::new(None)).collect();
+        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker })
     }
 
     /// The longest one operation may take: a connection, then a command.
@@ -146,19 +158,11 @@ impl Connections {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let pooled = match tokio::time::timeout(self.deadlines.connect, self.pool.get()).await {
-            Err(_) => return Err(Fault::Timeout),
-            Ok(Err(deadpool::managed::PoolError::Backend(e))) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
-                return Err(Fault::Connection(format!(
-                    "Redis refused the credentials: check the password or ACL user in the URL ({e})"
-                )));
-            }
-            Ok(Err(e)) => return Err(Fault::Connection(e.to_string())),
-            Ok(Ok(pooled)) => pooled,
+        let conn = match self.kept_connection() {
+            Ok(conn) => conn,
+            // Boxed: the pool's checkout future is large, and rare.
+            Err(slot) => Box::pin(self.checkout(slot)).await?,
         };
-        let conn = Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() };
-        // The handle is multiplexed: give the slot back before the round trip.
-        drop(pooled);
         let broken = conn.broken.clone();
         match tokio::time::timeout(self.deadlines.command, op(conn)).await {
             Err(_) => Err(Fault::Timeout),
@@ -174,6 +178,45 @@ impl Connections {
                 }
             }
         }
+    }
+}
+
+impl Connections {
+    /// A handle on a kept, healthy connection, without waiting; or the
+    /// index of the slot to fill.
+    fn kept_connection(&self) -> Result<Conn, usize> {
+        let index = self.next_slot.fetch_add(1, Relaxed) % self.slots.len();
+        let Ok(slot) = self.slots[index].read() else { return Err(index) };
+        match slot.as_ref() {
+            Some(pooled) if !pooled.broken.load(Relaxed) => {
+                Ok(Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() })
+            }
+            _ => Err(index),
+        }
+    }
+
+    /// Fills an empty or broken slot from the pool, within the connect
+    /// deadline. The broken connection goes back to the pool, whose recycle
+    /// check discards it.
+    async fn checkout(&self, index: usize) -> Result<Conn, Fault> {
+        let pooled = match tokio::time::timeout(self.deadlines.connect, self.pool.get()).await {
+            Err(_) => return Err(Fault::Timeout),
+            Ok(Err(managed::PoolError::Backend(e))) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+                return Err(Fault::Connection(format!(
+                    "Redis refused the credentials: check the password or ACL user in the URL ({e})"
+                )));
+            }
+            Ok(Err(e)) => return Err(Fault::Connection(e.to_string())),
+            Ok(Ok(pooled)) => pooled,
+        };
+        let conn = Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() };
+        if let Ok(mut slot) = self.slots[index].write() {
+            let replace = slot.as_ref().is_none_or(|kept| kept.broken.load(Relaxed));
+            if replace {
+                *slot = Some(pooled);
+            }
+        }
+        Ok(conn)
     }
 }
 

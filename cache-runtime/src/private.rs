@@ -70,7 +70,8 @@ where
         }
         (cache, Mode::Forget(slot)) => {
             let outcome = match cache {
-                Some(cache) => cache.forget_entry(&site.plan(), key).await,
+                // Boxed: a rare path that should not grow every call's future.
+                Some(cache) => Box::pin(cache.forget_entry(&site.plan(), key)).await,
                 None => Err(crate::Error::NotInitialized),
             };
             scope::report_forget(&slot, outcome);
