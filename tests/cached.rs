@@ -509,3 +509,31 @@ fn an_entry_written_by_another_codec_is_a_miss_that_is_overwritten() {
         assert_eq!(cache.stats().total.decode_errors, 1, "the foreign entry was overwritten");
     });
 }
+
+struct Table<T> {
+    cache: Cache,
+    _rows: std::marker::PhantomData<T>,
+}
+
+impl<T: Default + Serialize + serde::de::DeserializeOwned + Send + Sync> Table<T> {
+    #[cached(ttl = 60, prefix = "tables", skip(self), cache = self.cache)]
+    async fn describe(&self, id: u32) -> String {
+        format!("{id} as {}", std::any::type_name::<T>())
+    }
+}
+
+#[test]
+fn methods_of_generic_impls_keep_their_instantiations_apart() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let small = Table::<u8> { cache: cache.clone(), _rows: std::marker::PhantomData };
+        let large = Table::<u64> { cache: cache.clone(), _rows: std::marker::PhantomData };
+        assert_eq!(small.describe(1).await, "1 as u8");
+        assert_eq!(large.describe(1).await, "1 as u64", "Table<u64> must not get Table<u8>'s entry");
+        assert_eq!(small.describe(1).await, "1 as u8");
+        assert_eq!(large.describe(1).await, "1 as u64");
+        assert_eq!(cache.stats().total.hits, 2);
+    });
+    assert_eq!(entry_keys(&mut server.conn(), "app:tables:*").len(), 2);
+}

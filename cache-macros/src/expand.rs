@@ -108,6 +108,7 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
         hygienic("__cache"),
         hygienic("__cache_h"),
     );
+    let (identity, anchor) = (hygienic("__CACHE_IDENTITY"), hygienic("__cache_anchor"));
 
     let output = match &sig.output {
         ReturnType::Default => quote! { () },
@@ -182,12 +183,13 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
         #(#attrs)*
         #vis #sig {
             let #key = {
-                fn __cache_identity() {}
-                let mut #hasher = ::cache_runtime::__private::KeyHasher::new(
-                    ::core::any::type_name_of_val(&__cache_identity),
-                    #version,
-                );
-                #hasher.part(#output_text.as_bytes());
+                static #identity: ::cache_runtime::__private::IdentityCell =
+                    ::cache_runtime::__private::IdentityCell::new();
+                // A closure's type name carries every generic parameter of
+                // the function and of its impl, instantiated.
+                let #anchor = || ();
+                let mut #hasher =
+                    #identity.hasher(::core::any::type_name_of_val(&#anchor), #version, #output_text);
                 #(#type_params)*
                 ::core::result::Result::Ok::<_, ::cache_runtime::Unencodable>(&mut #hasher)
                     #(#const_params)*

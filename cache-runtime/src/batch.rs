@@ -16,8 +16,10 @@ use crate::error::Fault;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
-/// Lookups on the wire at once before callers start to queue.
-const MAX_IN_FLIGHT: usize = 2;
+/// Lookups on the wire at once before callers start to queue. One measured
+/// best on 2 cores (`BENCH_ONLY=ours64 cargo bench --bench cache`): more
+/// in flight means smaller batches.
+const MAX_IN_FLIGHT: usize = 1;
 /// The most lookups sent in one `MGET`.
 const MAX_BATCH: usize = 128;
 

@@ -117,7 +117,7 @@ impl Connections {
     /// count against the breaker.
     pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T, Fault>
     where
-        F: FnOnce(Conn) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let admission = self.breaker.admit();
@@ -131,7 +131,7 @@ impl Connections {
     /// open: for write paths, which must learn whether they reached Redis.
     pub(crate) async fn run_unguarded<T, F, Fut>(&self, op: F) -> Result<T, Fault>
     where
-        F: FnOnce(Conn) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         self.settle(Admission::Allowed, self.run_admitted(op).await)
@@ -155,14 +155,32 @@ impl Connections {
 
     async fn run_admitted<T, F, Fut>(&self, op: F) -> Result<T, Fault>
     where
-        F: FnOnce(Conn) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let conn = match self.kept_connection() {
-            Ok(conn) => conn,
+        let (conn, fresh, slot) = match self.kept_connection() {
+            Ok((conn, slot)) => (conn, false, slot),
             // Boxed: the pool's checkout future is large, and rare.
-            Err(slot) => Box::pin(self.checkout(slot)).await?,
+            Err(slot) => (Box::pin(self.checkout(slot)).await?, true, slot),
         };
+        match self.command(&op, conn).await {
+            // A kept connection can have died quietly (a server restart, a
+            // CLIENT KILL) and only say so now: try once on a fresh one
+            // rather than fail the call, or the breaker's probe.
+            Err(Fault::Connection(_)) if !fresh => {
+                let conn = Box::pin(self.checkout(slot)).await?;
+                self.command(&op, conn).await
+            }
+            result => result,
+        }
+    }
+
+    /// One command under the command deadline.
+    async fn command<T, F, Fut>(&self, op: &F, conn: Conn) -> Result<T, Fault>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let broken = conn.broken.clone();
         match tokio::time::timeout(self.deadlines.command, op(conn)).await {
             Err(_) => Err(Fault::Timeout),
@@ -182,14 +200,14 @@ impl Connections {
 }
 
 impl Connections {
-    /// A handle on a kept, healthy connection, without waiting; or the
-    /// index of the slot to fill.
-    fn kept_connection(&self) -> Result<Conn, usize> {
+    /// A handle on a kept, healthy connection and its slot, without
+    /// waiting; or the index of the slot to fill.
+    fn kept_connection(&self) -> Result<(Conn, usize), usize> {
         let index = self.next_slot.fetch_add(1, Relaxed) % self.slots.len();
         let Ok(slot) = self.slots[index].read() else { return Err(index) };
         match slot.as_ref() {
             Some(pooled) if !pooled.broken.load(Relaxed) => {
-                Ok(Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() })
+                Ok((Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() }, index))
             }
             _ => Err(index),
         }

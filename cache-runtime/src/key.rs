@@ -110,6 +110,18 @@ impl KeyHasher {
         Ok(self)
     }
 
+    /// The identity hashed so far, sealed into 32 bytes, for
+    /// [`keyed`](Self::keyed): a call site hashes its identity once.
+    pub(crate) fn seal(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// Continues from a sealed identity: blake3 keyed with it, so only the
+    /// arguments are hashed per call.
+    pub(crate) fn keyed(identity: &[u8; 32]) -> Self {
+        Self { hasher: blake3::Hasher::new_keyed(identity) }
+    }
+
     /// The finished hash.
     pub fn finish(&self) -> KeyHash {
         let digest = self.hasher.finalize();

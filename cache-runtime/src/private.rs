@@ -11,6 +11,7 @@ use crate::warnings::{Cause, PROCESS_WARNINGS};
 use serde::{Serialize, de::DeserializeOwned};
 use std::borrow::Cow;
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use crate::cache::OutputKind;
@@ -86,6 +87,35 @@ where
             );
             compute.await
         }
+    }
+}
+
+/// A call site's identity, hashed once: its function's full path, layout
+/// version and return type as written.
+pub struct IdentityCell(OnceLock<(&'static str, [u8; 32])>);
+
+impl IdentityCell {
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    /// A hasher for the arguments of a call. `anchor` is the type name of a
+    /// closure in the function: it names the function's full path with
+    /// every generic parameter instantiated, of the function and of its
+    /// impl. A `static` is shared by all instantiations, so the cached
+    /// digest is used only for the very same name.
+    pub fn hasher(&self, anchor: &'static str, version: u32, output: &str) -> KeyHasher {
+        if let Some((cached, digest)) = self.0.get()
+            && std::ptr::eq(*cached, anchor)
+        {
+            return KeyHasher::keyed(digest);
+        }
+        let mut identity = KeyHasher::new(anchor, version);
+        identity.part(output.as_bytes());
+        let digest = identity.seal();
+        let _ = self.0.set((anchor, digest));
+        KeyHasher::keyed(&digest)
     }
 }
 
