@@ -150,12 +150,9 @@ fn a_value_read_before_an_invalidate_is_never_served_after_it() {
 
 #[test]
 fn invalidate_reports_when_redis_is_down() {
-    let mut server = RedisServer::start();
-    let url = server.url();
-    server.kill();
     run(DEADLINE, async {
         let cache = Cache::builder()
-            .url(url)
+            .url(RedisServer::dead_url())
             .connect_timeout(Duration::from_millis(200))
             .command_timeout(Duration::from_millis(200))
             .build()

@@ -284,12 +284,9 @@ async fn offline(cache: &Cache, calls: &AtomicUsize, id: u64) -> u64 {
 
 #[test]
 fn with_redis_down_concurrent_callers_still_share_one_computation() {
-    let mut server = RedisServer::start();
-    let url = server.url();
-    server.kill();
     run(DEADLINE, async {
         let cache = Cache::builder()
-            .url(url)
+            .url(RedisServer::dead_url())
             .connect_timeout(Duration::from_millis(100))
             .command_timeout(Duration::from_millis(100))
             .build()

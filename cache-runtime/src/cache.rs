@@ -265,8 +265,7 @@ impl Cache {
         T: Serialize + DeserializeOwned,
         F: Future<Output = Result<T, E>>,
     {
-        let hash = programmatic_key::<K, T>(policy, key);
-        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), Intent::Read, compute).await
+        self.programmatic(policy, key, Intent::Read, compute).await
     }
 
     /// Write-through for [`get_or_compute`](Self::get_or_compute) entries:
@@ -285,8 +284,18 @@ impl Cache {
         T: Serialize + DeserializeOwned,
         F: Future<Output = Result<T, E>>,
     {
+        self.programmatic(policy, key, Intent::Refresh, compute).await
+    }
+
+    /// The flow of `#[cached]`, for a `Result` computed under a `Policy`.
+    async fn programmatic<K, T, E, F>(&self, policy: &Policy, key: &K, intent: Intent, compute: F) -> Result<T, E>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
         let hash = programmatic_key::<K, T>(policy, key);
-        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), Intent::Refresh, compute).await
+        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), intent, compute).await
     }
 
     /// Deletes the [`get_or_compute`](Self::get_or_compute) entry of `key`

@@ -72,6 +72,14 @@ impl RedisServer {
         panic!("redis-server on port {} did not start", self.port);
     }
 
+    /// The URL of a Redis that was running and is gone: connections to it
+    /// are refused.
+    pub fn dead_url() -> String {
+        let mut server = Self::start();
+        server.kill();
+        server.url()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
