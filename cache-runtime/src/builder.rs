@@ -70,8 +70,10 @@ impl CacheBuilder {
         self
     }
 
-    /// The most connections the pool opens. Connections are multiplexed, so
-    /// a few carry many concurrent calls. Default: 8.
+    /// The most connections the pool opens. Connections are multiplexed:
+    /// calls pipeline over one kept connection per CPU core (at most this
+    /// many); the rest of the pool replaces connections that fail.
+    /// Default: 8.
     pub fn pool_size(mut self, pool_size: usize) -> Self {
         self.pool_size = pool_size;
         self
