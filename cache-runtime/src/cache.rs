@@ -109,7 +109,7 @@ pub trait OutputKind<R> {
     fn from_stored(value: Self::Value) -> R;
 }
 
-type Encoded = Result<Vec<u8>, CodecError>;
+pub(crate) type Encoded = Result<Vec<u8>, CodecError>;
 
 /// How outputs of type `R` are encoded and decoded: the serde bounds,
 /// resolved once into two function pointers.

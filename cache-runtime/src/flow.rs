@@ -9,7 +9,7 @@
 //! over when the leader fails, and nobody waits longer than the lock
 //! timeout.
 
-use crate::cache::{Cache, Intent, Plan, Storage};
+use crate::cache::{Cache, Encoded, Intent, Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::StoredEntry;
 use crate::flight::{self, Leader, Role, Shared};
@@ -400,7 +400,8 @@ impl<R> Call<'_, R> {
         leader.computing();
         let output = self.compute(Outcome::Miss, compute).await;
         let token = if guard.is_some() { token.as_str() } else { "" };
-        let (stored, shared) = self.store(Intent::Read, observed, &lock, token, &output).await;
+        let encoded = (self.storage.encode)(&output, self.plan.codec);
+        let (stored, shared) = self.store(Intent::Read, observed, &lock, token, encoded).await;
         if let Some(guard) = guard.as_mut() {
             if stored != Stored::ScriptRan {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
@@ -436,7 +437,8 @@ impl<R> Call<'_, R> {
         };
         // Nested cached calls in the body behave normally.
         let output = self.compute(Outcome::Refresh, scope::normally(compute)).await;
-        self.store(Intent::Refresh, observed, &self.keys.lock(), "", &output).await;
+        let encoded = (self.storage.encode)(&output, self.plan.codec);
+        self.store(Intent::Refresh, observed, &self.keys.lock(), "", encoded).await;
         output
     }
 
@@ -447,7 +449,8 @@ impl<R> Call<'_, R> {
             None => (Outcome::Bypass, None),
         };
         let output = self.compute(outcome, compute).await;
-        self.store(Intent::Read, observed, &self.keys.lock(), "", &output).await;
+        let encoded = (self.storage.encode)(&output, self.plan.codec);
+        self.store(Intent::Read, observed, &self.keys.lock(), "", encoded).await;
         output
     }
 
@@ -587,20 +590,22 @@ impl<R> Call<'_, R> {
         }
     }
 
-    /// Encodes and stores `output` if it is cacheable. Returns whether the
-    /// store script ran, and what waiters may be given: the payload, `Stale`
-    /// if a namespace was invalidated while computing, or nothing when the
-    /// output is not cacheable.
+    /// Stores an output, encoded by the caller (`None`: not cacheable).
+    /// Taking the bytes rather than `&R` keeps the output out of the
+    /// future's state across the round trip, so outputs need not be `Sync`.
+    /// Returns whether the store script ran, and what waiters may be given:
+    /// the payload, `Stale` if a namespace was invalidated while computing,
+    /// or nothing when the output is not cacheable.
     async fn store(
         &self,
         intent: Intent,
         observed: Option<Vec<Vec<u8>>>,
         lock: &str,
         lock_token: &str,
-        output: &R,
+        encoded: Option<Encoded>,
     ) -> (Stored, Option<Shared>) {
         let counters = &*self.observer.site.counters;
-        let payload = match (self.storage.encode)(output, self.plan.codec) {
+        let payload = match encoded {
             None => return (Stored::Skipped, None),
             Some(Ok(payload)) => Arc::new(payload),
             Some(Err(e)) => {

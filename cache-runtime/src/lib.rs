@@ -36,6 +36,8 @@ mod error;
 mod flight;
 mod flow;
 mod key;
+#[cfg(feature = "tower")]
+mod layer;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;
@@ -58,6 +60,8 @@ pub use canonical::Unencodable;
 pub use codec::Codec;
 pub use error::Error;
 pub use key::{KeyHash, KeyHasher};
+#[cfg(feature = "tower")]
+pub use layer::{CacheBody, CacheLayer, CacheService};
 pub use policy::Policy;
 pub use scope::{forget, refresh};
 pub use stats::{Counts, Stats};
