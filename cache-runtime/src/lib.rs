@@ -25,6 +25,8 @@
 //! runs its body and returns what it returns. Such events are counted in
 //! [`Stats`] and logged through `tracing`, rate-limited.
 
+#![warn(missing_docs)]
+
 mod batch;
 mod breaker;
 mod builder;

@@ -1,6 +1,9 @@
 //! What `#[cached]` expands to calls. Not a public API: names and
 //! signatures here change without notice.
 
+// Hidden from the docs and not a public API: the macro is its only user.
+#![allow(missing_docs)]
+
 use crate::Cache;
 use crate::cache::{Intent, Plan, Storage};
 use crate::canonical::Unencodable;
