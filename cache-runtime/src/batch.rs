@@ -89,7 +89,7 @@ impl Batcher {
         versions: &Arc<[String]>,
     ) -> Result<Values, Fault> {
         let queued = {
-            let Ok(mut state) = self.state.lock() else { return direct(connections, entry, versions).await };
+            let Ok(mut state) = self.state.lock() else { return Box::pin(direct(connections, entry, versions)).await };
             if state.in_flight < MAX_IN_FLIGHT {
                 state.in_flight += 1;
                 None
@@ -102,7 +102,9 @@ impl Batcher {
         match queued {
             None => {
                 let mut slot = Slot { batcher: self.clone(), connections: connections.clone(), failed: None };
-                let result = direct(connections, entry, versions).await;
+                // Boxed: under load most lookups queue, and should not carry
+                // the size of a direct round trip.
+                let result = Box::pin(direct(connections, entry, versions)).await;
                 if let Err(fault) = &result {
                     slot.failed = Some(fault.clone());
                 }
@@ -113,7 +115,7 @@ impl Batcher {
             // down) drops the reply, which wakes us to ask alone.
             Some(receiver) => match receiver.await {
                 Ok(values) => values,
-                Err(_) => direct(connections, entry, versions).await,
+                Err(_) => Box::pin(direct(connections, entry, versions)).await,
             },
         }
     }

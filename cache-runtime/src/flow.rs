@@ -243,13 +243,13 @@ impl Cache {
             let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
             let call = Call { cache: self, plan, ttl, storage, keys: &keys, observer: &observer };
             if intent == Intent::Refresh {
-                return call.refresh(compute).await;
+                return Box::pin(call.refresh(compute)).await;
             }
             if !plan.lock {
                 return match call.lookup().await {
                     Lookup::Hit(output) => output,
-                    Lookup::Miss(observed) => call.compute_unlocked(Some(observed), compute).await,
-                    Lookup::Unavailable => call.compute_unlocked(None, compute).await,
+                    Lookup::Miss(observed) => Box::pin(call.compute_unlocked(Some(observed), compute)).await,
+                    Lookup::Unavailable => Box::pin(call.compute_unlocked(None, compute)).await,
                 };
             }
             call.coordinated(compute).await
@@ -292,25 +292,28 @@ impl<R> Call<'_, R> {
             };
             if Instant::now() >= deadline {
                 bump(&counters.lock_timeouts);
-                return self.compute_unlocked(observed, compute).await;
+                return Box::pin(self.compute_unlocked(observed, compute)).await;
             }
             match self.cache.flights().join(&self.keys.entry) {
-                Role::Leader(leader) => return self.lead(leader, observed, deadline, compute).await,
-                Role::Waiter(mut waiter) => match self.wait_for_leader(&mut waiter, deadline, lock_timeout).await {
-                    Ok(Some(Shared::Value(payload))) => {
-                        if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
-                            self.observer.outcome(Outcome::Coalesced);
-                            return output;
+                // The miss paths are boxed: a hit should not carry their size.
+                Role::Leader(leader) => return Box::pin(self.lead(leader, observed, deadline, compute)).await,
+                Role::Waiter(mut waiter) => {
+                    match Box::pin(self.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
+                        Ok(Some(Shared::Value(payload))) => {
+                            if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
+                                self.observer.outcome(Outcome::Coalesced);
+                                return output;
+                            }
+                        }
+                        // The leader's value is stale, or it gave up: look again;
+                        // the first to get here leads.
+                        Ok(Some(Shared::Stale) | None) => {}
+                        Err(_) => {
+                            bump(&counters.lock_timeouts);
+                            return Box::pin(self.compute_unlocked(observed, compute)).await;
                         }
                     }
-                    // The leader's value is stale, or it gave up: look again;
-                    // the first to get here leads.
-                    Ok(Some(Shared::Stale) | None) => {}
-                    Err(_) => {
-                        bump(&counters.lock_timeouts);
-                        return self.compute_unlocked(observed, compute).await;
-                    }
-                },
+                }
             }
         }
     }
@@ -364,7 +367,7 @@ impl<R> Call<'_, R> {
                             // Current header, undecodable payload: remove it so
                             // the lock (and the store) can replace it.
                             discarded = true;
-                            self.discard_corrupt().await;
+                            Box::pin(self.discard_corrupt()).await;
                             continue;
                         }
                     }
@@ -491,7 +494,7 @@ impl<R> Call<'_, R> {
                 Lookup::Hit(output)
             }
             None => {
-                self.discard_corrupt().await;
+                Box::pin(self.discard_corrupt()).await;
                 Lookup::Miss(versions)
             }
         }
