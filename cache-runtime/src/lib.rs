@@ -24,6 +24,16 @@
 //! down, slow or full, or when an entry cannot be decoded, a cached call
 //! runs its body and returns what it returns. Such events are counted in
 //! [`Stats`] and logged through `tracing`, rate-limited.
+//!
+//! Beyond the attribute: [`Cache::get_or_compute`] with a [`Policy`] for
+//! dynamic keys, [`forget`] and [`refresh`] for one entry named by a call,
+//! [`invalidate`] for a namespace.
+//!
+//! Cargo features:
+//! - `metrics`: the counters and a latency histogram through the `metrics`
+//!   facade;
+//! - `tower`: `CacheLayer`, whole `GET` responses cached as a tower layer
+//!   (axum's `Router::route_layer`).
 
 #![warn(missing_docs)]
 

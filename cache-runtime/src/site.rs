@@ -33,7 +33,7 @@ pub(crate) struct CacheView<'c> {
 }
 
 /// Where a call site (a `#[cached]` function, or a `Policy`) keeps its
-/// [`Site`] for the first cache it is used with; other caches get a fresh
+/// `Site` for the first cache it is used with; other caches get a fresh
 /// one per call.
 #[derive(Debug, Default)]
 pub struct SiteSlot(OnceLock<(u64, Arc<Site>)>);
