@@ -14,7 +14,6 @@ use crate::canonical::Unencodable;
 use crate::codec::StoredEntry;
 use crate::flight::{self, Leader, Role, Shared};
 use crate::key::{EntryKeys, KeyHash};
-use crate::policy::check_namespace;
 use crate::scope;
 use crate::scripts::{self, fresh_seed};
 use crate::site::SiteRef;
@@ -233,7 +232,7 @@ impl Cache {
                     return compute.await;
                 }
             };
-            if let Err(why) = plan.namespaces().try_for_each(check_namespace) {
+            if let Some(why) = &observer.site.invalid {
                 bump(&counters.encode_errors);
                 observer.outcome(Outcome::Bypass);
                 self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));

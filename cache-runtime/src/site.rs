@@ -3,6 +3,7 @@
 //! namespaces' versions.
 
 use crate::key::version_key;
+use crate::policy::check_namespace;
 use crate::stats::{Counters, Registry};
 use std::sync::{Arc, OnceLock};
 
@@ -13,13 +14,17 @@ pub(crate) struct Site {
     /// One version key per namespace, the prefix's first; shared with
     /// batched lookups.
     pub version_keys: Arc<[String]>,
+    /// Why the site's namespace names cannot be used, checked once.
+    pub invalid: Option<String>,
 }
 
 impl Site {
     fn new<'n>(cache: CacheView<'_>, prefix: &str, namespaces: impl Iterator<Item = &'n str>) -> Self {
+        let namespaces: Vec<&str> = namespaces.collect();
         Site {
             counters: cache.registry.of(prefix),
-            version_keys: namespaces.map(|ns| version_key(cache.key_prefix, ns)).collect::<Vec<_>>().into(),
+            version_keys: namespaces.iter().map(|ns| version_key(cache.key_prefix, ns)).collect::<Vec<_>>().into(),
+            invalid: namespaces.iter().try_for_each(|ns| check_namespace(ns)).err(),
         }
     }
 }
@@ -104,6 +109,8 @@ mod tests {
         let elsewhere = slot.get(other_view, "p", namespaces());
         bump(&elsewhere.counters.hits);
         assert_eq!(&*elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v"]);
+        assert!(elsewhere.invalid.is_none());
+        assert!(SiteSlot::new().get(view, "bad name", ["bad name"].into_iter()).invalid.is_some());
         assert_eq!(registry.snapshot().total.hits, 2);
         assert_eq!(other.snapshot().total.hits, 1);
     }
