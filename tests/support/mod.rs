@@ -167,3 +167,43 @@ pub fn entry_keys(conn: &mut redis::Connection, pattern: &str) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(conn).expect("KEYS");
     keys.into_iter().filter(|k| !k.ends_with("#v") && !k.ends_with("#lock")).collect()
 }
+
+/// A private redis-server listening only on a Unix socket, stopped by pid.
+pub struct UnixRedis {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl UnixRedis {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("cache-runtime-unix-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("redis.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket", socket.to_str().expect("utf-8 path"), "--unixsocketperm", "700"])
+            .args(["--save", "", "--appendonly", "no", "--dir", dir.to_str().expect("utf-8 path")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        let server = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "redis-server did not open its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.dir.join("redis.sock").display())
+    }
+}
+
+impl Drop for UnixRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
