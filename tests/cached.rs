@@ -11,15 +11,7 @@ use support::{RedisServer, entry_keys, run};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn cache_for(server: &RedisServer, key_prefix: &str) -> Cache {
-    Cache::builder()
-        .url(server.url())
-        .key_prefix(key_prefix)
-        // Generous deadlines: these tests count computations, so a slow CI
-        // machine must not turn a hit into a fall-through.
-        .command_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .expect("valid cache settings")
+    support::patient_cache(&server.url(), key_prefix).build().expect("valid cache settings")
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,13 +12,7 @@ use support::{RedisServer, entry_keys, run};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn cache_for(url: &str) -> Cache {
-    Cache::builder()
-        .url(url)
-        .key_prefix("shop")
-        .command_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .expect("valid cache settings")
+    support::patient_cache(url, "shop").build().expect("valid cache settings")
 }
 
 /// Stands in for a database row that write paths change.

@@ -18,12 +18,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const RUNS_KEY: &str = "test:body-runs";
 
 fn cache_for(url: &str, lock_timeout: Duration) -> Cache {
-    Cache::builder()
-        .url(url)
-        .key_prefix("stampede")
+    support::patient_cache(url, "stampede")
         .pool_size(4)
-        .command_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
         .lock_timeout(lock_timeout)
         .build()
         .expect("valid cache settings")

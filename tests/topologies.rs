@@ -17,13 +17,7 @@ async fn order(cache: &Cache, calls: &AtomicUsize, id: u64) -> String {
 }
 
 fn cache_at(url: String) -> Cache {
-    Cache::builder()
-        .url(url)
-        .key_prefix("shop")
-        .command_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .expect("valid cache settings")
+    support::patient_cache(&url, "shop").build().expect("valid cache settings")
 }
 
 async fn miss_hit_invalidate(cache: &Cache) {

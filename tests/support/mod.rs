@@ -150,6 +150,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// A cache builder for a private server with generous deadlines: tests
+/// that count computations must not see a slow CI machine turn a hit into a
+/// fall-through.
+pub fn patient_cache(url: &str, key_prefix: &str) -> cache_runtime::CacheBuilder {
+    cache_runtime::Cache::builder()
+        .url(url)
+        .key_prefix(key_prefix)
+        .command_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+}
+
 /// Runs an async test body on a multi-threaded runtime with a hard
 /// deadline, so a hang fails fast instead of stalling CI.
 pub fn run<F: Future<Output = ()>>(deadline: Duration, body: F) {
