@@ -379,7 +379,7 @@ fn json_entries_are_readable_with_a_plain_get() {
     let json = raw.rsplit_once('|').map(|(_, json)| json).unwrap_or_default();
     let parsed: serde_json::Value = serde_json::from_str(json).expect("the payload is JSON");
     assert_eq!(parsed, serde_json::json!({"id": 3, "name": "lamp", "price_cents": 1999}));
-    assert!(raw.starts_with("RC1|j|"), "{raw}");
+    assert!(raw.starts_with("RC2|j|"), "{raw}");
 }
 
 #[cached(ttl = 60, prefix = "concurrent", cache = cache)]

@@ -8,7 +8,8 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
-const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags, lock, lock_timeout";
+const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags, lock, lock_timeout, local, local_ttl, \
+                    refresh_ahead, stale_if_error";
 pub(crate) const MAX_JITTER: f64 = 0.5;
 
 /// The validated arguments.
@@ -25,6 +26,13 @@ pub(crate) struct CachedArgs {
     pub tags: Vec<LitStr>,
     pub lock: Option<bool>,
     pub lock_timeout_ms: Option<u64>,
+    pub local: Option<bool>,
+    pub local_ttl_ms: Option<u64>,
+    pub refresh_ahead: Option<f64>,
+    /// Where `refresh_ahead` was written, for errors about the arguments it
+    /// cannot take.
+    pub refresh_ahead_span: Option<Span>,
+    pub stale_if_error_secs: Option<u64>,
     /// Where `skip` was written, for errors about it.
     pub skip_span: Option<Span>,
 }
@@ -91,8 +99,12 @@ impl Parse for CachedArgs {
         let mut args = CachedArgs::default();
         let mut errors = Errors::default();
         let mut seen: Vec<String> = Vec::new();
+        let mut local_ttl_span = None;
         for arg in raw {
             let name = arg.name.to_string();
+            if name == "local_ttl" {
+                local_ttl_span = Some(arg.name.span());
+            }
             if seen.contains(&name) {
                 errors.at(arg.name.span(), format!("duplicate `{name}` argument"));
                 continue;
@@ -101,6 +113,14 @@ impl Parse for CachedArgs {
             if let Err(e) = args.accept(&name, arg) {
                 errors.push(e);
             }
+        }
+        if let (Some(false), Some(span)) = (args.local, local_ttl_span) {
+            errors.at(span, "`local_ttl` needs the local tier: remove `local = false`");
+        }
+        if let (Some(local_ttl), Some(ttl), Some(span)) = (args.local_ttl_ms, args.ttl_secs, local_ttl_span)
+            && local_ttl > ttl * 1000
+        {
+            errors.at(span, "`local_ttl` is longer than `ttl`: an entry leaves the local tier when it expires");
         }
         if let (Some(key), Some(span)) = (&args.key, args.skip_span) {
             let mut e =
@@ -144,7 +164,21 @@ impl CachedArgs {
                 Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => self.lock = Some(b.value),
                 _ => return Err(syn::Error::new_spanned(expr, "`lock` must be `true` or `false`")),
             },
-            ("lock_timeout", RawValue::Assign(expr)) => self.lock_timeout_ms = Some(seconds_as_millis(&expr)?),
+            ("lock_timeout", RawValue::Assign(expr)) => {
+                self.lock_timeout_ms = Some(seconds_as_millis(&expr, "lock_timeout")?)
+            }
+            ("local", RawValue::Assign(expr)) => match &expr {
+                Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => self.local = Some(b.value),
+                _ => return Err(syn::Error::new_spanned(expr, "`local` must be `true` or `false`")),
+            },
+            ("local_ttl", RawValue::Assign(expr)) => self.local_ttl_ms = Some(seconds_as_millis(&expr, "local_ttl")?),
+            ("refresh_ahead", RawValue::Assign(expr)) => {
+                self.refresh_ahead = Some(refresh_ahead(&expr)?);
+                self.refresh_ahead_span = Some(span);
+            }
+            ("stale_if_error", RawValue::Assign(expr)) => {
+                self.stale_if_error_secs = Some(positive_int(&expr, "stale_if_error", "seconds")?)
+            }
             ("cache", RawValue::Assign(expr)) => self.cache = Some(expr),
             ("skip", RawValue::List(list)) => {
                 self.skip_span = Some(span);
@@ -170,7 +204,11 @@ impl CachedArgs {
                 }
                 errors.finish()?;
             }
-            ("ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache" | "lock" | "lock_timeout", _) => {
+            (
+                "ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache" | "lock" | "lock_timeout" | "local"
+                | "local_ttl" | "refresh_ahead" | "stale_if_error",
+                _,
+            ) => {
                 return Err(syn::Error::new(span, format!("expected `{name} = ...`")));
             }
             ("skip" | "tags", _) => return Err(syn::Error::new(span, format!("expected `{name}(...)`"))),
@@ -219,17 +257,31 @@ fn positive_int(expr: &Expr, name: &str, unit: &str) -> syn::Result<u64> {
 }
 
 /// A positive number of seconds, integer or fractional, in milliseconds.
-fn seconds_as_millis(expr: &Expr) -> syn::Result<u64> {
+fn seconds_as_millis(expr: &Expr, name: &str) -> syn::Result<u64> {
     let seconds = match expr {
         Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>()?,
         Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<f64>()?,
-        _ => return Err(syn::Error::new_spanned(expr, "`lock_timeout` must be a number of seconds, such as 2 or 0.5")),
+        _ => {
+            return Err(syn::Error::new_spanned(expr, format!("`{name}` must be a number of seconds, such as 2 or 0.5")));
+        }
     };
     let millis = (seconds * 1000.0).round();
     if !(1.0..=86_400_000.0).contains(&millis) {
-        return Err(syn::Error::new_spanned(expr, "`lock_timeout` must be between 0.001 and 86400 seconds"));
+        return Err(syn::Error::new_spanned(expr, format!("`{name}` must be between 0.001 and 86400 seconds")));
     }
     Ok(millis as u64)
+}
+
+/// The share of the TTL after which a hit renews the entry: in (0, 1).
+fn refresh_ahead(expr: &Expr) -> syn::Result<f64> {
+    let value = match expr {
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>()?,
+        _ => return Err(syn::Error::new_spanned(expr, "`refresh_ahead` must be a share of the TTL, such as 0.8")),
+    };
+    if !(value > 0.0 && value < 1.0) {
+        return Err(syn::Error::new_spanned(expr, "`refresh_ahead` must be between 0 and 1, such as 0.8"));
+    }
+    Ok(value)
 }
 
 fn jitter(expr: &Expr) -> syn::Result<f64> {

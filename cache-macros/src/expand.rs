@@ -35,6 +35,9 @@ pub(crate) fn expand(args: CachedArgs, function: ItemFn) -> syn::Result<TokenStr
         errors.at(ty.span(), "#[cached] cannot store an `impl Trait`: name the concrete type");
     }
     let key_parts = key_parts(&args, &function, &mut errors);
+    if args.refresh_ahead.is_some() {
+        check_owned_inputs(&function, &mut errors);
+    }
     errors.finish()?;
     Ok(emit(&args, &function, key_parts))
 }
@@ -88,6 +91,54 @@ fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -
         Some(expr) => KeyParts::Expr(expr),
         None => KeyParts::Params(parts),
     }
+}
+
+/// `refresh_ahead` runs the body again after the call has returned, in a
+/// task of its own: nothing it uses may be borrowed from the caller.
+fn check_owned_inputs(function: &ItemFn, errors: &mut Errors) {
+    const WHY: &str = "`refresh_ahead` renews entries after the call has returned";
+    for param in &function.sig.generics.params {
+        if let GenericParam::Lifetime(lifetime) = param {
+            errors.at(lifetime.span(), format!("{WHY}, so the function cannot have lifetime parameters"));
+        }
+    }
+    for input in &function.sig.inputs {
+        match input {
+            FnArg::Receiver(receiver) if receiver.reference.is_some() || borrows(&receiver.ty) => {
+                errors.push(syn::Error::new_spanned(
+                    receiver,
+                    format!("{WHY}, so it cannot borrow `self`: take `self` by value (an `Arc`, a cheap handle)"),
+                ))
+            }
+            FnArg::Typed(typed) if borrows(&typed.ty) => {
+                let name = match &*typed.pat {
+                    Pat::Ident(pat) => format!("`{}`", pat.ident),
+                    _ => "this parameter".to_owned(),
+                };
+                errors.push(syn::Error::new_spanned(
+                    &typed.ty,
+                    format!("{WHY}, so {name} cannot be borrowed: take it by value (an `Arc`, a pool handle)"),
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether a type holds a reference or names a lifetime.
+fn borrows(ty: &Type) -> bool {
+    struct Finder(bool);
+    impl<'ast> syn::visit::Visit<'ast> for Finder {
+        fn visit_type_reference(&mut self, _: &'ast syn::TypeReference) {
+            self.0 = true;
+        }
+        fn visit_lifetime(&mut self, lifetime: &'ast syn::Lifetime) {
+            self.0 |= lifetime.ident != "static";
+        }
+    }
+    let mut finder = Finder(false);
+    syn::visit::Visit::visit_type(&mut finder, ty);
+    finder.0
 }
 
 fn as_ident(expr: &syn::Expr) -> Option<&Ident> {
@@ -159,6 +210,13 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
     let jitter = args.jitter.unwrap_or(0.0);
     let lock = args.lock.unwrap_or(true);
     let lock_timeout_ms = args.lock_timeout_ms.unwrap_or(0);
+    let local_ttl_ms = match (args.local_ttl_ms, args.local) {
+        (Some(ms), _) => ms,
+        (None, Some(true)) => u64::MAX,
+        (None, _) => 0,
+    };
+    let refresh_ahead = args.refresh_ahead.unwrap_or(0.0);
+    let stale_if_error_secs = args.stale_if_error_secs.unwrap_or(0);
     let codec = match args.codec.unwrap_or(Codec::Bincode) {
         Codec::Bincode => quote! { ::cache_runtime::Codec::Bincode },
         Codec::Json => quote! { ::cache_runtime::Codec::Json },
@@ -178,6 +236,25 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
         })
     };
     let stmts = &block.stmts;
+    let body = quote! {
+        async move {
+            // Pins the block's output type, so `?` and `return` in the
+            // body infer exactly as they did in the function.
+            #[allow(unreachable_code, clippy::diverging_sub_expression)]
+            if false {
+                let __cache_unreachable: #output = loop {};
+                return __cache_unreachable;
+            }
+            #(#stmts)*
+        }
+    };
+    let call = if args.refresh_ahead.is_some() {
+        // The closure owns the arguments, so the body can run again in a
+        // background task after this call has returned.
+        quote! { ::cache_runtime::__private::call_renewable(#cache_ref, &#site, #key, #kind, move || #body).await }
+    } else {
+        quote! { ::cache_runtime::__private::call(#cache_ref, &#site, #key, #kind, #body).await }
+    };
 
     quote! {
         #(#attrs)*
@@ -205,20 +282,13 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
                 codec: #codec,
                 lock: #lock,
                 lock_timeout_ms: #lock_timeout_ms,
+                local_ttl_ms: #local_ttl_ms,
+                refresh_ahead: #refresh_ahead,
+                stale_if_error_secs: #stale_if_error_secs,
                 site: ::cache_runtime::__private::SiteSlot::new(),
             };
             #bind_cache
-            ::cache_runtime::__private::call(#cache_ref, &#site, #key, #kind, async move {
-                // Pins the block's output type, so `?` and `return` in the
-                // body infer exactly as they did in the function.
-                #[allow(unreachable_code, clippy::diverging_sub_expression)]
-                if false {
-                    let __cache_unreachable: #output = loop {};
-                    return __cache_unreachable;
-                }
-                #(#stmts)*
-            })
-            .await
+            #call
         }
     }
 }

@@ -8,7 +8,8 @@ use redis::IntoConnectionInfo;
 use std::time::Duration;
 
 /// Builds a [`Cache`]. `build` validates everything and needs no running
-/// Redis: connections are made on first use.
+/// Redis: connections are made on first use. Without a [`url`](Self::url)
+/// it builds a memory-only cache, which needs no Redis at all.
 ///
 /// ```
 /// use cache_runtime::Cache;
@@ -36,7 +37,11 @@ pub struct CacheBuilder {
     breaker_cool_down: Duration,
     lock_timeout: Duration,
     max_value_bytes: usize,
+    local_capacity: Option<u64>,
 }
+
+/// Entries a memory-only cache holds when `local` does not say.
+const MEMORY_ONLY_CAPACITY: u64 = 10_000;
 
 impl Default for CacheBuilder {
     fn default() -> Self {
@@ -51,6 +56,7 @@ impl Default for CacheBuilder {
             breaker_cool_down: Duration::from_secs(1),
             lock_timeout: Duration::from_secs(5),
             max_value_bytes: 1 << 20,
+            local_capacity: None,
         }
     }
 }
@@ -124,11 +130,40 @@ impl CacheBuilder {
         self
     }
 
+    /// An in-process tier of at most `capacity` entries: functions that opt
+    /// in with `#[cached(local = true)]` or `local_ttl`, and policies with
+    /// [`Policy::local_ttl`](crate::Policy::local_ttl), are answered from
+    /// memory, with no network, while their entries are fresh.
+    ///
+    /// It stays coherent across processes: `invalidate`, `forget` and
+    /// `refresh` announce themselves on a Redis pub/sub channel,
+    /// `<key_prefix>:invalidations`, and every process's tier drops what
+    /// they name as the message arrives (one network hop). While that
+    /// channel is down, the tier is not used at all, and whatever it held
+    /// before is never trusted again. An ACL user needs `&<key_prefix>:*`
+    /// for it.
+    ///
+    /// For a memory-only cache (no URL), this is the cache's size; default
+    /// 10,000 entries.
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .url("redis://127.0.0.1:6379")
+    ///     .local(50_000)
+    ///     .build()?;
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    pub fn local(mut self, capacity: u64) -> Self {
+        self.local_capacity = Some(capacity);
+        self
+    }
+
     /// Validates the settings and builds the cache. Does not connect.
     pub fn build(self) -> Result<Cache, Error> {
-        let url = self.url.ok_or_else(|| Error::InvalidConfig("no Redis URL: call .url(...)".to_owned()))?;
-        let info = parse_url(&url)?;
         validate_key_prefix(&self.key_prefix)?;
+        if self.local_capacity == Some(0) {
+            return Err(Error::InvalidConfig("local capacity must be at least 1 entry".to_owned()));
+        }
         if self.pool_size == 0 {
             return Err(Error::InvalidConfig("pool_size must be at least 1".to_owned()));
         }
@@ -146,11 +181,25 @@ impl CacheBuilder {
         {
             return Err(Error::InvalidConfig("default_ttl must be at least 1 ms".to_owned()));
         }
-        let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
-        let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
-        let connections = Connections::new(info, self.pool_size, deadlines, breaker)?;
+        let remote = match &self.url {
+            Some(url) => {
+                let info = parse_url(url)?;
+                let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
+                let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
+                let client = redis::Client::open(info.clone())
+                    .map_err(|e| Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?;
+                let connections = Connections::new(info, self.pool_size, deadlines, breaker)?;
+                Some((connections, client, self.connect_timeout))
+            }
+            None => None,
+        };
+        let local_capacity = match remote {
+            Some(_) => self.local_capacity,
+            None => Some(self.local_capacity.unwrap_or(MEMORY_ONLY_CAPACITY)),
+        };
         Ok(Cache::from_settings(Settings {
-            connections,
+            remote,
+            local_capacity,
             key_prefix: self.key_prefix,
             default_ttl: self.default_ttl,
             lock_timeout: self.lock_timeout,

@@ -2,13 +2,16 @@
 //! one cached call lives in `flow.rs`.
 
 use crate::batch::Batcher;
+use crate::body::Now;
 use crate::builder::CacheBuilder;
+use crate::channel::{self, Channel};
 use crate::canonical::Unencodable;
 use crate::codec::{Codec, CodecError};
 use crate::connection::Connections;
 use crate::error::{Error, Fault};
 use crate::flight::Flights;
 use crate::key::{KeyHash, KeyHasher, entry_key, version_key};
+use crate::local::LocalTier;
 use crate::policy::{Policy, check_namespace};
 use crate::private::ResultOutput;
 use crate::scripts::{self, fresh_seed};
@@ -17,12 +20,16 @@ use crate::stats::{Counters, Registry, Stats, bump};
 use crate::warnings::{Cause, Warnings};
 use serde::{Serialize, de::DeserializeOwned};
 use std::borrow::Cow;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// A Redis-backed cache: a connection pool, a key namespace and counters.
+/// A cache: Redis (a connection pool), an optional in-process tier, a key
+/// namespace and counters; or, built without a URL, the in-process tier
+/// alone.
 ///
 /// Cheap to clone (one `Arc`); clones share everything. Build one with
 /// [`Cache::builder`], then either hand it to [`init`](crate::init) for
@@ -38,12 +45,35 @@ static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// ```
 #[derive(Clone)]
 pub struct Cache {
-    inner: Arc<Inner>,
+    core: Arc<dyn Core>,
+}
+
+/// Hides `Inner` behind a trait object so that the compiler's `Send` and
+/// `Sync` checks of a caller's future stop at the `Cache`: followed through
+/// the pool, the connections and the local tier, they exceed the default
+/// recursion limit in callers' crates.
+trait Core: Send + Sync {
+    fn inner(&self) -> &Inner;
+}
+
+impl Core for Inner {
+    fn inner(&self) -> &Inner {
+        self
+    }
 }
 
 struct Inner {
-    connections: Arc<Connections>,
-    batcher: Arc<Batcher>,
+    /// `None`: a memory-only cache.
+    remote: Option<Remote>,
+    /// The in-process tier: opted into, or the whole cache.
+    local: Option<Arc<LocalTier>>,
+    channel: Channel,
+    listening: AtomicBool,
+    /// Dropped with the cache, which stops the channel's subscriber.
+    stop_listening: tokio::sync::watch::Sender<()>,
+    /// Keys with a refresh-ahead under way, or failed recently: until when
+    /// no other one starts.
+    renewing: Mutex<HashMap<KeyHash, Instant>>,
     key_prefix: String,
     default_ttl: Option<Duration>,
     lock_timeout: Duration,
@@ -55,8 +85,19 @@ struct Inner {
     flights: Flights,
 }
 
+struct Remote {
+    connections: Arc<Connections>,
+    batcher: Arc<Batcher>,
+    /// For the invalidation channel's own connection.
+    client: redis::Client,
+    connect_timeout: Duration,
+}
+
 pub(crate) struct Settings {
-    pub connections: Connections,
+    /// `None`: memory-only.
+    pub remote: Option<(Connections, redis::Client, Duration)>,
+    /// Entries the local tier holds; `None`: no local tier.
+    pub local_capacity: Option<u64>,
     pub key_prefix: String,
     pub default_ttl: Option<Duration>,
     pub lock_timeout: Duration,
@@ -66,9 +107,10 @@ pub(crate) struct Settings {
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("key_prefix", &self.inner.key_prefix)
-            .field("default_ttl", &self.inner.default_ttl)
-            .field("connections", &self.inner.connections)
+            .field("key_prefix", &self.inner().key_prefix)
+            .field("default_ttl", &self.inner().default_ttl)
+            .field("connections", &self.inner().remote.as_ref().map(|r| &r.connections))
+            .field("local", &self.inner().local)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +129,13 @@ pub(crate) struct Plan<'a> {
     pub lock_timeout: Option<Duration>,
     /// Where the call site keeps its prefix's counters.
     pub slot: &'a SiteSlot,
+    /// Use the local tier, keeping entries at most this long there.
+    pub local_ttl: Option<Duration>,
+    /// Renew an entry in the background once this share of its TTL has
+    /// passed; 0: never.
+    pub refresh_ahead: f64,
+    /// Keep a stale copy this long past the TTL, for when computing fails.
+    pub stale_if_error: Option<Duration>,
 }
 
 /// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.
@@ -179,10 +228,22 @@ impl Cache {
     }
 
     pub(crate) fn from_settings(settings: Settings) -> Self {
+        let memory_only = settings.remote.is_none();
+        let remote = settings.remote.map(|(connections, client, connect_timeout)| Remote {
+            connections: Arc::new(connections),
+            batcher: Arc::default(),
+            client,
+            connect_timeout,
+        });
+        let local = settings.local_capacity.map(|capacity| Arc::new(LocalTier::new(capacity, !memory_only)));
         Self {
-            inner: Arc::new(Inner {
-                connections: Arc::new(settings.connections),
-                batcher: Arc::default(),
+            core: Arc::new(Inner {
+                remote,
+                local,
+                channel: Channel::new(&settings.key_prefix),
+                listening: AtomicBool::new(false),
+                stop_listening: tokio::sync::watch::channel(()).0,
+                renewing: Mutex::default(),
                 key_prefix: settings.key_prefix,
                 default_ttl: settings.default_ttl,
                 lock_timeout: settings.lock_timeout,
@@ -195,9 +256,13 @@ impl Cache {
         }
     }
 
+    fn inner(&self) -> &Inner {
+        self.core.inner()
+    }
+
     /// The application namespace that starts every key.
     pub fn key_prefix(&self) -> &str {
-        &self.inner.key_prefix
+        &self.inner().key_prefix
     }
 
     /// A snapshot of this cache's counters.
@@ -208,13 +273,30 @@ impl Cache {
     /// # Ok::<(), cache_runtime::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        self.inner.registry.snapshot()
+        let mut stats = self.inner().registry.snapshot();
+        if let Some(local) = &self.inner().local {
+            stats.total.local_evictions += local.evictions();
+        }
+        stats
+    }
+
+    /// True for a cache built without a Redis URL: entries live in this
+    /// process only.
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder().build()?;
+    /// assert!(cache.is_memory_only());
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    pub fn is_memory_only(&self) -> bool {
+        self.inner().remote.is_none()
     }
 
     /// Makes every entry of `namespace` stale, in this process and every
     /// other one using the same Redis and key prefix, by bumping the
     /// namespace's version: one atomic command, no scan. Returns the new
-    /// version.
+    /// version. Local tiers drop the namespace's entries as the
+    /// announcement reaches them; this process's at once.
     ///
     /// A namespace is a `prefix` or a `tags(...)` name of `#[cached]`. Old
     /// entries are never returned again and expire by their TTL.
@@ -223,18 +305,30 @@ impl Cache {
     /// other processes may still serve the old entries until their TTL
     /// ends, so retry or surface the error on the write path.
     ///
-    /// ```no_run
-    /// # async fn demo(cache: cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
-    /// let version = cache.invalidate("products").await?;
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder().build()?; // memory-only
+    /// let before = cache.invalidate("products").await?;
+    /// assert_eq!(cache.invalidate("products").await?, before + 1);
     /// # Ok(()) }
     /// ```
     pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
         check_namespace(namespace).map_err(Error::InvalidConfig)?;
+        let Some(remote) = &self.inner().remote else {
+            return Ok(self.inner().local.as_ref().map_or(0, |local| local.invalidate(namespace)));
+        };
         let key = version_key(self.key_prefix(), namespace);
         let mut invocation = scripts::INVALIDATE.key(&key);
-        invocation.arg(fresh_seed());
-        self.inner.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await.map_err(|fault| {
-            self.note_fault(&self.inner.registry.general, &fault);
+        invocation.arg(fresh_seed()).arg(&self.inner().channel.name).arg(self.inner().channel.namespace_message(namespace));
+        let outcome = remote.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await;
+        // After the bump, so that a read that began before it cannot fill
+        // the local tier with what it read.
+        if let Some(local) = &self.inner().local {
+            local.invalidate(namespace);
+        }
+        outcome.map_err(|fault| {
+            self.note_fault(&self.inner().registry.general, &fault);
             Error::from(fault)
         })
     }
@@ -295,7 +389,7 @@ impl Cache {
         F: Future<Output = Result<T, E>>,
     {
         let hash = programmatic_key::<K, T>(policy, key);
-        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), intent, compute).await
+        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), intent, Now(compute)).await
     }
 
     /// Deletes the [`get_or_compute`](Self::get_or_compute) entry of `key`
@@ -320,49 +414,126 @@ impl Cache {
     pub(crate) async fn forget_entry(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>) -> Result<bool, Error> {
         let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
         check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
-        let mut del = redis::cmd("DEL");
-        del.arg(entry_key(self.key_prefix(), plan.prefix, hash));
-        let deleted = self.inner.connections.run_unguarded(|conn| conn.query::<u64>(&del)).await.map_err(|fault| {
-            self.note_fault(&self.inner.registry.general, &fault);
+        let held_locally = self.inner().local.as_ref().is_some_and(|local| local.forget(&hash));
+        let Some(remote) = &self.inner().remote else { return Ok(held_locally) };
+        let entry = entry_key(self.key_prefix(), plan.prefix, hash);
+        let mut invocation = scripts::FORGET.key(&entry);
+        invocation.arg(&self.inner().channel.name).arg(self.inner().channel.entry_message(hash));
+        let outcome = remote.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await;
+        let deleted = outcome.map_err(|fault| {
+            self.note_fault(&self.inner().registry.general, &fault);
             Error::from(fault)
         })?;
         Ok(deleted > 0)
     }
 
+    /// The local tier, when this plan uses it, and how long it may keep an
+    /// entry. The first use starts listening for other processes'
+    /// invalidations.
+    pub(crate) fn local_for(&self, plan: &Plan<'_>) -> Option<(&LocalTier, Duration)> {
+        let Some(local) = self.inner().local.as_deref() else {
+            if plan.local_ttl.is_some() {
+                self.warn(
+                    Cause::NoLocalTier,
+                    format_args!(
+                        "prefix `{}` asks for the local tier, but the cache has none: enable it with \
+                         Cache::builder().local(capacity)",
+                        plan.prefix
+                    ),
+                );
+            }
+            return None;
+        };
+        let Some(remote) = &self.inner().remote else { return Some((local, Duration::MAX)) };
+        let keep_for = plan.local_ttl?;
+        if !self.inner().listening.load(Relaxed) && !self.inner().listening.swap(true, Relaxed) {
+            let tier = self.inner().local.as_ref()?;
+            let started = channel::listen(
+                tier,
+                remote.client.clone(),
+                self.inner().channel.clone(),
+                remote.connect_timeout.max(remote.connections.longest_round_trip()),
+                self.inner().stop_listening.subscribe(),
+            );
+            if !started {
+                // No runtime here: try again on a later call.
+                self.inner().listening.store(false, Relaxed);
+            }
+        }
+        Some((local, keep_for))
+    }
+
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.inner().channel
+    }
+
+    /// Claims `hash` for a refresh-ahead; false if one is under way or
+    /// failed recently.
+    pub(crate) fn claim_renewal(&self, hash: KeyHash) -> bool {
+        let Ok(mut renewing) = self.inner().renewing.lock() else { return false };
+        let now = Instant::now();
+        if renewing.get(&hash).is_some_and(|until| *until > now) {
+            return false;
+        }
+        if renewing.len() > 1024 {
+            renewing.retain(|_, until| *until > now);
+        }
+        // Far enough ahead to cover the renewal, which releases it.
+        renewing.insert(hash, now + Duration::from_secs(86_400));
+        true
+    }
+
+    /// Ends a refresh-ahead claim; after a failure, no other renewal of the
+    /// key starts for `back_off`.
+    pub(crate) fn release_renewal(&self, hash: KeyHash, back_off: Option<Duration>) {
+        if let Ok(mut renewing) = self.inner().renewing.lock() {
+            match back_off {
+                Some(back_off) => renewing.insert(hash, Instant::now() + back_off),
+                None => renewing.remove(&hash),
+            };
+        }
+    }
+
     pub(crate) fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
-        self.inner.warnings.warn(cause, message);
+        self.inner().warnings.warn(cause, message);
     }
 
     pub(crate) fn registry(&self) -> &Registry {
-        &self.inner.registry
+        &self.inner().registry
     }
 
     pub(crate) fn view(&self) -> CacheView<'_> {
-        CacheView { id: self.inner.id, key_prefix: &self.inner.key_prefix, registry: &self.inner.registry }
+        CacheView {
+            id: self.inner().id,
+            key_prefix: &self.inner().key_prefix,
+            registry: &self.inner().registry,
+            local: self.inner().local.as_deref(),
+        }
     }
 
-    pub(crate) fn connections(&self) -> &Arc<Connections> {
-        &self.inner.connections
+    /// Redis, unless this is a memory-only cache.
+    pub(crate) fn connections(&self) -> Option<&Arc<Connections>> {
+        self.inner().remote.as_ref().map(|remote| &remote.connections)
     }
 
-    pub(crate) fn batcher(&self) -> &Arc<Batcher> {
-        &self.inner.batcher
+    pub(crate) fn batcher(&self) -> Option<(&Arc<Connections>, &Arc<Batcher>)> {
+        self.inner().remote.as_ref().map(|remote| (&remote.connections, &remote.batcher))
     }
 
     pub(crate) fn flights(&self) -> &Flights {
-        &self.inner.flights
+        &self.inner().flights
     }
 
     pub(crate) fn default_ttl(&self) -> Option<Duration> {
-        self.inner.default_ttl
+        self.inner().default_ttl
     }
 
     pub(crate) fn lock_timeout(&self) -> Duration {
-        self.inner.lock_timeout
+        self.inner().lock_timeout
     }
 
     pub(crate) fn max_value_bytes(&self) -> usize {
-        self.inner.max_value_bytes
+        self.inner().max_value_bytes
     }
 
     pub(crate) fn note_fault(&self, c: &Counters, fault: &Fault) {

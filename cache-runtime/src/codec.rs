@@ -1,14 +1,17 @@
 //! How values are stored: the codec, and the small header that binds an
 //! entry to the namespace versions it was computed under.
 //!
-//! An entry is `RC1|<codec>|<v1>,<v2>,…|<payload>`. The header is ASCII so a
-//! JSON entry stays readable with `redis-cli GET`; anything that does not
-//! parse (foreign data, another codec, a truncated value) is a miss.
+//! An entry is `RC2|<codec>|<v1>,<v2>,…|<stored>,<fresh until>|<payload>`,
+//! the times in Unix milliseconds. The header is ASCII so a JSON entry stays
+//! readable with `redis-cli GET`; anything that does not parse (foreign
+//! data, another codec, a truncated value) is a miss. The times let every
+//! process tell a fresh entry from a stale copy kept for `stale_if_error`,
+//! and when refresh-ahead is due.
 
 use serde::{Serialize, de::DeserializeOwned};
 use std::fmt;
 
-const MAGIC: &[u8] = b"RC1|";
+const MAGIC: &[u8] = b"RC2|";
 
 /// Decoding refuses to claim more than this much memory, whatever a corrupt
 /// length prefix says. Entries are capped well below it by
@@ -58,7 +61,7 @@ impl Codec {
         }
     }
 
-    /// The header up to and excluding the versions: `RC1|b|`.
+    /// The header up to and excluding the versions: `RC2|b|`.
     pub(crate) fn head(self) -> [u8; 6] {
         [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], self.tag(), b'|']
     }
@@ -103,7 +106,39 @@ impl fmt::Display for CodecError {
 pub(crate) struct StoredEntry<'a> {
     pub codec_tag: u8,
     pub versions: &'a [u8],
+    pub times: EntryTimes,
     pub payload: &'a [u8],
+}
+
+/// When an entry was stored and until when it is fresh, in Unix ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EntryTimes {
+    pub stored_ms: u64,
+    pub fresh_until_ms: u64,
+}
+
+impl EntryTimes {
+    /// The header field: `<stored>,<fresh until>`.
+    pub(crate) fn field(self) -> String {
+        format!("{},{}", self.stored_ms, self.fresh_until_ms)
+    }
+
+    pub(crate) fn is_fresh(self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    /// True once `ratio` of the entry's fresh life has passed.
+    pub(crate) fn is_due(self, now_ms: u64, ratio: f64) -> bool {
+        let life = self.fresh_until_ms.saturating_sub(self.stored_ms) as f64;
+        now_ms as f64 >= self.stored_ms as f64 + life * ratio
+    }
+}
+
+fn parse_ms(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 impl<'a> StoredEntry<'a> {
@@ -112,7 +147,11 @@ impl<'a> StoredEntry<'a> {
         let (&codec_tag, rest) = rest.split_first()?;
         let rest = rest.strip_prefix(b"|")?;
         let end = rest.iter().position(|&b| b == b'|')?;
-        Some(Self { codec_tag, versions: &rest[..end], payload: &rest[end + 1..] })
+        let (versions, rest) = (&rest[..end], &rest[end + 1..]);
+        let end = rest.iter().position(|&b| b == b'|')?;
+        let (stored, fresh_until) = rest[..end].split_at(rest[..end].iter().position(|&b| b == b',')?);
+        let times = EntryTimes { stored_ms: parse_ms(stored)?, fresh_until_ms: parse_ms(&fresh_until[1..])? };
+        Some(Self { codec_tag, versions, times, payload: &rest[end + 1..] })
     }
 
     pub(crate) fn is_codec(&self, codec: Codec) -> bool {
@@ -138,15 +177,21 @@ mod tests {
 
     #[test]
     fn entries_parse_and_bind() {
-        let e = StoredEntry::parse(b"RC1|j|12,7|{\"a\":1}").unwrap();
+        let e = StoredEntry::parse(b"RC2|j|12,7|1000,2000|{\"a\":1}").unwrap();
         assert!(e.is_codec(Codec::Json));
         assert_eq!(e.payload, b"{\"a\":1}");
+        assert_eq!(e.times, EntryTimes { stored_ms: 1000, fresh_until_ms: 2000 });
+        assert!(e.times.is_fresh(1999) && !e.times.is_fresh(2000));
+        assert!(!e.times.is_due(1799, 0.8) && e.times.is_due(1800, 0.8));
         assert!(e.is_bound_to([Some(&b"12"[..]), Some(&b"7"[..])]));
         assert!(!e.is_bound_to([Some(&b"13"[..]), Some(&b"7"[..])]));
         assert!(!e.is_bound_to([Some(&b"12"[..])]));
         assert!(!e.is_bound_to([Some(&b"12"[..]), None]));
         assert_eq!(StoredEntry::parse(b"garbage"), None);
-        assert_eq!(StoredEntry::parse(b"RC1|b"), None);
+        assert_eq!(StoredEntry::parse(b"RC2|b"), None);
+        for bad in [&b"RC1|j|12|{}"[..], b"RC2|j|12|{}", b"RC2|j|12|1,|{}", b"RC2|j|12|x,2|{}", b"RC2|j|12|1000|{}"] {
+            assert_eq!(StoredEntry::parse(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

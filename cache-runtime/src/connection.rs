@@ -160,19 +160,27 @@ impl Connections {
     {
         let (conn, fresh, slot) = match self.kept_connection() {
             Ok((conn, slot)) => (conn, false, slot),
-            // Boxed: the pool's checkout future is large, and rare.
-            Err(slot) => (Box::pin(self.checkout(slot)).await?, true, slot),
+            Err(slot) => (self.checkout_boxed(slot).await?, true, slot),
         };
         match self.command(&op, conn).await {
             // A kept connection can have died quietly (a server restart, a
             // CLIENT KILL) and only say so now: try once on a fresh one
             // rather than fail the call, or the breaker's probe.
             Err(Fault::Connection(_)) if !fresh => {
-                let conn = Box::pin(self.checkout(slot)).await?;
+                let conn = self.checkout_boxed(slot).await?;
                 self.command(&op, conn).await
             }
             result => result,
         }
+    }
+
+    /// [`checkout`](Self::checkout), boxed as a trait object: the pool's
+    /// checkout future is large and rare, and as a `dyn` it also ends the
+    /// compiler's `Send` checks of every caller's future here, instead of
+    /// deep inside the pool's connect path, past the default recursion
+    /// limit of the caller's crate.
+    fn checkout_boxed(&self, slot: usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Conn, Fault>> + Send + '_>> {
+        Box::pin(self.checkout(slot))
     }
 
     /// One command under the command deadline.

@@ -1,19 +1,28 @@
 //! One cached call, from the lookup to the store.
 //!
-//! A hit is one `MGET` of the entry and its namespace versions. On a miss,
+//! With a local tier, a call looks there first (no network). A Redis hit
+//! is one `MGET` of the entry and its namespace versions. On a miss,
 //! concurrent callers in this process elect one leader (`flight`); the
 //! leader takes the Redis stampede lock (`scripts::LOCK`, which re-checks
 //! for an entry stored meanwhile), computes, and stores the value bound to
 //! the versions observed before computing (`scripts::STORE`, which also
 //! releases the lock). Everyone else gets the leader's result, or takes
 //! over when the leader fails, and nobody waits longer than the lock
-//! timeout.
+//! timeout. A memory-only cache runs the same flow with the local tier as
+//! its store and no Redis steps.
+//!
+//! A hit on an entry due for refresh-ahead returns at once and hands the
+//! body to a background renewal (`renew`), which takes the same lock. A
+//! miss that finds a stale copy kept for `stale_if_error` returns that copy
+//! when the body fails.
 
+use crate::body::Body;
 use crate::cache::{Cache, Encoded, Intent, Plan, Storage};
 use crate::canonical::Unencodable;
-use crate::codec::StoredEntry;
+use crate::codec::{EntryTimes, StoredEntry};
 use crate::flight::{self, Leader, Role, Shared};
 use crate::key::{EntryKeys, KeyHash};
+use crate::local::{Capture, LocalSite, LocalTier};
 use crate::scope;
 use crate::scripts::{self, fresh_seed};
 use crate::site::SiteRef;
@@ -28,6 +37,8 @@ use tracing::Instrument;
 pub(crate) enum Outcome {
     /// Answered from Redis.
     Hit,
+    /// Answered from the local tier.
+    LocalHit,
     /// Looked in Redis, found nothing usable, computed.
     Miss,
     /// Computed without asking Redis (unavailable, breaker open, no TTL).
@@ -36,16 +47,20 @@ pub(crate) enum Outcome {
     Coalesced,
     /// Write-through: computed whatever was stored.
     Refresh,
+    /// A background refresh-ahead.
+    Renewal,
 }
 
 impl Outcome {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
+            Outcome::LocalHit => "local_hit",
             Outcome::Miss => "miss",
             Outcome::Bypass => "bypass",
             Outcome::Coalesced => "coalesced",
             Outcome::Refresh => "refresh",
+            Outcome::Renewal => "renewal",
         }
     }
 }
@@ -90,13 +105,17 @@ impl<'c> Observer<'c> {
     pub(crate) fn outcome(&self, outcome: Outcome) {
         let c = &self.site.counters;
         bump(match outcome {
-            Outcome::Hit => &c.hits,
+            Outcome::Hit | Outcome::LocalHit => &c.hits,
             Outcome::Miss => &c.misses,
             Outcome::Bypass => &c.bypassed,
             Outcome::Coalesced => &c.coalesced,
             Outcome::Refresh => &c.refreshes,
+            Outcome::Renewal => &c.renewals,
         });
-        if matches!(outcome, Outcome::Miss | Outcome::Bypass | Outcome::Refresh) {
+        if outcome == Outcome::LocalHit {
+            bump(&c.local_hits);
+        }
+        if matches!(outcome, Outcome::Miss | Outcome::Bypass | Outcome::Refresh | Outcome::Renewal) {
             bump(&c.computations);
         }
         self.span.record("outcome", outcome.name());
@@ -107,12 +126,20 @@ impl<'c> Observer<'c> {
 
 /// What reading an entry found.
 enum Lookup<R> {
-    Hit(R),
-    /// Not usable; carries the namespace versions observed at the read
-    /// (`None`: the namespace has no version yet).
-    Miss(Vec<Option<Vec<u8>>>),
+    /// `renew`: the entry hit, when it is due for refresh-ahead.
+    Hit { output: R, renew: Option<EntryTimes> },
+    Miss(Seen),
     /// Redis could not be asked; compute without storing.
     Unavailable,
+}
+
+/// What a miss saw.
+struct Seen {
+    /// The namespace versions at the read (`None`: the namespace has no
+    /// version yet); empty for a memory-only cache.
+    versions: Vec<Option<Vec<u8>>>,
+    /// A stale copy bound to the current versions, kept for `stale_if_error`.
+    stale: Option<Arc<Vec<u8>>>,
 }
 
 /// What the stampede lock script answered.
@@ -174,6 +201,55 @@ impl Drop for LockGuard {
 
 const FIRST_POLL: Duration = Duration::from_millis(4);
 const MAX_POLL: Duration = Duration::from_millis(50);
+/// After a refresh-ahead whose body failed, the next waits this long.
+const RENEWAL_BACK_OFF: Duration = Duration::from_secs(1);
+/// While another process renews an entry, hits here ask again this often.
+const RENEWAL_ELSEWHERE_BACK_OFF: Duration = Duration::from_millis(50);
+
+/// How a refresh-ahead ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    /// Renewed, or nothing to do.
+    Done,
+    /// Another process holds the lock: it is renewing the entry.
+    Elsewhere,
+    /// The body's output was not cacheable (an `Err`), or it panicked.
+    Failed,
+}
+
+/// The current time in Unix milliseconds: entry times are compared across
+/// processes.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A call's use of the local tier.
+struct Local<'c> {
+    tier: &'c LocalTier,
+    site: &'c LocalSite,
+    /// Taken before the call's first read.
+    capture: Capture,
+    /// The most an entry may stay in the tier.
+    keep_for: Duration,
+}
+
+/// Ends a refresh-ahead's claim on its key, also when the renewal panics.
+struct RenewalClaim<'a> {
+    cache: &'a Cache,
+    hash: KeyHash,
+    outcome: Renewal,
+}
+
+impl Drop for RenewalClaim<'_> {
+    fn drop(&mut self) {
+        let back_off = match self.outcome {
+            Renewal::Done => None,
+            Renewal::Elsewhere => Some(RENEWAL_ELSEWHERE_BACK_OFF),
+            Renewal::Failed => Some(RENEWAL_BACK_OFF),
+        };
+        self.cache.release_renewal(self.hash, back_off);
+    }
+}
 
 impl Cache {
     /// The cache-aside flow of one call; see the module docs.
@@ -183,30 +259,30 @@ impl Cache {
     /// instead of recursing through every layer of the flow. Without it, a
     /// few nested async functions in the user's code exceed rustc's default
     /// query depth.
-    pub(crate) async fn fetch_or_compute<R, F>(
+    pub(crate) async fn fetch_or_compute<R, B>(
         &self,
         plan: &Plan<'_>,
         key: Result<KeyHash, Unencodable>,
         storage: Storage<R>,
         intent: Intent,
-        compute: F,
+        body: B,
     ) -> R
     where
-        F: Future<Output = R>,
+        B: Body<R>,
     {
-        Box::pin(self.flow(plan, key, storage, intent, compute)).await
+        Box::pin(self.flow(plan, key, storage, intent, body)).await
     }
 
-    async fn flow<R, F>(
+    async fn flow<R, B>(
         &self,
         plan: &Plan<'_>,
         key: Result<KeyHash, Unencodable>,
         storage: Storage<R>,
         intent: Intent,
-        compute: F,
+        body: B,
     ) -> R
     where
-        F: Future<Output = R>,
+        B: Body<R>,
     {
         let observer = Observer::new(plan.slot.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix);
         let span = observer.span.clone();
@@ -218,7 +294,7 @@ impl Cache {
                     Cause::NoTtl,
                     format_args!("prefix `{}` has no ttl and the cache no default_ttl: not caching it", plan.prefix),
                 );
-                return compute.await;
+                return body.run().await;
             };
             let hash = match key {
                 Ok(hash) => hash,
@@ -229,38 +305,89 @@ impl Cache {
                         Cause::Encode,
                         format_args!("prefix `{}`: {e}; computing without the cache", plan.prefix),
                     );
-                    return compute.await;
+                    return body.run().await;
                 }
             };
             if let Some(why) = &observer.site.invalid {
                 bump(&counters.encode_errors);
                 observer.outcome(Outcome::Bypass);
                 self.warn(Cause::Encode, format_args!("{why}; computing without the cache"));
-                return compute.await;
+                return body.run().await;
             }
             observer.key(hash);
+            if intent == Intent::Refresh
+                && let Some((tier, _)) = self.local_for(plan)
+            {
+                // Gone before the refresh reads, so that even if its own
+                // fill is refused the old value is not served here.
+                tier.forget(&hash);
+            }
             let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
-            let call = Call { cache: self, plan, ttl, storage, keys: &keys, observer: &observer };
+            let call = Call::new(self, plan, ttl, storage, hash, &keys, &observer);
             if intent == Intent::Refresh {
-                return Box::pin(call.refresh(compute)).await;
+                return Box::pin(call.refresh(body)).await;
             }
             if !plan.lock {
                 return match call.lookup().await {
-                    Lookup::Hit(output) => output,
-                    Lookup::Miss(observed) => Box::pin(call.compute_unlocked(Some(observed), compute)).await,
-                    Lookup::Unavailable => Box::pin(call.compute_unlocked(None, compute)).await,
+                    Lookup::Hit { output, renew } => call.hit(output, renew, body),
+                    Lookup::Miss(seen) => Box::pin(call.compute_unlocked(Some(seen), body)).await,
+                    Lookup::Unavailable => Box::pin(call.compute_unlocked(None, body)).await,
                 };
             }
-            call.coordinated(compute).await
+            call.coordinated(body).await
         }
         .instrument(span)
         .await
     }
 
+    /// Starts a refresh-ahead of `hash` in a task of its own, unless one is
+    /// under way in this process.
+    pub(crate) fn spawn_renewal<R, F>(
+        &self,
+        plan: Plan<'static>,
+        hash: KeyHash,
+        storage: Storage<R>,
+        seen: EntryTimes,
+        compute: F,
+    ) where
+        F: Future<Output = R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if !self.claim_renewal(hash) {
+            return;
+        }
+        let cache = self.clone();
+        runtime.spawn(async move {
+            let mut claim = RenewalClaim { cache: &cache, hash, outcome: Renewal::Failed };
+            claim.outcome = Box::pin(cache.renew(&plan, hash, storage, seen, compute)).await;
+        });
+    }
+
+    /// Recomputes an entry that is still fresh, under the stampede lock, and
+    /// overwrites it.
+    async fn renew<R, F: Future<Output = R>>(
+        &self,
+        plan: &Plan<'_>,
+        hash: KeyHash,
+        storage: Storage<R>,
+        seen: EntryTimes,
+        compute: F,
+    ) -> Renewal {
+        let Some(ttl) = plan.ttl.or(self.default_ttl()) else { return Renewal::Done };
+        let observer = Observer::new(plan.slot.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix);
+        observer.key(hash);
+        let span = observer.span.clone();
+        let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
+        let call = Call::new(self, plan, ttl, storage, hash, &keys, &observer);
+        call.renew(seen, compute).instrument(span).await
+    }
+
     pub(crate) async fn release_lock(&self, lock: &str, token: &str) {
+        let Some(connections) = self.connections() else { return };
         let mut invocation = scripts::RELEASE.key(lock);
         invocation.arg(token);
-        if let Err(fault) = self.connections().run(|conn| conn.invoke::<i64>(&invocation)).await {
+        if let Err(fault) = connections.run(|conn| conn.invoke::<i64>(&invocation)).await {
             self.note_fault(&self.registry().general, &fault);
         }
     }
@@ -272,30 +399,57 @@ struct Call<'c, R> {
     plan: &'c Plan<'c>,
     ttl: Duration,
     storage: Storage<R>,
+    hash: KeyHash,
     keys: &'c EntryKeys<'c>,
     observer: &'c Observer<'c>,
+    local: Option<Local<'c>>,
 }
 
-impl<R> Call<'_, R> {
+impl<'c, R> Call<'c, R> {
+    fn new(
+        cache: &'c Cache,
+        plan: &'c Plan<'c>,
+        ttl: Duration,
+        storage: Storage<R>,
+        hash: KeyHash,
+        keys: &'c EntryKeys<'c>,
+        observer: &'c Observer<'c>,
+    ) -> Self {
+        let local = cache.local_for(plan).and_then(|(tier, keep_for)| {
+            let site = observer.site.local.as_ref()?;
+            Some(Local { tier, site, capture: tier.capture(site), keep_for })
+        });
+        Call { cache, plan, ttl, storage, hash, keys, observer, local }
+    }
+
+    /// Returns a hit's output, first handing the body to a refresh-ahead if
+    /// the entry is due for one.
+    fn hit<B: Body<R>>(&self, output: R, renew: Option<EntryTimes>, body: B) -> R {
+        if let Some(seen) = renew {
+            body.renew(self.cache, self.hash, self.storage, seen);
+        }
+        output
+    }
+
     /// With stampede protection: one computation per key in this process,
     /// and across processes while the lock is held.
-    async fn coordinated<F: Future<Output = R>>(&self, compute: F) -> R {
+    async fn coordinated<B: Body<R>>(&self, body: B) -> R {
         let counters = &*self.observer.site.counters;
         let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
         let deadline = Instant::now() + lock_timeout;
         loop {
-            let observed = match self.lookup().await {
-                Lookup::Hit(output) => return output,
-                Lookup::Miss(observed) => Some(observed),
+            let seen = match self.lookup().await {
+                Lookup::Hit { output, renew } => return self.hit(output, renew, body),
+                Lookup::Miss(seen) => Some(seen),
                 Lookup::Unavailable => None,
             };
             if Instant::now() >= deadline {
                 bump(&counters.lock_timeouts);
-                return Box::pin(self.compute_unlocked(observed, compute)).await;
+                return Box::pin(self.compute_unlocked(seen, body)).await;
             }
             match self.cache.flights().join(&self.keys.entry) {
                 // The miss paths are boxed: a hit should not carry their size.
-                Role::Leader(leader) => return Box::pin(self.lead(leader, observed, deadline, compute)).await,
+                Role::Leader(leader) => return Box::pin(self.lead(leader, seen, deadline, body)).await,
                 Role::Waiter(mut waiter) => {
                     match Box::pin(self.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
                         Ok(Some(Shared::Value(payload))) => {
@@ -309,7 +463,7 @@ impl<R> Call<'_, R> {
                         Ok(Some(Shared::Stale) | None) => {}
                         Err(_) => {
                             bump(&counters.lock_timeouts);
-                            return Box::pin(self.compute_unlocked(observed, compute)).await;
+                            return Box::pin(self.compute_unlocked(seen, body)).await;
                         }
                     }
                 }
@@ -326,8 +480,8 @@ impl<R> Call<'_, R> {
         deadline: Instant,
         lock_timeout: Duration,
     ) -> Result<Option<Shared>, tokio::time::error::Elapsed> {
-        let start_by = deadline + self.cache.connections().longest_round_trip();
-        if !tokio::time::timeout_at(start_by.into(), flight::started(waiter)).await? {
+        let round_trip = self.cache.connections().map_or(Duration::ZERO, |c| c.longest_round_trip());
+        if !tokio::time::timeout_at((deadline + round_trip).into(), flight::started(waiter)).await? {
             return Ok(None);
         }
         tokio::time::timeout(lock_timeout, flight::done(waiter)).await
@@ -335,31 +489,31 @@ impl<R> Call<'_, R> {
 
     /// The process's leader for this key: takes the Redis lock (or waits
     /// for its holder's value), computes, stores, shares.
-    async fn lead<F: Future<Output = R>>(
-        &self,
-        leader: Leader<'_>,
-        observed: Option<Vec<Option<Vec<u8>>>>,
-        deadline: Instant,
-        compute: F,
-    ) -> R {
+    async fn lead<B: Body<R>>(&self, leader: Leader<'_>, seen: Option<Seen>, deadline: Instant, body: B) -> R {
         let counters = &*self.observer.site.counters;
-        let Some(observed) = observed else {
+        let Some(seen) = seen else {
             // Redis is unavailable: coalesce in this process only.
-            return self.lead_offline(leader, Outcome::Bypass, compute).await;
+            return self.lead_offline(leader, Outcome::Bypass, None, body).await;
         };
+        if self.cache.connections().is_none() {
+            // Memory-only: this process is the whole cache.
+            return self.lead_offline(leader, Outcome::Miss, Some(seen), body).await;
+        }
         let token = format!("{:032x}", rand::random::<u128>());
         let lock = self.keys.lock();
         let mut poll = FIRST_POLL;
         let mut waited = false;
         let mut discarded = false;
         let next = loop {
-            match self.acquire(&lock, &token).await {
+            match self.acquire(&lock, &token, now_ms()).await {
                 Acquire::Lead(versions) => break Next::Locked(versions),
                 Acquire::Hit(entry) => {
                     if let Some(stored) = self.parse(&entry) {
                         if let Some(output) = self.decode_payload(stored.payload) {
                             self.observer.outcome(Outcome::Hit);
-                            leader.finish(Shared::Value(Arc::new(stored.payload.to_vec())));
+                            let payload = Arc::new(stored.payload.to_vec());
+                            self.keep_locally(&payload, stored.times);
+                            leader.finish(Shared::Value(payload));
                             return output;
                         }
                         if !discarded {
@@ -387,23 +541,28 @@ impl<R> Call<'_, R> {
                 Acquire::Unavailable => break Next::Offline,
             }
         };
+        let Seen { versions, stale } = seen;
         let (observed, mut guard) = match next {
             Next::Locked(versions) => {
                 let guard =
                     LockGuard { cache: self.cache.clone(), lock: lock.clone(), token: token.clone(), armed: true };
                 (Some(versions), Some(guard))
             }
-            Next::Unlocked => (self.seed_missing_versions(observed).await, None),
+            Next::Unlocked => (self.seed_missing_versions(versions).await, None),
             // Redis just failed this call: do not make it wait on Redis again.
-            Next::Offline => return self.lead_offline(leader, Outcome::Miss, compute).await,
+            Next::Offline => {
+                let seen = Seen { versions: Vec::new(), stale };
+                return self.lead_offline(leader, Outcome::Miss, Some(seen), body).await;
+            }
         };
         // From here until the lock is released, a panic or a dropped future
         // releases it through the guard, and the waiters through `leader`.
         leader.computing();
-        let output = self.compute(Outcome::Miss, compute).await;
-        let token = if guard.is_some() { token.as_str() } else { "" };
+        let output = self.compute(Outcome::Miss, body.run()).await;
         let encoded = (self.storage.encode)(&output, self.plan.codec);
-        let (stored, shared) = self.store(Intent::Read, observed, &lock, token, encoded).await;
+        let (output, stale_shared) = self.or_stale(output, &encoded, stale);
+        let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
+        let (stored, shared) = self.store(Intent::Read, observed, held, encoded).await;
         if let Some(guard) = guard.as_mut() {
             if stored != Stored::ScriptRan {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
@@ -412,47 +571,99 @@ impl<R> Call<'_, R> {
         }
         // Nothing to share (an `Err`): dropping the leader lets a waiter
         // take over at once.
-        if let Some(shared) = shared {
+        if let Some(shared) = shared.or(stale_shared) {
             leader.finish(shared);
         }
         output
     }
 
     /// Computes without Redis, sharing the result with waiters in this
-    /// process (encoded only if someone is waiting).
-    async fn lead_offline<F: Future<Output = R>>(&self, leader: Leader<'_>, outcome: Outcome, compute: F) -> R {
+    /// process; a memory-only cache also stores it.
+    async fn lead_offline<B: Body<R>>(&self, leader: Leader<'_>, outcome: Outcome, seen: Option<Seen>, body: B) -> R {
         leader.computing();
-        let output = self.compute(outcome, compute).await;
-        if leader.has_waiters()
-            && let Some(Ok(payload)) = (self.storage.encode)(&output, self.plan.codec)
-        {
-            leader.finish(Shared::Value(Arc::new(payload)));
+        let output = self.compute(outcome, body.run()).await;
+        let encoded = (self.storage.encode)(&output, self.plan.codec);
+        let (output, stale_shared) = self.or_stale(output, &encoded, seen.and_then(|seen| seen.stale));
+        if self.cache.connections().is_none() {
+            let (_, shared) = self.store(Intent::Read, Some(Vec::new()), None, encoded).await;
+            if let Some(shared) = shared.or(stale_shared) {
+                leader.finish(shared);
+            }
+        } else if leader.has_waiters() {
+            match encoded {
+                Some(Ok(payload)) => leader.finish(Shared::Value(Arc::new(payload))),
+                _ => {
+                    if let Some(shared) = stale_shared {
+                        leader.finish(shared);
+                    }
+                }
+            }
         }
         output
     }
 
+    /// A background refresh-ahead: leads the key in this process and takes
+    /// the stampede lock, unless someone renewed the entry since `seen` or
+    /// is renewing it now; then computes and overwrites.
+    async fn renew<F: Future<Output = R>>(&self, seen: EntryTimes, compute: F) -> Renewal {
+        let Role::Leader(leader) = self.cache.flights().join(&self.keys.entry) else { return Renewal::Done };
+        let token = format!("{:032x}", rand::random::<u128>());
+        let (observed, mut guard) = if self.cache.connections().is_none() {
+            (Some(Vec::new()), None)
+        } else {
+            let lock = self.keys.lock();
+            match self.acquire(&lock, &token, seen.fresh_until_ms).await {
+                Acquire::Lead(versions) => {
+                    (Some(versions), Some(LockGuard { cache: self.cache.clone(), lock, token, armed: true }))
+                }
+                Acquire::Wait => return Renewal::Elsewhere,
+                // Renewed already, or Redis is unavailable: the entry stays
+                // until its TTL.
+                Acquire::Hit(_) | Acquire::Unavailable => return Renewal::Done,
+            }
+        };
+        leader.computing();
+        let output = self.compute(Outcome::Renewal, compute).await;
+        let encoded = (self.storage.encode)(&output, self.plan.codec);
+        drop(output);
+        let cacheable = encoded.is_some();
+        let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
+        let (stored, shared) = self.store(Intent::Refresh, observed, held, encoded).await;
+        if let Some(guard) = guard.as_mut() {
+            if stored != Stored::ScriptRan {
+                self.cache.release_lock(&guard.lock, &guard.token).await;
+            }
+            guard.disarm();
+        }
+        if let Some(shared) = shared {
+            leader.finish(shared);
+        }
+        if cacheable { Renewal::Done } else { Renewal::Failed }
+    }
+
     /// Write-through: compute now, overwrite.
-    async fn refresh<F: Future<Output = R>>(&self, compute: F) -> R {
+    async fn refresh<B: Body<R>>(&self, body: B) -> R {
         let observed = match self.read().await {
             Some((_, versions)) => self.seed_missing_versions(versions).await,
             None => None,
         };
         // Nested cached calls in the body behave normally.
-        let output = self.compute(Outcome::Refresh, scope::normally(compute)).await;
+        let output = self.compute(Outcome::Refresh, scope::normally(body.run())).await;
         let encoded = (self.storage.encode)(&output, self.plan.codec);
-        self.store(Intent::Refresh, observed, &self.keys.lock(), "", encoded).await;
+        self.store(Intent::Refresh, observed, None, encoded).await;
         output
     }
 
     /// Without coordination: `lock = false`, or past the lock timeout.
-    async fn compute_unlocked<F: Future<Output = R>>(&self, observed: Option<Vec<Option<Vec<u8>>>>, compute: F) -> R {
-        let (outcome, observed) = match observed {
-            Some(observed) => (Outcome::Miss, self.seed_missing_versions(observed).await),
-            None => (Outcome::Bypass, None),
+    async fn compute_unlocked<B: Body<R>>(&self, seen: Option<Seen>, body: B) -> R {
+        let (outcome, observed, stale) = match seen {
+            Some(Seen { versions, stale }) => (Outcome::Miss, self.seed_missing_versions(versions).await, stale),
+            None => (Outcome::Bypass, None, None),
         };
-        let output = self.compute(outcome, compute).await;
+        let output = self.compute(outcome, body.run()).await;
         let encoded = (self.storage.encode)(&output, self.plan.codec);
-        self.store(Intent::Read, observed, &self.keys.lock(), "", encoded).await;
+        let (output, _) = self.or_stale(output, &encoded, stale);
+        self.store(Intent::Read, observed, None, encoded).await;
         output
     }
 
@@ -461,11 +672,29 @@ impl<R> Call<'_, R> {
         compute.await
     }
 
+    /// An output that is not stored (an `Err`) gives way to the stale copy
+    /// kept for `stale_if_error`, if there is one; returns what to share
+    /// with waiters in that case.
+    fn or_stale(&self, output: R, encoded: &Option<Encoded>, stale: Option<Arc<Vec<u8>>>) -> (R, Option<Shared>) {
+        let (None, Some(stale)) = (encoded, stale) else { return (output, None) };
+        match (self.storage.decode)(&stale, self.plan.codec) {
+            Ok(kept) => {
+                bump(&self.observer.site.counters.stale_served);
+                self.cache.warn(
+                    Cause::Stale,
+                    format_args!("prefix `{}`: the function failed; serving the stale copy", self.plan.prefix),
+                );
+                (kept, Some(Shared::Value(stale)))
+            }
+            Err(_) => (output, None),
+        }
+    }
+
     /// One `MGET` of the entry and its namespace versions, batched with
-    /// concurrent lookups under load.
+    /// concurrent lookups under load. A memory-only cache reads nothing.
     async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
-        let connections = self.cache.connections();
-        match self.cache.batcher().mget(connections, &self.keys.entry, self.keys.versions).await {
+        let Some((connections, batcher)) = self.cache.batcher() else { return Some((None, Vec::new())) };
+        match batcher.mget(connections, &self.keys.entry, self.keys.versions).await {
             Ok(mut values) => {
                 // Shifting one slot of a short vector beats allocating another.
                 let entry = values.remove(0);
@@ -478,34 +707,90 @@ impl<R> Call<'_, R> {
         }
     }
 
+    /// The refresh-ahead due on a hit of an entry with these times.
+    fn due(&self, times: EntryTimes, now: u64) -> Option<EntryTimes> {
+        (self.plan.refresh_ahead > 0.0 && times.is_due(now, self.plan.refresh_ahead)).then_some(times)
+    }
+
+    /// Whether a stale entry may still stand in for a failed computation.
+    fn within_stale_window(&self, times: EntryTimes, now: u64) -> bool {
+        self.plan.stale_if_error.is_some_and(|window| now < times.fresh_until_ms.saturating_add(window.as_millis() as u64))
+    }
+
     async fn lookup(&self) -> Lookup<R> {
         let counters = &*self.observer.site.counters;
+        let mut stale = None;
+        if let Some(local) = &self.local
+            && let Some(entry) = local.tier.get(&self.hash, local.site)
+            && entry.codec == self.plan.codec
+        {
+            let now = now_ms();
+            if entry.times.is_fresh(now) {
+                match self.decode_payload(&entry.payload) {
+                    Some(output) => {
+                        self.observer.outcome(Outcome::LocalHit);
+                        return Lookup::Hit { output, renew: self.due(entry.times, now) };
+                    }
+                    None => {
+                        local.tier.forget(&self.hash);
+                    }
+                }
+            } else if self.within_stale_window(entry.times, now) {
+                stale = Some(entry.payload.clone());
+            }
+        }
         let Some((entry, versions)) = self.read().await else { return Lookup::Unavailable };
-        let Some(bytes) = entry else { return Lookup::Miss(versions) };
-        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(versions) };
+        let Some(bytes) = entry else { return Lookup::Miss(Seen { versions, stale }) };
+        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(Seen { versions, stale }) };
         if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
             bump(&counters.stale);
-            return Lookup::Miss(versions);
+            return Lookup::Miss(Seen { versions, stale });
+        }
+        let now = now_ms();
+        if !stored.times.is_fresh(now) {
+            // A copy kept past its TTL for `stale_if_error`.
+            if self.within_stale_window(stored.times, now) {
+                stale = Some(Arc::new(stored.payload.to_vec()));
+            }
+            return Lookup::Miss(Seen { versions, stale });
         }
         match self.decode_payload(stored.payload) {
             Some(output) => {
                 self.observer.outcome(Outcome::Hit);
-                Lookup::Hit(output)
+                if self.local.is_some() {
+                    self.keep_locally(&Arc::new(stored.payload.to_vec()), stored.times);
+                }
+                Lookup::Hit { output, renew: self.due(stored.times, now) }
             }
             None => {
                 Box::pin(self.discard_corrupt()).await;
-                Lookup::Miss(versions)
+                Lookup::Miss(Seen { versions, stale })
             }
         }
+    }
+
+    /// Puts a payload in the local tier, if this call uses it: for as long
+    /// as the entry is fresh (plus its stale window, when the tier is the
+    /// whole cache), at most the plan's local TTL.
+    fn keep_locally(&self, payload: &Arc<Vec<u8>>, times: EntryTimes) {
+        let Some(local) = &self.local else { return };
+        let until = if self.cache.connections().is_none() {
+            times.fresh_until_ms.saturating_add(self.plan.stale_if_error.map_or(0, |w| w.as_millis() as u64))
+        } else {
+            times.fresh_until_ms
+        };
+        let keep_for = Duration::from_millis(until.saturating_sub(now_ms())).min(local.keep_for);
+        local.tier.insert(self.hash, local.site, local.capture, (payload.clone(), self.plan.codec, times), keep_for);
     }
 
     /// Deletes an entry whose header is current but whose payload does not
     /// decode (corrupt, or written for another layout): left in place, a
     /// miss would not overwrite it, since it looks current.
     async fn discard_corrupt(&self) {
+        let Some(connections) = self.cache.connections() else { return };
         let mut del = redis::cmd("DEL");
         del.arg(&self.keys.entry);
-        if let Err(fault) = self.cache.connections().run(|conn| conn.query::<i64>(&del)).await {
+        if let Err(fault) = connections.run(|conn| conn.query::<i64>(&del)).await {
             self.cache.note_fault(&self.observer.site.counters, &fault);
         }
     }
@@ -544,18 +829,22 @@ impl<R> Call<'_, R> {
         }
     }
 
-    async fn acquire(&self, lock: &str, token: &str) -> Acquire {
+    /// Runs the lock script. `min_fresh_ms`: an entry fresh past this time
+    /// answers as a hit instead.
+    async fn acquire(&self, lock: &str, token: &str, min_fresh_ms: u64) -> Acquire {
+        let Some(connections) = self.cache.connections() else { return Acquire::Unavailable };
         let mut invocation = scripts::LOCK.key(&self.keys.entry);
         invocation
             .key(lock)
             .key(self.keys.versions)
             .arg(&self.plan.codec.head()[..])
             .arg(token)
-            .arg(self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()).as_millis() as u64);
+            .arg(self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()).as_millis() as u64)
+            .arg(min_fresh_ms);
         for _ in self.keys.versions.iter() {
             invocation.arg(fresh_seed());
         }
-        match self.cache.connections().run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await {
+        match connections.run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await {
             Ok(mut reply) if !reply.is_empty() => match reply[0].as_slice() {
                 b"hit" if reply.len() == 2 => Acquire::Hit(reply.swap_remove(1)),
                 b"lead" if reply.len() == self.keys.versions.len() + 1 => Acquire::Lead(reply.split_off(1)),
@@ -576,12 +865,13 @@ impl<R> Call<'_, R> {
         if let Some(all) = observed.iter().cloned().collect::<Option<Vec<_>>>() {
             return Some(all);
         }
+        let connections = self.cache.connections()?;
         let mut invocation = scripts::SEED_VERSIONS.prepare_invoke();
         invocation.key(self.keys.versions);
         for _ in self.keys.versions.iter() {
             invocation.arg(fresh_seed());
         }
-        match self.cache.connections().run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
+        match connections.run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
             Ok(seeded) => {
                 seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == self.keys.versions.len())
             }
@@ -592,7 +882,9 @@ impl<R> Call<'_, R> {
         }
     }
 
-    /// Stores an output, encoded by the caller (`None`: not cacheable).
+    /// Stores an output, encoded by the caller (`None`: not cacheable), in
+    /// Redis and the local tier, or in the local tier alone for a
+    /// memory-only cache. `lock`: the stampede lock and token we hold.
     /// Taking the bytes rather than `&R` keeps the output out of the
     /// future's state across the round trip, so outputs need not be `Sync`.
     /// Returns whether the store script ran, and what waiters may be given:
@@ -602,8 +894,7 @@ impl<R> Call<'_, R> {
         &self,
         intent: Intent,
         observed: Option<Vec<Vec<u8>>>,
-        lock: &str,
-        lock_token: &str,
+        lock: Option<(&str, &str)>,
         encoded: Option<Encoded>,
     ) -> (Stored, Option<Shared>) {
         let counters = &*self.observer.site.counters;
@@ -635,22 +926,43 @@ impl<R> Call<'_, R> {
             return (Stored::Skipped, Some(Shared::Value(payload)));
         }
         let Some(observed) = observed else { return (Stored::Skipped, Some(Shared::Value(payload))) };
+        let now = now_ms();
+        let fresh_ms = crate::cache::jittered_ttl_ms(self.ttl, self.plan.jitter);
+        let times = EntryTimes { stored_ms: now, fresh_until_ms: now.saturating_add(fresh_ms) };
+        let Some(connections) = self.cache.connections() else {
+            self.keep_locally(&payload, times);
+            bump(&counters.writes);
+            add(&counters.bytes_written, payload.len() as u64);
+            return (Stored::Skipped, Some(Shared::Value(payload)));
+        };
+        let stale_ms = self.plan.stale_if_error.map_or(0, |window| window.as_millis() as u64);
+        let (lock, token) = lock.unwrap_or((&self.keys.entry, ""));
+        let (channel, message) = match intent {
+            // Other processes drop their local copy of what was overwritten.
+            Intent::Refresh => (self.cache.channel().name.as_str(), self.cache.channel().entry_message(self.hash)),
+            Intent::Read => ("", String::new()),
+        };
         let mut invocation = scripts::STORE.key(&self.keys.entry);
         invocation
             .key(lock)
             .key(self.keys.versions)
-            .arg(crate::cache::jittered_ttl_ms(self.ttl, self.plan.jitter))
+            .arg(fresh_ms.saturating_add(stale_ms))
             .arg(&self.plan.codec.head()[..])
             .arg(&payload[..])
             .arg(if intent == Intent::Refresh { "put" } else { "fill" })
-            .arg(lock_token);
+            .arg(token)
+            .arg(times.field())
+            .arg(now)
+            .arg(channel)
+            .arg(message);
         for version in &observed {
             invocation.arg(&version[..]);
         }
-        match self.cache.connections().run(|conn| conn.invoke::<i64>(&invocation)).await {
+        match connections.run(|conn| conn.invoke::<i64>(&invocation)).await {
             Ok(1) => {
                 bump(&counters.writes);
                 add(&counters.bytes_written, payload.len() as u64);
+                self.keep_locally(&payload, times);
                 (Stored::ScriptRan, Some(Shared::Value(payload)))
             }
             // A value at least as fresh was already there.

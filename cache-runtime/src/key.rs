@@ -39,6 +39,19 @@ impl KeyHash {
         }
         out
     }
+
+    /// Parses [`to_hex`](Self::to_hex)'s output.
+    pub(crate) fn from_hex(hex: &[u8]) -> Option<Self> {
+        if hex.len() != 32 {
+            return None;
+        }
+        let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 16];
+        for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+            *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(KeyHash(out))
+    }
 }
 
 impl fmt::Display for KeyHash {
@@ -196,6 +209,14 @@ mod tests {
             h.arg(a).unwrap();
         }
         h.finish()
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let hash = key("f", 1, &[7]);
+        assert_eq!(KeyHash::from_hex(&hash.to_hex()), Some(hash));
+        assert_eq!(KeyHash::from_hex(b"00"), None);
+        assert_eq!(KeyHash::from_hex(&[b'g'; 32]), None);
     }
 
     #[test]

@@ -38,16 +38,19 @@
 #![warn(missing_docs)]
 
 mod batch;
+mod body;
 mod breaker;
 mod builder;
 mod cache;
 mod canonical;
+mod channel;
 mod codec;
 mod connection;
 mod error;
 mod flight;
 mod flow;
 mod key;
+mod local;
 #[cfg(feature = "tower")]
 mod layer;
 #[cfg(feature = "metrics")]

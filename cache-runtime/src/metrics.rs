@@ -2,7 +2,7 @@
 //! installed recorder (Prometheus, OpenTelemetry) picks them up:
 //!
 //! - `cache_runtime_calls_total{prefix, outcome}`: outcome is `hit`,
-//!   `miss`, `bypass`, `coalesced` or `refresh`;
+//!   `local_hit`, `miss`, `bypass`, `coalesced`, `refresh` or `renewal`;
 //! - `cache_runtime_call_duration_seconds{prefix, outcome}`: a histogram of
 //!   the cache's part of each call, up to its outcome;
 //! - `cache_runtime_errors_total{kind}`: kind is `timeout`, `connection`,

@@ -32,6 +32,8 @@ pub struct Policy {
     version: u32,
     lock: bool,
     lock_timeout: Option<Duration>,
+    local_ttl: Option<Duration>,
+    stale_if_error: Option<Duration>,
     slot: SiteSlot,
 }
 
@@ -49,6 +51,8 @@ impl Policy {
             version: 1,
             lock: true,
             lock_timeout: None,
+            local_ttl: None,
+            stale_if_error: None,
             slot: SiteSlot::new(),
         }
     }
@@ -101,6 +105,38 @@ impl Policy {
         self
     }
 
+    /// Keep entries in the cache's local tier too (see
+    /// [`CacheBuilder::local`](crate::CacheBuilder::local)), for at most
+    /// `local_ttl`: hits then cost no network. Invalidations reach the
+    /// local tiers of all processes; `local_ttl` bounds how stale a copy can
+    /// get should one be missed.
+    ///
+    /// ```
+    /// use cache_runtime::Policy;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Policy::new("rates").ttl(Duration::from_secs(60)).local_ttl(Duration::from_secs(5));
+    /// ```
+    pub fn local_ttl(mut self, local_ttl: Duration) -> Self {
+        self.local_ttl = Some(local_ttl);
+        self
+    }
+
+    /// Keep each entry `window` past its TTL, and return that stale copy
+    /// when the computation fails (an `Err`), instead of the error. An
+    /// entry invalidated through its namespace is never served stale.
+    ///
+    /// ```
+    /// use cache_runtime::Policy;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Policy::new("prices").ttl(Duration::from_secs(60)).stale_if_error(Duration::from_secs(3600));
+    /// ```
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = Some(window).filter(|w| !w.is_zero());
+        self
+    }
+
     /// The namespace.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -120,6 +156,11 @@ impl Policy {
             lock: self.lock,
             lock_timeout: self.lock_timeout,
             slot: &self.slot,
+            local_ttl: self.local_ttl,
+            // Renewing needs a computation that outlives the call, which
+            // `get_or_compute`'s borrowed future is not.
+            refresh_ahead: 0.0,
+            stale_if_error: self.stale_if_error,
         }
     }
 }

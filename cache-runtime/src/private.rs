@@ -5,6 +5,7 @@
 #![allow(missing_docs)]
 
 use crate::Cache;
+use crate::body::{Body, Now};
 use crate::cache::{Intent, Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::Codec;
@@ -17,6 +18,7 @@ use std::marker::PhantomData;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use crate::body::Renewable;
 pub use crate::cache::OutputKind;
 pub use crate::key::KeyHasher;
 pub use crate::site::SiteSlot;
@@ -33,11 +35,17 @@ pub struct CallSite {
     pub lock: bool,
     /// 0: use the cache's lock timeout.
     pub lock_timeout_ms: u64,
+    /// 0: not in the local tier; `u64::MAX`: as long as the entry is fresh.
+    pub local_ttl_ms: u64,
+    /// 0: no refresh-ahead.
+    pub refresh_ahead: f64,
+    /// 0: no stale copies.
+    pub stale_if_error_secs: u64,
     pub site: SiteSlot,
 }
 
 impl CallSite {
-    fn plan(&'static self) -> Plan<'static> {
+    pub(crate) fn plan(&'static self) -> Plan<'static> {
         Plan {
             prefix: self.prefix,
             tags: self.tags,
@@ -47,6 +55,13 @@ impl CallSite {
             lock: self.lock,
             lock_timeout: (self.lock_timeout_ms > 0).then(|| Duration::from_millis(self.lock_timeout_ms)),
             slot: &self.site,
+            local_ttl: match self.local_ttl_ms {
+                0 => None,
+                u64::MAX => Some(Duration::MAX),
+                ms => Some(Duration::from_millis(ms)),
+            },
+            refresh_ahead: self.refresh_ahead,
+            stale_if_error: (self.stale_if_error_secs > 0).then(|| Duration::from_secs(self.stale_if_error_secs)),
         }
     }
 }
@@ -63,14 +78,41 @@ pub async fn call<R, F>(
 where
     F: Future<Output = R>,
 {
+    run(cache, site, key, storage, Now(compute)).await
+}
+
+/// [`call`] for `refresh_ahead`: `make` builds the computation, which may
+/// also run in the background after the call has returned.
+pub async fn call_renewable<R, M, F>(
+    cache: Option<&Cache>,
+    site: &'static CallSite,
+    key: Result<KeyHash, Unencodable>,
+    storage: Storage<R>,
+    make: M,
+) -> R
+where
+    M: FnOnce() -> F,
+    F: Future<Output = R> + Send + 'static,
+    R: Send + 'static,
+{
+    run(cache, site, key, storage, Renewable { site, make }).await
+}
+
+async fn run<R, B: Body<R>>(
+    cache: Option<&Cache>,
+    site: &'static CallSite,
+    key: Result<KeyHash, Unencodable>,
+    storage: Storage<R>,
+    body: B,
+) -> R {
     // The closure lets `global()`'s `&'static` shorten to `cache`'s lifetime;
     // the bare function would demand that `cache` be `'static` too.
     #[allow(clippy::redundant_closure)]
     let cache = cache.or_else(|| crate::global());
     match (cache, scope::current()) {
-        (Some(cache), Mode::Normal) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Read, compute).await,
+        (Some(cache), Mode::Normal) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Read, body).await,
         (Some(cache), Mode::Refresh) => {
-            cache.fetch_or_compute(&site.plan(), key, storage, Intent::Refresh, compute).await
+            cache.fetch_or_compute(&site.plan(), key, storage, Intent::Refresh, body).await
         }
         (cache, Mode::Forget(slot)) => {
             let outcome = match cache {
@@ -88,7 +130,7 @@ where
                 Cause::NotInitialized,
                 format_args!("cached call before cache_runtime::init: computing without the cache"),
             );
-            compute.await
+            body.run().await
         }
     }
 }

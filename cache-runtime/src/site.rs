@@ -1,8 +1,9 @@
 //! What a call site remembers per cache, so that a hit does no work that
-//! is the same every time: its prefix's counters, and the Redis keys of its
-//! namespaces' versions.
+//! is the same every time: its prefix's counters, the Redis keys of its
+//! namespaces' versions, and their local epochs.
 
 use crate::key::version_key;
+use crate::local::{LocalSite, LocalTier};
 use crate::policy::check_namespace;
 use crate::stats::{Counters, Registry};
 use std::sync::{Arc, OnceLock};
@@ -16,6 +17,8 @@ pub(crate) struct Site {
     pub version_keys: Arc<[String]>,
     /// Why the site's namespace names cannot be used, checked once.
     pub invalid: Option<String>,
+    /// Its namespaces' epochs in the cache's local tier, if it has one.
+    pub local: Option<LocalSite>,
 }
 
 impl Site {
@@ -25,6 +28,7 @@ impl Site {
             counters: cache.registry.of(prefix),
             version_keys: namespaces.iter().map(|ns| version_key(cache.key_prefix, ns)).collect::<Vec<_>>().into(),
             invalid: namespaces.iter().try_for_each(|ns| check_namespace(ns)).err(),
+            local: cache.local.map(|tier| tier.site(namespaces.iter().copied())),
         }
     }
 }
@@ -35,6 +39,7 @@ pub(crate) struct CacheView<'c> {
     pub id: u64,
     pub key_prefix: &'c str,
     pub registry: &'c Registry,
+    pub local: Option<&'c LocalTier>,
 }
 
 /// Where a call site (a `#[cached]` function, or a `Policy`) keeps its
@@ -98,8 +103,8 @@ mod tests {
     #[test]
     fn a_slot_serves_the_cache_it_was_filled_for() {
         let (registry, other) = (Registry::default(), Registry::default());
-        let view = CacheView { id: 1, key_prefix: "app", registry: &registry };
-        let other_view = CacheView { id: 2, key_prefix: "other", registry: &other };
+        let view = CacheView { id: 1, key_prefix: "app", registry: &registry, local: None };
+        let other_view = CacheView { id: 2, key_prefix: "other", registry: &other, local: None };
         let slot = SiteSlot::new();
         let namespaces = || ["p", "tag"].into_iter();
         bump(&slot.get(view, "p", namespaces()).counters.hits);

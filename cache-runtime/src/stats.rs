@@ -35,8 +35,10 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Calls answered from Redis.
+    /// Calls answered from the cache: from Redis or from the local tier.
     hits,
+    /// Of `hits`, those answered from the in-process tier, with no network.
+    local_hits,
     /// Calls that looked in Redis, found no usable entry, and ran the function.
     misses,
     /// Calls that ran the function without asking Redis: Redis unreachable
@@ -47,7 +49,12 @@ counters! {
     coalesced,
     /// Write-through calls (`refresh`), which compute whatever is stored.
     refreshes,
-    /// Times the function body ran: misses, bypasses and refreshes.
+    /// Background recomputations started by `refresh_ahead`.
+    renewals,
+    /// Calls whose function returned an error and that got the stale copy
+    /// `stale_if_error` kept instead.
+    stale_served,
+    /// Times the function body ran: misses, bypasses, refreshes, renewals.
     computations,
     /// Misses whose entry existed but was bound to an older namespace version.
     stale,
@@ -75,6 +82,8 @@ counters! {
     encode_errors,
     /// Values larger than `max_value_bytes`, returned but not stored.
     oversize,
+    /// Entries the local tier dropped to stay within its capacity.
+    local_evictions,
     /// Payload bytes read on hits.
     bytes_read,
     /// Payload bytes written on misses.

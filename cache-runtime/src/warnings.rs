@@ -12,9 +12,11 @@ pub(crate) enum Cause {
     Decode,
     Encode,
     Oversize,
+    Stale,
+    NoLocalTier,
 }
 
-const CAUSES: usize = 6;
+const CAUSES: usize = 8;
 const INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]

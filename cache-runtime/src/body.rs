@@ -1,0 +1,57 @@
+//! What a cached call runs on a miss: a future to await now or, for
+//! `refresh_ahead`, a maker whose future may also run after the call has
+//! returned, in a task of its own.
+
+use crate::Cache;
+use crate::cache::Storage;
+use crate::codec::EntryTimes;
+use crate::key::KeyHash;
+use crate::private::CallSite;
+
+/// A call's computation.
+pub(crate) trait Body<R> {
+    type Run: Future<Output = R>;
+
+    /// The computation, to await in the call.
+    fn run(self) -> Self::Run;
+
+    /// On a hit that is due for refresh-ahead: recompute in the background,
+    /// if this body can outlive the call. `seen`: the entry that was hit.
+    fn renew(self, cache: &Cache, hash: KeyHash, storage: Storage<R>, seen: EntryTimes);
+}
+
+/// A future that borrows from the call: it runs in the call or not at all.
+pub(crate) struct Now<F>(pub F);
+
+impl<R, F: Future<Output = R>> Body<R> for Now<F> {
+    type Run = F;
+
+    fn run(self) -> F {
+        self.0
+    }
+
+    fn renew(self, _: &Cache, _: KeyHash, _: Storage<R>, _: EntryTimes) {}
+}
+
+/// A `'static` maker of the computation: `#[cached(refresh_ahead = ...)]`.
+pub struct Renewable<M> {
+    pub(crate) site: &'static CallSite,
+    pub(crate) make: M,
+}
+
+impl<R, M, F> Body<R> for Renewable<M>
+where
+    M: FnOnce() -> F,
+    F: Future<Output = R> + Send + 'static,
+    R: Send + 'static,
+{
+    type Run = F;
+
+    fn run(self) -> F {
+        (self.make)()
+    }
+
+    fn renew(self, cache: &Cache, hash: KeyHash, storage: Storage<R>, seen: EntryTimes) {
+        cache.spawn_renewal(self.site.plan(), hash, storage, seen, (self.make)());
+    }
+}
