@@ -262,7 +262,10 @@ fn seconds_as_millis(expr: &Expr, name: &str) -> syn::Result<u64> {
         Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>()?,
         Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<f64>()?,
         _ => {
-            return Err(syn::Error::new_spanned(expr, format!("`{name}` must be a number of seconds, such as 2 or 0.5")));
+            return Err(syn::Error::new_spanned(
+                expr,
+                format!("`{name}` must be a number of seconds, such as 2 or 0.5"),
+            ));
         }
     };
     let millis = (seconds * 1000.0).round();

@@ -4,8 +4,8 @@
 use crate::batch::Batcher;
 use crate::body::Now;
 use crate::builder::CacheBuilder;
-use crate::channel::{self, Channel};
 use crate::canonical::Unencodable;
+use crate::channel::{self, Channel};
 use crate::codec::{Codec, CodecError};
 use crate::connection::Connections;
 use crate::error::{Error, Fault};
@@ -320,7 +320,10 @@ impl Cache {
         };
         let key = version_key(self.key_prefix(), namespace);
         let mut invocation = scripts::INVALIDATE.key(&key);
-        invocation.arg(fresh_seed()).arg(&self.inner().channel.name).arg(self.inner().channel.namespace_message(namespace));
+        invocation
+            .arg(fresh_seed())
+            .arg(&self.inner().channel.name)
+            .arg(self.inner().channel.namespace_message(namespace));
         let outcome = remote.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await;
         // After the bump, so that a read that began before it cannot fill
         // the local tier with what it read.

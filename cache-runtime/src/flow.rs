@@ -127,7 +127,10 @@ impl<'c> Observer<'c> {
 /// What reading an entry found.
 enum Lookup<R> {
     /// `renew`: the entry hit, when it is due for refresh-ahead.
-    Hit { output: R, renew: Option<EntryTimes> },
+    Hit {
+        output: R,
+        renew: Option<EntryTimes>,
+    },
     Miss(Seen),
     /// Redis could not be asked; compute without storing.
     Unavailable,
@@ -714,7 +717,9 @@ impl<'c, R> Call<'c, R> {
 
     /// Whether a stale entry may still stand in for a failed computation.
     fn within_stale_window(&self, times: EntryTimes, now: u64) -> bool {
-        self.plan.stale_if_error.is_some_and(|window| now < times.fresh_until_ms.saturating_add(window.as_millis() as u64))
+        self.plan
+            .stale_if_error
+            .is_some_and(|window| now < times.fresh_until_ms.saturating_add(window.as_millis() as u64))
     }
 
     async fn lookup(&self) -> Lookup<R> {

@@ -50,9 +50,9 @@ mod error;
 mod flight;
 mod flow;
 mod key;
-mod local;
 #[cfg(feature = "tower")]
 mod layer;
+mod local;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod policy;

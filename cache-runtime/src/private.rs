@@ -111,9 +111,7 @@ async fn run<R, B: Body<R>>(
     let cache = cache.or_else(|| crate::global());
     match (cache, scope::current()) {
         (Some(cache), Mode::Normal) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Read, body).await,
-        (Some(cache), Mode::Refresh) => {
-            cache.fetch_or_compute(&site.plan(), key, storage, Intent::Refresh, body).await
-        }
+        (Some(cache), Mode::Refresh) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Refresh, body).await,
         (cache, Mode::Forget(slot)) => {
             let outcome = match cache {
                 // Boxed: a rare path that should not grow every call's future.
