@@ -56,6 +56,16 @@ async fn ours(cache: &Cache, id: u32) -> Product {
     Product::new(id)
 }
 
+#[cached(ttl = 3600, prefix = "bench_local", local = true, cache = cache)]
+async fn ours_local(cache: &Cache, id: u32) -> Product {
+    Product::new(id)
+}
+
+#[cached(ttl = 3600, prefix = "bench_memory", cache = cache)]
+async fn ours_memory(cache: &Cache, id: u32) -> Product {
+    Product::new(id)
+}
+
 #[cached(ttl = 3600, prefix = "bench_miss", cache = cache)]
 async fn ours_miss(cache: &Cache, id: u64) -> Product {
     Product::new(id as u32)
@@ -112,6 +122,9 @@ where
                     let t0 = Instant::now();
                     call(id).await;
                     latencies.push(t0.elapsed());
+                    // An in-process hit never waits, so nothing else would
+                    // yield to the scheduler (nor let the timer stop the run).
+                    tokio::task::consume_budget().await;
                 }
                 latencies
             })
@@ -238,6 +251,76 @@ async fn hit_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
         rows.extend(redis_benchmark(server.port(), tasks, 1));
     }
     rows.extend(redis_benchmark(server.port(), 64, 16));
+    rows
+}
+
+const RAW_MOKA: &str = "raw moka get + bincode";
+
+/// Hits answered in process: the local tier in front of Redis, a
+/// memory-only cache, and their floor (moka and bincode alone); the Redis
+/// hit for scale.
+async fn local_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
+    let tiered = Cache::builder().url(server.url()).key_prefix("bench_tiered").local(10_000).build().expect("cache");
+    let memory = Cache::builder().key_prefix("bench_memory").build().expect("memory-only cache");
+    let raw: moka::sync::Cache<u32, Arc<Vec<u8>>> = moka::sync::Cache::new(10_000);
+    for id in 0..KEYS {
+        ours_local(&tiered, id).await;
+        ours_memory(&memory, id).await;
+        raw.insert(id, Arc::new(bincode::serde::encode_to_vec(Product::new(id), bincode_config()).unwrap()));
+    }
+    // The tier is trusted once its invalidation channel is subscribed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tiered.stats().total.local_hits == 0 && Instant::now() < deadline {
+        ours_local(&tiered, 0).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut rows = Vec::new();
+    for tasks in [1, 64] {
+        let c = tiered.clone();
+        rows.push(
+            measure("cache-runtime local tier hit (local = true)", tasks, move |id| {
+                let c = c.clone();
+                async move {
+                    black_box(ours_local(&c, id).await);
+                }
+            })
+            .await,
+        );
+        let c = memory.clone();
+        rows.push(
+            measure("cache-runtime memory-only hit", tasks, move |id| {
+                let c = c.clone();
+                async move {
+                    black_box(ours_memory(&c, id).await);
+                }
+            })
+            .await,
+        );
+        let r = raw.clone();
+        rows.push(
+            measure(RAW_MOKA, tasks, move |id| {
+                let r = r.clone();
+                async move {
+                    let bytes = r.get(&id).unwrap();
+                    let (p, _): (Product, usize) = bincode::serde::decode_from_slice(&bytes, bincode_config()).unwrap();
+                    black_box(p);
+                }
+            })
+            .await,
+        );
+        let c = cache.clone();
+        rows.push(
+            measure("cache-runtime Redis hit (for scale)", tasks, move |id| {
+                let c = c.clone();
+                async move {
+                    black_box(ours(&c, id).await);
+                }
+            })
+            .await,
+        );
+    }
+    let counts = tiered.stats().total;
+    assert!(counts.local_hits > counts.hits / 2, "the local rows were answered locally: {counts:?}");
     rows
 }
 
@@ -399,6 +482,41 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "local1") {
+        // One task on the local tier for 5 s: for `perf record`.
+        let server = support::RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let tiered = Cache::builder().url(server.url()).key_prefix("prof").local(10_000).build().expect("cache");
+            while tiered.stats().total.local_hits == 0 {
+                ours_local(&tiered, 0).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let until = Instant::now() + Duration::from_secs(5);
+            let mut calls = 0u64;
+            while Instant::now() < until {
+                for id in 0..100 {
+                    black_box(ours_local(&tiered, (calls as u32 + id * 7) % KEYS).await);
+                }
+                calls += 100;
+            }
+            println!("{calls} calls, {:?}", tiered.stats().total);
+        });
+        return;
+    }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "local") {
+        let server = support::RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
+            for id in 0..KEYS {
+                ours(&cache, id).await;
+            }
+            let rows = local_path(&server, &cache).await;
+            print_table("In-process hits (ratios against moka + bincode alone)", &rows, RAW_MOKA);
+        });
+        return;
+    }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ours64") {
         let server = support::RedisServer::start();
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -429,6 +547,8 @@ fn main() {
         let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
         let rows = hit_path(&server, &cache).await;
         print_table("Hit path (ratios against the raw multiplexed client at the same concurrency)", &rows, RAW_MUX);
+        let rows = local_path(&server, &cache).await;
+        print_table("In-process hits (ratios against moka + bincode alone)", &rows, RAW_MOKA);
         let rows = miss_path(&server, &cache).await;
         print_table("Miss path, body returns at once (ratios against raw GET + SET)", &rows, "raw GET (nil) + SET PX");
         stampede(&cache).await;

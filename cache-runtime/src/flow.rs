@@ -261,7 +261,9 @@ impl Cache {
     /// so the compiler's layout queries for a caller's future stop here
     /// instead of recursing through every layer of the flow. Without it, a
     /// few nested async functions in the user's code exceed rustc's default
-    /// query depth.
+    /// query depth. The box holds the flow alone, or with its span when
+    /// tracing wants it: entering a disabled span still costs a little on
+    /// every poll, and a hit's box stays under 1 KiB, glibc's fast path.
     pub(crate) async fn fetch_or_compute<R, B>(
         &self,
         plan: &Plan<'_>,
@@ -273,7 +275,13 @@ impl Cache {
     where
         B: Body<R>,
     {
-        Box::pin(self.flow(plan, key, storage, intent, body)).await
+        let observer = Observer::new(plan.slot.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix);
+        if observer.span.is_disabled() {
+            Box::pin(self.flow(plan, key, storage, intent, body, &observer)).await
+        } else {
+            let span = observer.span.clone();
+            Box::pin(self.flow(plan, key, storage, intent, body, &observer).instrument(span)).await
+        }
     }
 
     async fn flow<R, B>(
@@ -283,13 +291,12 @@ impl Cache {
         storage: Storage<R>,
         intent: Intent,
         body: B,
+        observer: &Observer<'_>,
     ) -> R
     where
         B: Body<R>,
     {
-        let observer = Observer::new(plan.slot.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix);
-        let span = observer.span.clone();
-        async move {
+        {
             let counters = &*observer.site.counters;
             let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
                 observer.outcome(Outcome::Bypass);
@@ -326,7 +333,7 @@ impl Cache {
                 tier.forget(&hash);
             }
             let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
-            let call = Call::new(self, plan, ttl, storage, hash, &keys, &observer);
+            let call = Call::new(self, plan, ttl, storage, hash, &keys, observer);
             if intent == Intent::Refresh {
                 return Box::pin(call.refresh(body)).await;
             }
@@ -339,8 +346,6 @@ impl Cache {
             }
             call.coordinated(body).await
         }
-        .instrument(span)
-        .await
     }
 
     /// Starts a refresh-ahead of `hash` in a task of its own, unless one is
@@ -450,7 +455,7 @@ impl<'c, R> Call<'c, R> {
                 bump(&counters.lock_timeouts);
                 return Box::pin(self.compute_unlocked(seen, body)).await;
             }
-            match self.cache.flights().join(&self.keys.entry) {
+            match self.cache.flights().join(self.keys.entry()) {
                 // The miss paths are boxed: a hit should not carry their size.
                 Role::Leader(leader) => return Box::pin(self.lead(leader, seen, deadline, body)).await,
                 Role::Waiter(mut waiter) => {
@@ -609,7 +614,7 @@ impl<'c, R> Call<'c, R> {
     /// the stampede lock, unless someone renewed the entry since `seen` or
     /// is renewing it now; then computes and overwrites.
     async fn renew<F: Future<Output = R>>(&self, seen: EntryTimes, compute: F) -> Renewal {
-        let Role::Leader(leader) = self.cache.flights().join(&self.keys.entry) else { return Renewal::Done };
+        let Role::Leader(leader) = self.cache.flights().join(self.keys.entry()) else { return Renewal::Done };
         let token = format!("{:032x}", rand::random::<u128>());
         let (observed, mut guard) = if self.cache.connections().is_none() {
             (Some(Vec::new()), None)
@@ -697,7 +702,7 @@ impl<'c, R> Call<'c, R> {
     /// concurrent lookups under load. A memory-only cache reads nothing.
     async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
         let Some((connections, batcher)) = self.cache.batcher() else { return Some((None, Vec::new())) };
-        match batcher.mget(connections, &self.keys.entry, self.keys.versions).await {
+        match batcher.mget(connections, self.keys.entry(), self.keys.versions).await {
             Ok(mut values) => {
                 // Shifting one slot of a short vector beats allocating another.
                 let entry = values.remove(0);
@@ -729,8 +734,12 @@ impl<'c, R> Call<'c, R> {
             && let Some(entry) = local.tier.get(&self.hash, local.site)
             && entry.codec == self.plan.codec
         {
-            let now = now_ms();
-            if entry.times.is_fresh(now) {
+            // The tier keeps an entry no longer than it is fresh, unless it is
+            // the whole cache and keeps stale copies: only then, or for a
+            // refresh-ahead, does a local hit need the clock.
+            let keeps_stale = self.cache.connections().is_none() && self.plan.stale_if_error.is_some();
+            let now = if keeps_stale || self.plan.refresh_ahead > 0.0 { now_ms() } else { 0 };
+            if !keeps_stale || entry.times.is_fresh(now) {
                 match self.decode_payload(&entry.payload) {
                     Some(output) => {
                         self.observer.outcome(Outcome::LocalHit);
@@ -794,7 +803,7 @@ impl<'c, R> Call<'c, R> {
     async fn discard_corrupt(&self) {
         let Some(connections) = self.cache.connections() else { return };
         let mut del = redis::cmd("DEL");
-        del.arg(&self.keys.entry);
+        del.arg(self.keys.entry());
         if let Err(fault) = connections.run(|conn| conn.query::<i64>(&del)).await {
             self.cache.note_fault(&self.observer.site.counters, &fault);
         }
@@ -809,7 +818,7 @@ impl<'c, R> Call<'c, R> {
                 Cause::Decode,
                 format_args!(
                     "`{}` holds no {} entry of this cache; recomputing",
-                    self.keys.entry,
+                    self.keys.entry(),
                     self.plan.codec.name()
                 ),
             );
@@ -827,8 +836,10 @@ impl<'c, R> Call<'c, R> {
                 bump(&self.observer.site.counters.decode_errors);
                 #[cfg(feature = "metrics")]
                 crate::metrics::error("decode");
-                self.cache
-                    .warn(Cause::Decode, format_args!("`{}` could not be decoded ({e}); recomputing", self.keys.entry));
+                self.cache.warn(
+                    Cause::Decode,
+                    format_args!("`{}` could not be decoded ({e}); recomputing", self.keys.entry()),
+                );
                 None
             }
         }
@@ -838,7 +849,7 @@ impl<'c, R> Call<'c, R> {
     /// answers as a hit instead.
     async fn acquire(&self, lock: &str, token: &str, min_fresh_ms: u64) -> Acquire {
         let Some(connections) = self.cache.connections() else { return Acquire::Unavailable };
-        let mut invocation = scripts::LOCK.key(&self.keys.entry);
+        let mut invocation = scripts::LOCK.key(self.keys.entry());
         invocation
             .key(lock)
             .key(self.keys.versions)
@@ -941,13 +952,13 @@ impl<'c, R> Call<'c, R> {
             return (Stored::Skipped, Some(Shared::Value(payload)));
         };
         let stale_ms = self.plan.stale_if_error.map_or(0, |window| window.as_millis() as u64);
-        let (lock, token) = lock.unwrap_or((&self.keys.entry, ""));
+        let (lock, token) = lock.unwrap_or((self.keys.entry(), ""));
         let (channel, message) = match intent {
             // Other processes drop their local copy of what was overwritten.
             Intent::Refresh => (self.cache.channel().name.as_str(), self.cache.channel().entry_message(self.hash)),
             Intent::Read => ("", String::new()),
         };
-        let mut invocation = scripts::STORE.key(&self.keys.entry);
+        let mut invocation = scripts::STORE.key(self.keys.entry());
         invocation
             .key(lock)
             .key(self.keys.versions)

@@ -153,20 +153,30 @@ impl KeyHasher {
 /// is always this one.
 #[derive(Debug)]
 pub(crate) struct EntryKeys<'v> {
-    pub entry: String,
+    app: &'v str,
+    prefix: &'v str,
+    hash: KeyHash,
+    /// Built on first use: a hit in the local tier never needs it.
+    entry: std::sync::OnceLock<String>,
     /// One version key per namespace, the prefix's first.
     pub versions: &'v Arc<[String]>,
 }
 
 impl<'v> EntryKeys<'v> {
-    pub(crate) fn new(app: &str, prefix: &str, versions: &'v Arc<[String]>, hash: KeyHash) -> Self {
-        Self { entry: entry_key(app, prefix, hash), versions }
+    pub(crate) fn new(app: &'v str, prefix: &'v str, versions: &'v Arc<[String]>, hash: KeyHash) -> Self {
+        Self { app, prefix, hash, entry: std::sync::OnceLock::new(), versions }
+    }
+
+    /// The entry's key.
+    pub(crate) fn entry(&self) -> &str {
+        self.entry.get_or_init(|| entry_key(self.app, self.prefix, self.hash))
     }
 
     /// The stampede lock: `<entry>#lock`. Only misses need it.
     pub(crate) fn lock(&self) -> String {
-        let mut lock = String::with_capacity(self.entry.len() + 5);
-        lock.push_str(&self.entry);
+        let entry = self.entry();
+        let mut lock = String::with_capacity(entry.len() + 5);
+        lock.push_str(entry);
         lock.push_str("#lock");
         lock
     }
