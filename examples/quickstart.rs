@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Runs with or without Redis: when it is unreachable the example says so
-//! and every call simply computes.
+//! and caches in memory instead (`Cache::builder().build()` with no URL).
 
 use cache_runtime::{Cache, cached};
 use serde::{Deserialize, Serialize};
@@ -41,14 +41,19 @@ async fn list_products(page: u32) -> Result<Vec<Product>, DbError> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let cache = Cache::builder().url(&url).key_prefix("quickstart").pool_size(4).build()?;
-    cache_runtime::init(cache.clone())?;
-
+    let redis = Cache::builder().url(&url).key_prefix("quickstart").pool_size(4).build()?;
     // Start from a cold cache so the first call below is a miss.
-    match cache.invalidate("products").await {
-        Ok(_) => println!("Redis at {url}: caching"),
-        Err(e) => println!("Redis at {url} is unreachable ({e}): every call computes, nothing breaks"),
-    }
+    let cache = match redis.invalidate("products").await {
+        Ok(_) => {
+            println!("Redis at {url}: caching");
+            redis
+        }
+        Err(e) => {
+            println!("Redis at {url} is unreachable ({e}): caching in this process only");
+            Cache::builder().key_prefix("quickstart").build()?
+        }
+    };
+    cache_runtime::init(cache.clone())?;
 
     for attempt in ["first call", "second call"] {
         let started = Instant::now();
@@ -58,9 +63,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let stats = cache.stats().total;
     println!(
-        "queries run: {}   hits: {}   misses: {}   bypassed: {}",
+        "queries run: {}   hits: {} ({} in process)   misses: {}   bypassed: {}",
         QUERIES.load(Ordering::Relaxed),
         stats.hits,
+        stats.local_hits,
         stats.misses,
         stats.bypassed
     );

@@ -45,21 +45,7 @@ static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// ```
 #[derive(Clone)]
 pub struct Cache {
-    core: Arc<dyn Core>,
-}
-
-/// Hides `Inner` behind a trait object so that the compiler's `Send` and
-/// `Sync` checks of a caller's future stop at the `Cache`: followed through
-/// the pool, the connections and the local tier, they exceed the default
-/// recursion limit in callers' crates.
-trait Core: Send + Sync {
-    fn inner(&self) -> &Inner;
-}
-
-impl Core for Inner {
-    fn inner(&self) -> &Inner {
-        self
-    }
+    inner: Arc<Inner>,
 }
 
 struct Inner {
@@ -166,6 +152,8 @@ pub struct Storage<R> {
     /// `None`: this output is not stored (an `Err`).
     pub(crate) encode: fn(&R, Codec) -> Option<Encoded>,
     pub(crate) decode: fn(&[u8], Codec) -> Result<R, CodecError>,
+    /// Whether this output would be stored, without encoding it.
+    pub(crate) cacheable: fn(&R) -> bool,
 }
 
 impl<R> Clone for Storage<R> {
@@ -196,7 +184,10 @@ impl<R> Storage<R> {
         {
             codec.decode::<K::Value>(payload).map(K::from_stored)
         }
-        Self { encode: encode::<R, K>, decode: decode::<R, K> }
+        fn cacheable<R, K: OutputKind<R>>(output: &R) -> bool {
+            K::stored(output).is_some()
+        }
+        Self { encode: encode::<R, K>, decode: decode::<R, K>, cacheable: cacheable::<R, K> }
     }
 }
 
@@ -237,7 +228,7 @@ impl Cache {
         });
         let local = settings.local_capacity.map(|capacity| Arc::new(LocalTier::new(capacity, !memory_only)));
         Self {
-            core: Arc::new(Inner {
+            inner: Arc::new(Inner {
                 remote,
                 local,
                 channel: Channel::new(&settings.key_prefix),
@@ -257,7 +248,7 @@ impl Cache {
     }
 
     fn inner(&self) -> &Inner {
-        self.core.inner()
+        &self.inner
     }
 
     /// The application namespace that starts every key.

@@ -567,8 +567,8 @@ impl<'c, R> Call<'c, R> {
         // releases it through the guard, and the waiters through `leader`.
         leader.computing();
         let output = self.compute(Outcome::Miss, body.run()).await;
-        let encoded = (self.storage.encode)(&output, self.plan.codec);
-        let (output, stale_shared) = self.or_stale(output, &encoded, stale);
+        let (output, stale_shared) = self.or_stale(output, stale);
+        let encoded = if stale_shared.is_some() { None } else { (self.storage.encode)(&output, self.plan.codec) };
         let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
         let (stored, shared) = self.store(Intent::Read, observed, held, encoded).await;
         if let Some(guard) = guard.as_mut() {
@@ -590,22 +590,19 @@ impl<'c, R> Call<'c, R> {
     async fn lead_offline<B: Body<R>>(&self, leader: Leader<'_>, outcome: Outcome, seen: Option<Seen>, body: B) -> R {
         leader.computing();
         let output = self.compute(outcome, body.run()).await;
-        let encoded = (self.storage.encode)(&output, self.plan.codec);
-        let (output, stale_shared) = self.or_stale(output, &encoded, seen.and_then(|seen| seen.stale));
-        if self.cache.connections().is_none() {
-            let (_, shared) = self.store(Intent::Read, Some(Vec::new()), None, encoded).await;
-            if let Some(shared) = shared.or(stale_shared) {
+        let (output, stale_shared) = self.or_stale(output, seen.and_then(|seen| seen.stale));
+        if let Some(shared) = stale_shared {
+            leader.finish(shared);
+        } else if self.cache.connections().is_none() {
+            let encoded = (self.storage.encode)(&output, self.plan.codec);
+            if let (_, Some(shared)) = self.store(Intent::Read, Some(Vec::new()), None, encoded).await {
                 leader.finish(shared);
             }
-        } else if leader.has_waiters() {
-            match encoded {
-                Some(Ok(payload)) => leader.finish(Shared::Value(Arc::new(payload))),
-                _ => {
-                    if let Some(shared) = stale_shared {
-                        leader.finish(shared);
-                    }
-                }
-            }
+        } else if leader.has_waiters()
+            && let Some(Ok(payload)) = (self.storage.encode)(&output, self.plan.codec)
+        {
+            // Encoded only when someone is waiting for it.
+            leader.finish(Shared::Value(Arc::new(payload)));
         }
         output
     }
@@ -669,8 +666,8 @@ impl<'c, R> Call<'c, R> {
             None => (Outcome::Bypass, None, None),
         };
         let output = self.compute(outcome, body.run()).await;
-        let encoded = (self.storage.encode)(&output, self.plan.codec);
-        let (output, _) = self.or_stale(output, &encoded, stale);
+        let (output, stale_shared) = self.or_stale(output, stale);
+        let encoded = if stale_shared.is_some() { None } else { (self.storage.encode)(&output, self.plan.codec) };
         self.store(Intent::Read, observed, None, encoded).await;
         output
     }
@@ -683,8 +680,8 @@ impl<'c, R> Call<'c, R> {
     /// An output that is not stored (an `Err`) gives way to the stale copy
     /// kept for `stale_if_error`, if there is one; returns what to share
     /// with waiters in that case.
-    fn or_stale(&self, output: R, encoded: &Option<Encoded>, stale: Option<Arc<Vec<u8>>>) -> (R, Option<Shared>) {
-        let (None, Some(stale)) = (encoded, stale) else { return (output, None) };
+    fn or_stale(&self, output: R, stale: Option<Arc<Vec<u8>>>) -> (R, Option<Shared>) {
+        let Some(stale) = stale.filter(|_| !(self.storage.cacheable)(&output)) else { return (output, None) };
         match (self.storage.decode)(&stale, self.plan.codec) {
             Ok(kept) => {
                 bump(&self.observer.site.counters.stale_served);

@@ -248,14 +248,14 @@ mod tests {
     fn a_namespace_lives_in_one_cluster_slot() {
         let versions: Arc<[String]> = vec![version_key("myapp", "products")].into();
         let keys = EntryKeys::new("myapp", "products", &versions, key("f", 1, &[]));
-        assert!(keys.entry.starts_with("myapp:products:{products}"), "{}", keys.entry);
-        assert_eq!(keys.entry.len(), "myapp:products:{products}".len() + 32);
-        assert_eq!(keys.lock(), format!("{}#lock", keys.entry));
+        assert!(keys.entry().starts_with("myapp:products:{products}"), "{}", keys.entry());
+        assert_eq!(keys.entry().len(), "myapp:products:{products}".len() + 32);
+        assert_eq!(keys.lock(), format!("{}#lock", keys.entry()));
         assert_eq!(&**keys.versions, ["myapp:products:{products}#v"]);
         for key in [&keys.lock(), &keys.versions[0]] {
-            assert_eq!(hash_tag(key), hash_tag(&keys.entry));
+            assert_eq!(hash_tag(key), hash_tag(keys.entry()));
         }
-        assert_eq!(hash_tag(&keys.entry), "products");
+        assert_eq!(hash_tag(keys.entry()), "products");
     }
 
     #[test]
