@@ -149,6 +149,9 @@ fn each_call_has_a_debug_span_with_prefix_outcome_and_key() {
     let recorder = SpanRecorder::default();
     let subscriber = tracing_subscriber::registry().with(recorder.clone());
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Another test of this binary, on another thread without a subscriber,
+    // may have hit the callsite first and cached "never" for it.
+    tracing::callsite::rebuild_interest_cache();
     let cache = cache_for(&server.url());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

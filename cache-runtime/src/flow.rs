@@ -22,7 +22,7 @@ use crate::canonical::Unencodable;
 use crate::codec::{EntryTimes, StoredEntry};
 use crate::flight::{self, Leader, Role, Shared};
 use crate::key::{EntryKeys, KeyHash};
-use crate::local::{Capture, LocalSite, LocalTier};
+use crate::local::{Capture, LocalEntry, LocalSite, LocalTier};
 use crate::scope;
 use crate::scripts::{self, fresh_seed};
 use crate::site::SiteRef;
@@ -118,7 +118,11 @@ impl<'c> Observer<'c> {
         if matches!(outcome, Outcome::Miss | Outcome::Bypass | Outcome::Refresh | Outcome::Renewal) {
             bump(&c.computations);
         }
-        self.span.record("outcome", outcome.name());
+        // Recording on a disabled span still costs (more so with `tracing`'s
+        // `log` feature, which many applications enable).
+        if !self.span.is_disabled() {
+            self.span.record("outcome", outcome.name());
+        }
         #[cfg(feature = "metrics")]
         crate::metrics::outcome(self.prefix, outcome, self.started.elapsed());
     }
@@ -276,6 +280,16 @@ impl Cache {
         B: Body<R>,
     {
         let observer = Observer::new(plan.slot.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix);
+        // A local hit needs neither the box nor the flow's state.
+        if intent == Intent::Read
+            && let Ok(hash) = key
+            && let Some((output, renew)) = self.local_hit(plan, &observer, hash, storage)
+        {
+            if let Some(seen) = renew {
+                body.renew(self, hash, storage, seen);
+            }
+            return output;
+        }
         if observer.span.is_disabled() {
             Box::pin(self.flow(plan, key, storage, intent, body, &observer)).await
         } else {
@@ -346,6 +360,30 @@ impl Cache {
             }
             call.coordinated(body).await
         }
+    }
+
+    /// A fresh entry of the local tier, decoded, and the refresh-ahead it is
+    /// due for; `None` sends the call down the full flow, which also deals
+    /// with stale copies and undecodable entries.
+    fn local_hit<R>(
+        &self,
+        plan: &Plan<'_>,
+        observer: &Observer<'_>,
+        hash: KeyHash,
+        storage: Storage<R>,
+    ) -> Option<(R, Option<EntryTimes>)> {
+        if observer.site.invalid.is_some() || plan.ttl.or(self.default_ttl()).is_none() {
+            return None;
+        }
+        let (tier, _) = self.local_for(plan)?;
+        let Found::Fresh(entry, now) = find_local(self, plan, tier, observer.site.local.as_ref()?, hash) else {
+            return None;
+        };
+        let output = (storage.decode)(&entry.payload, plan.codec).ok()?;
+        add(&observer.site.counters.bytes_read, entry.payload.len() as u64);
+        observer.key(hash);
+        observer.outcome(Outcome::LocalHit);
+        Some((output, due(plan, entry.times, now)))
     }
 
     /// Starts a refresh-ahead of `hash` in a task of its own, unless one is
@@ -714,7 +752,7 @@ impl<'c, R> Call<'c, R> {
 
     /// The refresh-ahead due on a hit of an entry with these times.
     fn due(&self, times: EntryTimes, now: u64) -> Option<EntryTimes> {
-        (self.plan.refresh_ahead > 0.0 && times.is_due(now, self.plan.refresh_ahead)).then_some(times)
+        due(self.plan, times, now)
     }
 
     /// Whether a stale entry may still stand in for a failed computation.
@@ -727,17 +765,9 @@ impl<'c, R> Call<'c, R> {
     async fn lookup(&self) -> Lookup<R> {
         let counters = &*self.observer.site.counters;
         let mut stale = None;
-        if let Some(local) = &self.local
-            && let Some(entry) = local.tier.get(&self.hash, local.site)
-            && entry.codec == self.plan.codec
-        {
-            // The tier keeps an entry no longer than it is fresh, unless it is
-            // the whole cache and keeps stale copies: only then, or for a
-            // refresh-ahead, does a local hit need the clock.
-            let keeps_stale = self.cache.connections().is_none() && self.plan.stale_if_error.is_some();
-            let now = if keeps_stale || self.plan.refresh_ahead > 0.0 { now_ms() } else { 0 };
-            if !keeps_stale || entry.times.is_fresh(now) {
-                match self.decode_payload(&entry.payload) {
+        if let Some(local) = &self.local {
+            match find_local(self.cache, self.plan, local.tier, local.site, self.hash) {
+                Found::Fresh(entry, now) => match self.decode_payload(&entry.payload) {
                     Some(output) => {
                         self.observer.outcome(Outcome::LocalHit);
                         return Lookup::Hit { output, renew: self.due(entry.times, now) };
@@ -745,9 +775,9 @@ impl<'c, R> Call<'c, R> {
                     None => {
                         local.tier.forget(&self.hash);
                     }
-                }
-            } else if self.within_stale_window(entry.times, now) {
-                stale = Some(entry.payload.clone());
+                },
+                Found::Stale(payload) => stale = Some(payload),
+                Found::Nothing => {}
             }
         }
         let Some((entry, versions)) = self.read().await else { return Lookup::Unavailable };
@@ -992,6 +1022,38 @@ impl<'c, R> Call<'c, R> {
                 (Stored::Skipped, Some(Shared::Value(payload)))
             }
         }
+    }
+}
+
+/// The refresh-ahead due on a hit of an entry with these times.
+fn due(plan: &Plan<'_>, times: EntryTimes, now: u64) -> Option<EntryTimes> {
+    (plan.refresh_ahead > 0.0 && times.is_due(now, plan.refresh_ahead)).then_some(times)
+}
+
+/// What the local tier holds for a call.
+enum Found {
+    /// A fresh entry, and the time it was judged at (0 when the clock was
+    /// not needed).
+    Fresh(Arc<LocalEntry>, u64),
+    /// A stale copy kept for `stale_if_error` (memory-only caches).
+    Stale(Arc<Vec<u8>>),
+    Nothing,
+}
+
+fn find_local(cache: &Cache, plan: &Plan<'_>, tier: &LocalTier, site: &LocalSite, hash: KeyHash) -> Found {
+    let Some(entry) = tier.get(&hash, site).filter(|entry| entry.codec == plan.codec) else { return Found::Nothing };
+    // The tier keeps an entry no longer than it is fresh, unless it is the
+    // whole cache and keeps stale copies: only then, or for a refresh-ahead,
+    // does a local hit need the clock.
+    let keeps_stale = cache.connections().is_none() && plan.stale_if_error.is_some();
+    let now = if keeps_stale || plan.refresh_ahead > 0.0 { now_ms() } else { 0 };
+    if !keeps_stale || entry.times.is_fresh(now) {
+        Found::Fresh(entry, now)
+    } else if plan.stale_if_error.is_some_and(|w| now < entry.times.fresh_until_ms.saturating_add(w.as_millis() as u64))
+    {
+        Found::Stale(entry.payload.clone())
+    } else {
+        Found::Nothing
     }
 }
 
