@@ -1,10 +1,9 @@
-//! What users watch: exact counts for a scripted sequence of calls, one
-//! `tracing` span per call, and (feature `metrics`) the metrics facade.
+//! What users watch: exact counts for a scripted sequence of calls, and
+//! (feature `metrics`) the metrics facade. Spans are in `tests/spans.rs`.
 
 mod support;
 
 use cache_runtime::{Cache, Policy, cached};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::{RedisServer, run};
 
@@ -79,96 +78,6 @@ fn a_scripted_sequence_gives_exact_counts() {
     assert_eq!(products.breaker_rejections, 7, "{products:?}");
     assert_eq!(after.total.connection_errors, 4, "the failed invalidate counts outside any prefix");
     assert_eq!(after.total.computations, stats.total.computations + 10);
-}
-
-/// One span's fields, as recorded: name and value.
-type SpanFields = Vec<(String, String)>;
-
-/// Records the fields of every `cached` span.
-#[derive(Clone, Default)]
-struct SpanRecorder(Arc<Mutex<Vec<SpanFields>>>);
-
-struct FieldVisitor<'a>(&'a mut SpanFields);
-
-impl tracing::field::Visit for FieldVisitor<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-}
-
-impl<S> tracing_subscriber::Layer<S> for SpanRecorder
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    fn on_new_span(
-        &self,
-        attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if attrs.metadata().name() != "cached" {
-            return;
-        }
-        let mut fields = Vec::new();
-        attrs.record(&mut FieldVisitor(&mut fields));
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
-        }
-    }
-
-    fn on_record(
-        &self,
-        id: &tracing::span::Id,
-        values: &tracing::span::Record<'_>,
-        ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if let Some(span) = ctx.span(id)
-            && let Some(fields) = span.extensions_mut().get_mut::<SpanFields>()
-        {
-            values.record(&mut FieldVisitor(fields));
-        }
-    }
-
-    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
-        if let Some(span) = ctx.span(&id)
-            && let Some(fields) = span.extensions_mut().remove::<SpanFields>()
-            && let Ok(mut spans) = self.0.lock()
-        {
-            spans.push(fields);
-        }
-    }
-}
-
-#[test]
-fn each_call_has_a_debug_span_with_prefix_outcome_and_key() {
-    use tracing_subscriber::layer::SubscriberExt;
-    let server = RedisServer::start();
-    let recorder = SpanRecorder::default();
-    let subscriber = tracing_subscriber::registry().with(recorder.clone());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Another test of this binary, on another thread without a subscriber,
-    // may have hit the callsite first and cached "never" for it.
-    tracing::callsite::rebuild_interest_cache();
-    let cache = cache_for(&server.url());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        product(&cache, 7).await;
-        product(&cache, 7).await;
-    });
-    let spans = recorder.0.lock().unwrap().clone();
-    assert_eq!(spans.len(), 2, "{spans:?}");
-    let field = |span: &SpanFields, name: &str| {
-        span.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default()
-    };
-    assert_eq!(field(&spans[0], "prefix"), "products");
-    assert_eq!(field(&spans[0], "outcome"), "miss");
-    assert_eq!(field(&spans[1], "outcome"), "hit");
-    let key = field(&spans[0], "key");
-    assert_eq!(key.len(), 8, "a short key hash: {key}");
-    assert_eq!(key, field(&spans[1], "key"));
 }
 
 #[cfg(feature = "metrics")]
