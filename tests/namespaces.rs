@@ -5,31 +5,14 @@ mod support;
 
 use cache_runtime::{Cache, Error, Policy, cached};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
-use support::{RedisServer, entry_keys, run};
+use support::{Db, RedisServer, entry_keys, run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn cache_for(url: &str) -> Cache {
     support::patient_cache(url, "shop").build().expect("valid cache settings")
-}
-
-/// Stands in for a database row that write paths change.
-struct Db {
-    price: AtomicU32,
-    reads: AtomicUsize,
-}
-
-impl Db {
-    fn new(price: u32) -> Self {
-        Self { price: AtomicU32::new(price), reads: AtomicUsize::new(0) }
-    }
-
-    fn read(&self) -> u32 {
-        self.reads.fetch_add(1, SeqCst);
-        self.price.load(SeqCst)
-    }
 }
 
 #[cached(ttl = 600, prefix = "product_page", tags("products", "categories"), skip(db), cache = cache)]

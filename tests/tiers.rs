@@ -6,40 +6,15 @@ mod support;
 
 use cache_runtime::{Cache, cached};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
-use support::{RedisServer, run};
+use support::{Db, RedisServer, run};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How soon another process's invalidation must reach the local tier. It
 /// takes one pub/sub hop (well under a millisecond on loopback); the margin
 /// is for loaded CI machines.
 const PROMPTLY: Duration = Duration::from_secs(1);
-
-/// Stands in for a database row that write paths change.
-struct Db {
-    price: AtomicU32,
-    reads: AtomicUsize,
-}
-
-impl Db {
-    fn new(price: u32) -> Self {
-        Self { price: AtomicU32::new(price), reads: AtomicUsize::new(0) }
-    }
-
-    fn read(&self) -> u32 {
-        self.reads.fetch_add(1, SeqCst);
-        self.price.load(SeqCst)
-    }
-
-    fn set(&self, price: u32) {
-        self.price.store(price, SeqCst);
-    }
-
-    fn reads(&self) -> usize {
-        self.reads.load(SeqCst)
-    }
-}
 
 fn tiered_cache(url: &str) -> Cache {
     support::patient_cache(url, "tiers").local(1_000).build().expect("valid cache settings")

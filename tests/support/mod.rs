@@ -150,6 +150,31 @@ impl Drop for RedisServer {
     }
 }
 
+/// Stands in for a database row that write paths change, counting reads.
+pub struct Db {
+    pub price: std::sync::atomic::AtomicU32,
+    pub reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Db {
+    pub fn new(price: u32) -> Self {
+        Self { price: price.into(), reads: 0.into() }
+    }
+
+    pub fn read(&self) -> u32 {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.price.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set(&self, price: u32) {
+        self.price.store(price, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A cache builder for a private server with generous deadlines: tests
 /// that count computations must not see a slow CI machine turn a hit into a
 /// fall-through.
