@@ -93,10 +93,10 @@ pub(crate) struct Settings {
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("key_prefix", &self.inner().key_prefix)
-            .field("default_ttl", &self.inner().default_ttl)
-            .field("connections", &self.inner().remote.as_ref().map(|r| &r.connections))
-            .field("local", &self.inner().local)
+            .field("key_prefix", &self.inner.key_prefix)
+            .field("default_ttl", &self.inner.default_ttl)
+            .field("connections", &self.inner.remote.as_ref().map(|r| &r.connections))
+            .field("local", &self.inner.local)
             .finish_non_exhaustive()
     }
 }
@@ -247,13 +247,9 @@ impl Cache {
         }
     }
 
-    fn inner(&self) -> &Inner {
-        &self.inner
-    }
-
     /// The application namespace that starts every key.
     pub fn key_prefix(&self) -> &str {
-        &self.inner().key_prefix
+        &self.inner.key_prefix
     }
 
     /// A snapshot of this cache's counters.
@@ -264,8 +260,8 @@ impl Cache {
     /// # Ok::<(), cache_runtime::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        let mut stats = self.inner().registry.snapshot();
-        if let Some(local) = &self.inner().local {
+        let mut stats = self.inner.registry.snapshot();
+        if let Some(local) = &self.inner.local {
             stats.total.local_evictions += local.evictions();
         }
         stats
@@ -280,7 +276,7 @@ impl Cache {
     /// # Ok::<(), cache_runtime::Error>(())
     /// ```
     pub fn is_memory_only(&self) -> bool {
-        self.inner().remote.is_none()
+        self.inner.remote.is_none()
     }
 
     /// Makes every entry of `namespace` stale, in this process and every
@@ -306,23 +302,20 @@ impl Cache {
     /// ```
     pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
         check_namespace(namespace).map_err(Error::InvalidConfig)?;
-        let Some(remote) = &self.inner().remote else {
-            return Ok(self.inner().local.as_ref().map_or(0, |local| local.invalidate(namespace)));
+        let Some(remote) = &self.inner.remote else {
+            return Ok(self.inner.local.as_ref().map_or(0, |local| local.invalidate(namespace)));
         };
         let key = version_key(self.key_prefix(), namespace);
         let mut invocation = scripts::INVALIDATE.key(&key);
-        invocation
-            .arg(fresh_seed())
-            .arg(&self.inner().channel.name)
-            .arg(self.inner().channel.namespace_message(namespace));
+        invocation.arg(fresh_seed()).arg(&self.inner.channel.name).arg(self.inner.channel.namespace_message(namespace));
         let outcome = remote.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await;
         // After the bump, so that a read that began before it cannot fill
         // the local tier with what it read.
-        if let Some(local) = &self.inner().local {
+        if let Some(local) = &self.inner.local {
             local.invalidate(namespace);
         }
         outcome.map_err(|fault| {
-            self.note_fault(&self.inner().registry.general, &fault);
+            self.note_fault(&self.inner.registry.general, &fault);
             Error::from(fault)
         })
     }
@@ -408,14 +401,14 @@ impl Cache {
     pub(crate) async fn forget_entry(&self, plan: &Plan<'_>, key: Result<KeyHash, Unencodable>) -> Result<bool, Error> {
         let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
         check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
-        let held_locally = self.inner().local.as_ref().is_some_and(|local| local.forget(&hash));
-        let Some(remote) = &self.inner().remote else { return Ok(held_locally) };
+        let held_locally = self.inner.local.as_ref().is_some_and(|local| local.forget(&hash));
+        let Some(remote) = &self.inner.remote else { return Ok(held_locally) };
         let entry = entry_key(self.key_prefix(), plan.prefix, hash);
         let mut invocation = scripts::FORGET.key(&entry);
-        invocation.arg(&self.inner().channel.name).arg(self.inner().channel.entry_message(hash));
+        invocation.arg(&self.inner.channel.name).arg(self.inner.channel.entry_message(hash));
         let outcome = remote.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await;
         let deleted = outcome.map_err(|fault| {
-            self.note_fault(&self.inner().registry.general, &fault);
+            self.note_fault(&self.inner.registry.general, &fault);
             Error::from(fault)
         })?;
         Ok(deleted > 0)
@@ -425,7 +418,7 @@ impl Cache {
     /// entry. The first use starts listening for other processes'
     /// invalidations.
     pub(crate) fn local_for(&self, plan: &Plan<'_>) -> Option<(&LocalTier, Duration)> {
-        let Some(local) = self.inner().local.as_deref() else {
+        let Some(local) = self.inner.local.as_deref() else {
             if plan.local_ttl.is_some() {
                 self.warn(
                     Cause::NoLocalTier,
@@ -438,33 +431,33 @@ impl Cache {
             }
             return None;
         };
-        let Some(remote) = &self.inner().remote else { return Some((local, Duration::MAX)) };
+        let Some(remote) = &self.inner.remote else { return Some((local, Duration::MAX)) };
         let keep_for = plan.local_ttl?;
-        if !self.inner().listening.load(Relaxed) && !self.inner().listening.swap(true, Relaxed) {
-            let tier = self.inner().local.as_ref()?;
+        if !self.inner.listening.load(Relaxed) && !self.inner.listening.swap(true, Relaxed) {
+            let tier = self.inner.local.as_ref()?;
             let started = channel::listen(
                 tier,
                 remote.client.clone(),
-                self.inner().channel.clone(),
+                self.inner.channel.clone(),
                 remote.connect_timeout.max(remote.connections.longest_round_trip()),
-                self.inner().stop_listening.subscribe(),
+                self.inner.stop_listening.subscribe(),
             );
             if !started {
                 // No runtime here: try again on a later call.
-                self.inner().listening.store(false, Relaxed);
+                self.inner.listening.store(false, Relaxed);
             }
         }
         Some((local, keep_for))
     }
 
     pub(crate) fn channel(&self) -> &Channel {
-        &self.inner().channel
+        &self.inner.channel
     }
 
     /// Claims `hash` for a refresh-ahead; false if one is under way or
     /// failed recently.
     pub(crate) fn claim_renewal(&self, hash: KeyHash) -> bool {
-        let Ok(mut renewing) = self.inner().renewing.lock() else { return false };
+        let Ok(mut renewing) = self.inner.renewing.lock() else { return false };
         let now = Instant::now();
         if renewing.get(&hash).is_some_and(|until| *until > now) {
             return false;
@@ -480,7 +473,7 @@ impl Cache {
     /// Ends a refresh-ahead claim; after a failure, no other renewal of the
     /// key starts for `back_off`.
     pub(crate) fn release_renewal(&self, hash: KeyHash, back_off: Option<Duration>) {
-        if let Ok(mut renewing) = self.inner().renewing.lock() {
+        if let Ok(mut renewing) = self.inner.renewing.lock() {
             match back_off {
                 Some(back_off) => renewing.insert(hash, Instant::now() + back_off),
                 None => renewing.remove(&hash),
@@ -489,45 +482,45 @@ impl Cache {
     }
 
     pub(crate) fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
-        self.inner().warnings.warn(cause, message);
+        self.inner.warnings.warn(cause, message);
     }
 
     pub(crate) fn registry(&self) -> &Registry {
-        &self.inner().registry
+        &self.inner.registry
     }
 
     pub(crate) fn view(&self) -> CacheView<'_> {
         CacheView {
-            id: self.inner().id,
-            key_prefix: &self.inner().key_prefix,
-            registry: &self.inner().registry,
-            local: self.inner().local.as_deref(),
+            id: self.inner.id,
+            key_prefix: &self.inner.key_prefix,
+            registry: &self.inner.registry,
+            local: self.inner.local.as_deref(),
         }
     }
 
     /// Redis, unless this is a memory-only cache.
     pub(crate) fn connections(&self) -> Option<&Arc<Connections>> {
-        self.inner().remote.as_ref().map(|remote| &remote.connections)
+        self.inner.remote.as_ref().map(|remote| &remote.connections)
     }
 
     pub(crate) fn batcher(&self) -> Option<(&Arc<Connections>, &Arc<Batcher>)> {
-        self.inner().remote.as_ref().map(|remote| (&remote.connections, &remote.batcher))
+        self.inner.remote.as_ref().map(|remote| (&remote.connections, &remote.batcher))
     }
 
     pub(crate) fn flights(&self) -> &Flights {
-        &self.inner().flights
+        &self.inner.flights
     }
 
     pub(crate) fn default_ttl(&self) -> Option<Duration> {
-        self.inner().default_ttl
+        self.inner.default_ttl
     }
 
     pub(crate) fn lock_timeout(&self) -> Duration {
-        self.inner().lock_timeout
+        self.inner.lock_timeout
     }
 
     pub(crate) fn max_value_bytes(&self) -> usize {
-        self.inner().max_value_bytes
+        self.inner.max_value_bytes
     }
 
     pub(crate) fn note_fault(&self, c: &Counters, fault: &Fault) {

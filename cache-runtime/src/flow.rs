@@ -240,14 +240,15 @@ struct Local<'c> {
     keep_for: Duration,
 }
 
-/// Ends a refresh-ahead's claim on its key, also when the renewal panics.
-struct RenewalClaim<'a> {
-    cache: &'a Cache,
+/// Ends a refresh-ahead's claim on its key, also when the renewal panics
+/// or its task is dropped before it ran (a runtime shutting down).
+struct RenewalClaim {
+    cache: Cache,
     hash: KeyHash,
     outcome: Renewal,
 }
 
-impl Drop for RenewalClaim<'_> {
+impl Drop for RenewalClaim {
     fn drop(&mut self) {
         let back_off = match self.outcome {
             Renewal::Done => None,
@@ -403,10 +404,11 @@ impl Cache {
         if !self.claim_renewal(hash) {
             return;
         }
-        let cache = self.clone();
+        let mut claim = RenewalClaim { cache: self.clone(), hash, outcome: Renewal::Failed };
         runtime.spawn(async move {
-            let mut claim = RenewalClaim { cache: &cache, hash, outcome: Renewal::Failed };
-            claim.outcome = Box::pin(cache.renew(&plan, hash, storage, seen, compute)).await;
+            claim.outcome = Box::pin(claim.cache.renew(&plan, hash, storage, seen, compute)).await;
+            // Releases the claim, with a back-off that depends on the outcome.
+            drop(claim);
         });
     }
 
