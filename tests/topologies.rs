@@ -1,5 +1,6 @@
 //! Deployments beyond one plain TCP server: an ACL user limited to the
-//! application's keys, and a Unix socket.
+//! application's keys, a Unix socket, and (feature `tls`) TLS with a
+//! private CA, mutual TLS, and a server certificate the client must refuse.
 
 mod support;
 
@@ -47,6 +48,50 @@ fn an_acl_user_limited_to_the_applications_keys_is_enough() {
     assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("shop:")), "{keys:?}");
 }
 
+#[cached(ttl = 60, prefix = "orders_local", local = true, cache = cache)]
+async fn local_order(cache: &Cache, id: u64) -> String {
+    format!("order {id}")
+}
+
+#[test]
+fn an_acl_user_with_the_prefix_channels_gets_the_local_tier() {
+    let server = RedisServer::start();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*", "resetchannels", "&shop:*", "+@all"])
+        .query(&mut server.conn())
+        .expect("create the ACL user");
+    run(DEADLINE, async {
+        let url = format!("redis://shop-app:s3cret@127.0.0.1:{}", server.port());
+        let cache = support::patient_cache(&url, "shop").local(100).build().expect("valid cache settings");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cache.stats().total.local_hits == 0 {
+            assert_eq!(local_order(&cache, 1).await, "order 1");
+            assert!(std::time::Instant::now() < deadline, "the channel never came up for the ACL user");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cache.invalidate("orders_local").await.expect("invalidate");
+    });
+}
+
+#[test]
+fn a_wrong_password_is_a_clear_error_and_the_app_runs_uncached() {
+    let server = RedisServer::start();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*", "+@all"])
+        .query(&mut server.conn())
+        .expect("create the ACL user");
+    run(DEADLINE, async {
+        let cache = cache_at(format!("redis://shop-app:wrong@127.0.0.1:{}", server.port()));
+        let calls = AtomicUsize::new(0);
+        assert_eq!(order(&cache, &calls, 1).await, "order 1");
+        assert_eq!(order(&cache, &calls, 1).await, "order 1");
+        assert_eq!(calls.load(SeqCst), 2, "uncached, but answered");
+        let err = cache.invalidate("customers").await.unwrap_err().to_string();
+        assert!(err.contains("refused the credentials"), "{err}");
+        assert!(!err.contains("wrong"), "the password stays out of messages: {err}");
+    });
+}
+
 #[test]
 fn a_unix_socket_works_like_tcp() {
     let server = UnixRedis::start();
@@ -54,4 +99,68 @@ fn a_unix_socket_works_like_tcp() {
         let cache = cache_at(server.url());
         miss_hit_invalidate(&cache).await;
     });
+}
+
+/// Two calls and an invalidation, when Redis cannot be used: every call
+/// computes, and the write path learns that Redis was not reached.
+#[cfg(feature = "tls")]
+async fn computes_without_redis(cache: &Cache) {
+    let calls = AtomicUsize::new(0);
+    assert_eq!(order(cache, &calls, 1).await, "order 1");
+    assert_eq!(order(cache, &calls, 1).await, "order 1");
+    assert_eq!(calls.load(SeqCst), 2, "nothing was cached");
+    assert!(cache.invalidate("customers").await.is_err(), "the write path hears of it");
+    assert!(cache.stats().total.connection_errors > 0, "{:?}", cache.stats().total);
+}
+
+#[cfg(feature = "tls")]
+fn tls_cache(url: String, certs: &support::Certificates) -> cache_runtime::CacheBuilder {
+    support::patient_cache(&url, "shop").tls_root_certificate(certs.read("ca.crt"))
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn tls_with_a_private_ca() {
+    let certs = support::Certificates::generate("private");
+    let server = support::TlsRedis::start(&certs, false);
+    run(DEADLINE, async {
+        miss_hit_invalidate(&tls_cache(server.url(), &certs).build().expect("valid settings")).await;
+        // Without the CA, the system's roots do not vouch for this server.
+        let untrusted = support::patient_cache(&server.url(), "shop").build().expect("valid settings");
+        computes_without_redis(&untrusted).await;
+    });
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn mutual_tls_needs_the_client_certificate() {
+    let certs = support::Certificates::generate("mutual");
+    let server = support::TlsRedis::start(&certs, true);
+    run(DEADLINE, async {
+        let anonymous = tls_cache(server.url(), &certs).build().expect("valid settings");
+        computes_without_redis(&anonymous).await;
+        let known = tls_cache(server.url(), &certs)
+            .tls_client_certificate(certs.read("client.crt"), certs.read("client.key"))
+            .build()
+            .expect("valid settings");
+        miss_hit_invalidate(&known).await;
+    });
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn a_server_certificate_from_another_ca_is_refused() {
+    let (ours, theirs) = (support::Certificates::generate("ours"), support::Certificates::generate("theirs"));
+    let server = support::TlsRedis::start(&theirs, false);
+    run(DEADLINE, async {
+        computes_without_redis(&tls_cache(server.url(), &ours).build().expect("valid settings")).await;
+    });
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn certificates_for_a_plain_url_are_a_configuration_error() {
+    let certs = support::Certificates::generate("plain");
+    let err = tls_cache("redis://127.0.0.1:6399".to_owned(), &certs).build().unwrap_err();
+    assert!(err.to_string().contains("not rediss://"), "{err}");
 }

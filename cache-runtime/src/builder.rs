@@ -38,6 +38,26 @@ pub struct CacheBuilder {
     lock_timeout: Duration,
     max_value_bytes: usize,
     local_capacity: Option<u64>,
+    #[cfg(feature = "tls")]
+    tls: Tls,
+}
+
+/// Certificates for `rediss://`, in PEM.
+#[cfg(feature = "tls")]
+#[derive(Clone, Default)]
+struct Tls {
+    root: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[cfg(feature = "tls")]
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("custom_root", &self.root.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
 }
 
 /// Entries a memory-only cache holds when `local` does not say.
@@ -57,6 +77,8 @@ impl Default for CacheBuilder {
             lock_timeout: Duration::from_secs(5),
             max_value_bytes: 1 << 20,
             local_capacity: None,
+            #[cfg(feature = "tls")]
+            tls: Tls::default(),
         }
     }
 }
@@ -158,6 +180,40 @@ impl CacheBuilder {
         self
     }
 
+    /// With `rediss://`: trust the server certificates this CA (PEM) signed,
+    /// instead of the system's roots. Feature `tls`.
+    ///
+    /// ```no_run
+    /// let ca = std::fs::read("/etc/redis/ca.crt")?;
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .url("rediss://redis.internal:6380")
+    ///     .tls_root_certificate(ca)
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root = Some(pem.into());
+        self
+    }
+
+    /// With `rediss://`: present this client certificate and key (PEM), for
+    /// servers that require mutual TLS (`tls-auth-clients yes`). Feature `tls`.
+    ///
+    /// ```no_run
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .url("rediss://redis.internal:6380")
+    ///     .tls_root_certificate(std::fs::read("ca.crt")?)
+    ///     .tls_client_certificate(std::fs::read("client.crt")?, std::fs::read("client.key")?)
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.client = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
     /// Validates the settings and builds the cache. Does not connect.
     pub fn build(self) -> Result<Cache, Error> {
         validate_key_prefix(&self.key_prefix)?;
@@ -186,8 +242,13 @@ impl CacheBuilder {
                 let info = parse_url(url)?;
                 let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
                 let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
+                #[cfg(feature = "tls")]
+                let client = self.tls.client_for(url, info.clone())?;
+                #[cfg(not(feature = "tls"))]
                 let client = redis::Client::open(info.clone())
                     .map_err(|e| Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?;
+                // With TLS, the client's settings carry the certificates.
+                let info = client.get_connection_info().clone();
                 let connections = Connections::new(info, self.pool_size, deadlines, breaker)?;
                 Some((connections, client, self.connect_timeout))
             }
@@ -208,13 +269,39 @@ impl CacheBuilder {
     }
 }
 
+#[cfg(feature = "tls")]
+impl Tls {
+    /// A client for `url`, with the certificates when it is `rediss://`.
+    fn client_for(&self, url: &str, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
+        let invalid = |e: redis::RedisError| Error::InvalidConfig(format!("invalid Redis TLS settings: {e}"));
+        let is_tls = url.starts_with("rediss://");
+        if !is_tls && (self.root.is_some() || self.client.is_some()) {
+            return Err(Error::InvalidConfig("TLS certificates were given for a URL that is not rediss://".to_owned()));
+        }
+        if !is_tls || (self.root.is_none() && self.client.is_none()) {
+            return redis::Client::open(info).map_err(invalid);
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: self
+                .client
+                .clone()
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig { client_cert, client_key }),
+            root_cert: self.root.clone(),
+        };
+        redis::Client::build_with_tls(info, certificates).map_err(invalid)
+    }
+}
+
 fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Error> {
     let refuse = |reason: String| Error::InvalidUrl { url: mask_password(url), reason };
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     match scheme {
         Some("redis" | "redis+unix" | "unix") => {}
+        #[cfg(feature = "tls")]
+        Some("rediss") => {}
+        #[cfg(not(feature = "tls"))]
         Some("rediss") => {
-            return Err(refuse("TLS (`rediss://`) is not built into this version of cache-runtime".to_owned()));
+            return Err(refuse("TLS (`rediss://`) needs cache-runtime's `tls` feature".to_owned()));
         }
         Some(other) => return Err(refuse(format!("unknown scheme `{other}`, expected redis:// or redis+unix://"))),
         None => return Err(refuse("expected a URL such as redis://127.0.0.1:6379".to_owned())),
@@ -253,7 +340,8 @@ mod tests {
         for (url, needle) in [
             ("http://x", "unknown scheme `http`"),
             ("localhost:6379", "expected a URL"),
-            ("rediss://x", "TLS"),
+            #[cfg(not(feature = "tls"))]
+            ("rediss://x", "`tls` feature"),
             ("redis://:hunter2@host:notaport", "invalid Redis URL `redis://:***@host:notaport`"),
         ] {
             let err = CacheBuilder::default().url(url).build().unwrap_err().to_string();

@@ -33,7 +33,10 @@
 //! - `metrics`: the counters and a latency histogram through the `metrics`
 //!   facade;
 //! - `tower`: `CacheLayer`, whole `GET` responses cached as a tower layer
-//!   (axum's `Router::route_layer`).
+//!   (axum's `Router::route_layer`);
+//! - `tls`: `rediss://` URLs over rustls, with a private CA
+//!   (`CacheBuilder::tls_root_certificate`) and mutual TLS
+//!   (`CacheBuilder::tls_client_certificate`).
 
 #![warn(missing_docs)]
 

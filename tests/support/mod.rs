@@ -243,3 +243,121 @@ impl Drop for UnixRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A throwaway certificate authority and the certificates the TLS tests
+/// need, made with the `openssl` binary in a private directory.
+pub struct Certificates {
+    pub dir: PathBuf,
+}
+
+impl Certificates {
+    /// A CA named `name`, a server certificate for 127.0.0.1 and a client
+    /// certificate, both signed by it.
+    pub fn generate(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("cache-runtime-tls-{}-{name}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl must be on PATH (apt-get install openssl)");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        let subject = format!("/CN={name}-ca");
+        openssl(
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt"]
+                .into_iter()
+                .chain(["-days", "2", "-subj", &subject])
+                .collect::<Vec<_>>(),
+        );
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("write");
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("write");
+        for (who, cn) in [("server", "localhost"), ("client", "cache-client")] {
+            let (key, csr, crt, ext) =
+                (format!("{who}.key"), format!("{who}.csr"), format!("{who}.crt"), format!("{who}.ext"));
+            let subject = format!("/CN={cn}");
+            openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ]);
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_str().expect("utf-8 path").to_owned()
+    }
+
+    pub fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(file)).expect("certificate file")
+    }
+}
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private redis-server speaking only TLS on a free loopback port,
+/// stopped by pid.
+pub struct TlsRedis {
+    port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl TlsRedis {
+    /// Serves `certs`' server certificate; `require_client_certificate`:
+    /// mutual TLS (`tls-auth-clients yes`).
+    pub fn start(certs: &Certificates, require_client_certificate: bool) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("cache-runtime-tls-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--tls-cert-file", &certs.path("server.crt"), "--tls-key-file", &certs.path("server.key")])
+            .args(["--tls-ca-cert-file", &certs.path("ca.crt")])
+            .args(["--tls-auth-clients", if require_client_certificate { "yes" } else { "no" }])
+            .args(["--save", "", "--appendonly", "no", "--dir", dir.to_str().expect("utf-8 path")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not open its TLS port");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
