@@ -164,3 +164,64 @@ fn certificates_for_a_plain_url_are_a_configuration_error() {
     let err = tls_cache("redis://127.0.0.1:6399".to_owned(), &certs).build().unwrap_err();
     assert!(err.to_string().contains("not rediss://"), "{err}");
 }
+
+#[cfg(feature = "sentinel")]
+#[test]
+fn behind_sentinel_the_cache_follows_a_failover() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let master = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let sentinel = support::Sentinel::start(master.port());
+    run(Duration::from_secs(90), async {
+        let cache = Cache::builder()
+            .sentinel([sentinel.url()], support::Sentinel::MASTER_NAME)
+            .key_prefix("shop")
+            .command_timeout(Duration::from_millis(500))
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .expect("valid cache settings");
+        miss_hit_invalidate(&cache).await;
+
+        // Callers keep calling through the failover.
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..8u64)
+            .map(|task| {
+                let (cache, stop, answered) = (cache.clone(), stop.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let calls = AtomicUsize::new(0);
+                    let mut id = task;
+                    while !stop.load(SeqCst) {
+                        id = (id + 7) % 20;
+                        assert_eq!(order(&cache, &calls, id).await, format!("order {id}"));
+                        answered.fetch_add(1, SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sentinel = &sentinel;
+        let new_master = replica.port();
+        tokio::task::block_in_place(|| {
+            sentinel.fail_over();
+            sentinel.until(Duration::from_secs(30), "the failover", |_| sentinel.master_port() == Some(new_master));
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, SeqCst);
+        for caller in callers {
+            caller.await.expect("no caller failed");
+        }
+        println!("{} calls answered through the failover", answered.load(SeqCst));
+
+        // Caching resumes on the new master.
+        let calls = AtomicUsize::new(0);
+        assert_eq!(order(&cache, &calls, 1_000).await, "order 1000");
+        assert_eq!(order(&cache, &calls, 1_000).await, "order 1000");
+        assert_eq!(calls.load(SeqCst), 1, "the second call is a hit");
+        cache.invalidate("customers").await.expect("invalidate reaches the new master");
+    });
+    let keys: Vec<String> = redis::cmd("KEYS").arg("shop:orders:*").query(&mut replica.conn()).expect("KEYS");
+    assert!(!keys.is_empty(), "entries were written to the new master");
+}

@@ -2,7 +2,7 @@
 
 use crate::breaker::Breaker;
 use crate::cache::{Cache, Settings};
-use crate::connection::{Connections, Deadlines};
+use crate::connection::{Connections, Deadlines, Source};
 use crate::error::Error;
 use redis::IntoConnectionInfo;
 use std::time::Duration;
@@ -40,6 +40,8 @@ pub struct CacheBuilder {
     local_capacity: Option<u64>,
     #[cfg(feature = "tls")]
     tls: Tls,
+    #[cfg(feature = "sentinel")]
+    sentinel: Option<(Vec<String>, String)>,
 }
 
 /// Certificates for `rediss://`, in PEM.
@@ -79,6 +81,8 @@ impl Default for CacheBuilder {
             local_capacity: None,
             #[cfg(feature = "tls")]
             tls: Tls::default(),
+            #[cfg(feature = "sentinel")]
+            sentinel: None,
         }
     }
 }
@@ -214,6 +218,29 @@ impl CacheBuilder {
         self
     }
 
+    /// Redis behind Sentinel: the sentinels' URLs and the name they monitor
+    /// the master under. Every new connection asks them for the current
+    /// master, so after a failover the cache follows the new master by
+    /// itself; calls during the switch compute without the cache. Instead
+    /// of [`url`](Self::url). The local tier's invalidation channel needs a
+    /// direct URL: with Sentinel the tier stays unused. Feature `sentinel`.
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .sentinel(["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"], "mymaster")
+    ///     .build()?;
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel<I, S>(mut self, sentinels: I, master_name: impl Into<String>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.sentinel = Some((sentinels.into_iter().map(Into::into).collect(), master_name.into()));
+        self
+    }
+
     /// Validates the settings and builds the cache. Does not connect.
     pub fn build(self) -> Result<Cache, Error> {
         validate_key_prefix(&self.key_prefix)?;
@@ -237,11 +264,34 @@ impl CacheBuilder {
         {
             return Err(Error::InvalidConfig("default_ttl must be at least 1 ms".to_owned()));
         }
+        let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
+        let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
+        #[cfg(feature = "sentinel")]
+        if let Some((sentinels, master)) = &self.sentinel {
+            if self.url.is_some() {
+                return Err(Error::InvalidConfig("give either a URL or sentinels, not both".to_owned()));
+            }
+            let client = redis::sentinel::SentinelClient::build(
+                sentinels.clone(),
+                master.clone(),
+                None,
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| Error::InvalidConfig(format!("invalid Sentinel settings: {e}")))?;
+            let source = Source::Sentinel(tokio::sync::Mutex::new(client));
+            let connections = Connections::new(source, self.pool_size, deadlines, breaker)?;
+            return Ok(Cache::from_settings(Settings {
+                remote: Some((connections, None, self.connect_timeout)),
+                local_capacity: self.local_capacity,
+                key_prefix: self.key_prefix,
+                default_ttl: self.default_ttl,
+                lock_timeout: self.lock_timeout,
+                max_value_bytes: self.max_value_bytes,
+            }));
+        }
         let remote = match &self.url {
             Some(url) => {
                 let info = parse_url(url)?;
-                let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
-                let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
                 #[cfg(feature = "tls")]
                 let client = self.tls.client_for(url, info.clone())?;
                 #[cfg(not(feature = "tls"))]
@@ -249,8 +299,8 @@ impl CacheBuilder {
                     .map_err(|e| Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?;
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
-                let connections = Connections::new(info, self.pool_size, deadlines, breaker)?;
-                Some((connections, client, self.connect_timeout))
+                let connections = Connections::new(Source::Direct(info), self.pool_size, deadlines, breaker)?;
+                Some((connections, Some(client), self.connect_timeout))
             }
             None => None,
         };

@@ -74,14 +74,15 @@ struct Inner {
 struct Remote {
     connections: Arc<Connections>,
     batcher: Arc<Batcher>,
-    /// For the invalidation channel's own connection.
-    client: redis::Client,
+    /// For the invalidation channel's own connection; `None` behind
+    /// Sentinel, where the local tier stays unused.
+    client: Option<redis::Client>,
     connect_timeout: Duration,
 }
 
 pub(crate) struct Settings {
     /// `None`: memory-only.
-    pub remote: Option<(Connections, redis::Client, Duration)>,
+    pub remote: Option<(Connections, Option<redis::Client>, Duration)>,
     /// Entries the local tier holds; `None`: no local tier.
     pub local_capacity: Option<u64>,
     pub key_prefix: String,
@@ -435,9 +436,16 @@ impl Cache {
         let keep_for = plan.local_ttl?;
         if !self.inner.listening.load(Relaxed) && !self.inner.listening.swap(true, Relaxed) {
             let tier = self.inner.local.as_ref()?;
+            let Some(client) = &remote.client else {
+                tracing::warn!(
+                    target: "cache_runtime",
+                    "the local tier needs a direct Redis URL for its invalidation channel; behind Sentinel it stays unused"
+                );
+                return Some((local, keep_for));
+            };
             let started = channel::listen(
                 tier,
-                remote.client.clone(),
+                client.clone(),
                 self.inner.channel.clone(),
                 remote.connect_timeout.max(remote.connections.longest_round_trip()),
                 self.inner.stop_listening.subscribe(),

@@ -22,7 +22,23 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub(crate) struct RedisManager {
-    inner: deadpool_redis::Manager,
+    creator: Creator,
+}
+
+/// Where new connections come from.
+pub(crate) enum Source {
+    /// One server's address.
+    Direct(redis::ConnectionInfo),
+    /// Whichever server the sentinels call the master now: asked anew for
+    /// every connection, so replacing a broken one follows a failover.
+    #[cfg(feature = "sentinel")]
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+enum Creator {
+    Direct(deadpool_redis::Manager),
+    #[cfg(feature = "sentinel")]
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>, redis::AsyncConnectionConfig),
 }
 
 pub(crate) struct PooledConnection {
@@ -35,7 +51,11 @@ impl managed::Manager for RedisManager {
     type Error = RedisError;
 
     async fn create(&self) -> Result<PooledConnection, RedisError> {
-        let conn = self.inner.create().await?;
+        let conn = match &self.creator {
+            Creator::Direct(manager) => manager.create().await?,
+            #[cfg(feature = "sentinel")]
+            Creator::Sentinel(client, config) => client.lock().await.get_async_connection_with_config(config).await?,
+        };
         Ok(PooledConnection { conn, broken: Arc::new(AtomicBool::new(false)) })
     }
 
@@ -81,7 +101,7 @@ pub(crate) struct Conn {
 
 impl Connections {
     pub(crate) fn new(
-        info: redis::ConnectionInfo,
+        source: Source,
         pool_size: usize,
         deadlines: Deadlines,
         breaker: Breaker,
@@ -91,9 +111,15 @@ impl Connections {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(deadlines.connect))
             .set_response_timeout(None);
-        let inner = deadpool_redis::Manager::new_with_config(info, config)
-            .map_err(|e| crate::Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?;
-        let pool = managed::Pool::builder(RedisManager { inner })
+        let creator = match source {
+            Source::Direct(info) => Creator::Direct(
+                deadpool_redis::Manager::new_with_config(info, config)
+                    .map_err(|e| crate::Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?,
+            ),
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel(client) => Creator::Sentinel(client, config),
+        };
+        let pool = managed::Pool::builder(RedisManager { creator })
             .max_size(pool_size)
             .build()
             .map_err(|e| crate::Error::InvalidConfig(format!("could not build the connection pool: {e}")))?;
@@ -196,7 +222,13 @@ impl Connections {
             Ok(Err(e)) => {
                 if e.is_timeout() {
                     Err(Fault::Timeout)
-                } else if e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() {
+                } else if e.is_unrecoverable_error()
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    // A master demoted by a failover: a fresh connection
+                    // finds the new one.
+                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                {
                     broken.store(true, Relaxed);
                     Err(Fault::Connection(e.to_string()))
                 } else {

@@ -36,7 +36,9 @@
 //!   (axum's `Router::route_layer`);
 //! - `tls`: `rediss://` URLs over rustls, with a private CA
 //!   (`CacheBuilder::tls_root_certificate`) and mutual TLS
-//!   (`CacheBuilder::tls_client_certificate`).
+//!   (`CacheBuilder::tls_client_certificate`);
+//! - `sentinel`: Redis behind Sentinel (`CacheBuilder::sentinel`), following
+//!   failovers.
 
 #![warn(missing_docs)]
 

@@ -361,3 +361,96 @@ impl Drop for TlsRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A private Redis Sentinel on a free loopback port, monitoring `master`
+/// as `mymaster`, stopped by pid.
+pub struct Sentinel {
+    port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    pub const MASTER_NAME: &'static str = "mymaster";
+
+    pub fn start(master_port: u16) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("cache-runtime-sentinel-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+                dir.display(),
+                name = Self::MASTER_NAME
+            ),
+        )
+        .expect("write the sentinel config");
+        let child = Command::new("redis-server")
+            .args([config.to_str().expect("utf-8 path"), "--sentinel"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        let sentinel = Self { port, child, dir };
+        sentinel.until(Duration::from_secs(10), "the sentinel to answer", |conn| {
+            redis::cmd("PING").query::<String>(conn).is_ok()
+        });
+        sentinel
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn conn(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.url()).ok()?.get_connection_with_timeout(Duration::from_millis(500)).ok()
+    }
+
+    /// Polls `check` on a fresh connection until it holds.
+    pub fn until(&self, within: Duration, what: &str, check: impl Fn(&mut redis::Connection) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(mut conn) = self.conn()
+                && check(&mut conn)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "waited {within:?} for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The port of the master the sentinel names now.
+    pub fn master_port(&self) -> Option<u16> {
+        let mut conn = self.conn()?;
+        let addr: Vec<String> =
+            redis::cmd("SENTINEL").arg(&["get-master-addr-by-name", Self::MASTER_NAME]).query(&mut conn).ok()?;
+        addr.get(1)?.parse().ok()
+    }
+
+    /// Waits until the sentinel knows a healthy replica, then fails over.
+    pub fn fail_over(&self) {
+        self.until(Duration::from_secs(30), "the sentinel to know the replica", |conn| {
+            let replicas: Vec<Vec<String>> =
+                redis::cmd("SENTINEL").arg(&["replicas", Self::MASTER_NAME]).query(conn).unwrap_or_default();
+            replicas.iter().any(|fields| {
+                fields.windows(2).any(|kv| kv[0] == "flags" && kv[1] == "slave")
+                    && fields.windows(2).any(|kv| kv[0] == "master-link-status" && kv[1] == "ok")
+            })
+        });
+        let mut conn = self.conn().expect("the sentinel answers");
+        let _: String =
+            redis::cmd("SENTINEL").arg(&["failover", Self::MASTER_NAME]).query(&mut conn).expect("FAILOVER");
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
