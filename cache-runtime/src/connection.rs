@@ -81,6 +81,10 @@ pub(crate) struct Connections {
     next_slot: AtomicUsize,
     deadlines: Deadlines,
     breaker: Breaker,
+    /// Behind Sentinel, `READONLY` means the master moved: the connection
+    /// is replaced through the sentinels. Elsewhere it is a replica doing
+    /// its job (hits still work), a server error like any other.
+    readonly_means_moved: bool,
 }
 
 impl std::fmt::Debug for Connections {
@@ -111,6 +115,7 @@ impl Connections {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(deadlines.connect))
             .set_response_timeout(None);
+        let readonly_means_moved = !matches!(source, Source::Direct(_));
         let creator = match source {
             Source::Direct(info) => Creator::Direct(
                 deadpool_redis::Manager::new_with_config(info, config)
@@ -128,7 +133,7 @@ impl Connections {
         // add syscalls, not throughput.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = (0..pool_size.min(cores).max(1)).map(|_| RwLock::new(None)).collect();
-        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker })
+        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker, readonly_means_moved })
     }
 
     /// The longest one operation may take: a connection, then a command.
@@ -225,9 +230,8 @@ impl Connections {
                 } else if e.is_unrecoverable_error()
                     || e.is_io_error()
                     || e.is_connection_dropped()
-                    // A master demoted by a failover: a fresh connection
-                    // finds the new one.
-                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                    || (self.readonly_means_moved
+                        && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
                 {
                     broken.store(true, Relaxed);
                     Err(Fault::Connection(e.to_string()))

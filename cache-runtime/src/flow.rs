@@ -757,13 +757,6 @@ impl<'c, R> Call<'c, R> {
         due(self.plan, times, now)
     }
 
-    /// Whether a stale entry may still stand in for a failed computation.
-    fn within_stale_window(&self, times: EntryTimes, now: u64) -> bool {
-        self.plan
-            .stale_if_error
-            .is_some_and(|window| now < times.fresh_until_ms.saturating_add(window.as_millis() as u64))
-    }
-
     async fn lookup(&self) -> Lookup<R> {
         let counters = &*self.observer.site.counters;
         let mut stale = None;
@@ -792,7 +785,7 @@ impl<'c, R> Call<'c, R> {
         let now = now_ms();
         if !stored.times.is_fresh(now) {
             // A copy kept past its TTL for `stale_if_error`.
-            if self.within_stale_window(stored.times, now) {
+            if within_stale_window(self.plan, stored.times, now) {
                 stale = Some(Arc::new(stored.payload.to_vec()));
             }
             return Lookup::Miss(Seen { versions, stale });
@@ -1032,6 +1025,11 @@ fn due(plan: &Plan<'_>, times: EntryTimes, now: u64) -> Option<EntryTimes> {
     (plan.refresh_ahead > 0.0 && times.is_due(now, plan.refresh_ahead)).then_some(times)
 }
 
+/// Whether a stale entry may still stand in for a failed computation.
+fn within_stale_window(plan: &Plan<'_>, times: EntryTimes, now: u64) -> bool {
+    plan.stale_if_error.is_some_and(|window| now < times.fresh_until_ms.saturating_add(window.as_millis() as u64))
+}
+
 /// What the local tier holds for a call.
 enum Found {
     /// A fresh entry, and the time it was judged at (0 when the clock was
@@ -1051,8 +1049,7 @@ fn find_local(cache: &Cache, plan: &Plan<'_>, tier: &LocalTier, site: &LocalSite
     let now = if keeps_stale || plan.refresh_ahead > 0.0 { now_ms() } else { 0 };
     if !keeps_stale || entry.times.is_fresh(now) {
         Found::Fresh(entry, now)
-    } else if plan.stale_if_error.is_some_and(|w| now < entry.times.fresh_until_ms.saturating_add(w.as_millis() as u64))
-    {
+    } else if within_stale_window(plan, entry.times, now) {
         Found::Stale(entry.payload.clone())
     } else {
         Found::Nothing
