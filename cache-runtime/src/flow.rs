@@ -590,7 +590,7 @@ impl<'c, R> Call<'c, R> {
             }
         };
         let Seen { versions, stale } = seen;
-        let (observed, mut guard) = match next {
+        let (observed, guard) = match next {
             Next::Locked(versions) => {
                 let guard =
                     LockGuard { cache: self.cache.clone(), lock: lock.clone(), token: token.clone(), armed: true };
@@ -609,14 +609,7 @@ impl<'c, R> Call<'c, R> {
         let output = self.compute(Outcome::Miss, body.run()).await;
         let (output, stale_shared) = self.or_stale(output, stale);
         let encoded = if stale_shared.is_some() { None } else { (self.storage.encode)(&output, self.plan.codec) };
-        let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
-        let (stored, shared) = self.store(Intent::Read, observed, held, encoded).await;
-        if let Some(guard) = guard.as_mut() {
-            if stored != Stored::ScriptRan {
-                self.cache.release_lock(&guard.lock, &guard.token).await;
-            }
-            guard.disarm();
-        }
+        let shared = self.store_and_unlock(Intent::Read, observed, guard, encoded).await;
         // Nothing to share (an `Err`): dropping the leader lets a waiter
         // take over at once.
         if let Some(shared) = shared.or(stale_shared) {
@@ -653,7 +646,7 @@ impl<'c, R> Call<'c, R> {
     async fn renew<F: Future<Output = R>>(&self, seen: EntryTimes, compute: F) -> Renewal {
         let Role::Leader(leader) = self.cache.flights().join(self.keys.entry()) else { return Renewal::Done };
         let token = format!("{:032x}", rand::random::<u128>());
-        let (observed, mut guard) = if self.cache.connections().is_none() {
+        let (observed, guard) = if self.cache.connections().is_none() {
             (Some(Vec::new()), None)
         } else {
             let lock = self.keys.lock();
@@ -672,18 +665,31 @@ impl<'c, R> Call<'c, R> {
         let encoded = (self.storage.encode)(&output, self.plan.codec);
         drop(output);
         let cacheable = encoded.is_some();
+        if let Some(shared) = self.store_and_unlock(Intent::Refresh, observed, guard, encoded).await {
+            leader.finish(shared);
+        }
+        if cacheable { Renewal::Done } else { Renewal::Failed }
+    }
+
+    /// Stores under the stampede lock `guard` holds, if any, and makes sure
+    /// the lock is released: by the store script, or here when the script
+    /// did not run. Returns what waiters may be given.
+    async fn store_and_unlock(
+        &self,
+        intent: Intent,
+        observed: Option<Vec<Vec<u8>>>,
+        mut guard: Option<LockGuard>,
+        encoded: Option<Encoded>,
+    ) -> Option<Shared> {
         let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
-        let (stored, shared) = self.store(Intent::Refresh, observed, held, encoded).await;
+        let (stored, shared) = self.store(intent, observed, held, encoded).await;
         if let Some(guard) = guard.as_mut() {
             if stored != Stored::ScriptRan {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
             }
             guard.disarm();
         }
-        if let Some(shared) = shared {
-            leader.finish(shared);
-        }
-        if cacheable { Renewal::Done } else { Renewal::Failed }
+        shared
     }
 
     /// Write-through: compute now, overwrite.
