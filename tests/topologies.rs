@@ -32,13 +32,19 @@ async fn miss_hit_invalidate(cache: &Cache) {
     assert_eq!(cache.stats().total.errors(), 0, "{:?}", cache.stats().total);
 }
 
+/// ACL user `shop-app` (password `s3cret`), limited to the keys under
+/// `shop:`, with `extra` rules.
+fn create_shop_user(server: &RedisServer, extra: &[&str]) {
+    let mut rules = vec!["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*"];
+    rules.extend_from_slice(extra);
+    rules.push("+@all");
+    let _: () = redis::cmd("ACL").arg(&rules).query(&mut server.conn()).expect("create the ACL user");
+}
+
 #[test]
 fn an_acl_user_limited_to_the_applications_keys_is_enough() {
     let server = RedisServer::start();
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*", "+@all"])
-        .query(&mut server.conn())
-        .expect("create the ACL user");
+    create_shop_user(&server, &[]);
     run(DEADLINE, async {
         let cache = cache_at(format!("redis://shop-app:s3cret@127.0.0.1:{}", server.port()));
         miss_hit_invalidate(&cache).await;
@@ -56,10 +62,7 @@ async fn local_order(cache: &Cache, id: u64) -> String {
 #[test]
 fn an_acl_user_with_the_prefix_channels_gets_the_local_tier() {
     let server = RedisServer::start();
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*", "resetchannels", "&shop:*", "+@all"])
-        .query(&mut server.conn())
-        .expect("create the ACL user");
+    create_shop_user(&server, &["resetchannels", "&shop:*"]);
     run(DEADLINE, async {
         let url = format!("redis://shop-app:s3cret@127.0.0.1:{}", server.port());
         let cache = support::patient_cache(&url, "shop").local(100).build().expect("valid cache settings");
@@ -76,10 +79,7 @@ fn an_acl_user_with_the_prefix_channels_gets_the_local_tier() {
 #[test]
 fn a_wrong_password_is_a_clear_error_and_the_app_runs_uncached() {
     let server = RedisServer::start();
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*", "+@all"])
-        .query(&mut server.conn())
-        .expect("create the ACL user");
+    create_shop_user(&server, &[]);
     run(DEADLINE, async {
         let cache = cache_at(format!("redis://shop-app:wrong@127.0.0.1:{}", server.port()));
         let calls = AtomicUsize::new(0);
