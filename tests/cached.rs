@@ -6,11 +6,11 @@ use cache_runtime::{Cache, cached};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
-use support::{RedisServer, entry_keys, run};
+use support::{RedisServer, Topology, entry_keys, run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn cache_for(server: &RedisServer, key_prefix: &str) -> Cache {
+fn cache_for(server: &Topology, key_prefix: &str) -> Cache {
     support::patient_cache(&server.url(), key_prefix).build().expect("valid cache settings")
 }
 
@@ -27,9 +27,7 @@ async fn product(cache: &Cache, calls: &AtomicUsize, id: u64) -> Product {
     Product { id, name: format!("product {id}"), price_cents: 100 * id as u32 }
 }
 
-#[test]
-fn miss_then_hit_runs_the_body_once() {
-    let server = RedisServer::start();
+fn miss_then_hit_runs_the_body_once(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -53,9 +51,7 @@ async fn short_lived(cache: &Cache, calls: &AtomicUsize, id: u32) -> u32 {
     id * 2
 }
 
-#[test]
-fn entries_expire_after_their_ttl() {
-    let server = RedisServer::start();
+fn entries_expire_after_their_ttl(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -73,9 +69,7 @@ async fn jittered(cache: &Cache, id: u32) -> u32 {
     id
 }
 
-#[test]
-fn jitter_spreads_ttls_within_bounds() {
-    let server = RedisServer::start();
+fn jitter_spreads_ttls_within_bounds(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         for id in 0..200 {
@@ -100,9 +94,7 @@ async fn skipping(cache: &Cache, calls: &AtomicUsize, request_id: u64, user: u32
     format!("user {user} (first seen in request {request_id})")
 }
 
-#[test]
-fn skipped_arguments_do_not_change_the_key() {
-    let server = RedisServer::start();
+fn skipped_arguments_do_not_change_the_key(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -139,9 +131,7 @@ async fn search_keyed(cache: &Cache, calls: &AtomicUsize, user: &User, query: Qu
     vec![format!("{} for {}", query.text, user.display_name)]
 }
 
-#[test]
-fn key_expression_replaces_the_arguments() {
-    let server = RedisServer::start();
+fn key_expression_replaces_the_arguments(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -178,9 +168,7 @@ async fn fallible(cache: &Cache, calls: &AtomicUsize, fail: bool, id: u32) -> Re
     Ok(doubled)
 }
 
-#[test]
-fn errors_are_returned_and_never_cached() {
-    let server = RedisServer::start();
+fn errors_are_returned_and_never_cached(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -200,9 +188,7 @@ async fn lookup(cache: &Cache, calls: &AtomicUsize, id: u32) -> Option<String> {
     id.is_multiple_of(2).then(|| format!("even {id}"))
 }
 
-#[test]
-fn none_is_cached_as_a_negative_result() {
-    let server = RedisServer::start();
+fn none_is_cached_as_a_negative_result(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -234,9 +220,7 @@ impl Repo {
     }
 }
 
-#[test]
-fn methods_skip_or_key_self() {
-    let server = RedisServer::start();
+fn methods_skip_or_key_self(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let users = Repo { cache: cache.clone(), calls: AtomicUsize::new(0), table: "users" };
@@ -280,9 +264,7 @@ impl Pricing for OtherShop {
     }
 }
 
-#[test]
-fn trait_impl_methods_are_cached_and_kept_apart() {
-    let server = RedisServer::start();
+fn trait_impl_methods_are_cached_and_kept_apart(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let shop = Shop { calls: AtomicUsize::new(0) };
@@ -304,9 +286,7 @@ async fn describe<T: Serialize + Send + Sync + std::fmt::Debug>(
     format!("{value:?} as {}", std::any::type_name::<T>())
 }
 
-#[test]
-fn generic_instantiations_get_their_own_entries() {
-    let server = RedisServer::start();
+fn generic_instantiations_get_their_own_entries(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let calls = AtomicUsize::new(0);
@@ -328,9 +308,7 @@ async fn triple(cache: &Cache, n: u32) -> u32 {
     n * 3
 }
 
-#[test]
-fn functions_with_equal_arguments_never_share_entries() {
-    let server = RedisServer::start();
+fn functions_with_equal_arguments_never_share_entries(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         for _ in 0..2 {
@@ -341,9 +319,7 @@ fn functions_with_equal_arguments_never_share_entries() {
     });
 }
 
-#[test]
-fn key_prefixes_keep_applications_apart() {
-    let server = RedisServer::start();
+fn key_prefixes_keep_applications_apart(server: &Topology) {
     run(DEADLINE, async {
         let shop = cache_for(&server, "shop");
         let admin = cache_for(&server, "admin");
@@ -363,9 +339,7 @@ async fn readable(cache: &Cache, id: u64) -> Product {
     Product { id, name: "lamp".into(), price_cents: 1999 }
 }
 
-#[test]
-fn json_entries_are_readable_with_a_plain_get() {
-    let server = RedisServer::start();
+fn json_entries_are_readable_with_a_plain_get(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         readable(&cache, 3).await;
@@ -388,9 +362,7 @@ async fn square(cache: &Cache, n: u64) -> u64 {
     n * n
 }
 
-#[test]
-fn a_hundred_concurrent_callers_get_the_right_values() {
-    let server = RedisServer::start();
+fn a_hundred_concurrent_callers_get_the_right_values(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let mut tasks = Vec::new();
@@ -446,17 +418,9 @@ async fn big_report(cache: &Cache, calls: &AtomicUsize, rows: usize) -> Vec<u64>
     (0..rows as u64).collect()
 }
 
-#[test]
-fn oversized_values_are_returned_but_not_stored() {
-    let server = RedisServer::start();
+fn oversized_values_are_returned_but_not_stored(server: &Topology) {
     run(DEADLINE, async {
-        let cache = Cache::builder()
-            .url(server.url())
-            .key_prefix("app")
-            .max_value_bytes(1024)
-            .command_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap();
+        let cache = support::patient_cache(&server.url(), "app").max_value_bytes(1024).build().unwrap();
         let calls = AtomicUsize::new(0);
         assert_eq!(big_report(&cache, &calls, 5_000).await.len(), 5_000);
         assert_eq!(big_report(&cache, &calls, 5_000).await.len(), 5_000);
@@ -479,9 +443,7 @@ async fn as_json(cache: &Cache, id: u64) -> Product {
     Product { id, name: "from json".into(), price_cents: 2 }
 }
 
-#[test]
-fn an_entry_written_by_another_codec_is_a_miss_that_is_overwritten() {
-    let server = RedisServer::start();
+fn an_entry_written_by_another_codec_is_a_miss_that_is_overwritten(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         as_bincode(&cache, 1).await;
@@ -514,9 +476,7 @@ impl<T: Default + Serialize + serde::de::DeserializeOwned + Send + Sync> Table<T
     }
 }
 
-#[test]
-fn methods_of_generic_impls_keep_their_instantiations_apart() {
-    let server = RedisServer::start();
+fn methods_of_generic_impls_keep_their_instantiations_apart(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
         let small = Table::<u8> { cache: cache.clone(), _rows: std::marker::PhantomData };
@@ -529,3 +489,23 @@ fn methods_of_generic_impls_keep_their_instantiations_apart() {
     });
     assert_eq!(entry_keys(&mut server.conn(), "app:tables:*").len(), 2);
 }
+
+on_every_topology!(
+    miss_then_hit_runs_the_body_once,
+    entries_expire_after_their_ttl,
+    jitter_spreads_ttls_within_bounds,
+    skipped_arguments_do_not_change_the_key,
+    key_expression_replaces_the_arguments,
+    errors_are_returned_and_never_cached,
+    none_is_cached_as_a_negative_result,
+    methods_skip_or_key_self,
+    trait_impl_methods_are_cached_and_kept_apart,
+    generic_instantiations_get_their_own_entries,
+    functions_with_equal_arguments_never_share_entries,
+    key_prefixes_keep_applications_apart,
+    json_entries_are_readable_with_a_plain_get,
+    a_hundred_concurrent_callers_get_the_right_values,
+    oversized_values_are_returned_but_not_stored,
+    an_entry_written_by_another_codec_is_a_miss_that_is_overwritten,
+    methods_of_generic_impls_keep_their_instantiations_apart,
+);

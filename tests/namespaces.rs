@@ -7,7 +7,7 @@ use cache_runtime::{Cache, Error, Policy, cached};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
-use support::{Db, RedisServer, entry_keys, run};
+use support::{Db, RedisServer, Topology, entry_keys, run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -53,9 +53,7 @@ fn invalidate_from_another_process(url: &str, namespace: &str) {
     assert!(stdout.contains(&format!("invalidated {namespace} to version")), "{stdout}");
 }
 
-#[test]
-fn an_invalidate_in_another_process_is_seen_at_once() {
-    let server = RedisServer::start();
+fn an_invalidate_in_another_process_is_seen_at_once(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
         let db = Db::new(100);
@@ -73,9 +71,7 @@ fn an_invalidate_in_another_process_is_seen_at_once() {
     });
 }
 
-#[test]
-fn any_tag_invalidates_and_unrelated_namespaces_do_not() {
-    let server = RedisServer::start();
+fn any_tag_invalidates_and_unrelated_namespaces_do_not(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
         let db = Db::new(1);
@@ -105,9 +101,7 @@ async fn slow_price(cache: &Cache, db: &Db, id: u64) -> u32 {
     price
 }
 
-#[test]
-fn a_value_read_before_an_invalidate_is_never_served_after_it() {
-    let server = RedisServer::start();
+fn a_value_read_before_an_invalidate_is_never_served_after_it(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
         let db = Db::new(10);
@@ -122,6 +116,43 @@ fn a_value_read_before_an_invalidate_is_never_served_after_it() {
         assert_eq!(slow_price(&cache, &db, 1).await, 20);
         assert_eq!(slow_price(&cache, &db, 1).await, 20);
         assert_eq!(db.reads.load(SeqCst), 2);
+    });
+}
+
+#[cached(ttl = 600, prefix = "slow_tagged", tags("prices"), skip(db), cache = cache)]
+async fn slow_tagged(cache: &Cache, db: &Db, id: u64) -> u32 {
+    let price = db.read();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = id;
+    price
+}
+
+/// On a cluster the tag's version lives in another slot than the entry, so
+/// no script can check it when storing: this is what the check after the
+/// store is for.
+fn a_tag_invalidated_while_computing_reaches_no_later_caller(server: &Topology) {
+    run(DEADLINE, async {
+        let cache = cache_for(&server.url());
+        let db = Db::new(10);
+        let (old, (), late) = tokio::join!(
+            slow_tagged(&cache, &db, 1),
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                db.price.store(20, SeqCst);
+                cache.invalidate("prices").await.unwrap();
+            },
+            async {
+                // Starts after the invalidate, while the first call computes:
+                // it waits for that computation, but must not take its value.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                slow_tagged(&cache, &db, 1).await
+            }
+        );
+        assert_eq!(old, 10, "the running call returns what it computed");
+        assert_eq!(late, 20, "a call that started after the invalidate never gets the older value");
+        let reads = db.reads();
+        assert_eq!(slow_tagged(&cache, &db, 1).await, 20);
+        assert_eq!(db.reads(), reads, "the newer value is cached");
     });
 }
 
@@ -228,9 +259,7 @@ fn a_hit_is_one_command_and_a_miss_adds_one_write() {
 
 // --- per-entry ---------------------------------------------------------------
 
-#[test]
-fn forget_and_refresh_name_the_entry_by_the_call() {
-    let server = RedisServer::start();
+fn forget_and_refresh_name_the_entry_by_the_call(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
         let db = Db::new(7);
@@ -265,9 +294,7 @@ async fn priced(cache: &Cache, db: &Db, delay: Duration, id: u64) -> u32 {
     price
 }
 
-#[test]
-fn an_older_computation_never_overwrites_a_refresh() {
-    let server = RedisServer::start();
+fn an_older_computation_never_overwrites_a_refresh(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
         let db = Db::new(10);
@@ -297,9 +324,7 @@ fn an_older_computation_never_overwrites_a_refresh() {
 
 // --- programmatic ------------------------------------------------------------
 
-#[test]
-fn get_or_compute_has_the_attribute_guarantees() {
-    let server = RedisServer::start();
+fn get_or_compute_has_the_attribute_guarantees(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
         let policy = Policy::new("reports").ttl(Duration::from_secs(60)).jitter(0.1).tags(["orders"]);
@@ -333,9 +358,7 @@ fn get_or_compute_has_the_attribute_guarantees() {
     assert!(keys.is_empty(), "{keys:?}");
 }
 
-#[test]
-fn a_lost_version_key_never_revives_old_entries() {
-    let server = RedisServer::start();
+fn a_lost_version_key_never_revives_old_entries(server: &Topology) {
     let mut admin = server.conn();
     run(DEADLINE, async {
         let cache = cache_for(&server.url());
@@ -359,3 +382,14 @@ fn a_lost_version_key_never_revives_old_entries() {
         assert_eq!(db.reads.load(SeqCst), 2);
     });
 }
+
+on_every_topology!(
+    an_invalidate_in_another_process_is_seen_at_once,
+    any_tag_invalidates_and_unrelated_namespaces_do_not,
+    a_value_read_before_an_invalidate_is_never_served_after_it,
+    forget_and_refresh_name_the_entry_by_the_call,
+    an_older_computation_never_overwrites_a_refresh,
+    get_or_compute_has_the_attribute_guarantees,
+    a_lost_version_key_never_revives_old_entries,
+    a_tag_invalidated_while_computing_reaches_no_later_caller,
+);

@@ -42,6 +42,8 @@ pub struct CacheBuilder {
     tls: Tls,
     #[cfg(feature = "sentinel")]
     sentinel: Option<(Vec<String>, String)>,
+    #[cfg(feature = "cluster")]
+    cluster: Option<Vec<String>>,
 }
 
 /// Certificates for `rediss://`, in PEM.
@@ -83,6 +85,8 @@ impl Default for CacheBuilder {
             tls: Tls::default(),
             #[cfg(feature = "sentinel")]
             sentinel: None,
+            #[cfg(feature = "cluster")]
+            cluster: None,
         }
     }
 }
@@ -241,6 +245,30 @@ impl CacheBuilder {
         self
     }
 
+    /// A Redis Cluster: the URLs of some of its nodes (one is enough; more
+    /// let the cache start while one is down). Connections learn the slot
+    /// map from the nodes and follow `MOVED` and `ASK` redirections, so
+    /// resharding and failovers are answered without the caller noticing;
+    /// calls that meet a slot in the middle of a migration compute without
+    /// the cache. Instead of [`url`](Self::url). Feature `cluster`.
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"])
+    ///     .key_prefix("shop")
+    ///     .build()?;
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cluster = Some(nodes.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Validates the settings and builds the cache. Does not connect.
     pub fn build(self) -> Result<Cache, Error> {
         validate_key_prefix(&self.key_prefix)?;
@@ -289,14 +317,30 @@ impl CacheBuilder {
                 max_value_bytes: self.max_value_bytes,
             }));
         }
+        #[cfg(feature = "cluster")]
+        if let Some(nodes) = &self.cluster {
+            #[cfg(feature = "sentinel")]
+            let sentinel = self.sentinel.is_some();
+            #[cfg(not(feature = "sentinel"))]
+            let sentinel = false;
+            if self.url.is_some() || sentinel {
+                return Err(Error::InvalidConfig("give one of a URL, sentinels or cluster nodes".to_owned()));
+            }
+            let (cluster, channel) = self.cluster_clients(nodes)?;
+            let connections = Connections::new(Source::Cluster(cluster), self.pool_size, deadlines, breaker)?;
+            return Ok(Cache::from_settings(Settings {
+                remote: Some((connections, Some(channel), self.connect_timeout)),
+                local_capacity: self.local_capacity,
+                key_prefix: self.key_prefix,
+                default_ttl: self.default_ttl,
+                lock_timeout: self.lock_timeout,
+                max_value_bytes: self.max_value_bytes,
+            }));
+        }
         let remote = match &self.url {
             Some(url) => {
                 let info = parse_url(url)?;
-                #[cfg(feature = "tls")]
-                let client = self.tls.client_for(url, info.clone())?;
-                #[cfg(not(feature = "tls"))]
-                let client = redis::Client::open(info.clone())
-                    .map_err(|e| Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?;
+                let client = self.client_for(url, info.clone())?;
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
                 let connections = Connections::new(Source::Direct(info), self.pool_size, deadlines, breaker)?;
@@ -319,26 +363,67 @@ impl CacheBuilder {
     }
 }
 
-#[cfg(feature = "tls")]
-impl Tls {
+impl CacheBuilder {
     /// A client for `url`, with the certificates when it is `rediss://`.
     fn client_for(&self, url: &str, info: redis::ConnectionInfo) -> Result<redis::Client, Error> {
-        let invalid = |e: redis::RedisError| Error::InvalidConfig(format!("invalid Redis TLS settings: {e}"));
+        let invalid = |e: redis::RedisError| Error::InvalidConfig(format!("invalid Redis connection settings: {e}"));
+        #[cfg(feature = "tls")]
+        if let Some(certificates) = self.tls.certificates_for(url)? {
+            return redis::Client::build_with_tls(info, certificates).map_err(invalid);
+        }
+        let _ = url;
+        redis::Client::open(info).map_err(invalid)
+    }
+
+    /// The cluster's client, and a client of its first node for the
+    /// invalidation channel: Redis Cluster forwards every `PUBLISH` to all
+    /// nodes, so one subscription hears them all.
+    #[cfg(feature = "cluster")]
+    fn cluster_clients(&self, nodes: &[String]) -> Result<(redis::cluster::ClusterClient, redis::Client), Error> {
+        let Some(first) = nodes.first() else {
+            return Err(Error::InvalidConfig("cluster needs the URL of at least one node".to_owned()));
+        };
+        let infos = nodes.iter().map(|url| parse_url(url)).collect::<Result<Vec<_>, _>>()?;
+        let channel = self.client_for(first, infos[0].clone())?;
+        let cluster = redis::cluster::ClusterClientBuilder::new(infos)
+            .connection_timeout(self.connect_timeout)
+            // A redirection is followed at once; `TRYAGAIN` (keys of one
+            // command split by a migration in progress) is retried after
+            // a few milliseconds, not redis-rs's default second and more:
+            // the command deadline bounds the whole.
+            .retries(8)
+            .min_retry_wait(2)
+            .max_retry_wait(50);
+        #[cfg(feature = "tls")]
+        let cluster = match self.tls.certificates_for(first)? {
+            Some(certificates) => cluster.certs(certificates),
+            None => cluster,
+        };
+        let cluster =
+            cluster.build().map_err(|e| Error::InvalidConfig(format!("invalid Redis Cluster settings: {e}")))?;
+        Ok((cluster, channel))
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Tls {
+    /// The certificates to use for `url`: `None` for the system roots and
+    /// no client certificate, or for a plain `redis://` URL.
+    fn certificates_for(&self, url: &str) -> Result<Option<redis::TlsCertificates>, Error> {
         let is_tls = url.starts_with("rediss://");
         if !is_tls && (self.root.is_some() || self.client.is_some()) {
             return Err(Error::InvalidConfig("TLS certificates were given for a URL that is not rediss://".to_owned()));
         }
         if !is_tls || (self.root.is_none() && self.client.is_none()) {
-            return redis::Client::open(info).map_err(invalid);
+            return Ok(None);
         }
-        let certificates = redis::TlsCertificates {
+        Ok(Some(redis::TlsCertificates {
             client_tls: self
                 .client
                 .clone()
                 .map(|(client_cert, client_key)| redis::ClientTlsConfig { client_cert, client_key }),
             root_cert: self.root.clone(),
-        };
-        redis::Client::build_with_tls(info, certificates).map_err(invalid)
+        }))
     }
 }
 

@@ -33,16 +33,31 @@ pub(crate) enum Source {
     /// every connection, so replacing a broken one follows a failover.
     #[cfg(feature = "sentinel")]
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+    /// A Redis Cluster: each connection maps the slots and follows
+    /// `MOVED` and `ASK` by itself.
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster::ClusterClient),
 }
 
 enum Creator {
     Direct(deadpool_redis::Manager),
     #[cfg(feature = "sentinel")]
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>, redis::AsyncConnectionConfig),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// One server's multiplexed connection, or a cluster connection (itself
+/// multiplexed, with a connection to each node it needs).
+#[derive(Clone)]
+enum Handle {
+    Server(MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 pub(crate) struct PooledConnection {
-    conn: MultiplexedConnection,
+    conn: Handle,
     broken: Arc<AtomicBool>,
 }
 
@@ -52,9 +67,13 @@ impl managed::Manager for RedisManager {
 
     async fn create(&self) -> Result<PooledConnection, RedisError> {
         let conn = match &self.creator {
-            Creator::Direct(manager) => manager.create().await?,
+            Creator::Direct(manager) => Handle::Server(manager.create().await?),
             #[cfg(feature = "sentinel")]
-            Creator::Sentinel(client, config) => client.lock().await.get_async_connection_with_config(config).await?,
+            Creator::Sentinel(client, config) => {
+                Handle::Server(client.lock().await.get_async_connection_with_config(config).await?)
+            }
+            #[cfg(feature = "cluster")]
+            Creator::Cluster(client) => Handle::Cluster(client.get_async_connection().await?),
         };
         Ok(PooledConnection { conn, broken: Arc::new(AtomicBool::new(false)) })
     }
@@ -85,6 +104,7 @@ pub(crate) struct Connections {
     /// is replaced through the sentinels. Elsewhere it is a replica doing
     /// its job (hits still work), a server error like any other.
     readonly_means_moved: bool,
+    is_cluster: bool,
 }
 
 impl std::fmt::Debug for Connections {
@@ -99,7 +119,7 @@ impl std::fmt::Debug for Connections {
 
 /// A connection handle for one call; reports failures that break it.
 pub(crate) struct Conn {
-    conn: MultiplexedConnection,
+    conn: Handle,
     broken: Arc<AtomicBool>,
 }
 
@@ -115,7 +135,10 @@ impl Connections {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(deadlines.connect))
             .set_response_timeout(None);
+        // Behind Sentinel, or in a cluster after a failover, `READONLY`
+        // comes from a demoted master.
         let readonly_means_moved = !matches!(source, Source::Direct(_));
+        let is_cluster = source.is_cluster();
         let creator = match source {
             Source::Direct(info) => Creator::Direct(
                 deadpool_redis::Manager::new_with_config(info, config)
@@ -123,6 +146,8 @@ impl Connections {
             ),
             #[cfg(feature = "sentinel")]
             Source::Sentinel(client) => Creator::Sentinel(client, config),
+            #[cfg(feature = "cluster")]
+            Source::Cluster(client) => Creator::Cluster(client),
         };
         let pool = managed::Pool::builder(RedisManager { creator })
             .max_size(pool_size)
@@ -133,7 +158,13 @@ impl Connections {
         // add syscalls, not throughput.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = (0..pool_size.min(cores).max(1)).map(|_| RwLock::new(None)).collect();
-        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker, readonly_means_moved })
+        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker, readonly_means_moved, is_cluster })
+    }
+
+    /// Whether this is a Redis Cluster, where one script may only touch
+    /// keys of one slot.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.is_cluster
     }
 
     /// The longest one operation may take: a connection, then a command.
@@ -282,15 +313,33 @@ impl Connections {
     }
 }
 
+impl Source {
+    fn is_cluster(&self) -> bool {
+        #[cfg(feature = "cluster")]
+        if let Source::Cluster(_) = self {
+            return true;
+        }
+        false
+    }
+}
+
 impl Conn {
-    pub(crate) async fn query<T: FromRedisValue>(mut self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        cmd.query_async(&mut self.conn).await
+    pub(crate) async fn query<T: FromRedisValue>(self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+        match self.conn {
+            Handle::Server(mut conn) => cmd.query_async(&mut conn).await,
+            #[cfg(feature = "cluster")]
+            Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
     }
 
     pub(crate) async fn invoke<T: FromRedisValue>(
-        mut self,
+        self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        invocation.invoke_async(&mut self.conn).await
+        match self.conn {
+            Handle::Server(mut conn) => invocation.invoke_async(&mut conn).await,
+            #[cfg(feature = "cluster")]
+            Handle::Cluster(mut conn) => invocation.invoke_async(&mut conn).await,
+        }
     }
 }

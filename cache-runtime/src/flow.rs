@@ -20,6 +20,7 @@ use crate::body::Body;
 use crate::cache::{Cache, Encoded, Intent, Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::{EntryTimes, StoredEntry};
+use crate::connection::Connections;
 use crate::flight::{self, Leader, Role, Shared};
 use crate::key::{EntryKeys, KeyHash};
 use crate::local::{Capture, LocalEntry, LocalSite, LocalTier};
@@ -877,16 +878,27 @@ impl<'c, R> Call<'c, R> {
     /// answers as a hit instead.
     async fn acquire(&self, lock: &str, token: &str, min_fresh_ms: u64) -> Acquire {
         let Some(connections) = self.cache.connections() else { return Acquire::Unavailable };
+        let in_script = self.versions_in_script(connections);
+        let pinned = match &self.keys.versions[in_script.len()..] {
+            [] => Vec::new(),
+            others => match self.seed_versions(connections, others).await {
+                Some(versions) => versions,
+                None => return Acquire::Unavailable,
+            },
+        };
         let mut invocation = scripts::LOCK.key(self.keys.entry());
         invocation
             .key(lock)
-            .key(self.keys.versions)
+            .key(in_script)
             .arg(&self.plan.codec.head()[..])
             .arg(token)
             .arg(self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()).as_millis() as u64)
             .arg(min_fresh_ms);
-        for _ in self.keys.versions.iter() {
+        for _ in in_script {
             invocation.arg(fresh_seed());
+        }
+        for version in &pinned {
+            invocation.arg(&version[..]);
         }
         match connections.run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await {
             Ok(mut reply) if !reply.is_empty() => match reply[0].as_slice() {
@@ -909,19 +921,58 @@ impl<'c, R> Call<'c, R> {
         if let Some(all) = observed.iter().cloned().collect::<Option<Vec<_>>>() {
             return Some(all);
         }
-        let connections = self.cache.connections()?;
-        let mut invocation = scripts::SEED_VERSIONS.prepare_invoke();
-        invocation.key(self.keys.versions);
-        for _ in self.keys.versions.iter() {
-            invocation.arg(fresh_seed());
+        self.seed_versions(self.cache.connections()?, self.keys.versions).await
+    }
+
+    /// The versions of `keys`, seeding those that have none: one script,
+    /// or on a cluster one per key, since each lives in its own slot.
+    async fn seed_versions(&self, connections: &Connections, keys: &[String]) -> Option<Vec<Vec<u8>>> {
+        let per_script = if connections.is_cluster() { 1 } else { keys.len().max(1) };
+        let mut seeded = Vec::with_capacity(keys.len());
+        for group in keys.chunks(per_script) {
+            let mut invocation = scripts::SEED_VERSIONS.prepare_invoke();
+            invocation.key(group);
+            for _ in group {
+                invocation.arg(fresh_seed());
+            }
+            match connections.run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
+                Ok(versions) if versions.len() == group.len() => {
+                    for version in versions {
+                        seeded.push(version?);
+                    }
+                }
+                Ok(_) => return None,
+                Err(fault) => {
+                    self.cache.note_fault(&self.observer.site.counters, &fault);
+                    return None;
+                }
+            }
         }
-        match connections.run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await {
-            Ok(seeded) => {
-                seeded.into_iter().collect::<Option<Vec<_>>>().filter(|v| v.len() == self.keys.versions.len())
+        Some(seeded)
+    }
+
+    /// The version keys the scripts read themselves: all of them, or on a
+    /// cluster only the prefix's, which shares the entry's slot. The others
+    /// are pinned (see `scripts`).
+    fn versions_in_script<'k>(&'k self, connections: &Connections) -> &'k [String] {
+        let versions = &self.keys.versions[..];
+        if connections.is_cluster() { &versions[..versions.len().min(1)] } else { versions }
+    }
+
+    /// Whether pinned versions are still current after a store: a script
+    /// could not check them, and coalesced waiters must not be handed a
+    /// value computed before a tag was invalidated. A failed read counts
+    /// as changed, so the waiters compute for themselves.
+    async fn pinned_still_current(&self, connections: &Connections, keys: &[String], pinned: &[Vec<u8>]) -> bool {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(keys);
+        match connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await {
+            Ok(current) => {
+                current.len() == pinned.len() && current.iter().zip(pinned).all(|(c, p)| c.as_ref() == Some(p))
             }
             Err(fault) => {
                 self.cache.note_fault(&self.observer.site.counters, &fault);
-                None
+                false
             }
         }
     }
@@ -986,10 +1037,11 @@ impl<'c, R> Call<'c, R> {
             Intent::Refresh => (self.cache.channel().name.as_str(), self.cache.channel().entry_message(self.hash)),
             Intent::Read => ("", String::new()),
         };
+        let in_script = self.versions_in_script(connections);
         let mut invocation = scripts::STORE.key(self.keys.entry());
         invocation
             .key(lock)
-            .key(self.keys.versions)
+            .key(in_script)
             .arg(fresh_ms.saturating_add(stale_ms))
             .arg(&self.plan.codec.head()[..])
             .arg(&payload[..])
@@ -1002,7 +1054,19 @@ impl<'c, R> Call<'c, R> {
         for version in &observed {
             invocation.arg(&version[..]);
         }
-        match connections.run(|conn| conn.invoke::<i64>(&invocation)).await {
+        let mut result = connections.run(|conn| conn.invoke::<i64>(&invocation)).await;
+        let pinned_keys = &self.keys.versions[in_script.len()..];
+        if let Ok(1) = result
+            && !pinned_keys.is_empty()
+            && !self
+                .pinned_still_current(connections, pinned_keys, observed.get(in_script.len()..).unwrap_or_default())
+                .await
+        {
+            // Stored, but bound to a tag version that is gone: no reader
+            // will take it, and neither may the waiters.
+            result = Ok(0);
+        }
+        match result {
             Ok(1) => {
                 bump(&counters.writes);
                 add(&counters.bytes_written, payload.len() as u64);

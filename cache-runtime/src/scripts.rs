@@ -3,6 +3,13 @@
 //! hash tag. redis-rs sends them as `EVALSHA` and falls back to `EVAL` after
 //! `NOSCRIPT` (a restarted or flushed server).
 //!
+//! On Redis Cluster a script may only touch one slot, and a tag's version
+//! lives in the tag's slot. There the caller reads tag versions itself and
+//! passes them as *pinned* versions after the others: the script binds the
+//! entry to them without reading them. An entry bound to a tag version that
+//! changed meanwhile is never served, because every hit compares the
+//! entry's versions with the ones it reads.
+//!
 //! Namespace versions are compared as the strings Redis stores: Lua numbers
 //! are doubles, so nothing here does arithmetic on them.
 
@@ -29,10 +36,12 @@ fn with_fresh_until(body: &str) -> redis::Script {
 /// processes' local tiers to drop their copy. Anything else at the key (a
 /// stale or foreign value, another Redis type) is overwritten.
 ///
-/// KEYS: entry, lock, then one version key per namespace.
+/// KEYS: entry, lock, then the version keys read here (every namespace's,
+/// or on a cluster the prefix's).
 /// ARGV: ttl ms, header up to the versions, payload, 'fill' or 'put', lock
 /// token ('' for none), times field, now ms, channel ('' for none),
-/// message, then the observed versions.
+/// message, then the observed versions: one per version key, then the
+/// pinned ones.
 /// Returns 1 stored, 0 a version changed, 2 a current entry was there.
 pub(crate) static STORE: LazyLock<redis::Script> = LazyLock::new(|| {
     with_fresh_until(
@@ -44,6 +53,7 @@ for i = 3, #KEYS do
   if current ~= ARGV[7 + i] then return 0 end
   versions[i - 2] = current
 end
+for i = #KEYS + 8, #ARGV do versions[#versions + 1] = ARGV[i] end
 local head = ARGV[2] .. table.concat(versions, ',') .. '|'
 if ARGV[4] == 'fill' then
   local existing = redis.pcall('GET', KEYS[1])
@@ -86,9 +96,9 @@ return redis.call('MGET', unpack(KEYS))
 /// A reader passes now as `min_fresh`; a refresh-ahead passes the fresh-until
 /// time of the entry it wants to replace, so only a newer entry stops it.
 ///
-/// KEYS: entry, lock, then one version key per namespace.
-/// ARGV: header up to the versions, token, lock ttl ms, min_fresh ms, then
-/// one fresh seed per namespace.
+/// KEYS: entry, lock, then the version keys read here (as for [`STORE`]).
+/// ARGV: header up to the versions, token, lock ttl ms, min_fresh ms, one
+/// fresh seed per version key, then the pinned versions.
 pub(crate) static LOCK: LazyLock<redis::Script> = LazyLock::new(|| {
     with_fresh_until(
         r"
@@ -101,6 +111,7 @@ for i = 3, #KEYS do
   end
   versions[i - 2] = v
 end
+for i = #KEYS + 3, #ARGV do versions[#versions + 1] = ARGV[i] end
 local head = ARGV[1] .. table.concat(versions, ',') .. '|'
 local entry = redis.pcall('GET', KEYS[1])
 if type(entry) == 'string' and string.sub(entry, 1, #head) == head then

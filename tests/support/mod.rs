@@ -175,15 +175,250 @@ impl Db {
     }
 }
 
-/// A cache builder for a private server with generous deadlines: tests
+/// A cache builder for a private deployment with generous deadlines: tests
 /// that count computations must not see a slow CI machine turn a hit into a
-/// fall-through.
+/// fall-through. `url` is a [`Topology::url`]: one server's URL, or a
+/// cluster's node URLs joined by commas.
 pub fn patient_cache(url: &str, key_prefix: &str) -> cache_runtime::CacheBuilder {
-    cache_runtime::Cache::builder()
-        .url(url)
-        .key_prefix(key_prefix)
-        .command_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
+    let builder = cache_runtime::Cache::builder();
+    #[cfg(feature = "cluster")]
+    let builder = if url.contains(',') { builder.cluster(url.split(',')) } else { builder.url(url) };
+    #[cfg(not(feature = "cluster"))]
+    let builder = builder.url(url);
+    builder.key_prefix(key_prefix).command_timeout(Duration::from_secs(2)).connect_timeout(Duration::from_secs(2))
+}
+
+/// Where a test's cache lives: one private server, or (feature `cluster`)
+/// a private three-master Redis Cluster. Core behaviour tests take a
+/// `&Topology` and are run on each by [`on_every_topology!`].
+pub enum Topology {
+    Server(RedisServer),
+    #[cfg(feature = "cluster")]
+    Cluster(RedisCluster),
+}
+
+impl Topology {
+    pub fn server() -> Self {
+        Topology::Server(RedisServer::start())
+    }
+
+    #[cfg(feature = "cluster")]
+    pub fn cluster() -> Self {
+        Topology::Cluster(RedisCluster::start(3))
+    }
+
+    /// What [`patient_cache`] and helper processes take.
+    pub fn url(&self) -> String {
+        match self {
+            Topology::Server(server) => server.url(),
+            #[cfg(feature = "cluster")]
+            Topology::Cluster(cluster) => cluster.urls().join(","),
+        }
+    }
+
+    /// A synchronous connection for inspecting Redis: on a cluster, commands
+    /// go to the node owning their key, and `KEYS` to every master.
+    pub fn conn(&self) -> Inspector {
+        match self {
+            Topology::Server(server) => Inspector::Server(server.conn()),
+            #[cfg(feature = "cluster")]
+            Topology::Cluster(cluster) => Inspector::Cluster(cluster.conn()),
+        }
+    }
+
+    /// An async connection, for test bodies that count in Redis.
+    pub async fn async_conn(url: &str) -> AsyncConn {
+        #[cfg(feature = "cluster")]
+        if url.contains(',') {
+            let client = redis::cluster::ClusterClient::new(url.split(',')).expect("cluster urls");
+            return AsyncConn::Cluster(client.get_async_connection().await.expect("cluster answers"));
+        }
+        let client = redis::Client::open(url).expect("valid url");
+        AsyncConn::Server(client.get_multiplexed_async_connection().await.expect("server answers"))
+    }
+}
+
+/// Defines each named test function (taking `&Topology`) once per
+/// topology: `server::<name>` on a private server and, with the `cluster`
+/// feature, `cluster::<name>` on a private cluster. The same function runs
+/// on both, so the suites cannot drift apart.
+#[macro_export]
+macro_rules! on_every_topology {
+    ($($name:ident),+ $(,)?) => {
+        mod server {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::support::Topology::server());
+            })+
+        }
+        #[cfg(feature = "cluster")]
+        mod cluster {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::support::Topology::cluster());
+            })+
+        }
+    };
+}
+
+/// A synchronous inspection connection of a [`Topology`].
+pub enum Inspector {
+    Server(redis::Connection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl Inspector {
+    fn inner(&mut self) -> &mut dyn redis::ConnectionLike {
+        match self {
+            Inspector::Server(conn) => conn,
+            #[cfg(feature = "cluster")]
+            Inspector::Cluster(conn) => conn,
+        }
+    }
+
+    fn inner_ref(&self) -> &dyn redis::ConnectionLike {
+        match self {
+            Inspector::Server(conn) => conn,
+            #[cfg(feature = "cluster")]
+            Inspector::Cluster(conn) => conn,
+        }
+    }
+}
+
+impl redis::ConnectionLike for Inspector {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        self.inner().req_packed_command(cmd)
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        self.inner().req_packed_commands(cmd, offset, count)
+    }
+
+    // A cluster routes by the parsed command, not its bytes.
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        self.inner().req_command(cmd)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner_ref().get_db()
+    }
+
+    fn check_connection(&mut self) -> bool {
+        self.inner().check_connection()
+    }
+
+    fn is_open(&self) -> bool {
+        self.inner_ref().is_open()
+    }
+}
+
+/// An async connection of a [`Topology`].
+#[derive(Clone)]
+pub enum AsyncConn {
+    Server(redis::aio::MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl AsyncConn {
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self.clone() {
+            AsyncConn::Server(mut conn) => cmd.query_async(&mut conn).await,
+            #[cfg(feature = "cluster")]
+            AsyncConn::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
+}
+
+/// A Redis Cluster of private masters on free loopback ports (and free
+/// cluster-bus ports), joined with `redis-cli --cluster create`; each node
+/// is a [`RedisServer`], stopped by its pid.
+#[cfg(feature = "cluster")]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+#[cfg(feature = "cluster")]
+impl RedisCluster {
+    pub fn start(masters: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let bus_port = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus_port,
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli must be on PATH (it comes with redis-server)");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_until("every node sees the cluster as ok", |conn| {
+            redis::cmd("CLUSTER").arg("INFO").query::<String>(conn).is_ok_and(|info| info.contains("cluster_state:ok"))
+        });
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// A synchronous cluster connection.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("cluster urls")
+            .get_connection()
+            .expect("cluster answers")
+    }
+
+    /// Polls `check` on every node until it holds on all of them.
+    pub fn wait_until(&self, what: &str, check: impl Fn(&mut redis::Connection) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.nodes.iter().all(|node| check(&mut node.conn())) {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node serving `key`'s slot now (the one that answers for it
+    /// rather than redirecting), and the slot.
+    pub fn owner_of(&self, key: &str) -> (&RedisServer, u16) {
+        let slot: u16 =
+            redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.nodes[0].conn()).expect("KEYSLOT");
+        let owner = self
+            .nodes
+            .iter()
+            .find(|node| redis::cmd("EXISTS").arg(key).query::<i64>(&mut node.conn()).is_ok())
+            .expect("some node serves every slot");
+        (owner, slot)
+    }
 }
 
 /// Runs an async test body on a multi-threaded runtime with a hard
@@ -199,7 +434,7 @@ pub fn run<F: Future<Output = ()>>(deadline: Duration, body: F) {
 }
 
 /// The keys of the entries (not the version keys) under `pattern`.
-pub fn entry_keys(conn: &mut redis::Connection, pattern: &str) -> Vec<String> {
+pub fn entry_keys(conn: &mut dyn redis::ConnectionLike, pattern: &str) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(conn).expect("KEYS");
     keys.into_iter().filter(|k| !k.ends_with("#v") && !k.ends_with("#lock")).collect()
 }
