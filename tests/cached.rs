@@ -29,7 +29,7 @@ async fn product(cache: &Cache, calls: &AtomicUsize, id: u64) -> Product {
 
 fn miss_then_hit_runs_the_body_once(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         let first = product(&cache, &calls, 7).await;
         let second = product(&cache, &calls, 7).await;
@@ -53,7 +53,7 @@ async fn short_lived(cache: &Cache, calls: &AtomicUsize, id: u32) -> u32 {
 
 fn entries_expire_after_their_ttl(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         assert_eq!(short_lived(&cache, &calls, 21).await, 42);
         assert_eq!(short_lived(&cache, &calls, 21).await, 42);
@@ -71,7 +71,7 @@ async fn jittered(cache: &Cache, id: u32) -> u32 {
 
 fn jitter_spreads_ttls_within_bounds(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         for id in 0..200 {
             jittered(&cache, id).await;
         }
@@ -96,7 +96,7 @@ async fn skipping(cache: &Cache, calls: &AtomicUsize, request_id: u64, user: u32
 
 fn skipped_arguments_do_not_change_the_key(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         let a = skipping(&cache, &calls, 1, 5).await;
         let b = skipping(&cache, &calls, 2, 5).await;
@@ -133,7 +133,7 @@ async fn search_keyed(cache: &Cache, calls: &AtomicUsize, user: &User, query: Qu
 
 fn key_expression_replaces_the_arguments(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         let alice = User { id: 1, display_name: "Alice".into() };
         let alice_renamed = User { id: 1, display_name: "Alice B.".into() };
@@ -170,7 +170,7 @@ async fn fallible(cache: &Cache, calls: &AtomicUsize, fail: bool, id: u32) -> Re
 
 fn errors_are_returned_and_never_cached(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         assert_eq!(fallible(&cache, &calls, true, 3).await, Err(DbError("db down for 3".into())));
         assert_eq!(fallible(&cache, &calls, true, 3).await, Err(DbError("db down for 3".into())));
@@ -190,7 +190,7 @@ async fn lookup(cache: &Cache, calls: &AtomicUsize, id: u32) -> Option<String> {
 
 fn none_is_cached_as_a_negative_result(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         assert_eq!(lookup(&cache, &calls, 1).await, None);
         assert_eq!(lookup(&cache, &calls, 1).await, None);
@@ -222,7 +222,7 @@ impl Repo {
 
 fn methods_skip_or_key_self(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let users = Repo { cache: cache.clone(), calls: AtomicUsize::new(0), table: "users" };
         let orders = Repo { cache: cache.clone(), calls: AtomicUsize::new(0), table: "orders" };
         assert_eq!(users.row(1).await, "users#1");
@@ -266,7 +266,7 @@ impl Pricing for OtherShop {
 
 fn trait_impl_methods_are_cached_and_kept_apart(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let shop = Shop { calls: AtomicUsize::new(0) };
         assert_eq!(shop.price(&cache, "abc").await, 300);
         assert_eq!(shop.price(&cache, "abc").await, 300);
@@ -288,7 +288,7 @@ async fn describe<T: Serialize + Send + Sync + std::fmt::Debug>(
 
 fn generic_instantiations_get_their_own_entries(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let calls = AtomicUsize::new(0);
         assert_eq!(describe(&cache, &calls, 5u32).await, "5 as u32");
         assert_eq!(describe(&cache, &calls, 5u64).await, "5 as u64");
@@ -310,7 +310,7 @@ async fn triple(cache: &Cache, n: u32) -> u32 {
 
 fn functions_with_equal_arguments_never_share_entries(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         for _ in 0..2 {
             assert_eq!(double(&cache, 10).await, 20);
             assert_eq!(triple(&cache, 10).await, 30);
@@ -321,8 +321,8 @@ fn functions_with_equal_arguments_never_share_entries(server: &Topology) {
 
 fn key_prefixes_keep_applications_apart(server: &Topology) {
     run(DEADLINE, async {
-        let shop = cache_for(&server, "shop");
-        let admin = cache_for(&server, "admin");
+        let shop = cache_for(server, "shop");
+        let admin = cache_for(server, "admin");
         let (shop_calls, admin_calls) = (AtomicUsize::new(0), AtomicUsize::new(0));
         product(&shop, &shop_calls, 1).await;
         product(&admin, &admin_calls, 1).await;
@@ -341,7 +341,7 @@ async fn readable(cache: &Cache, id: u64) -> Product {
 
 fn json_entries_are_readable_with_a_plain_get(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         readable(&cache, 3).await;
         assert_eq!(readable(&cache, 3).await.name, "lamp");
         assert_eq!(cache.stats().total.hits, 1);
@@ -364,7 +364,7 @@ async fn square(cache: &Cache, n: u64) -> u64 {
 
 fn a_hundred_concurrent_callers_get_the_right_values(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let mut tasks = Vec::new();
         for i in 0..100u64 {
             let cache = cache.clone();
@@ -445,7 +445,7 @@ async fn as_json(cache: &Cache, id: u64) -> Product {
 
 fn an_entry_written_by_another_codec_is_a_miss_that_is_overwritten(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         as_bincode(&cache, 1).await;
         // Point the JSON function at the bincode entry, as a codec change
         // in a deploy would.
@@ -478,7 +478,7 @@ impl<T: Default + Serialize + serde::de::DeserializeOwned + Send + Sync> Table<T
 
 fn methods_of_generic_impls_keep_their_instantiations_apart(server: &Topology) {
     run(DEADLINE, async {
-        let cache = cache_for(&server, "app");
+        let cache = cache_for(server, "app");
         let small = Table::<u8> { cache: cache.clone(), _rows: std::marker::PhantomData };
         let large = Table::<u64> { cache: cache.clone(), _rows: std::marker::PhantomData };
         assert_eq!(small.describe(1).await, "1 as u8");

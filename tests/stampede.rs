@@ -5,14 +5,12 @@
 mod support;
 
 use cache_runtime::{Cache, cached};
-use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::{RedisServer, run};
+use support::{AsyncConn, RedisServer, Topology, run};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const RUNS_KEY: &str = "test:body-runs";
@@ -25,15 +23,14 @@ fn cache_for(url: &str, lock_timeout: Duration) -> Cache {
         .expect("valid cache settings")
 }
 
-async fn counter_connection(url: &str) -> MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+async fn counter_connection(url: &str) -> AsyncConn {
+    Topology::async_conn(url).await
 }
 
 /// The expensive function: counts its runs in Redis, across processes.
 #[cached(ttl = 600, prefix = "report", skip(runs, work), cache = cache)]
-async fn report(cache: &Cache, runs: &MultiplexedConnection, work: Duration, id: u64) -> String {
-    let mut runs = runs.clone();
-    let _: i64 = runs.incr(RUNS_KEY, 1).await.expect("count the run");
+async fn report(cache: &Cache, runs: &AsyncConn, work: Duration, id: u64) -> String {
+    let _: i64 = runs.query(redis::cmd("INCR").arg(RUNS_KEY)).await.expect("count the run");
     println!("computing {id}");
     tokio::time::sleep(work).await;
     format!("report {id}")
@@ -117,13 +114,11 @@ fn finish(mut child: Child, deadline: Duration) -> String {
     }
 }
 
-fn body_runs(server: &RedisServer) -> i64 {
+fn body_runs(server: &Topology) -> i64 {
     redis::cmd("GET").arg(RUNS_KEY).query::<Option<i64>>(&mut server.conn()).unwrap().unwrap_or(0)
 }
 
-#[test]
-fn four_processes_of_250_callers_run_the_body_once() {
-    let server = RedisServer::start();
+fn four_processes_of_250_callers_run_the_body_once(server: &Topology) {
     let start_at = (unix_ms() + 1500).to_string();
     let helpers: Vec<Child> =
         (0..4).map(|_| helper("stampede", &server.url(), &[("CACHE_TEST_START_AT", start_at.clone())])).collect();
@@ -131,12 +126,10 @@ fn four_processes_of_250_callers_run_the_body_once() {
         let out = finish(child, Duration::from_secs(45));
         assert!(out.contains("right answers: 250"), "every caller gets the value: {out}");
     }
-    assert_eq!(body_runs(&server), 1, "1,000 callers in 4 processes, one computation");
+    assert_eq!(body_runs(server), 1, "1,000 callers in 4 processes, one computation");
 }
 
-#[test]
-fn a_dropped_leader_is_replaced_at_once() {
-    let server = RedisServer::start();
+fn a_dropped_leader_is_replaced_at_once(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url(), Duration::from_secs(10));
         let runs = counter_connection(&server.url()).await;
@@ -161,14 +154,12 @@ fn a_dropped_leader_is_replaced_at_once() {
         }
         assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     });
-    let runs = body_runs(&server);
+    let runs = body_runs(server);
     assert!((1..=2).contains(&runs), "the body ran {runs} times");
     assert_eq!(runs, 2, "the dropped leader's run and the one that replaced it");
 }
 
-#[test]
-fn a_killed_process_delays_others_at_most_the_lock_ttl() {
-    let server = RedisServer::start();
+fn a_killed_process_delays_others_at_most_the_lock_ttl(server: &Topology) {
     let lock_ttl = Duration::from_secs(1);
     let mut holder = helper("hold", &server.url(), &[]);
     // Wait until the other process is computing, so it holds the lock.
@@ -203,7 +194,7 @@ fn a_killed_process_delays_others_at_most_the_lock_ttl() {
         assert!(took < bound, "callers finished after {took:?}, more than the lock TTL plus one computation");
         assert!(cache.stats().total.lock_waits >= 1, "{:?}", cache.stats());
     });
-    assert_eq!(body_runs(&server), 2, "the killed computation and one more");
+    assert_eq!(body_runs(server), 2, "the killed computation and one more");
 }
 
 #[cached(ttl = 600, prefix = "flaky", skip(calls), cache = cache)]
@@ -213,9 +204,7 @@ async fn flaky(cache: &Cache, calls: &AtomicUsize, id: u64) -> Result<String, St
     if call == 0 { Err(format!("db timeout for {id}")) } else { Ok(format!("row {id}")) }
 }
 
-#[test]
-fn an_err_from_the_leader_is_not_shared_and_a_waiter_takes_over() {
-    let server = RedisServer::start();
+fn an_err_from_the_leader_is_not_shared_and_a_waiter_takes_over(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url(), Duration::from_secs(10));
         let calls = Arc::new(AtomicUsize::new(0));
@@ -246,9 +235,7 @@ async fn catalog(cache: &Cache, version: &AtomicUsize, calls: &AtomicUsize) -> u
     seen
 }
 
-#[test]
-fn waiters_never_get_a_value_an_invalidate_made_stale() {
-    let server = RedisServer::start();
+fn waiters_never_get_a_value_an_invalidate_made_stale(server: &Topology) {
     run(DEADLINE, async {
         let cache = cache_for(&server.url(), Duration::from_secs(10));
         let (version, calls) = (AtomicUsize::new(1), AtomicUsize::new(0));
@@ -301,3 +288,11 @@ fn with_redis_down_concurrent_callers_still_share_one_computation() {
         assert_eq!(cache.stats().total.coalesced, 49);
     });
 }
+
+on_every_topology!(
+    four_processes_of_250_callers_run_the_body_once,
+    a_dropped_leader_is_replaced_at_once,
+    a_killed_process_delays_others_at_most_the_lock_ttl,
+    an_err_from_the_leader_is_not_shared_and_a_waiter_takes_over,
+    waiters_never_get_a_value_an_invalidate_made_stale,
+);

@@ -485,6 +485,19 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_settings_are_checked() {
+        let nodes = ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"];
+        assert!(CacheBuilder::default().cluster(nodes).build().is_ok_and(|cache| !cache.is_memory_only()));
+        let err = CacheBuilder::default().cluster(Vec::<String>::new()).build().unwrap_err().to_string();
+        assert!(err.contains("at least one node"), "{err}");
+        let err = CacheBuilder::default().cluster(nodes).url("redis://127.0.0.1").build().unwrap_err().to_string();
+        assert!(err.contains("one of a URL, sentinels or cluster nodes"), "{err}");
+        let err = CacheBuilder::default().cluster(["redis://127.0.0.1:7000", "http://x"]).build().unwrap_err();
+        assert!(err.to_string().contains("unknown scheme `http`"), "{err}");
+    }
+
     #[test]
     fn good_settings_build_without_redis() {
         let cache = CacheBuilder::default().url("redis://user:pw@127.0.0.1:1/3").key_prefix("app:v2").build();

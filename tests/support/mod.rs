@@ -222,7 +222,7 @@ impl Topology {
         match self {
             Topology::Server(server) => Inspector::Server(server.conn()),
             #[cfg(feature = "cluster")]
-            Topology::Cluster(cluster) => Inspector::Cluster(cluster.conn()),
+            Topology::Cluster(cluster) => Inspector::Cluster(Box::new(cluster.conn())),
         }
     }
 
@@ -265,7 +265,7 @@ macro_rules! on_every_topology {
 pub enum Inspector {
     Server(redis::Connection),
     #[cfg(feature = "cluster")]
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl Inspector {
@@ -273,7 +273,7 @@ impl Inspector {
         match self {
             Inspector::Server(conn) => conn,
             #[cfg(feature = "cluster")]
-            Inspector::Cluster(conn) => conn,
+            Inspector::Cluster(conn) => conn.as_mut(),
         }
     }
 
@@ -281,7 +281,7 @@ impl Inspector {
         match self {
             Inspector::Server(conn) => conn,
             #[cfg(feature = "cluster")]
-            Inspector::Cluster(conn) => conn,
+            Inspector::Cluster(conn) => conn.as_ref(),
         }
     }
 }
