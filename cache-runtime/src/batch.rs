@@ -81,8 +81,23 @@ impl Drop for Slot {
 
 impl Batcher {
     /// Reads `keys` (an entry, then its version keys) with one `MGET`,
-    /// alone or batched with concurrent lookups.
+    /// alone or batched with concurrent lookups. On a cluster slot whose
+    /// keys are half moved to another node, which refuses multi-key
+    /// commands, reads them one at a time: each follows `ASK` to wherever
+    /// its key is now, so hits go on during a resharding.
     pub(crate) async fn mget(
+        self: &Arc<Self>,
+        connections: &Arc<Connections>,
+        entry: &str,
+        versions: &Arc<[String]>,
+    ) -> Result<Values, Fault> {
+        match self.mget_batched(connections, entry, versions).await {
+            Err(Fault::SlotMigrating(_)) => Box::pin(one_by_one(connections, entry, versions)).await,
+            result => result,
+        }
+    }
+
+    async fn mget_batched(
         self: &Arc<Self>,
         connections: &Arc<Connections>,
         entry: &str,
@@ -158,6 +173,19 @@ async fn direct(connections: &Connections, entry: &str, versions: &[String]) -> 
     } else {
         Err(Fault::Server(format!("MGET returned {} values for {} keys", values.len(), versions.len() + 1)))
     }
+}
+
+/// Reads an entry, then its versions, one `GET` each. A version read after
+/// the entry is as good as one read with it: an entry is served only when
+/// bound to the versions this call read.
+async fn one_by_one(connections: &Connections, entry: &str, versions: &[String]) -> Result<Values, Fault> {
+    let mut values = Vec::with_capacity(1 + versions.len());
+    for key in std::iter::once(entry).chain(versions.iter().map(String::as_str)) {
+        let mut get = redis::cmd("GET");
+        get.arg(key);
+        values.push(connections.run(|conn| conn.query::<Option<Vec<u8>>>(&get)).await?);
+    }
+    Ok(values)
 }
 
 /// Sends batches until the queue is empty, on a task of its own so that the

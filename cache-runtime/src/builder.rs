@@ -387,13 +387,14 @@ impl CacheBuilder {
         let channel = self.client_for(first, infos[0].clone())?;
         let cluster = redis::cluster::ClusterClientBuilder::new(infos)
             .connection_timeout(self.connect_timeout)
-            // A redirection is followed at once; `TRYAGAIN` (keys of one
-            // command split by a migration in progress) is retried after
-            // a few milliseconds, not redis-rs's default second and more:
-            // the command deadline bounds the whole.
-            .retries(8)
-            .min_retry_wait(2)
-            .max_retry_wait(50);
+            // Redirections are followed at once. Nothing is retried after a
+            // wait (redis-rs waits a second and more by default): a cache
+            // answers within its command deadline or not at all, and a
+            // multi-key read refused during a slot migration is read key
+            // by key instead (see `batch`).
+            .retries(16)
+            .min_retry_wait(0)
+            .max_retry_wait(1);
         #[cfg(feature = "tls")]
         let cluster = match self.tls.certificates_for(first)? {
             Some(certificates) => cluster.certs(certificates),

@@ -202,7 +202,7 @@ impl Connections {
     /// Feeds an outcome to the breaker. A server error means a live server.
     fn settle<T>(&self, admission: Admission, result: Result<T, Fault>) -> Result<T, Fault> {
         match &result {
-            Ok(_) | Err(Fault::Server(_)) => self.breaker.record_success(),
+            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating(_)) => self.breaker.record_success(),
             Err(_) => {
                 if self.breaker.record_failure(admission) {
                     tracing::warn!(
@@ -266,6 +266,13 @@ impl Connections {
                 {
                     broken.store(true, Relaxed);
                     Err(Fault::Connection(e.to_string()))
+                } else if let redis::ErrorKind::Server(
+                    redis::ServerErrorKind::TryAgain | redis::ServerErrorKind::Ask | redis::ServerErrorKind::Moved,
+                ) = e.kind()
+                {
+                    // redis-rs follows redirections of single-key commands,
+                    // but returns them for `MGET`, which it may split.
+                    Err(Fault::SlotMigrating(e.to_string()))
                 } else {
                     Err(Fault::Server(e.to_string()))
                 }

@@ -78,6 +78,10 @@ pub(crate) enum Fault {
     Connection(String),
     /// The server is alive but refused: WRONGTYPE, OOM, READONLY, NOPERM.
     Server(String),
+    /// A cluster refused a command over several keys of a slot that is
+    /// moving between nodes (`TRYAGAIN`, or a redirection redis-rs does not
+    /// follow for multi-key reads); single-key commands still work.
+    SlotMigrating(String),
 }
 
 impl From<Fault> for Error {
@@ -86,7 +90,7 @@ impl From<Fault> for Error {
             Fault::Timeout => Error::Timeout,
             Fault::BreakerOpen => Error::Unavailable,
             Fault::Connection(why) => Error::Connection(why),
-            Fault::Server(why) => Error::Redis(why),
+            Fault::Server(why) | Fault::SlotMigrating(why) => Error::Redis(why),
         }
     }
 }
