@@ -186,3 +186,36 @@ fn a_tagged_entry_spans_nodes() {
         assert_eq!(cache.stats().total.errors(), 0);
     });
 }
+
+/// `rediss://` nodes that also speak TLS among themselves: trusted through
+/// a private CA, refused without it.
+#[cfg(feature = "tls")]
+#[test]
+fn a_tls_cluster_with_a_private_ca() {
+    let certs = support::Certificates::generate("cluster");
+    let cluster = support::TlsRedisCluster::start(&certs, 3);
+    let builder = || {
+        Cache::builder()
+            .cluster(cluster.urls())
+            .key_prefix("shop")
+            .connect_timeout(Duration::from_secs(2))
+            .command_timeout(Duration::from_secs(2))
+    };
+    let trusted = builder().tls_root_certificate(certs.read("ca.crt")).build().expect("valid TLS settings");
+    let untrusted = builder().build().expect("valid settings");
+    let computations = AtomicUsize::new(0);
+    run(DEADLINE, async {
+        for _ in 0..3 {
+            assert_eq!(product(&trusted, &computations, 1).await, Ok("product 1".to_owned()));
+        }
+        assert_eq!(computations.load(SeqCst), 1, "cached over TLS");
+        trusted.invalidate("stock").await.expect("invalidate over TLS");
+        assert_eq!(product(&trusted, &computations, 1).await, Ok("product 1".to_owned()));
+        assert_eq!(computations.load(SeqCst), 2);
+        assert_eq!(trusted.stats().total.errors(), 0);
+
+        assert_eq!(product(&untrusted, &computations, 1).await, Ok("product 1".to_owned()));
+        assert_eq!(computations.load(SeqCst), 3, "without the CA the certificate is refused: computed");
+        assert!(untrusted.invalidate("stock").await.is_err());
+    });
+}

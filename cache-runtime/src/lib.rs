@@ -38,7 +38,9 @@
 //!   (`CacheBuilder::tls_root_certificate`) and mutual TLS
 //!   (`CacheBuilder::tls_client_certificate`);
 //! - `sentinel`: Redis behind Sentinel (`CacheBuilder::sentinel`), following
-//!   failovers.
+//!   failovers;
+//! - `cluster`: Redis Cluster (`CacheBuilder::cluster`), following slot
+//!   moves.
 
 #![warn(missing_docs)]
 

@@ -563,6 +563,11 @@ impl TlsRedis {
     /// Serves `certs`' server certificate; `require_client_certificate`:
     /// mutual TLS (`tls-auth-clients yes`).
     pub fn start(certs: &Certificates, require_client_certificate: bool) -> Self {
+        Self::start_with(certs, require_client_certificate, &[])
+    }
+
+    /// As [`start`](Self::start), with extra `redis-server` arguments.
+    pub fn start_with(certs: &Certificates, require_client_certificate: bool, extra_args: &[&str]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("cache-runtime-tls-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -572,6 +577,7 @@ impl TlsRedis {
             .args(["--tls-ca-cert-file", &certs.path("ca.crt")])
             .args(["--tls-auth-clients", if require_client_certificate { "yes" } else { "no" }])
             .args(["--save", "", "--appendonly", "no", "--dir", dir.to_str().expect("utf-8 path")])
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -586,6 +592,62 @@ impl TlsRedis {
 
     pub fn url(&self) -> String {
         format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A Redis Cluster whose nodes speak only TLS, to clients and to each other
+/// (`tls-cluster yes`), with `certs`' server certificate.
+#[cfg(all(feature = "cluster", feature = "tls"))]
+pub struct TlsRedisCluster {
+    nodes: Vec<TlsRedis>,
+}
+
+#[cfg(all(feature = "cluster", feature = "tls"))]
+impl TlsRedisCluster {
+    pub fn start(certs: &Certificates, masters: usize) -> Self {
+        let nodes: Vec<TlsRedis> = (0..masters)
+            .map(|_| {
+                let bus_port = free_port().to_string();
+                TlsRedis::start_with(
+                    certs,
+                    false,
+                    &["--tls-cluster", "yes", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                        .into_iter()
+                        .chain(["--cluster-port", &bus_port])
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let cli = |port: Option<u16>, args: &[String]| {
+            let mut command = Command::new("redis-cli");
+            command.args(["--tls", "--cacert", &certs.path("ca.crt")]);
+            if let Some(port) = port {
+                command.args(["-p", &port.to_string()]);
+            }
+            command.args(args).stdin(Stdio::null()).output().expect("redis-cli must be on PATH")
+        };
+        let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
+        create.extend(nodes.iter().map(|node| format!("127.0.0.1:{}", node.port())));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let output = cli(None, &create);
+        assert!(output.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|node| {
+            let info = cli(Some(node.port()), &["CLUSTER".into(), "INFO".into()]);
+            String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+        }) {
+            assert!(Instant::now() < deadline, "the TLS cluster never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(TlsRedis::url).collect()
     }
 }
 
