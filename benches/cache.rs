@@ -254,6 +254,51 @@ async fn hit_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
     rows
 }
 
+const RAW_CLUSTER: &str = "raw redis-rs cluster GET + bincode";
+
+/// Hits on a private 3-master Redis Cluster, against redis-rs's own cluster
+/// connection reading keys of one slot (a namespace lives in one slot).
+#[cfg(feature = "cluster")]
+async fn cluster_hit_path(cluster: &support::RedisCluster) -> Vec<Row> {
+    let cache = Cache::builder().cluster(cluster.urls()).key_prefix("bench").build().expect("cache");
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
+    let raw = client.get_async_connection().await.expect("cluster connection");
+    let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|id| format!("raw:{{bench}}:{id}")).collect());
+    for id in 0..KEYS {
+        ours(&cache, id).await;
+        let bytes = bincode::serde::encode_to_vec(Product::new(id), bincode_config()).unwrap();
+        let _: () = raw.clone().set(&keys[id as usize], bytes).await.unwrap();
+    }
+    let mut rows = Vec::new();
+    for tasks in [1, 64] {
+        let c = cache.clone();
+        rows.push(
+            measure("cache-runtime #[cached] hit, cluster", tasks, move |id| {
+                let c = c.clone();
+                async move {
+                    black_box(ours(&c, id).await);
+                }
+            })
+            .await,
+        );
+        let (conn, k) = (raw.clone(), keys.clone());
+        rows.push(
+            measure(RAW_CLUSTER, tasks, move |id| {
+                let (mut conn, k) = (conn.clone(), k.clone());
+                async move {
+                    let bytes: Vec<u8> = conn.get(&k[id as usize]).await.unwrap();
+                    let (p, _): (Product, usize) = bincode::serde::decode_from_slice(&bytes, bincode_config()).unwrap();
+                    black_box(p);
+                }
+            })
+            .await,
+        );
+    }
+    let stats = cache.stats().total;
+    assert_eq!(stats.errors(), 0, "{stats:?}");
+    rows
+}
+
 const RAW_MOKA: &str = "raw moka get + bincode";
 
 /// Hits answered in process: the local tier in front of Redis, a
@@ -537,6 +582,14 @@ fn main() {
         });
         return;
     }
+    #[cfg(feature = "cluster")]
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "cluster") {
+        let cluster = support::RedisCluster::start(3);
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        let rows = runtime.block_on(cluster_hit_path(&cluster));
+        print_table("Redis Cluster hits (ratios against redis-rs's cluster connection)", &rows, RAW_CLUSTER);
+        return;
+    }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ours64") {
         let server = support::RedisServer::start();
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -574,5 +627,11 @@ fn main() {
         stampede(&cache).await;
         breaker_open().await;
     });
+    #[cfg(feature = "cluster")]
+    {
+        let cluster = support::RedisCluster::start(3);
+        let rows = runtime.block_on(cluster_hit_path(&cluster));
+        print_table("Redis Cluster hits (ratios against redis-rs's cluster connection)", &rows, RAW_CLUSTER);
+    }
     key_and_codec_cpu();
 }

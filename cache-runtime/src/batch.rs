@@ -92,7 +92,7 @@ impl Batcher {
         versions: &Arc<[String]>,
     ) -> Result<Values, Fault> {
         match self.mget_batched(connections, entry, versions).await {
-            Err(Fault::SlotMigrating(_)) => Box::pin(one_by_one(connections, entry, versions)).await,
+            Err(Fault::SlotMigrating { .. }) => Box::pin(one_by_one(connections, entry, versions)).await,
             result => result,
         }
     }
@@ -175,15 +175,22 @@ async fn direct(connections: &Connections, entry: &str, versions: &[String]) -> 
     }
 }
 
-/// Reads an entry, then its versions, one `GET` each. A version read after
-/// the entry is as good as one read with it: an entry is served only when
-/// bound to the versions this call read.
+/// Reads an entry, then its versions, one `GET` each; a key already moved
+/// is asked for where it went. A version read after the entry is as good
+/// as one read with it: an entry is served only when bound to the versions
+/// this call read.
 async fn one_by_one(connections: &Connections, entry: &str, versions: &[String]) -> Result<Values, Fault> {
     let mut values = Vec::with_capacity(1 + versions.len());
     for key in std::iter::once(entry).chain(versions.iter().map(String::as_str)) {
         let mut get = redis::cmd("GET");
         get.arg(key);
-        values.push(connections.run(|conn| conn.query::<Option<Vec<u8>>>(&get)).await?);
+        let value = match connections.run(|conn| conn.query::<Option<Vec<u8>>>(&get)).await {
+            Err(Fault::SlotMigrating { ask: Some(node), .. }) => {
+                connections.run(|conn| conn.query_asking::<Option<Vec<u8>>>(&node, &get)).await?
+            }
+            value => value?,
+        };
+        values.push(value);
     }
     Ok(values)
 }

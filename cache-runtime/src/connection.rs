@@ -157,7 +157,13 @@ impl Connections {
         // Redis runs commands one at a time: more connections than cores
         // add syscalls, not throughput.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let slots = (0..pool_size.min(cores).max(1)).map(|_| RwLock::new(None)).collect();
+        // A cluster connection multiplexes over one connection per node
+        // already, through a task of its own: a second one adds a task hop
+        // per command, not throughput (`BENCH_ONLY=cluster cargo bench
+        // --features cluster --bench cache`: p50 1.3x the raw client with
+        // two, 1.2x with one).
+        let kept = if is_cluster { 1 } else { pool_size.min(cores).max(1) };
+        let slots = (0..kept).map(|_| RwLock::new(None)).collect();
         Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker, readonly_means_moved, is_cluster })
     }
 
@@ -202,7 +208,7 @@ impl Connections {
     /// Feeds an outcome to the breaker. A server error means a live server.
     fn settle<T>(&self, admission: Admission, result: Result<T, Fault>) -> Result<T, Fault> {
         match &result {
-            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating(_)) => self.breaker.record_success(),
+            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating { .. }) => self.breaker.record_success(),
             Err(_) => {
                 if self.breaker.record_failure(admission) {
                     tracing::warn!(
@@ -270,9 +276,17 @@ impl Connections {
                     redis::ServerErrorKind::TryAgain | redis::ServerErrorKind::Ask | redis::ServerErrorKind::Moved,
                 ) = e.kind()
                 {
-                    // redis-rs follows redirections of single-key commands,
-                    // but returns them for `MGET`, which it may split.
-                    Err(Fault::SlotMigrating(e.to_string()))
+                    // redis-rs follows redirections, but gives up on some:
+                    // those of an `MGET`, and an `ASK` whose `ASKING` another
+                    // command on the shared connection consumed.
+                    let ask = match e.kind() {
+                        redis::ErrorKind::Server(redis::ServerErrorKind::Ask) => e
+                            .redirect_node()
+                            .and_then(|(node, _slot)| node.rsplit_once(':'))
+                            .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?))),
+                        _ => None,
+                    };
+                    Err(Fault::SlotMigrating { message: e.to_string(), ask })
                 } else {
                     Err(Fault::Server(e.to_string()))
                 }
@@ -336,6 +350,32 @@ impl Conn {
             Handle::Server(mut conn) => cmd.query_async(&mut conn).await,
             #[cfg(feature = "cluster")]
             Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
+
+    /// `cmd` sent to `node` right after `ASKING`, in one write, so that no
+    /// other command on the shared connection can take the `ASKING` first
+    /// (redis-rs sends the two separately). On a single server, just `cmd`.
+    pub(crate) async fn query_asking<T: FromRedisValue>(
+        self,
+        node: &(String, u16),
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        match self.conn {
+            Handle::Server(mut conn) => {
+                let _ = node;
+                cmd.query_async(&mut conn).await
+            }
+            #[cfg(feature = "cluster")]
+            Handle::Cluster(mut conn) => {
+                let mut pipeline = redis::pipe();
+                pipeline.cmd("ASKING").add_command(cmd.clone());
+                let route =
+                    redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
+                let reply = conn.route_pipeline(pipeline, 1, 1, route).await?.pop();
+                let value = reply.ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "no reply")))?;
+                Ok(T::from_redis_value(value.extract_error()?)?)
+            }
         }
     }
 

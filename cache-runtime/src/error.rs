@@ -78,10 +78,13 @@ pub(crate) enum Fault {
     Connection(String),
     /// The server is alive but refused: WRONGTYPE, OOM, READONLY, NOPERM.
     Server(String),
-    /// A cluster refused a command over several keys of a slot that is
-    /// moving between nodes (`TRYAGAIN`, or a redirection redis-rs does not
-    /// follow for multi-key reads); single-key commands still work.
-    SlotMigrating(String),
+    /// A cluster refused a command because its slot is moving between
+    /// nodes: `TRYAGAIN` for several keys of a half-moved slot, or a
+    /// redirection redis-rs did not follow; with an `ASK`, the node to ask.
+    SlotMigrating {
+        message: String,
+        ask: Option<(String, u16)>,
+    },
 }
 
 impl From<Fault> for Error {
@@ -90,7 +93,7 @@ impl From<Fault> for Error {
             Fault::Timeout => Error::Timeout,
             Fault::BreakerOpen => Error::Unavailable,
             Fault::Connection(why) => Error::Connection(why),
-            Fault::Server(why) | Fault::SlotMigrating(why) => Error::Redis(why),
+            Fault::Server(why) | Fault::SlotMigrating { message: why, .. } => Error::Redis(why),
         }
     }
 }
