@@ -254,6 +254,7 @@ async fn hit_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
     rows
 }
 
+#[cfg(feature = "cluster")]
 const RAW_CLUSTER: &str = "raw redis-rs cluster GET + bincode";
 
 /// Hits on a private 3-master Redis Cluster, against redis-rs's own cluster
