@@ -81,23 +81,8 @@ impl Drop for Slot {
 
 impl Batcher {
     /// Reads `keys` (an entry, then its version keys) with one `MGET`,
-    /// alone or batched with concurrent lookups. On a cluster slot whose
-    /// keys are half moved to another node, which refuses multi-key
-    /// commands, reads them one at a time: each follows `ASK` to wherever
-    /// its key is now, so hits go on during a resharding.
+    /// alone or batched with concurrent lookups.
     pub(crate) async fn mget(
-        self: &Arc<Self>,
-        connections: &Arc<Connections>,
-        entry: &str,
-        versions: &Arc<[String]>,
-    ) -> Result<Values, Fault> {
-        match self.mget_batched(connections, entry, versions).await {
-            Err(Fault::SlotMigrating { .. }) => Box::pin(one_by_one(connections, entry, versions)).await,
-            result => result,
-        }
-    }
-
-    async fn mget_batched(
         self: &Arc<Self>,
         connections: &Arc<Connections>,
         entry: &str,
@@ -175,19 +160,22 @@ async fn direct(connections: &Connections, entry: &str, versions: &[String]) -> 
     }
 }
 
-/// Reads an entry, then its versions, one `GET` each; a key already moved
-/// is asked for where it went. A version read after the entry is as good
-/// as one read with it: an entry is served only when bound to the versions
-/// this call read.
-async fn one_by_one(connections: &Connections, entry: &str, versions: &[String]) -> Result<Values, Fault> {
+/// Reads an entry, then its versions, one `GET` each: for a cluster slot
+/// half moved to another node, which refuses multi-key reads. Each `GET`
+/// follows its key to wherever it is now (sending `ASKING` with it when
+/// redis-rs gave up), so hits go on during a resharding. A version read
+/// after the entry is as good as one read with it: an entry is served only
+/// when bound to the versions this call read.
+pub(crate) async fn one_by_one(connections: &Connections, entry: &str, versions: &[String]) -> Result<Values, Fault> {
     let mut values = Vec::with_capacity(1 + versions.len());
     for key in std::iter::once(entry).chain(versions.iter().map(String::as_str)) {
         let mut get = redis::cmd("GET");
         get.arg(key);
         let value = match connections.run(|conn| conn.query::<Option<Vec<u8>>>(&get)).await {
-            Err(Fault::SlotMigrating { ask: Some(node), .. }) => {
-                connections.run(|conn| conn.query_asking::<Option<Vec<u8>>>(&node, &get)).await?
-            }
+            Err(Fault::SlotMigrating(moving)) => match &moving.ask {
+                Some(node) => connections.run(|conn| conn.query_asking::<Option<Vec<u8>>>(node, &get)).await?,
+                None => return Err(Fault::SlotMigrating(moving)),
+            },
             value => value?,
         };
         values.push(value);

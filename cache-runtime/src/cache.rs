@@ -537,7 +537,7 @@ impl Cache {
             Fault::Timeout => "timeout",
             Fault::BreakerOpen => "breaker_open",
             Fault::Connection(_) => "connection",
-            Fault::Server(_) | Fault::SlotMigrating { .. } => "server",
+            Fault::Server(_) | Fault::SlotMigrating(_) => "server",
         });
         match fault {
             Fault::Timeout => bump(&c.timeouts),
@@ -546,7 +546,7 @@ impl Cache {
                 return;
             }
             Fault::Connection(_) => bump(&c.connection_errors),
-            Fault::Server(_) | Fault::SlotMigrating { .. } => bump(&c.server_errors),
+            Fault::Server(_) | Fault::SlotMigrating(_) => bump(&c.server_errors),
         }
         self.warn(Cause::Redis, format_args!("Redis operation failed, computing without the cache: {fault:?}"));
     }

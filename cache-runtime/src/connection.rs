@@ -13,7 +13,7 @@
 //! pool, under the connect deadline.
 
 use crate::breaker::{Admission, Breaker};
-use crate::error::Fault;
+use crate::error::{Fault, SlotMove};
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, RedisError};
@@ -208,7 +208,7 @@ impl Connections {
     /// Feeds an outcome to the breaker. A server error means a live server.
     fn settle<T>(&self, admission: Admission, result: Result<T, Fault>) -> Result<T, Fault> {
         match &result {
-            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating { .. }) => self.breaker.record_success(),
+            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating(_)) => self.breaker.record_success(),
             Err(_) => {
                 if self.breaker.record_failure(admission) {
                     tracing::warn!(
@@ -286,7 +286,7 @@ impl Connections {
                             .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?))),
                         _ => None,
                     };
-                    Err(Fault::SlotMigrating { message: e.to_string(), ask })
+                    Err(Fault::SlotMigrating(Box::new(SlotMove { message: e.to_string(), ask })))
                 } else {
                     Err(Fault::Server(e.to_string()))
                 }

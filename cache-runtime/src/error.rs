@@ -79,12 +79,18 @@ pub(crate) enum Fault {
     /// The server is alive but refused: WRONGTYPE, OOM, READONLY, NOPERM.
     Server(String),
     /// A cluster refused a command because its slot is moving between
-    /// nodes: `TRYAGAIN` for several keys of a half-moved slot, or a
-    /// redirection redis-rs did not follow; with an `ASK`, the node to ask.
-    SlotMigrating {
-        message: String,
-        ask: Option<(String, u16)>,
-    },
+    /// nodes. Boxed: rare, and every future that holds a `Fault` pays for
+    /// its size.
+    SlotMigrating(Box<SlotMove>),
+}
+
+/// `TRYAGAIN` for several keys of a half-moved slot, or a redirection
+/// redis-rs did not follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SlotMove {
+    pub message: String,
+    /// With an `ASK`, the node to ask: host and port.
+    pub ask: Option<(String, u16)>,
 }
 
 impl From<Fault> for Error {
@@ -93,7 +99,8 @@ impl From<Fault> for Error {
             Fault::Timeout => Error::Timeout,
             Fault::BreakerOpen => Error::Unavailable,
             Fault::Connection(why) => Error::Connection(why),
-            Fault::Server(why) | Fault::SlotMigrating { message: why, .. } => Error::Redis(why),
+            Fault::Server(why) => Error::Redis(why),
+            Fault::SlotMigrating(moving) => Error::Redis(moving.message),
         }
     }
 }

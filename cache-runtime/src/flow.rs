@@ -16,11 +16,13 @@
 //! miss that finds a stale copy kept for `stale_if_error` returns that copy
 //! when the body fails.
 
+use crate::batch;
 use crate::body::Body;
 use crate::cache::{Cache, Encoded, Intent, Plan, Storage};
 use crate::canonical::Unencodable;
 use crate::codec::{EntryTimes, StoredEntry};
 use crate::connection::Connections;
+use crate::error::Fault;
 use crate::flight::{self, Leader, Role, Shared};
 use crate::key::{EntryKeys, KeyHash};
 use crate::local::{Capture, LocalEntry, LocalSite, LocalTier};
@@ -746,7 +748,18 @@ impl<'c, R> Call<'c, R> {
     /// concurrent lookups under load. A memory-only cache reads nothing.
     async fn read(&self) -> Option<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>)> {
         let Some((connections, batcher)) = self.cache.batcher() else { return Some((None, Vec::new())) };
-        match batcher.mget(connections, self.keys.entry(), self.keys.versions).await {
+        // A half-moved cluster slot refuses multi-key reads: then key by
+        // key. (Two steps, so the refused read is not kept in this future,
+        // which every hit allocates.)
+        let read = match batcher.mget(connections, self.keys.entry(), self.keys.versions).await {
+            Err(Fault::SlotMigrating(_)) => None,
+            values => Some(values),
+        };
+        let values = match read {
+            Some(values) => values,
+            None => Box::pin(batch::one_by_one(connections, self.keys.entry(), self.keys.versions)).await,
+        };
+        match values {
             Ok(mut values) => {
                 // Shifting one slot of a short vector beats allocating another.
                 let entry = values.remove(0);
