@@ -219,3 +219,24 @@ fn a_tls_cluster_with_a_private_ca() {
         assert!(untrusted.invalidate("stock").await.is_err());
     });
 }
+
+/// `examples/cluster.rs`, run as a user would, against a private cluster.
+#[test]
+fn the_cluster_example_runs_as_documented() {
+    let cluster = RedisCluster::start(3);
+    let example = std::env::current_exe()
+        .ok()
+        .and_then(|test| Some(test.parent()?.parent()?.join("examples").join("cluster")))
+        .expect("the examples directory");
+    let output = std::process::Command::new(&example)
+        .env("REDIS_CLUSTER_NODES", cluster.urls().join(","))
+        .output()
+        .unwrap_or_else(|e| panic!("run {} (cargo test builds examples first): {e}", example.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    println!("{stdout}");
+    assert!(
+        stdout.contains("queries run: 2   hits: 2   misses: 2   Redis errors: 0"),
+        "one miss, one hit, a tag invalidated on another node, one miss, one hit: {stdout}"
+    );
+}
