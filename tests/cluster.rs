@@ -57,11 +57,9 @@ fn migrate_slot(cluster: &RedisCluster, slot: u16, source: &support::RedisServer
     }
 }
 
-#[test]
-fn a_slot_moved_under_load_costs_callers_nothing() {
-    let cluster = RedisCluster::start(3);
-    let url = cluster.urls().join(",");
-    let cache = support::patient_cache(&url, "shop").build().expect("valid cache settings");
+/// A cache on `cluster` with `PRODUCTS` entries stored, and the key of one.
+fn warm_cache(cluster: &RedisCluster) -> (Cache, Arc<AtomicUsize>, String) {
+    let cache = support::patient_cache(&cluster.urls().join(","), "shop").build().expect("valid cache settings");
     let computations = Arc::new(AtomicUsize::new(0));
     run(DEADLINE, async {
         for id in 0..PRODUCTS {
@@ -69,8 +67,67 @@ fn a_slot_moved_under_load_costs_callers_nothing() {
         }
     });
     assert_eq!(computations.load(SeqCst), PRODUCTS as usize);
-    let mut probe = cluster.conn();
-    let entry = support::entry_keys(&mut probe, "shop:products:*").pop().expect("entries were stored");
+    let entry = support::entry_keys(&mut cluster.conn(), "shop:products:*").pop().expect("entries were stored");
+    (cache, computations, entry)
+}
+
+/// Callers of warm keys on a runtime of their own, each checking every
+/// answer, until `finish`.
+struct Load {
+    runtime: tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    callers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(cache: &Cache, computations: &Arc<AtomicUsize>, tasks: u64) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (stop, calls) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let callers = (0..tasks)
+            .map(|task| {
+                let (cache, computations) = (cache.clone(), computations.clone());
+                let (stop, calls) = (stop.clone(), calls.clone());
+                runtime.spawn(async move {
+                    let mut id = task;
+                    while !stop.load(SeqCst) {
+                        id = (id + 7) % PRODUCTS;
+                        let answer = product(&cache, &computations, id).await;
+                        assert_eq!(answer, Ok(format!("product {id}")), "a caller got a wrong answer or an error");
+                        calls.fetch_add(1, SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+            })
+            .collect();
+        Self { runtime, stop, calls, callers }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(SeqCst)
+    }
+
+    /// Stops the callers; panics if one of them got a wrong answer.
+    fn finish(self) -> usize {
+        self.stop.store(true, SeqCst);
+        let Self { runtime, calls, callers, .. } = self;
+        runtime.block_on(async {
+            for caller in callers {
+                caller.await.expect("no caller panicked");
+            }
+        });
+        calls.load(SeqCst)
+    }
+}
+
+fn fell_through(counts: &cache_runtime::Counts) -> u64 {
+    counts.misses + counts.bypassed
+}
+
+#[test]
+fn a_slot_moved_under_load_costs_callers_nothing() {
+    let cluster = RedisCluster::start(3);
+    let (cache, computations, entry) = warm_cache(&cluster);
     let (source, slot) = cluster.owner_of(&entry);
     let target = cluster.nodes().iter().find(|node| node.port() != source.port()).expect("another node");
     assert!(
@@ -78,30 +135,14 @@ fn a_slot_moved_under_load_costs_callers_nothing() {
         "the namespace's entries and its version share the slot"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let callers: Vec<_> = (0..8)
-        .map(|task| {
-            let (cache, computations, stop, calls) = (cache.clone(), computations.clone(), stop.clone(), calls.clone());
-            runtime.spawn(async move {
-                let mut id = task;
-                while !stop.load(SeqCst) {
-                    id = (id + 7) % PRODUCTS;
-                    let answer = product(&cache, &computations, id).await;
-                    assert_eq!(answer, Ok(format!("product {id}")), "a caller got a wrong answer or an error");
-                    calls.fetch_add(1, SeqCst);
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&cache, &computations, 8);
     // Cold keys of the same namespace, from a cache of its own (its own
     // counts): misses in the moving slot, whose scripts may be refused.
-    let cold_cache = support::patient_cache(&url, "shop").build().expect("valid cache settings");
+    let cold_cache = support::patient_cache(&cluster.urls().join(","), "shop").build().expect("valid settings");
+    let mut load = load;
     let cold_caller = {
-        let (cache, stop) = (cold_cache.clone(), stop.clone());
-        runtime.spawn(async move {
+        let (cache, stop) = (cold_cache.clone(), load.stop.clone());
+        load.runtime.spawn(async move {
             let computations = AtomicUsize::new(0);
             let mut id = 1_000_000;
             while !stop.load(SeqCst) {
@@ -112,20 +153,15 @@ fn a_slot_moved_under_load_costs_callers_nothing() {
             }
         })
     };
+    load.callers.push(cold_caller);
     std::thread::sleep(Duration::from_millis(300));
-    let before = (calls.load(SeqCst), cache.stats().total);
+    let before = (load.calls(), cache.stats().total);
     let started = Instant::now();
     migrate_slot(&cluster, slot, source, target);
     let migration = started.elapsed();
-    let during = (calls.load(SeqCst), cache.stats().total);
+    let during = (load.calls(), cache.stats().total);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, SeqCst);
-    runtime.block_on(async {
-        for caller in callers {
-            caller.await.expect("no caller panicked");
-        }
-        cold_caller.await.expect("the cold caller did not panic");
-    });
+    let calls = load.finish();
     let after = cache.stats().total;
     let cold = cold_cache.stats().total;
     println!(
@@ -147,7 +183,7 @@ fn a_slot_moved_under_load_costs_callers_nothing() {
         during.1.timeouts - before.1.timeouts,
         during.1.connection_errors - before.1.connection_errors,
         during.1.server_errors - before.1.server_errors,
-        calls.load(SeqCst) - during.0,
+        calls - during.0,
         after.hits - during.1.hits,
     );
 
@@ -157,11 +193,93 @@ fn a_slot_moved_under_load_costs_callers_nothing() {
     // redirection redis-rs does not follow for MGET); read key by key
     // instead, every call still hit.
     assert_eq!(during.1.errors(), before.1.errors(), "no Redis errors during the move");
-    let fell_through = |counts: &cache_runtime::Counts| counts.misses + counts.bypassed;
     assert_eq!(fell_through(&during.1), fell_through(&before.1), "every call during the move hit");
     assert!(after.hits - during.1.hits > 100, "entries are served from their new node: {after:?}");
     assert_eq!(fell_through(&after), fell_through(&during.1), "after the move, every call hits");
     assert_eq!(after.errors(), during.1.errors(), "no Redis errors once the slot has moved");
+}
+
+/// `CLUSTER FAILOVER` on the replica of the master serving the namespace,
+/// under load: the cache follows the new master by itself.
+#[test]
+fn a_failover_under_load_costs_callers_nothing() {
+    let cluster = RedisCluster::start_with_replicas(3, 1);
+    let (cache, computations, entry) = warm_cache(&cluster);
+    let (master, _) = cluster.owner_of(&entry);
+    let replica = cluster.replica_of(master.port());
+    let load = Load::start(&cache, &computations, 8);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = (load.calls(), cache.stats().total);
+    let started = Instant::now();
+    let _: () = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut replica.conn()).expect("CLUSTER FAILOVER");
+    while cluster.owner_of(&entry).0.port() != replica.port() {
+        assert!(started.elapsed() < Duration::from_secs(20), "the replica never took over");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let switch = started.elapsed();
+    // Let every caller meet the new topology before counting again.
+    std::thread::sleep(Duration::from_millis(300));
+    let during = (load.calls(), cache.stats().total);
+    std::thread::sleep(Duration::from_millis(500));
+    let calls = load.finish();
+    let after = cache.stats().total;
+    println!(
+        "failover took {switch:?}; {} calls meanwhile: {} hits, {} answered without the cache, {} Redis errors; \
+         then {} calls, {} hits",
+        during.0 - before.0,
+        during.1.hits - before.1.hits,
+        fell_through(&during.1) - fell_through(&before.1),
+        during.1.errors() - before.1.errors(),
+        calls - during.0,
+        after.hits - during.1.hits,
+    );
+    assert!(after.hits - during.1.hits > 100, "entries are served by the new master: {after:?}");
+    assert_eq!(fell_through(&after), fell_through(&during.1), "after the failover, every call hits");
+    assert_eq!(after.errors(), during.1.errors(), "no Redis errors once the replica took over");
+    // A manual failover is graceful (the master holds its clients until the
+    // replica has everything), so not one call recomputed.
+    assert_eq!(computations.load(SeqCst), PRODUCTS as usize, "only the warm-up computed");
+}
+
+/// The master serving the namespace is killed under load: calls compute
+/// without the cache until the cluster promotes its replica, then the cache
+/// follows the new master by itself.
+#[test]
+fn a_killed_master_is_replaced_and_callers_never_fail() {
+    let mut cluster = RedisCluster::start_with_replicas(3, 1);
+    let (cache, computations, entry) = warm_cache(&cluster);
+    let master = cluster.owner_of(&entry).0.port();
+    let replica = cluster.replica_of(master).port();
+    let load = Load::start(&cache, &computations, 8);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    cluster.kill_node(master);
+    while cluster.try_owner_of(&entry).map(|node| node.port()) != Some(replica) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the replica never took over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let promoted = started.elapsed();
+    let at_promotion = cache.stats().total;
+    // Give every connection time to learn the new slot map.
+    std::thread::sleep(Duration::from_secs(2));
+    let settled = (load.calls(), cache.stats().total);
+    std::thread::sleep(Duration::from_millis(500));
+    let calls = load.finish();
+    let after = cache.stats().total;
+    println!(
+        "replica promoted {promoted:?} after the kill; {} calls until then and 2 s more, every answer right \
+         ({} computed without the cache; {} hits in the 2 s after the promotion); then {} calls: {} hits, {} Redis \
+         errors",
+        settled.0,
+        fell_through(&settled.1) - PRODUCTS,
+        settled.1.hits - at_promotion.hits,
+        calls - settled.0,
+        after.hits - settled.1.hits,
+        after.errors() - settled.1.errors(),
+    );
+    assert!(after.hits - settled.1.hits > 100, "entries are served by the promoted replica: {after:?}");
+    assert_eq!(fell_through(&after), fell_through(&settled.1), "once settled, every call hits");
+    assert_eq!(after.errors(), settled.1.errors(), "no Redis errors once settled");
 }
 
 /// The version keys of a tagged entry live in other slots than the entry,

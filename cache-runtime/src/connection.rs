@@ -269,6 +269,7 @@ impl Connections {
                     || e.is_connection_dropped()
                     || (self.readonly_means_moved
                         && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
+                    || (self.is_cluster && stale_cluster_map(&e))
                 {
                     broken.store(true, Relaxed);
                     Err(Fault::Connection(e.to_string()))
@@ -332,6 +333,16 @@ impl Connections {
         }
         Ok(conn)
     }
+}
+
+/// Errors a cluster connection gives when its slot map points at a node
+/// that is gone (a killed master, replaced by its replica): redis-rs drops
+/// the part of a multi-slot command meant for a node it has no connection
+/// to, and reports the mismatch, or finds no connection at all. It does not
+/// learn the new map from those, so the connection is replaced: a new one
+/// asks the nodes for the current map.
+fn stale_cluster_map(e: &RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::Client | redis::ErrorKind::ClusterConnectionNotFound)
 }
 
 impl Source {

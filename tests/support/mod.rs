@@ -100,6 +100,12 @@ impl RedisServer {
             .expect("server answers")
     }
 
+    /// A connection, unless the server is down.
+    pub fn try_conn(&self) -> Option<redis::Connection> {
+        self.child.as_ref()?;
+        redis::Client::open(self.url()).ok()?.get_connection_with_timeout(Duration::from_millis(500)).ok()
+    }
+
     /// SIGKILL, by pid, and reap it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -347,7 +353,16 @@ pub struct RedisCluster {
 #[cfg(feature = "cluster")]
 impl RedisCluster {
     pub fn start(masters: usize) -> Self {
-        let nodes: Vec<RedisServer> = (0..masters)
+        Self::start_with_replicas(masters, 0)
+    }
+
+    /// `masters` masters, each with `replicas` replicas, once every replica
+    /// has synced with its master. With replicas, nodes declare a silent
+    /// master failed after 2 s (5 s without: nothing could replace it), so
+    /// a killed master is replaced within seconds.
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> Self {
+        let node_timeout = if replicas > 0 { "2000" } else { "5000" };
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 let bus_port = free_port().to_string();
                 RedisServer::start_with(&[
@@ -358,7 +373,7 @@ impl RedisCluster {
                     "--cluster-port",
                     &bus_port,
                     "--cluster-node-timeout",
-                    "5000",
+                    node_timeout,
                 ])
             })
             .collect();
@@ -366,7 +381,7 @@ impl RedisCluster {
         let output = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli must be on PATH (it comes with redis-server)");
@@ -379,7 +394,26 @@ impl RedisCluster {
         cluster.wait_until("every node sees the cluster as ok", |conn| {
             redis::cmd("CLUSTER").arg("INFO").query::<String>(conn).is_ok_and(|info| info.contains("cluster_state:ok"))
         });
+        cluster.wait_until("every replica has synced", |conn| {
+            redis::cmd("INFO")
+                .arg("replication")
+                .query::<String>(conn)
+                .is_ok_and(|info| info.contains("role:master") || info.contains("master_link_status:up"))
+        });
         cluster
+    }
+
+    /// The replica of the master listening on `master_port`.
+    pub fn replica_of(&self, master_port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|node| {
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query::<String>(&mut node.conn())
+                    .is_ok_and(|info| info.contains(&format!("master_port:{master_port}\r")))
+            })
+            .expect("the master has a replica")
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -410,14 +444,22 @@ impl RedisCluster {
     /// The node serving `key`'s slot now (the one that answers for it
     /// rather than redirecting), and the slot.
     pub fn owner_of(&self, key: &str) -> (&RedisServer, u16) {
-        let slot: u16 =
-            redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.nodes[0].conn()).expect("KEYSLOT");
-        let owner = self
-            .nodes
-            .iter()
-            .find(|node| redis::cmd("EXISTS").arg(key).query::<i64>(&mut node.conn()).is_ok())
-            .expect("some node serves every slot");
+        let owner = self.try_owner_of(key).expect("some node serves every slot");
+        let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut owner.conn()).expect("KEYSLOT");
         (owner, slot)
+    }
+
+    /// The live node serving `key`'s slot, if one does: none while a killed
+    /// master has not been replaced.
+    pub fn try_owner_of(&self, key: &str) -> Option<&RedisServer> {
+        self.nodes.iter().find(|node| {
+            node.try_conn().is_some_and(|mut conn| redis::cmd("EXISTS").arg(key).query::<i64>(&mut conn).is_ok())
+        })
+    }
+
+    /// SIGKILL, by pid, of the node listening on `port`.
+    pub fn kill_node(&mut self, port: u16) {
+        self.nodes.iter_mut().find(|node| node.port() == port).expect("a node on that port").kill();
     }
 }
 
