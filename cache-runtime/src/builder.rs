@@ -247,10 +247,12 @@ impl CacheBuilder {
 
     /// A Redis Cluster: the URLs of some of its nodes (one is enough; more
     /// let the cache start while one is down). Connections learn the slot
-    /// map from the nodes and follow `MOVED` and `ASK` redirections, so
-    /// resharding and failovers are answered without the caller noticing;
-    /// calls that meet a slot in the middle of a migration compute without
-    /// the cache. Instead of [`url`](Self::url). Feature `cluster`.
+    /// map from the nodes and follow `MOVED` and `ASK` redirections, so hits
+    /// go on while a slot moves (misses meeting a half-moved slot compute
+    /// and are not stored) and after a replica takes over; while a dead
+    /// master is not yet replaced, calls for its slots compute without the
+    /// cache. Tags whose versions live in other slots work as on one
+    /// server. Instead of [`url`](Self::url). Feature `cluster`.
     ///
     /// ```
     /// let cache = cache_runtime::Cache::builder()
