@@ -282,6 +282,40 @@ fn a_killed_master_is_replaced_and_callers_never_fail() {
     assert_eq!(after.errors(), settled.1.errors(), "no Redis errors once settled");
 }
 
+/// An ACL user limited to the application's keys and channels, named in
+/// the node URLs: the cluster connection authenticates to every node it
+/// reaches, and every key the cache touches is inside `~shop:*`.
+#[test]
+fn an_acl_user_limited_to_the_applications_keys_is_enough() {
+    let cluster = RedisCluster::start(3);
+    for node in cluster.nodes() {
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", "shop-app", "on", ">s3cret", "resetkeys", "~shop:*", "resetchannels", "&shop:*", "+@all"])
+            .query(&mut node.conn())
+            .expect("create the ACL user");
+    }
+    let urls: Vec<String> =
+        cluster.nodes().iter().map(|node| format!("redis://shop-app:s3cret@127.0.0.1:{}", node.port())).collect();
+    let cache = support::patient_cache(&urls.join(","), "shop").build().expect("valid settings");
+    let wrong = support::patient_cache(&urls.join(",").replace("s3cret", "hunter2"), "shop").build().unwrap();
+    let computations = AtomicUsize::new(0);
+    run(DEADLINE, async {
+        for _ in 0..3 {
+            assert_eq!(product(&cache, &computations, 1).await, Ok("product 1".to_owned()));
+        }
+        cache.invalidate("stock").await.expect("invalidate as the ACL user");
+        assert_eq!(product(&cache, &computations, 1).await, Ok("product 1".to_owned()));
+        assert_eq!(computations.load(SeqCst), 2, "cached, then invalidated through the tag");
+        assert_eq!(cache.stats().total.errors(), 0, "{:?}", cache.stats().total);
+
+        assert_eq!(product(&wrong, &computations, 1).await, Ok("product 1".to_owned()));
+        assert_eq!(computations.load(SeqCst), 3, "a wrong password: computed, uncached");
+        let err = wrong.invalidate("stock").await.unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "the password never shows: {err}");
+        assert!(err.contains("Redis refused the credentials"), "{err}");
+    });
+}
+
 /// The version keys of a tagged entry live in other slots than the entry,
 /// on other nodes here: what `namespaces`' cluster runs exercise.
 #[test]

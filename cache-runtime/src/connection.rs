@@ -316,7 +316,7 @@ impl Connections {
     async fn checkout(&self, index: usize) -> Result<Conn, Fault> {
         let pooled = match tokio::time::timeout(self.deadlines.connect, self.pool.get()).await {
             Err(_) => return Err(Fault::Timeout),
-            Ok(Err(managed::PoolError::Backend(e))) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+            Ok(Err(managed::PoolError::Backend(e))) if refused_credentials(&e) => {
                 return Err(Fault::Connection(format!(
                     "Redis refused the credentials: check the password or ACL user in the URL ({e})"
                 )));
@@ -333,6 +333,13 @@ impl Connections {
         }
         Ok(conn)
     }
+}
+
+/// A wrong password or ACL user. A cluster connection reports it inside
+/// its error for the initial connections, whose kind is I/O.
+fn refused_credentials(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || (e.is_io_error() && e.to_string().contains("AuthenticationFailed"))
 }
 
 /// Errors a cluster connection gives when its slot map points at a node
