@@ -108,8 +108,8 @@ impl CacheBuilder {
 
     /// The most connections the pool opens. Connections are multiplexed:
     /// calls pipeline over one kept connection per CPU core (at most this
-    /// many); the rest of the pool replaces connections that fail.
-    /// Default: 8.
+    /// many; on a cluster one, itself a connection to each node); the rest
+    /// of the pool replaces connections that fail. Default: 8.
     pub fn pool_size(mut self, pool_size: usize) -> Self {
         self.pool_size = pool_size;
         self
