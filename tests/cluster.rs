@@ -316,6 +316,70 @@ fn an_acl_user_limited_to_the_applications_keys_is_enough() {
     });
 }
 
+static CATALOG_PRICE: AtomicUsize = AtomicUsize::new(1);
+
+#[cached(ttl = 600, prefix = "catalog", local = true, cache = cache)]
+async fn catalog_page(cache: &Cache, id: u64) -> String {
+    format!("item {id} costs {}", CATALOG_PRICE.load(SeqCst))
+}
+
+/// Calls until one is answered by the local tier, which it is only while
+/// the invalidation channel is subscribed; returns how long that took.
+async fn until_local_hit(cache: &Cache) -> Duration {
+    let started = Instant::now();
+    loop {
+        let before = cache.stats().total.local_hits;
+        catalog_page(cache, 1).await;
+        if cache.stats().total.local_hits > before {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the local tier never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The local tier's channel subscribes on one node; when that node dies it
+/// moves to the next, and invalidations reach the tier again.
+#[test]
+fn the_local_tier_outlives_the_node_its_channel_was_on() {
+    let mut cluster = RedisCluster::start_with_replicas(3, 1);
+    let master = cluster.owner_of("shop:catalog:{catalog}#v").0.port();
+    let replica = cluster.replica_of(master).port();
+    // The replica first: the channel subscribes there, and killing it
+    // leaves every slot served.
+    let mut urls = vec![format!("redis://127.0.0.1:{replica}")];
+    urls.extend(cluster.urls().into_iter().filter(|url| !url.ends_with(&format!(":{replica}"))));
+    let tiered = support::patient_cache(&urls.join(","), "shop").local(100).build().expect("valid settings");
+    let writer = support::patient_cache(&urls[1..].join(","), "shop").build().expect("valid settings");
+    run(DEADLINE, async {
+        until_local_hit(&tiered).await;
+        cluster.kill_node(replica);
+        let killed = Instant::now();
+        // The subscription ends with the node: the tier stops answering...
+        loop {
+            let before = tiered.stats().total.local_hits;
+            catalog_page(&tiered, 1).await;
+            if tiered.stats().total.local_hits == before {
+                break;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(5), "the tier kept answering without its channel");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // ...until the channel is subscribed on another node.
+        until_local_hit(&tiered).await;
+        println!("local hits resumed {:?} after the channel's node was killed", killed.elapsed());
+
+        CATALOG_PRICE.store(2, SeqCst);
+        writer.invalidate("catalog").await.expect("invalidate");
+        let started = Instant::now();
+        while catalog_page(&tiered, 1).await != "item 1 costs 2" {
+            assert!(started.elapsed() < Duration::from_secs(1), "the invalidation never reached the local tier");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        println!("an invalidation reached the local tier through another node in {:?}", started.elapsed());
+    });
+}
+
 /// The version keys of a tagged entry live in other slots than the entry,
 /// on other nodes here: what `namespaces`' cluster runs exercise.
 #[test]

@@ -311,7 +311,7 @@ impl CacheBuilder {
             let source = Source::Sentinel(tokio::sync::Mutex::new(client));
             let connections = Connections::new(source, self.pool_size, deadlines, breaker)?;
             return Ok(Cache::from_settings(Settings {
-                remote: Some((connections, None, self.connect_timeout)),
+                remote: Some((connections, Vec::new(), self.connect_timeout)),
                 local_capacity: self.local_capacity,
                 key_prefix: self.key_prefix,
                 default_ttl: self.default_ttl,
@@ -328,10 +328,10 @@ impl CacheBuilder {
             if self.url.is_some() || sentinel {
                 return Err(Error::InvalidConfig("give one of a URL, sentinels or cluster nodes".to_owned()));
             }
-            let (cluster, channel) = self.cluster_clients(nodes)?;
+            let (cluster, channel_nodes) = self.cluster_clients(nodes)?;
             let connections = Connections::new(Source::Cluster(cluster), self.pool_size, deadlines, breaker)?;
             return Ok(Cache::from_settings(Settings {
-                remote: Some((connections, Some(channel), self.connect_timeout)),
+                remote: Some((connections, channel_nodes, self.connect_timeout)),
                 local_capacity: self.local_capacity,
                 key_prefix: self.key_prefix,
                 default_ttl: self.default_ttl,
@@ -346,7 +346,7 @@ impl CacheBuilder {
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
                 let connections = Connections::new(Source::Direct(info), self.pool_size, deadlines, breaker)?;
-                Some((connections, Some(client), self.connect_timeout))
+                Some((connections, vec![client], self.connect_timeout))
             }
             None => None,
         };
@@ -377,16 +377,17 @@ impl CacheBuilder {
         redis::Client::open(info).map_err(invalid)
     }
 
-    /// The cluster's client, and a client of its first node for the
+    /// The cluster's client, and a client of each given node for the
     /// invalidation channel: Redis Cluster forwards every `PUBLISH` to all
-    /// nodes, so one subscription hears them all.
+    /// nodes, so a subscription on any one hears them all.
     #[cfg(feature = "cluster")]
-    fn cluster_clients(&self, nodes: &[String]) -> Result<(redis::cluster::ClusterClient, redis::Client), Error> {
+    fn cluster_clients(&self, nodes: &[String]) -> Result<(redis::cluster::ClusterClient, Vec<redis::Client>), Error> {
         let Some(first) = nodes.first() else {
             return Err(Error::InvalidConfig("cluster needs the URL of at least one node".to_owned()));
         };
         let infos = nodes.iter().map(|url| parse_url(url)).collect::<Result<Vec<_>, _>>()?;
-        let channel = self.client_for(first, infos[0].clone())?;
+        let channel_nodes =
+            nodes.iter().zip(&infos).map(|(url, info)| self.client_for(url, info.clone())).collect::<Result<_, _>>()?;
         let cluster = redis::cluster::ClusterClientBuilder::new(infos)
             .connection_timeout(self.connect_timeout)
             // Redirections are followed at once. Nothing is retried after a
@@ -404,7 +405,7 @@ impl CacheBuilder {
         };
         let cluster =
             cluster.build().map_err(|e| Error::InvalidConfig(format!("invalid Redis Cluster settings: {e}")))?;
-        Ok((cluster, channel))
+        Ok((cluster, channel_nodes))
     }
 }
 

@@ -74,15 +74,16 @@ struct Inner {
 struct Remote {
     connections: Arc<Connections>,
     batcher: Arc<Batcher>,
-    /// For the invalidation channel's own connection; `None` behind
-    /// Sentinel, where the local tier stays unused.
-    client: Option<redis::Client>,
+    /// The nodes the invalidation channel may subscribe on, tried in turn:
+    /// the server, or every cluster node; none behind Sentinel, where the
+    /// local tier stays unused.
+    channel_nodes: Arc<[redis::Client]>,
     connect_timeout: Duration,
 }
 
 pub(crate) struct Settings {
     /// `None`: memory-only.
-    pub remote: Option<(Connections, Option<redis::Client>, Duration)>,
+    pub remote: Option<(Connections, Vec<redis::Client>, Duration)>,
     /// Entries the local tier holds; `None`: no local tier.
     pub local_capacity: Option<u64>,
     pub key_prefix: String,
@@ -221,10 +222,10 @@ impl Cache {
 
     pub(crate) fn from_settings(settings: Settings) -> Self {
         let memory_only = settings.remote.is_none();
-        let remote = settings.remote.map(|(connections, client, connect_timeout)| Remote {
+        let remote = settings.remote.map(|(connections, channel_nodes, connect_timeout)| Remote {
             connections: Arc::new(connections),
             batcher: Arc::default(),
-            client,
+            channel_nodes: channel_nodes.into(),
             connect_timeout,
         });
         let local = settings.local_capacity.map(|capacity| Arc::new(LocalTier::new(capacity, !memory_only)));
@@ -436,16 +437,16 @@ impl Cache {
         let keep_for = plan.local_ttl?;
         if !self.inner.listening.load(Relaxed) && !self.inner.listening.swap(true, Relaxed) {
             let tier = self.inner.local.as_ref()?;
-            let Some(client) = &remote.client else {
+            if remote.channel_nodes.is_empty() {
                 tracing::warn!(
                     target: "cache_runtime",
                     "the local tier needs a direct Redis URL for its invalidation channel; behind Sentinel it stays unused"
                 );
                 return Some((local, keep_for));
-            };
+            }
             let started = channel::listen(
                 tier,
-                client.clone(),
+                remote.channel_nodes.clone(),
                 self.inner.channel.clone(),
                 remote.connect_timeout.max(remote.connections.longest_round_trip()),
                 self.inner.stop_listening.subscribe(),

@@ -67,9 +67,11 @@ impl Channel {
 
 /// Keeps `tier` subscribed to `channel` until `shutdown`'s sender is
 /// dropped (with the cache). Returns at once; the work is a spawned task.
+/// After a subscription ends, the next is tried on the next of `nodes`: on
+/// a cluster, a dead node does not keep the tier unused.
 pub(crate) fn listen(
     tier: &Arc<LocalTier>,
-    client: redis::Client,
+    nodes: Arc<[redis::Client]>,
     channel: Channel,
     timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<()>,
@@ -80,9 +82,9 @@ pub(crate) fn listen(
         let mut retry = FIRST_RETRY;
         // Warn once per outage, not once per retry.
         let mut warned = false;
-        loop {
+        for client in nodes.iter().cycle() {
             let mut was_live = false;
-            let session = subscribe(&tier, &client, &channel, timeout, &mut was_live);
+            let session = subscribe(&tier, client, &channel, timeout, &mut was_live);
             let ended = tokio::select! {
                 _ = shutdown.changed() => return,
                 ended = session => ended,
