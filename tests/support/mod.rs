@@ -342,6 +342,34 @@ impl AsyncConn {
     }
 }
 
+/// Joins the nodes on `ports` into a cluster with `redis-cli --cluster
+/// create` (`cli_args`: how redis-cli reaches them, e.g. TLS), and waits
+/// until every node sees it as ok.
+#[cfg(feature = "cluster")]
+fn join_cluster(ports: &[u16], replicas: usize, cli_args: &[&str]) {
+    let cli = |args: &[String]| {
+        Command::new("redis-cli")
+            .args(cli_args)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli must be on PATH (it comes with redis-server)")
+    };
+    let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
+    create.extend(ports.iter().map(|port| format!("127.0.0.1:{port}")));
+    create.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
+    let output = cli(&create);
+    assert!(output.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ports.iter().all(|port| {
+        let info = cli(&["-p".into(), port.to_string(), "CLUSTER".into(), "INFO".into()]);
+        String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+    }) {
+        assert!(Instant::now() < deadline, "the cluster never became ok");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A Redis Cluster of private masters on free loopback ports (and free
 /// cluster-bus ports), joined with `redis-cli --cluster create`; each node
 /// is a [`RedisServer`], stopped by its pid.
@@ -377,23 +405,9 @@ impl RedisCluster {
                 ])
             })
             .collect();
-        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
-        let output = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli must be on PATH (it comes with redis-server)");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&output.stdout)
-        );
+        let ports: Vec<u16> = nodes.iter().map(RedisServer::port).collect();
+        join_cluster(&ports, replicas, &[]);
         let cluster = Self { nodes };
-        cluster.wait_until("every node sees the cluster as ok", |conn| {
-            redis::cmd("CLUSTER").arg("INFO").query::<String>(conn).is_ok_and(|info| info.contains("cluster_state:ok"))
-        });
         cluster.wait_until("every replica has synced", |conn| {
             redis::cmd("INFO")
                 .arg("replication")
@@ -664,27 +678,8 @@ impl TlsRedisCluster {
                 )
             })
             .collect();
-        let cli = |port: Option<u16>, args: &[String]| {
-            let mut command = Command::new("redis-cli");
-            command.args(["--tls", "--cacert", &certs.path("ca.crt")]);
-            if let Some(port) = port {
-                command.args(["-p", &port.to_string()]);
-            }
-            command.args(args).stdin(Stdio::null()).output().expect("redis-cli must be on PATH")
-        };
-        let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
-        create.extend(nodes.iter().map(|node| format!("127.0.0.1:{}", node.port())));
-        create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
-        let output = cli(None, &create);
-        assert!(output.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !nodes.iter().all(|node| {
-            let info = cli(Some(node.port()), &["CLUSTER".into(), "INFO".into()]);
-            String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
-        }) {
-            assert!(Instant::now() < deadline, "the TLS cluster never became ok");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let ports: Vec<u16> = nodes.iter().map(TlsRedis::port).collect();
+        join_cluster(&ports, 0, &["--tls", "--cacert", &certs.path("ca.crt")]);
         Self { nodes }
     }
 
