@@ -18,9 +18,21 @@ pub struct RedisServer {
     extra_args: Vec<String>,
 }
 
+/// A loopback port nothing listens on, and that this process has not been
+/// given before: a port is free again as soon as its probe closes, so two
+/// calls in a row (a cluster node's port and its bus port) could otherwise
+/// get the same one.
 fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
-    listener.local_addr().expect("listener has an address").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
+        let port = listener.local_addr().expect("listener has an address").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 impl RedisServer {
