@@ -155,11 +155,12 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
         hygienic("__cache_key"),
         hygienic("__cache_hasher"),
         hygienic("__cache_kind"),
-        hygienic("__CACHE_SITE"),
+        hygienic("__CACHE_PLAN"),
         hygienic("__cache"),
         hygienic("__cache_h"),
     );
     let (identity, anchor) = (hygienic("__CACHE_IDENTITY"), hygienic("__cache_anchor"));
+    let cell = hygienic("__CACHE_CELL");
 
     let output = match &sig.output {
         ReturnType::Default => quote! { () },
@@ -206,17 +207,26 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
         }
     };
     let tags = &args.tags;
-    let ttl_secs = args.ttl_secs.unwrap_or(0);
+    // The call site's rules, as the `Plan` the runtime reads: built at
+    // compile time, so a call converts nothing.
+    let duration = |value: Option<TokenStream>| match value {
+        Some(value) => quote! { ::core::option::Option::Some(#value) },
+        None => quote! { ::core::option::Option::None },
+    };
+    let ttl = duration(args.ttl_secs.filter(|s| *s > 0).map(|s| quote! { ::core::time::Duration::from_secs(#s) }));
     let jitter = args.jitter.unwrap_or(0.0);
     let lock = args.lock.unwrap_or(true);
-    let lock_timeout_ms = args.lock_timeout_ms.unwrap_or(0);
-    let local_ttl_ms = match (args.local_ttl_ms, args.local) {
-        (Some(ms), _) => ms,
-        (None, Some(true)) => u64::MAX,
-        (None, _) => 0,
-    };
+    let lock_timeout = duration(
+        args.lock_timeout_ms.filter(|ms| *ms > 0).map(|ms| quote! { ::core::time::Duration::from_millis(#ms) }),
+    );
+    let local_ttl = duration(match (args.local_ttl_ms.filter(|ms| *ms > 0), args.local) {
+        (Some(ms), _) => Some(quote! { ::core::time::Duration::from_millis(#ms) }),
+        (None, Some(true)) => Some(quote! { ::core::time::Duration::MAX }),
+        (None, _) => None,
+    });
     let refresh_ahead = args.refresh_ahead.unwrap_or(0.0);
-    let stale_if_error_secs = args.stale_if_error_secs.unwrap_or(0);
+    let stale_if_error =
+        duration(args.stale_if_error_secs.filter(|s| *s > 0).map(|s| quote! { ::core::time::Duration::from_secs(#s) }));
     let codec = match args.codec.unwrap_or(Codec::Bincode) {
         Codec::Bincode => quote! { ::cache_runtime::Codec::Bincode },
         Codec::Json => quote! { ::cache_runtime::Codec::Json },
@@ -274,18 +284,19 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
                     .map(|#h| #h.finish())
             };
             let #kind = #select_kind;
-            static #site: ::cache_runtime::__private::CallSite = ::cache_runtime::__private::CallSite {
+            static #cell: ::cache_runtime::__private::SiteCell = ::cache_runtime::__private::SiteCell::new();
+            static #site: ::cache_runtime::__private::Plan<'static> = ::cache_runtime::__private::Plan {
                 prefix: #prefix,
                 tags: &[#(::std::borrow::Cow::Borrowed(#tags)),*],
-                ttl_secs: #ttl_secs,
+                ttl: #ttl,
                 jitter: #jitter,
                 codec: #codec,
                 lock: #lock,
-                lock_timeout_ms: #lock_timeout_ms,
-                local_ttl_ms: #local_ttl_ms,
+                lock_timeout: #lock_timeout,
+                local_ttl: #local_ttl,
                 refresh_ahead: #refresh_ahead,
-                stale_if_error_secs: #stale_if_error_secs,
-                site: ::cache_runtime::__private::SiteSlot::new(),
+                stale_if_error: #stale_if_error,
+                site: &#cell,
             };
             #bind_cache
             #call

@@ -104,3 +104,9 @@ impl From<Fault> for Error {
         }
     }
 }
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redis operation failed, computing without the cache: {self:?}")
+    }
+}

@@ -1,12 +1,15 @@
 //! In-process coalescing: concurrent misses on one key run the function
-//! once; the others await the leader's result in memory.
+//! once; the others await the leader's result in memory. And the claims
+//! that keep refresh-ahead to one renewal per key.
 //!
 //! The leader holds a [`Leader`]; waiters hold a receiver. If the leader
 //! finishes without a shareable result (an `Err`, a panic, its future
 //! dropped), the channel closes and one waiter takes over at once.
 
+use crate::keys::KeyHash;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// What a finished leader hands its waiters.
@@ -29,16 +32,14 @@ pub(crate) enum Progress {
     Done(Shared),
 }
 
-type Slot = Progress;
-
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
-    in_flight: Mutex<HashMap<String, watch::Receiver<Slot>>>,
+    in_flight: Mutex<HashMap<String, watch::Receiver<Progress>>>,
 }
 
 pub(crate) enum Role<'a> {
     Leader(Leader<'a>),
-    Waiter(watch::Receiver<Slot>),
+    Waiter(watch::Receiver<Progress>),
 }
 
 /// The one computation of a key in this process. Dropping it without
@@ -46,7 +47,7 @@ pub(crate) enum Role<'a> {
 pub(crate) struct Leader<'a> {
     flights: &'a Flights,
     key: String,
-    sender: watch::Sender<Slot>,
+    sender: watch::Sender<Progress>,
 }
 
 impl Flights {
@@ -102,19 +103,52 @@ impl Drop for Leader<'_> {
 }
 
 /// Waits until the leader computes (or is done): false when it gave up.
-pub(crate) async fn started(receiver: &mut watch::Receiver<Slot>) -> bool {
+pub(crate) async fn started(receiver: &mut watch::Receiver<Progress>) -> bool {
     receiver.wait_for(|p| !matches!(p, Progress::Waiting)).await.is_ok()
 }
 
 /// Waits for the leader's result: `None` when it gave up (waiters should
 /// try to lead).
-pub(crate) async fn done(receiver: &mut watch::Receiver<Slot>) -> Option<Shared> {
+pub(crate) async fn done(receiver: &mut watch::Receiver<Progress>) -> Option<Shared> {
     match receiver.wait_for(|p| matches!(p, Progress::Done(_))).await {
         Ok(progress) => match &*progress {
             Progress::Done(shared) => Some(shared.clone()),
             _ => None,
         },
         Err(_) => None,
+    }
+}
+
+/// Keys with a refresh-ahead under way, or failed recently: until when no
+/// other one starts.
+#[derive(Debug, Default)]
+pub(crate) struct Renewals(Mutex<HashMap<KeyHash, Instant>>);
+
+impl Renewals {
+    /// Claims `hash`; false if a renewal is under way or failed recently.
+    pub(crate) fn claim(&self, hash: KeyHash) -> bool {
+        let Ok(mut renewing) = self.0.lock() else { return false };
+        let now = Instant::now();
+        if renewing.get(&hash).is_some_and(|until| *until > now) {
+            return false;
+        }
+        if renewing.len() > 1024 {
+            renewing.retain(|_, until| *until > now);
+        }
+        // Far enough ahead to cover the renewal, which releases it.
+        renewing.insert(hash, now + Duration::from_secs(86_400));
+        true
+    }
+
+    /// Ends a claim; after a failure, no other renewal of the key starts
+    /// for `back_off`.
+    pub(crate) fn release(&self, hash: KeyHash, back_off: Option<Duration>) {
+        if let Ok(mut renewing) = self.0.lock() {
+            match back_off {
+                Some(back_off) => renewing.insert(hash, Instant::now() + back_off),
+                None => renewing.remove(&hash),
+            };
+        }
     }
 }
 

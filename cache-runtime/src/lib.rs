@@ -44,44 +44,50 @@
 
 #![warn(missing_docs)]
 
-mod batch;
-mod body;
-mod breaker;
+// The flow of a call and what it runs on.
+mod call;
+mod flight;
+mod observe;
+mod output;
+mod scope;
+mod store;
+// The cache, its settings and its public operations.
 mod builder;
 mod cache;
-mod canonical;
-mod channel;
+mod policy;
+mod programmatic;
+mod site;
+// Keys, values and the local tier.
 mod codec;
-mod connection;
-mod error;
-mod flight;
-mod flow;
-mod key;
-#[cfg(feature = "tower")]
-mod layer;
+mod keys;
 mod local;
+// Connections and what guards them.
+mod batch;
+mod breaker;
+mod connection;
+// Reporting.
+mod error;
 #[cfg(feature = "metrics")]
 mod metrics;
-mod policy;
-mod private;
-mod scope;
-mod scripts;
-mod site;
 mod stats;
 mod warnings;
+// Integrations.
+#[cfg(feature = "tower")]
+mod layer;
+mod macro_support;
 
 /// What `#[cached]` expands to calls; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::private::*;
+    pub use crate::macro_support::*;
 }
 
 pub use builder::CacheBuilder;
 pub use cache::Cache;
-pub use canonical::Unencodable;
 pub use codec::Codec;
 pub use error::Error;
-pub use key::{KeyHash, KeyHasher};
+pub use keys::canonical::Unencodable;
+pub use keys::{KeyHash, KeyHasher};
 #[cfg(feature = "tower")]
 pub use layer::{CacheBody, CacheLayer, CacheService};
 pub use policy::Policy;

@@ -1,10 +1,45 @@
-//! How entries of one namespace are cached, for the programmatic API.
+//! A call site's caching rules: [`Policy`], the public builder for the
+//! programmatic API, and [`Plan`], what the call flow reads, which
+//! `#[cached]` emits directly as a `static`.
 
-use crate::cache::Plan;
 use crate::codec::Codec;
-use crate::site::SiteSlot;
+use crate::site::SiteCell;
 use std::borrow::Cow;
 use std::time::Duration;
+
+/// What one call site asks of the cache: the attribute's arguments, or a
+/// [`Policy`]'s. Not a public API: `#[cached]` builds it as a `static`.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Plan<'a> {
+    pub prefix: &'a str,
+    pub tags: &'a [Cow<'static, str>],
+    /// `None`: the cache's `default_ttl`.
+    pub ttl: Option<Duration>,
+    pub jitter: f64,
+    pub codec: Codec,
+    /// Stampede protection: one computation per key at a time.
+    pub lock: bool,
+    /// How long callers wait for another's computation; `None`: the cache's.
+    pub lock_timeout: Option<Duration>,
+    /// Use the local tier, keeping entries at most this long there
+    /// (`Duration::MAX`: as long as they are fresh).
+    pub local_ttl: Option<Duration>,
+    /// Renew an entry in the background once this share of its TTL has
+    /// passed; 0: never.
+    pub refresh_ahead: f64,
+    /// Keep a stale copy this long past the TTL, for when computing fails.
+    pub stale_if_error: Option<Duration>,
+    /// Where the call site keeps its state for the cache it is used with.
+    pub site: &'a SiteCell,
+}
+
+impl Plan<'_> {
+    /// The prefix, then the tags.
+    pub(crate) fn namespaces(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.prefix).chain(self.tags.iter().map(|tag| &**tag))
+    }
+}
 
 /// The caching rules of a namespace, for [`Cache::get_or_compute`] and
 /// friends: what `#[cached(...)]`'s arguments are to the attribute.
@@ -34,7 +69,7 @@ pub struct Policy {
     lock_timeout: Option<Duration>,
     local_ttl: Option<Duration>,
     stale_if_error: Option<Duration>,
-    slot: SiteSlot,
+    site: SiteCell,
 }
 
 impl Policy {
@@ -53,7 +88,7 @@ impl Policy {
             lock_timeout: None,
             local_ttl: None,
             stale_if_error: None,
-            slot: SiteSlot::new(),
+            site: SiteCell::new(),
         }
     }
 
@@ -155,24 +190,12 @@ impl Policy {
             codec: self.codec,
             lock: self.lock,
             lock_timeout: self.lock_timeout,
-            slot: &self.slot,
+            site: &self.site,
             local_ttl: self.local_ttl,
             // Renewing needs a computation that outlives the call, which
             // `get_or_compute`'s borrowed future is not.
             refresh_ahead: 0.0,
             stale_if_error: self.stale_if_error,
         }
-    }
-}
-
-/// A namespace name must keep keys unambiguous and easy to type in
-/// `redis-cli`; `#[cached]` checks the same rules at compile time.
-pub(crate) fn check_namespace(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a namespace must not be empty".to_owned());
-    }
-    match name.chars().find(|c| c.is_whitespace() || c.is_control() || "{}*?[]#".contains(*c)) {
-        Some(c) => Err(format!("namespace {name:?} contains {c:?}: use letters, digits, `_`, `-`, `.` or `:`")),
-        None => Ok(()),
     }
 }

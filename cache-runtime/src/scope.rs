@@ -11,14 +11,14 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-type ForgetSlot = Arc<Mutex<Option<Result<bool, Error>>>>;
+type ForgetReport = Arc<Mutex<Option<Result<bool, Error>>>>;
 
 #[derive(Clone)]
 pub(crate) enum Mode {
     /// Inside a refreshed call's body: nested cached calls behave normally.
     Normal,
     Refresh,
-    Forget(ForgetSlot),
+    Forget(ForgetReport),
 }
 
 tokio::task_local! {
@@ -35,8 +35,8 @@ pub(crate) async fn normally<F: Future>(body: F) -> F::Output {
 }
 
 /// Reports a forget's outcome to its [`forget`] wrapper.
-pub(crate) fn report_forget(slot: &ForgetSlot, outcome: Result<bool, Error>) {
-    if let Ok(mut guard) = slot.lock() {
+pub(crate) fn report_forget(report: &ForgetReport, outcome: Result<bool, Error>) {
+    if let Ok(mut guard) = report.lock() {
         *guard = Some(outcome);
     }
 }
@@ -83,11 +83,11 @@ pub async fn refresh<F: Future>(cached_call: F) -> F::Output {
 /// # Ok(()) }
 /// ```
 pub async fn forget<F: Future>(cached_call: F) -> Result<bool, Error> {
-    let slot: ForgetSlot = Arc::default();
-    let mut call = pin!(MODE.scope(Mode::Forget(slot.clone()), cached_call));
+    let report: ForgetReport = Arc::default();
+    let mut call = pin!(MODE.scope(Mode::Forget(report.clone()), cached_call));
     poll_fn(|cx| {
         let finished = call.as_mut().poll(cx).is_ready();
-        let outcome = slot.lock().ok().and_then(|mut guard| guard.take());
+        let outcome = report.lock().ok().and_then(|mut guard| guard.take());
         match outcome {
             Some(outcome) => Poll::Ready(outcome),
             None if finished => Poll::Ready(Err(Error::NotCached)),

@@ -2,9 +2,8 @@
 //! is the same every time: its prefix's counters, the Redis keys of its
 //! namespaces' versions, and their local epochs.
 
-use crate::key::version_key;
+use crate::keys::{check_namespace, version_key};
 use crate::local::{LocalSite, LocalTier};
-use crate::policy::check_namespace;
 use crate::stats::{Counters, Registry};
 use std::sync::{Arc, OnceLock};
 
@@ -44,12 +43,13 @@ pub(crate) struct CacheView<'c> {
 
 /// Where a call site (a `#[cached]` function, or a `Policy`) keeps its
 /// `Site` for the first cache it is used with; other caches get a fresh
-/// one per call.
+/// one per call. Not a public API.
+#[doc(hidden)]
 #[derive(Debug, Default)]
-pub struct SiteSlot(OnceLock<(u64, Arc<Site>)>);
+pub struct SiteCell(OnceLock<(u64, Arc<Site>)>);
 
-impl SiteSlot {
-    /// An empty slot, for a `static`.
+impl SiteCell {
+    /// An empty cell, for a `static`.
     pub const fn new() -> Self {
         Self(OnceLock::new())
     }
@@ -72,7 +72,7 @@ impl SiteSlot {
     }
 }
 
-impl Clone for SiteSlot {
+impl Clone for SiteCell {
     /// A clone starts empty: it may be used with another cache.
     fn clone(&self) -> Self {
         Self::new()
@@ -101,21 +101,21 @@ mod tests {
     use crate::stats::bump;
 
     #[test]
-    fn a_slot_serves_the_cache_it_was_filled_for() {
+    fn a_cell_serves_the_cache_it_was_filled_for() {
         let (registry, other) = (Registry::default(), Registry::default());
         let view = CacheView { id: 1, key_prefix: "app", registry: &registry, local: None };
         let other_view = CacheView { id: 2, key_prefix: "other", registry: &other, local: None };
-        let slot = SiteSlot::new();
+        let cell = SiteCell::new();
         let namespaces = || ["p", "tag"].into_iter();
-        bump(&slot.get(view, "p", namespaces()).counters.hits);
-        let again = slot.get(view, "p", namespaces());
+        bump(&cell.get(view, "p", namespaces()).counters.hits);
+        let again = cell.get(view, "p", namespaces());
         assert!(matches!(again, SiteRef::Borrowed(_)), "the second call borrows");
         bump(&again.counters.hits);
-        let elsewhere = slot.get(other_view, "p", namespaces());
+        let elsewhere = cell.get(other_view, "p", namespaces());
         bump(&elsewhere.counters.hits);
         assert_eq!(&*elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v"]);
         assert!(elsewhere.invalid.is_none());
-        assert!(SiteSlot::new().get(view, "bad name", ["bad name"].into_iter()).invalid.is_some());
+        assert!(SiteCell::new().get(view, "bad name", ["bad name"].into_iter()).invalid.is_some());
         assert_eq!(registry.snapshot().total.hits, 2);
         assert_eq!(other.snapshot().total.hits, 1);
     }

@@ -2,11 +2,12 @@
 //! `refresh_ahead`, a maker whose future may also run after the call has
 //! returned, in a task of its own.
 
+use super::renew;
 use crate::Cache;
-use crate::cache::Storage;
 use crate::codec::EntryTimes;
-use crate::key::KeyHash;
-use crate::private::CallSite;
+use crate::keys::KeyHash;
+use crate::output::Storage;
+use crate::policy::Plan;
 
 /// A call's computation.
 pub(crate) trait Body<R> {
@@ -17,7 +18,7 @@ pub(crate) trait Body<R> {
 
     /// On a hit that is due for refresh-ahead: recompute in the background,
     /// if this body can outlive the call. `seen`: the entry that was hit.
-    fn renew(self, cache: &Cache, hash: KeyHash, storage: Storage<R>, seen: EntryTimes);
+    fn renew_later(self, cache: &Cache, hash: KeyHash, storage: Storage<R>, seen: EntryTimes);
 }
 
 /// A future that borrows from the call: it runs in the call or not at all.
@@ -30,12 +31,12 @@ impl<R, F: Future<Output = R>> Body<R> for Now<F> {
         self.0
     }
 
-    fn renew(self, _: &Cache, _: KeyHash, _: Storage<R>, _: EntryTimes) {}
+    fn renew_later(self, _: &Cache, _: KeyHash, _: Storage<R>, _: EntryTimes) {}
 }
 
 /// A `'static` maker of the computation: `#[cached(refresh_ahead = ...)]`.
 pub struct Renewable<M> {
-    pub(crate) site: &'static CallSite,
+    pub(crate) plan: &'static Plan<'static>,
     pub(crate) make: M,
 }
 
@@ -51,7 +52,7 @@ where
         (self.make)()
     }
 
-    fn renew(self, cache: &Cache, hash: KeyHash, storage: Storage<R>, seen: EntryTimes) {
-        cache.spawn_renewal(self.site.plan(), hash, storage, seen, (self.make)());
+    fn renew_later(self, cache: &Cache, hash: KeyHash, storage: Storage<R>, seen: EntryTimes) {
+        renew::spawn(cache, self.plan, hash, storage, seen, (self.make)());
     }
 }

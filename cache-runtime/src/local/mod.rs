@@ -10,8 +10,10 @@
 //! invalidation is therefore never served, and entries stored before the
 //! channel dropped are never trusted again.
 
+pub(crate) mod channel;
+
 use crate::codec::{Codec, EntryTimes};
-use crate::key::KeyHash;
+use crate::keys::KeyHash;
 use moka::notification::RemovalCause;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -63,6 +65,9 @@ pub(crate) struct LocalTier {
     /// Bumped by every forgotten entry: a fill that raced with one is dropped.
     forgets: AtomicU64,
     evictions: Arc<AtomicU64>,
+    /// No Redis behind it: this tier is the whole cache, and keeps stale
+    /// copies for `stale_if_error` itself.
+    whole_cache: bool,
 }
 
 impl std::fmt::Debug for LocalTier {
@@ -113,7 +118,13 @@ impl LocalTier {
             generation: AtomicU64::new(u64::from(needs_channel)),
             forgets: AtomicU64::new(0),
             evictions,
+            whole_cache: !needs_channel,
         }
+    }
+
+    /// Whether this tier is the whole cache (no Redis behind it).
+    pub(crate) fn is_whole_cache(&self) -> bool {
+        self.whole_cache
     }
 
     /// Entries dropped to stay within capacity.

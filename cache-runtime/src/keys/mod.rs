@@ -1,7 +1,9 @@
 //! Cache keys: a readable namespace followed by a hash of what identifies
 //! the call.
 
-use crate::canonical::{self, Unencodable};
+pub(crate) mod canonical;
+
+use canonical::Unencodable;
 use serde::Serialize;
 use std::fmt;
 use std::sync::Arc;
@@ -207,6 +209,18 @@ fn namespace_head(app: &str, namespace: &str, extra: usize) -> String {
     key.push_str(namespace);
     key.push('}');
     key
+}
+
+/// A namespace name must keep keys unambiguous and easy to type in
+/// `redis-cli`; `#[cached]` checks the same rules at compile time.
+pub(crate) fn check_namespace(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a namespace must not be empty".to_owned());
+    }
+    match name.chars().find(|c| c.is_whitespace() || c.is_control() || "{}*?[]#".contains(*c)) {
+        Some(c) => Err(format!("namespace {name:?} contains {c:?}: use letters, digits, `_`, `-`, `.` or `:`")),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@
 //! silently dead link stops the tier from serving within a second plus the
 //! command timeout.
 
-use crate::key::KeyHash;
-use crate::local::LocalTier;
+use super::LocalTier;
+use crate::keys::KeyHash;
 use futures_util::StreamExt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;

@@ -5,72 +5,27 @@
 #![allow(missing_docs)]
 
 use crate::Cache;
-use crate::body::{Body, Now};
-use crate::cache::{Intent, Plan, Storage};
-use crate::canonical::Unencodable;
-use crate::codec::Codec;
-use crate::key::KeyHash;
+use crate::call::{Body, Intent, Now};
+use crate::keys::KeyHash;
+use crate::keys::canonical::Unencodable;
 use crate::scope::{self, Mode};
 use crate::warnings::{Cause, PROCESS_WARNINGS};
 use serde::{Serialize, de::DeserializeOwned};
-use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
-use std::time::Duration;
 
-pub use crate::body::Renewable;
-pub use crate::cache::OutputKind;
-pub use crate::key::KeyHasher;
-pub use crate::site::SiteSlot;
-
-/// The attribute's arguments, one `static` per cached function.
-#[derive(Debug)]
-pub struct CallSite {
-    pub prefix: &'static str,
-    pub tags: &'static [Cow<'static, str>],
-    /// 0: use the cache's `default_ttl`.
-    pub ttl_secs: u64,
-    pub jitter: f64,
-    pub codec: Codec,
-    pub lock: bool,
-    /// 0: use the cache's lock timeout.
-    pub lock_timeout_ms: u64,
-    /// 0: not in the local tier; `u64::MAX`: as long as the entry is fresh.
-    pub local_ttl_ms: u64,
-    /// 0: no refresh-ahead.
-    pub refresh_ahead: f64,
-    /// 0: no stale copies.
-    pub stale_if_error_secs: u64,
-    pub site: SiteSlot,
-}
-
-impl CallSite {
-    pub(crate) fn plan(&'static self) -> Plan<'static> {
-        Plan {
-            prefix: self.prefix,
-            tags: self.tags,
-            ttl: (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs)),
-            jitter: self.jitter,
-            codec: self.codec,
-            lock: self.lock,
-            lock_timeout: (self.lock_timeout_ms > 0).then(|| Duration::from_millis(self.lock_timeout_ms)),
-            slot: &self.site,
-            local_ttl: match self.local_ttl_ms {
-                0 => None,
-                u64::MAX => Some(Duration::MAX),
-                ms => Some(Duration::from_millis(ms)),
-            },
-            refresh_ahead: self.refresh_ahead,
-            stale_if_error: (self.stale_if_error_secs > 0).then(|| Duration::from_secs(self.stale_if_error_secs)),
-        }
-    }
-}
+pub use crate::call::Renewable;
+pub use crate::codec::Codec;
+pub use crate::keys::KeyHasher;
+pub use crate::output::{OutputKind, PlainOutput, ResultOutput, Storage};
+pub use crate::policy::Plan;
+pub use crate::site::SiteCell;
 
 /// Runs one cached call: `cache` or the process-wide cache, or the bare
 /// computation when there is neither.
 pub async fn call<R, F>(
     cache: Option<&Cache>,
-    site: &'static CallSite,
+    plan: &'static Plan<'static>,
     key: Result<KeyHash, Unencodable>,
     storage: Storage<R>,
     compute: F,
@@ -78,14 +33,14 @@ pub async fn call<R, F>(
 where
     F: Future<Output = R>,
 {
-    run(cache, site, key, storage, Now(compute)).await
+    run(cache, plan, key, storage, Now(compute)).await
 }
 
 /// [`call`] for `refresh_ahead`: `make` builds the computation, which may
 /// also run in the background after the call has returned.
 pub async fn call_renewable<R, M, F>(
     cache: Option<&Cache>,
-    site: &'static CallSite,
+    plan: &'static Plan<'static>,
     key: Result<KeyHash, Unencodable>,
     storage: Storage<R>,
     make: M,
@@ -95,12 +50,12 @@ where
     F: Future<Output = R> + Send + 'static,
     R: Send + 'static,
 {
-    run(cache, site, key, storage, Renewable { site, make }).await
+    run(cache, plan, key, storage, Renewable { plan, make }).await
 }
 
 async fn run<R, B: Body<R>>(
     cache: Option<&Cache>,
-    site: &'static CallSite,
+    plan: &'static Plan<'static>,
     key: Result<KeyHash, Unencodable>,
     storage: Storage<R>,
     body: B,
@@ -110,15 +65,15 @@ async fn run<R, B: Body<R>>(
     #[allow(clippy::redundant_closure)]
     let cache = cache.or_else(|| crate::global());
     match (cache, scope::current()) {
-        (Some(cache), Mode::Normal) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Read, body).await,
-        (Some(cache), Mode::Refresh) => cache.fetch_or_compute(&site.plan(), key, storage, Intent::Refresh, body).await,
-        (cache, Mode::Forget(slot)) => {
+        (Some(cache), Mode::Normal) => cache.fetch_or_compute(plan, key, storage, Intent::Read, body).await,
+        (Some(cache), Mode::Refresh) => cache.fetch_or_compute(plan, key, storage, Intent::Refresh, body).await,
+        (cache, Mode::Forget(report)) => {
             let outcome = match cache {
                 // Boxed: a rare path that should not grow every call's future.
-                Some(cache) => Box::pin(cache.forget_entry(&site.plan(), key)).await,
+                Some(cache) => Box::pin(cache.forget_entry(plan, key)).await,
                 None => Err(crate::Error::NotInitialized),
             };
-            scope::report_forget(&slot, outcome);
+            scope::report_forget(&report, outcome);
             // `forget` stops polling once the outcome is reported: the body
             // never runs.
             std::future::pending().await
@@ -193,11 +148,6 @@ impl<R> Tag<R> {
     }
 }
 
-/// `Result<T, E>`: store `T` from `Ok`, never an `Err`.
-pub struct ResultOutput<T, E>(PhantomData<fn() -> (T, E)>);
-/// Any other output: store it as is (so `None` is cached too).
-pub struct PlainOutput<R>(PhantomData<fn() -> R>);
-
 pub trait ResultTag {
     type Kind;
     fn kind(&self) -> Self::Kind;
@@ -219,26 +169,6 @@ impl<R> PlainTag for &Tag<R> {
     type Kind = PlainOutput<R>;
     fn kind(&self) -> Self::Kind {
         PlainOutput(PhantomData)
-    }
-}
-
-impl<T, E> OutputKind<Result<T, E>> for ResultOutput<T, E> {
-    type Value = T;
-    fn stored(output: &Result<T, E>) -> Option<&T> {
-        output.as_ref().ok()
-    }
-    fn from_stored(value: T) -> Result<T, E> {
-        Ok(value)
-    }
-}
-
-impl<R> OutputKind<R> for PlainOutput<R> {
-    type Value = R;
-    fn stored(output: &R) -> Option<&R> {
-        Some(output)
-    }
-    fn from_stored(value: R) -> R {
-        value
     }
 }
 

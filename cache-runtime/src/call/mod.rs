@@ -1,0 +1,386 @@
+//! One cached call, from the lookup to the store.
+//!
+//! With a local tier, a call looks there first (`tier.rs`, no network). A
+//! Redis hit is one `MGET` of the entry and its namespace versions. On a
+//! miss, concurrent callers in this process elect one leader (`flight.rs`);
+//! the leader takes the stampede lock, which re-checks for an entry stored
+//! meanwhile (`lead.rs`), computes, and stores the value bound to the
+//! versions observed before computing, which also releases the lock
+//! (`finish.rs`). Everyone else gets the leader's result, or takes over
+//! when the leader fails, and nobody waits longer than the lock timeout.
+//! Where the entries live, Redis or this process alone, is the backend's
+//! business (`store/`): the flow is the same.
+//!
+//! A hit on an entry due for refresh-ahead returns at once and hands the
+//! body to a background renewal (`renew.rs`). A miss that finds a stale
+//! copy kept for `stale_if_error` returns that copy when the body fails.
+//! What happens on the way is reported as events (`observe.rs`).
+
+mod body;
+mod finish;
+mod lead;
+mod lock;
+mod renew;
+mod tier;
+
+pub use body::Renewable;
+pub(crate) use body::{Body, Now};
+
+use crate::Cache;
+use crate::codec::{EntryTimes, StoredEntry};
+use crate::error::Fault;
+use crate::flight::{Role, Shared};
+use crate::keys::canonical::Unencodable;
+use crate::keys::{EntryKeys, KeyHash};
+use crate::observe::{Event, Observer, Outcome};
+use crate::output::Storage;
+use crate::policy::Plan;
+use crate::scope;
+use crate::store::{Read, StoreMode};
+use finish::Settle;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Whether a call may answer from an existing entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Intent {
+    /// Cache-aside: a usable entry is returned.
+    Read,
+    /// Write-through: compute anyway and overwrite.
+    Refresh,
+}
+
+/// What reading an entry found.
+enum Lookup<R> {
+    /// `renew`: the entry hit, when it is due for refresh-ahead.
+    Hit {
+        output: R,
+        renew: Option<EntryTimes>,
+    },
+    Miss(Seen),
+    /// The backend could not be asked; compute without storing.
+    Unavailable,
+}
+
+/// What a miss saw.
+struct Seen {
+    /// The namespace versions at the read (`None`: the namespace has no
+    /// version yet); empty for a memory-only cache.
+    versions: Vec<Option<Vec<u8>>>,
+    /// A stale copy bound to the current versions, kept for `stale_if_error`.
+    stale: Option<Arc<Vec<u8>>>,
+}
+
+/// The current time in Unix milliseconds: entry times are compared across
+/// processes.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Cache {
+    /// The cache-aside flow of one call; see the module docs.
+    ///
+    /// The flow is boxed: a `Box`'s layout does not depend on what it holds,
+    /// so the compiler's layout queries for a caller's future stop here
+    /// instead of recursing through every layer of the flow. Without it, a
+    /// few nested async functions in the user's code exceed rustc's default
+    /// query depth. The box holds the flow alone, or with its span when
+    /// tracing wants it: entering a disabled span still costs a little on
+    /// every poll, and a hit's box stays under 1 KiB, glibc's fast path.
+    pub(crate) async fn fetch_or_compute<R, B>(
+        &self,
+        plan: &Plan<'_>,
+        key: Result<KeyHash, Unencodable>,
+        storage: Storage<R>,
+        intent: Intent,
+        body: B,
+    ) -> R
+    where
+        B: Body<R>,
+    {
+        let observer = self.observer(plan);
+        // A local hit needs neither the box nor the flow's state.
+        if intent == Intent::Read
+            && let Ok(hash) = key
+            && let Some((output, renew)) = tier::hit(self, plan, &observer, hash, storage)
+        {
+            if let Some(seen) = renew {
+                body.renew_later(self, hash, storage, seen);
+            }
+            return output;
+        }
+        if observer.span.is_disabled() {
+            Box::pin(self.flow(plan, key, storage, intent, body, &observer)).await
+        } else {
+            let span = observer.span.clone();
+            Box::pin(self.flow(plan, key, storage, intent, body, &observer).instrument(span)).await
+        }
+    }
+
+    fn observer<'c>(&'c self, plan: &Plan<'c>) -> Observer<'c> {
+        Observer::new(plan.site.get(self.view(), plan.prefix, plan.namespaces()), plan.prefix, self.warnings())
+    }
+
+    async fn flow<R, B>(
+        &self,
+        plan: &Plan<'_>,
+        key: Result<KeyHash, Unencodable>,
+        storage: Storage<R>,
+        intent: Intent,
+        body: B,
+        observer: &Observer<'_>,
+    ) -> R
+    where
+        B: Body<R>,
+    {
+        let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
+            observer.outcome(Outcome::Bypass);
+            observer.event(Event::NoTtl(&format_args!(
+                "prefix `{}` has no ttl and the cache no default_ttl: not caching it",
+                plan.prefix
+            )));
+            return body.run().await;
+        };
+        let hash = match (key, &observer.site.invalid) {
+            (Ok(hash), None) => hash,
+            (Err(e), _) => {
+                observer.outcome(Outcome::Bypass);
+                observer.event(Event::Unencodable(&format_args!(
+                    "prefix `{}`: {e}; computing without the cache",
+                    plan.prefix
+                )));
+                return body.run().await;
+            }
+            (Ok(_), Some(invalid)) => {
+                observer.outcome(Outcome::Bypass);
+                observer.event(Event::Unencodable(&format_args!("{invalid}; computing without the cache")));
+                return body.run().await;
+            }
+        };
+        observer.key(hash);
+        let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
+        let call = Call::new(self, plan, ttl, storage, hash, &keys, observer);
+        match intent {
+            // The miss paths are boxed: a hit should not carry their size.
+            Intent::Refresh => Box::pin(call.refresh(body)).await,
+            Intent::Read if !plan.lock => match call.lookup().await {
+                Lookup::Hit { output, renew } => call.hit(output, renew, body),
+                Lookup::Miss(seen) => Box::pin(call.compute_unlocked(Some(seen), body)).await,
+                Lookup::Unavailable => Box::pin(call.compute_unlocked(None, body)).await,
+            },
+            Intent::Read => call.coordinated(body).await,
+        }
+    }
+}
+
+/// One call's context.
+struct Call<'c, R> {
+    cache: &'c Cache,
+    plan: &'c Plan<'c>,
+    ttl: Duration,
+    storage: Storage<R>,
+    hash: KeyHash,
+    keys: &'c EntryKeys<'c>,
+    observer: &'c Observer<'c>,
+    local: Option<tier::Local<'c>>,
+}
+
+impl<'c, R> Call<'c, R> {
+    fn new(
+        cache: &'c Cache,
+        plan: &'c Plan<'c>,
+        ttl: Duration,
+        storage: Storage<R>,
+        hash: KeyHash,
+        keys: &'c EntryKeys<'c>,
+        observer: &'c Observer<'c>,
+    ) -> Self {
+        let local = tier::Local::for_call(cache, plan, observer);
+        Call { cache, plan, ttl, storage, hash, keys, observer, local }
+    }
+
+    /// The value of `result`, or `None` after counting its fault.
+    fn absorb<T>(&self, result: Result<T, Fault>) -> Option<T> {
+        result.map_err(|fault| self.observer.event(Event::Fault(&fault))).ok()
+    }
+
+    /// Returns a hit's output, first handing the body to a refresh-ahead if
+    /// the entry is due for one.
+    fn hit<B: Body<R>>(&self, output: R, renew: Option<EntryTimes>, body: B) -> R {
+        if let Some(seen) = renew {
+            body.renew_later(self.cache, self.hash, self.storage, seen);
+        }
+        output
+    }
+
+    /// With stampede protection: one computation per key in this process,
+    /// and across processes while the lock is held.
+    async fn coordinated<B: Body<R>>(&self, body: B) -> R {
+        let lock_timeout = self.lock_timeout();
+        let deadline = Instant::now() + lock_timeout;
+        loop {
+            let seen = match self.lookup().await {
+                Lookup::Hit { output, renew } => return self.hit(output, renew, body),
+                Lookup::Miss(seen) => Some(seen),
+                Lookup::Unavailable => None,
+            };
+            if Instant::now() >= deadline {
+                self.observer.event(Event::LockTimeout);
+                return Box::pin(self.compute_unlocked(seen, body)).await;
+            }
+            match self.cache.flights().join(self.keys.entry()) {
+                // The miss paths are boxed: a hit should not carry their size.
+                Role::Leader(leader) => return Box::pin(self.lead(leader, seen, deadline, body)).await,
+                Role::Waiter(mut waiter) => {
+                    match Box::pin(self.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
+                        Ok(Some(Shared::Value(payload))) => {
+                            if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
+                                self.observer.outcome(Outcome::Coalesced);
+                                return output;
+                            }
+                        }
+                        // The leader's value is stale, or it gave up: look again;
+                        // the first to get here leads.
+                        Ok(Some(Shared::Stale) | None) => {}
+                        Err(_) => {
+                            self.observer.event(Event::LockTimeout);
+                            return Box::pin(self.compute_unlocked(seen, body)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write-through: compute now, overwrite.
+    async fn refresh<B: Body<R>>(&self, body: B) -> R {
+        if let Some(local) = &self.local {
+            // Gone before the refresh reads, so that even if its own fill
+            // is refused the old value is not served here.
+            local.forget(self.hash);
+        }
+        let observed = match self.read().await {
+            Some(read) => self.seed_missing(read.versions).await,
+            None => None,
+        };
+        // Nested cached calls in the body behave normally.
+        let output = self.compute(Outcome::Refresh, scope::normally(body.run())).await;
+        let settle = Settle { observed, guard: None, stale: None, mode: StoreMode::Put, share: false };
+        self.settle(output, settle).await.0
+    }
+
+    /// Without coordination: `lock = false`, or past the lock timeout.
+    async fn compute_unlocked<B: Body<R>>(&self, seen: Option<Seen>, body: B) -> R {
+        let (outcome, observed, stale) = match seen {
+            Some(Seen { versions, stale }) => (Outcome::Miss, self.seed_missing(versions).await, stale),
+            None => (Outcome::Bypass, None, None),
+        };
+        let output = self.compute(outcome, body.run()).await;
+        let settle = Settle { observed, guard: None, stale, mode: StoreMode::Fill, share: false };
+        self.settle(output, settle).await.0
+    }
+
+    async fn compute<F: Future<Output = R>>(&self, outcome: Outcome, compute: F) -> R {
+        self.observer.outcome(outcome);
+        compute.await
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout())
+    }
+
+    /// The observed versions, giving any namespace without one its first;
+    /// `None` when the backend could not be asked.
+    async fn seed_missing(&self, observed: Vec<Option<Vec<u8>>>) -> Option<Vec<Vec<u8>>> {
+        let seeded = self.cache.backend().seed_missing(self.keys, observed).await;
+        self.absorb(seeded)
+    }
+
+    /// One read of the entry and its namespace versions.
+    async fn read(&self) -> Option<Read> {
+        let read = self.cache.backend().read(self.keys).await;
+        self.absorb(read)
+    }
+
+    async fn lookup(&self) -> Lookup<R> {
+        let mut stale = None;
+        if let Some(local) = &self.local {
+            match local.find(self.plan, self.hash) {
+                tier::Found::Fresh(entry, now) => match self.decode_payload(&entry.payload) {
+                    Some(output) => {
+                        self.observer.outcome(Outcome::LocalHit);
+                        return Lookup::Hit { output, renew: tier::due(self.plan, entry.times, now) };
+                    }
+                    None => {
+                        local.forget(self.hash);
+                    }
+                },
+                tier::Found::Stale(payload) => stale = Some(payload),
+                tier::Found::Nothing => {}
+            }
+        }
+        let Some(Read { entry, versions }) = self.read().await else { return Lookup::Unavailable };
+        let Some(bytes) = entry else { return Lookup::Miss(Seen { versions, stale }) };
+        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(Seen { versions, stale }) };
+        if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
+            self.observer.event(Event::StaleVersion);
+            return Lookup::Miss(Seen { versions, stale });
+        }
+        let now = now_ms();
+        if !stored.times.is_fresh(now) {
+            // A copy kept past its TTL for `stale_if_error`.
+            if tier::within_stale_window(self.plan, stored.times, now) {
+                stale = Some(Arc::new(stored.payload.to_vec()));
+            }
+            return Lookup::Miss(Seen { versions, stale });
+        }
+        match self.decode_payload(stored.payload) {
+            Some(output) => {
+                self.observer.outcome(Outcome::Hit);
+                if self.local.is_some() {
+                    self.keep_locally(&Arc::new(stored.payload.to_vec()), stored.times);
+                }
+                Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
+            }
+            None => {
+                Box::pin(self.discard_corrupt()).await;
+                Lookup::Miss(Seen { versions, stale })
+            }
+        }
+    }
+
+    /// Deletes an entry whose header is current but whose payload does not
+    /// decode: left in place, a miss would not overwrite it.
+    async fn discard_corrupt(&self) {
+        let discarded = self.cache.backend().discard(self.keys).await;
+        self.absorb(discarded);
+    }
+
+    /// An entry's parts, if it is one of ours in this call's codec.
+    fn parse<'b>(&self, bytes: &'b [u8]) -> Option<StoredEntry<'b>> {
+        let stored = StoredEntry::parse(bytes).filter(|e| e.is_codec(self.plan.codec));
+        if stored.is_none() {
+            self.observer.event(Event::Undecodable(&format_args!(
+                "`{}` holds no {} entry of this cache; recomputing",
+                self.keys.entry(),
+                self.plan.codec.name()
+            )));
+        }
+        stored
+    }
+
+    fn decode_payload(&self, payload: &[u8]) -> Option<R> {
+        match (self.storage.decode)(payload, self.plan.codec) {
+            Ok(output) => {
+                self.observer.event(Event::Read { bytes: payload.len() });
+                Some(output)
+            }
+            Err(e) => {
+                let why = format_args!("`{}` could not be decoded ({e}); recomputing", self.keys.entry());
+                self.observer.event(Event::Undecodable(&why));
+                None
+            }
+        }
+    }
+}

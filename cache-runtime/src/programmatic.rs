@@ -1,0 +1,97 @@
+//! The cache-aside API for code where the attribute does not fit: the
+//! same flow as `#[cached]`, for a `Result` computed under a [`Policy`].
+
+use crate::Cache;
+use crate::call::{Intent, Now};
+use crate::error::Error;
+use crate::keys::canonical::Unencodable;
+use crate::keys::{KeyHash, KeyHasher};
+use crate::output::{ResultOutput, Storage};
+use crate::policy::Policy;
+use serde::{Serialize, de::DeserializeOwned};
+
+impl Cache {
+    /// Cache-aside for code where the attribute does not fit: returns the
+    /// cached value for `key` in `policy`'s namespace, or awaits `compute`
+    /// and stores its `Ok`. Same keys, versions, TTL, jitter and failure
+    /// handling as `#[cached]`: when Redis is unavailable this is just
+    /// `compute.await`.
+    ///
+    /// The entry is identified by the namespace, `key`, `T` and the
+    /// policy's version.
+    ///
+    /// ```no_run
+    /// use cache_runtime::{Cache, Policy};
+    /// use std::time::Duration;
+    ///
+    /// # async fn load_report(_: &str, _: u32) -> Result<Vec<u64>, std::io::Error> { Ok(vec![]) }
+    /// # async fn demo(cache: Cache) -> Result<(), std::io::Error> {
+    /// let policy = Policy::new("reports").ttl(Duration::from_secs(300)).tags(["orders"]);
+    /// let (region, year) = ("emea", 2026);
+    /// let report = cache.get_or_compute(&policy, &(region, year), load_report(region, year)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_compute<K, T, E, F>(&self, policy: &Policy, key: &K, compute: F) -> Result<T, E>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
+        self.programmatic(policy, key, Intent::Read, compute).await
+    }
+
+    /// Write-through for [`get_or_compute`](Self::get_or_compute) entries:
+    /// awaits `compute` and stores its `Ok` over any existing entry.
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{Cache, Policy};
+    /// # async fn demo(cache: Cache) {
+    /// let policy = Policy::new("profiles");
+    /// let fresh = cache.refresh(&policy, &42u64, async { Ok::<_, std::io::Error>("new name".to_owned()) }).await;
+    /// # }
+    /// ```
+    pub async fn refresh<K, T, E, F>(&self, policy: &Policy, key: &K, compute: F) -> Result<T, E>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
+        self.programmatic(policy, key, Intent::Refresh, compute).await
+    }
+
+    /// The flow of `#[cached]`, for a `Result` computed under a `Policy`.
+    async fn programmatic<K, T, E, F>(&self, policy: &Policy, key: &K, intent: Intent, compute: F) -> Result<T, E>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<T, E>>,
+    {
+        let hash = programmatic_key::<K, T>(policy, key);
+        self.fetch_or_compute(&policy.plan(), hash, Storage::of::<ResultOutput<T, E>>(), intent, Now(compute)).await
+    }
+
+    /// Deletes the [`get_or_compute`](Self::get_or_compute) entry of `key`
+    /// holding a `T`. Returns whether there was one.
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{Cache, Policy};
+    /// # async fn demo(cache: Cache) -> Result<(), cache_runtime::Error> {
+    /// let existed = cache.forget::<_, String>(&Policy::new("profiles"), &42u64).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn forget<K, T>(&self, policy: &Policy, key: &K) -> Result<bool, Error>
+    where
+        K: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+    {
+        let hash = programmatic_key::<K, T>(policy, key);
+        self.forget_entry(&policy.plan(), hash).await
+    }
+}
+
+/// The key of a programmatic entry: namespace, value type, user key.
+fn programmatic_key<K: Serialize + ?Sized, T>(policy: &Policy, key: &K) -> Result<KeyHash, Unencodable> {
+    let mut hasher = KeyHasher::new("cache_runtime::Cache::get_or_compute", policy.version_number());
+    hasher.part(policy.prefix().as_bytes()).part(std::any::type_name::<T>().as_bytes());
+    hasher.arg(key).map(|h| h.finish())
+}

@@ -1,0 +1,138 @@
+//! Where entries live: the one seam between the call flow and Redis.
+//!
+//! A cache's [`Backend`] is Redis, or nothing but this process's memory.
+//! The call flow asks it the same five questions either way (read, lock,
+//! store, release, discard) and never asks which it is. A memory-only cache
+//! answers from the local tier, which the flow consults before it asks the
+//! backend: its read finds nothing more, its lock is always granted (the
+//! flight in `flight.rs` is the whole of the coordination within one
+//! process), and its store succeeds for the flow to keep the value locally.
+
+mod remote;
+pub(crate) mod scripts;
+
+pub(crate) use remote::Redis;
+pub(crate) use scripts::{LockReply, StoreMode, StoreReply};
+
+use crate::error::Fault;
+use crate::keys::{EntryKeys, KeyHash};
+use std::time::Duration;
+
+pub(crate) enum Backend {
+    Redis(Redis),
+    /// This process is the whole cache.
+    Memory,
+}
+
+/// What a read found: the entry's bytes and the current versions of its
+/// namespaces (`None`: a namespace has no version yet). Both empty for a
+/// memory-only cache.
+pub(crate) struct Read {
+    pub entry: Option<Vec<u8>>,
+    pub versions: Vec<Option<Vec<u8>>>,
+}
+
+/// The lock a caller asks for: a token only it knows, and for how long.
+pub(crate) struct LockRequest<'a> {
+    pub lock: &'a str,
+    pub token: &'a str,
+    pub ttl: Duration,
+    /// An entry fresh past this time (Unix ms) answers as a hit instead.
+    pub min_fresh_ms: u64,
+}
+
+/// One entry to store.
+pub(crate) struct StoreRequest<'a> {
+    pub hash: KeyHash,
+    pub head: &'a [u8],
+    pub payload: &'a [u8],
+    /// How long Redis keeps it: its fresh life plus any stale window.
+    pub ttl_ms: u64,
+    /// `<stored>,<fresh until>`.
+    pub times: &'a str,
+    pub now_ms: u64,
+    pub mode: StoreMode,
+    /// The lock and token held, released by the store.
+    pub held: Option<(&'a str, &'a str)>,
+    /// The versions the value was computed under.
+    pub observed: &'a [Vec<u8>],
+}
+
+impl Backend {
+    pub(crate) fn redis(&self) -> Option<&Redis> {
+        match self {
+            Backend::Redis(redis) => Some(redis),
+            Backend::Memory => None,
+        }
+    }
+
+    /// The entry and its namespaces' versions.
+    pub(crate) async fn read(&self, keys: &EntryKeys<'_>) -> Result<Read, Fault> {
+        match self {
+            Backend::Redis(redis) => redis.read(keys).await,
+            Backend::Memory => Ok(Read { entry: None, versions: Vec::new() }),
+        }
+    }
+
+    /// Takes the stampede lock, unless a current entry is there now or
+    /// someone else holds it.
+    pub(crate) async fn lock(
+        &self,
+        keys: &EntryKeys<'_>,
+        head: &[u8],
+        request: LockRequest<'_>,
+    ) -> Result<LockReply, Fault> {
+        match self {
+            Backend::Redis(redis) => redis.lock(keys, head, request).await,
+            Backend::Memory => Ok(LockReply::Lead(Vec::new())),
+        }
+    }
+
+    /// The observed versions, giving any namespace without one its first.
+    pub(crate) async fn seed_missing(
+        &self,
+        keys: &EntryKeys<'_>,
+        observed: Vec<Option<Vec<u8>>>,
+    ) -> Result<Vec<Vec<u8>>, Fault> {
+        if let Some(all) = observed.iter().cloned().collect::<Option<Vec<_>>>() {
+            return Ok(all);
+        }
+        match self {
+            Backend::Redis(redis) => redis.seed_versions(keys.versions).await,
+            Backend::Memory => Ok(Vec::new()),
+        }
+    }
+
+    /// Stores an entry bound to the versions it was computed under, and
+    /// releases the lock held, if any.
+    pub(crate) async fn store(&self, keys: &EntryKeys<'_>, request: StoreRequest<'_>) -> Result<StoreReply, Fault> {
+        match self {
+            Backend::Redis(redis) => redis.store(keys, request).await,
+            Backend::Memory => Ok(StoreReply::Stored),
+        }
+    }
+
+    /// Releases a lock we hold, when no store did.
+    pub(crate) async fn release(&self, lock: &str, token: &str) -> Result<(), Fault> {
+        match self {
+            Backend::Redis(redis) => redis.release(lock, token).await,
+            Backend::Memory => Ok(()),
+        }
+    }
+
+    /// Deletes an entry that cannot be decoded; see [`Redis::discard`].
+    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>) -> Result<(), Fault> {
+        match self {
+            Backend::Redis(redis) => redis.discard(keys).await,
+            Backend::Memory => Ok(()),
+        }
+    }
+
+    /// The longest one operation may take.
+    pub(crate) fn round_trip(&self) -> Duration {
+        match self {
+            Backend::Redis(redis) => redis.connections.longest_round_trip(),
+            Backend::Memory => Duration::ZERO,
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Redis as the backend: reads through the batcher, the scripts, and what
+//! Redis Cluster's slots change about them.
+
+use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreMode, StoreReply};
+use super::{LockRequest, Read, StoreRequest};
+use crate::batch::{self, Batcher};
+use crate::connection::Connections;
+use crate::error::Fault;
+use crate::keys::{EntryKeys, KeyHash};
+use crate::local::channel::Channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) struct Redis {
+    pub connections: Arc<Connections>,
+    pub batcher: Arc<Batcher>,
+    /// Where changes are announced to local tiers.
+    pub channel: Channel,
+    /// The nodes the invalidation channel may subscribe on, tried in turn:
+    /// the server, or every cluster node; none behind Sentinel, where the
+    /// local tier stays unused.
+    pub channel_nodes: Arc<[redis::Client]>,
+    pub connect_timeout: Duration,
+}
+
+impl Redis {
+    /// One `MGET` of the entry and its namespace versions, batched with
+    /// concurrent reads under load.
+    pub(crate) async fn read(&self, keys: &EntryKeys<'_>) -> Result<Read, Fault> {
+        // A half-moved cluster slot refuses multi-key reads: then key by
+        // key. (Two steps, so the refused read is not kept in this future,
+        // which every hit allocates.)
+        let read = match self.batcher.mget(&self.connections, keys.entry(), keys.versions).await {
+            Err(Fault::SlotMigrating(_)) => None,
+            values => Some(values),
+        };
+        let mut values = match read {
+            Some(values) => values?,
+            None => Box::pin(batch::one_by_one(&self.connections, keys.entry(), keys.versions)).await?,
+        };
+        // Shifting one element of a short vector beats allocating another.
+        let entry = values.remove(0);
+        Ok(Read { entry, versions: values })
+    }
+
+    /// Runs the lock script; on a cluster, reads the tag versions first and
+    /// pins them.
+    pub(crate) async fn lock(
+        &self,
+        keys: &EntryKeys<'_>,
+        head: &[u8],
+        request: LockRequest<'_>,
+    ) -> Result<LockReply, Fault> {
+        let in_script = self.versions_in_script(keys);
+        let pinned = match &keys.versions[in_script.len()..] {
+            [] => Vec::new(),
+            others => self.seed_versions(others).await?,
+        };
+        let invocation = LockArgs {
+            entry: keys.entry(),
+            lock: request.lock,
+            version_keys: in_script,
+            head,
+            token: request.token,
+            lock_ttl_ms: millis(request.ttl),
+            min_fresh_ms: request.min_fresh_ms,
+            pinned: &pinned,
+        }
+        .invocation();
+        let reply = self.connections.run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await?;
+        LockReply::parse(reply, keys.versions.len())
+            .ok_or_else(|| Fault::Server("the lock script replied in an unexpected shape".to_owned()))
+    }
+
+    /// The versions of `version_keys`, seeding those that have none: one
+    /// script, or on a cluster one per key, since each lives in its own slot.
+    pub(crate) async fn seed_versions(&self, version_keys: &[String]) -> Result<Vec<Vec<u8>>, Fault> {
+        let per_script = if self.connections.is_cluster() { 1 } else { version_keys.len().max(1) };
+        let mut seeded = Vec::with_capacity(version_keys.len());
+        for group in version_keys.chunks(per_script) {
+            let invocation = scripts::seed_versions(group);
+            let versions = self.connections.run(|conn| conn.invoke::<Vec<Option<Vec<u8>>>>(&invocation)).await?;
+            if versions.len() != group.len() {
+                return Err(Fault::Server("seeding versions replied with the wrong count".to_owned()));
+            }
+            for version in versions {
+                seeded.push(version.ok_or_else(|| Fault::Server("a seeded version is missing".to_owned()))?);
+            }
+        }
+        Ok(seeded)
+    }
+
+    /// Runs the store script; on a cluster, then checks that the pinned
+    /// versions are still current: a script could not check them, and
+    /// coalesced waiters must not be handed a value computed before a tag
+    /// was invalidated.
+    pub(crate) async fn store(&self, keys: &EntryKeys<'_>, request: StoreRequest<'_>) -> Result<StoreReply, Fault> {
+        let in_script = self.versions_in_script(keys);
+        let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
+        let (channel, message) = match request.mode {
+            // Other processes drop their local copy of what was overwritten.
+            StoreMode::Put => (self.channel.name.as_str(), self.channel.entry_message(request.hash)),
+            StoreMode::Fill => ("", String::new()),
+        };
+        let invocation = StoreArgs {
+            entry: keys.entry(),
+            lock,
+            version_keys: in_script,
+            ttl_ms: request.ttl_ms,
+            head: request.head,
+            payload: request.payload,
+            mode: request.mode,
+            token,
+            times: request.times,
+            now_ms: request.now_ms,
+            channel,
+            message: &message,
+            observed: request.observed,
+        }
+        .invocation();
+        let reply = StoreReply::parse(self.connections.run(|conn| conn.invoke::<i64>(&invocation)).await?);
+        let pinned_keys = &keys.versions[in_script.len()..];
+        if reply == StoreReply::Stored && !pinned_keys.is_empty() {
+            let pinned = request.observed.get(in_script.len()..).unwrap_or_default();
+            if !self.still_current(pinned_keys, pinned).await? {
+                // Stored, but bound to a tag version that is gone: no reader
+                // will take it, and neither may the waiters.
+                return Ok(StoreReply::VersionChanged);
+            }
+        }
+        Ok(reply)
+    }
+
+    async fn still_current(&self, keys: &[String], pinned: &[Vec<u8>]) -> Result<bool, Fault> {
+        let mut mget = ::redis::cmd("MGET");
+        mget.arg(keys);
+        let current = self.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await?;
+        Ok(current.len() == pinned.len() && current.iter().zip(pinned).all(|(c, p)| c.as_ref() == Some(p)))
+    }
+
+    pub(crate) async fn release(&self, lock: &str, token: &str) -> Result<(), Fault> {
+        let invocation = scripts::release(lock, token);
+        self.connections.run(|conn| conn.invoke::<i64>(&invocation)).await.map(drop)
+    }
+
+    /// Deletes an entry whose header is current but whose payload does not
+    /// decode (corrupt, or written for another layout): left in place, a
+    /// miss would not overwrite it, since it looks current.
+    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>) -> Result<(), Fault> {
+        let mut del = ::redis::cmd("DEL");
+        del.arg(keys.entry());
+        self.connections.run(|conn| conn.query::<i64>(&del)).await.map(drop)
+    }
+
+    /// Bumps a namespace's version; tries Redis even while the breaker is
+    /// open, since a write path must learn whether it reached Redis.
+    pub(crate) async fn invalidate(&self, version_key: &str, namespace: &str) -> Result<u64, Fault> {
+        let invocation =
+            scripts::invalidate(version_key, &self.channel.name, &self.channel.namespace_message(namespace));
+        self.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await
+    }
+
+    /// Deletes one entry; returns whether there was one.
+    pub(crate) async fn forget(&self, entry: &str, hash: KeyHash) -> Result<bool, Fault> {
+        let invocation = scripts::forget(entry, &self.channel.name, &self.channel.entry_message(hash));
+        let deleted = self.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await?;
+        Ok(deleted > 0)
+    }
+
+    /// The version keys the scripts read themselves: all of them, or on a
+    /// cluster only the prefix's, which shares the entry's slot. The others
+    /// are pinned (see `scripts`).
+    fn versions_in_script<'k>(&self, keys: &'k EntryKeys<'_>) -> &'k [String] {
+        let versions = &keys.versions[..];
+        if self.connections.is_cluster() { &versions[..versions.len().min(1)] } else { versions }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

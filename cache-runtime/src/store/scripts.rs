@@ -1,0 +1,331 @@
+//! The Lua scripts, each one atomic command, with typed arguments and
+//! typed replies. Each script's arguments are written down once: the
+//! `*Args` struct's fields, in order, are the script's `ARGV`, and the Lua
+//! names them in its first line in the same order. Every key a script
+//! touches is passed in `KEYS`; an entry, its lock and its prefix's version
+//! share a hash tag. redis-rs sends them as `EVALSHA` and falls back to
+//! `EVAL` after `NOSCRIPT` (a restarted or flushed server).
+//!
+//! On Redis Cluster a script may only touch one slot, and a tag's version
+//! lives in the tag's slot. There the caller reads tag versions itself and
+//! passes them as *pinned* versions after the others: the script binds the
+//! entry to them without reading them. An entry bound to a tag version that
+//! changed meanwhile is never served, because every hit compares the
+//! entry's versions with the ones it reads.
+//!
+//! Namespace versions are compared as the strings Redis stores: Lua numbers
+//! are doubles, so nothing here does arithmetic on them.
+
+use std::sync::LazyLock;
+
+/// Reads the fresh-until time from an entry whose header up to the
+/// versions is `head`; `nil` for an entry without one.
+const FRESH_UNTIL: &str = r"
+local function fresh_until(entry, head)
+  return tonumber(string.match(entry, '^%d+,(%d+)|', #head + 1))
+end
+";
+
+fn with_fresh_until(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{FRESH_UNTIL}{body}"))
+}
+
+/// [`STORE`]'s arguments.
+pub(crate) struct StoreArgs<'a> {
+    pub entry: &'a str,
+    /// The stampede lock to release; with an empty `token`, none.
+    pub lock: &'a str,
+    /// The version keys the script reads (every namespace's, or on a
+    /// cluster the prefix's).
+    pub version_keys: &'a [String],
+    pub ttl_ms: u64,
+    /// The header up to the versions (`Codec::head`).
+    pub head: &'a [u8],
+    pub payload: &'a [u8],
+    pub mode: StoreMode,
+    pub token: &'a str,
+    /// `<stored>,<fresh until>`.
+    pub times: &'a str,
+    pub now_ms: u64,
+    /// Where to announce the overwrite ('' for nowhere), and what.
+    pub channel: &'a str,
+    pub message: &'a str,
+    /// One per version key, then the pinned ones.
+    pub observed: &'a [Vec<u8>],
+}
+
+/// Whether a store may replace a current entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreMode {
+    /// A miss: leaves a current entry alone.
+    Fill,
+    /// A write-through or a renewal: overwrites it.
+    Put,
+}
+
+/// What [`STORE`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreReply {
+    Stored,
+    /// A namespace was invalidated since the versions were observed.
+    VersionChanged,
+    /// A `Fill` found a current entry, stored at least as late.
+    AlreadyCurrent,
+}
+
+impl StoreArgs<'_> {
+    pub(crate) fn invocation(&self) -> redis::ScriptInvocation<'static> {
+        let mut invocation = STORE.key(self.entry);
+        invocation
+            .key(self.lock)
+            .key(self.version_keys)
+            .arg(self.ttl_ms)
+            .arg(self.head)
+            .arg(self.payload)
+            .arg(match self.mode {
+                StoreMode::Fill => "fill",
+                StoreMode::Put => "put",
+            })
+            .arg(self.token)
+            .arg(self.times)
+            .arg(self.now_ms)
+            .arg(self.channel)
+            .arg(self.message);
+        for version in self.observed {
+            invocation.arg(&version[..]);
+        }
+        invocation
+    }
+}
+
+impl StoreReply {
+    pub(crate) fn parse(reply: i64) -> Self {
+        match reply {
+            1 => StoreReply::Stored,
+            2 => StoreReply::AlreadyCurrent,
+            _ => StoreReply::VersionChanged,
+        }
+    }
+}
+
+/// Stores an entry, bound to the versions its computation observed, if
+/// they are all still current; and releases the caller's stampede lock.
+///
+/// A `fill` leaves alone a fresh entry already bound to the current
+/// versions: someone stored a value at least as fresh meanwhile, perhaps a
+/// write-through. A `put` overwrites, and tells other processes' local
+/// tiers to drop their copy. Anything else at the key (a stale or foreign
+/// value, another Redis type) is overwritten.
+///
+/// KEYS: entry, lock, version keys. ARGV: [`StoreArgs`].
+/// Returns 1 stored, 0 a version changed, 2 a current entry was there.
+static STORE: LazyLock<redis::Script> = LazyLock::new(|| {
+    with_fresh_until(
+        r"
+local ttl_ms, head, payload, mode, token, times, now_ms, channel, message = unpack(ARGV, 1, 9)
+if token ~= '' and redis.call('GET', KEYS[2]) == token then redis.call('DEL', KEYS[2]) end
+local versions = {}
+for i = 3, #KEYS do
+  local current = redis.call('GET', KEYS[i])
+  if current ~= ARGV[7 + i] then return 0 end
+  versions[i - 2] = current
+end
+for i = #KEYS + 8, #ARGV do versions[#versions + 1] = ARGV[i] end
+head = head .. table.concat(versions, ',') .. '|'
+if mode == 'fill' then
+  local existing = redis.pcall('GET', KEYS[1])
+  if type(existing) == 'string' and string.sub(existing, 1, #head) == head then
+    local until_ms = fresh_until(existing, head)
+    if until_ms and until_ms > tonumber(now_ms) then return 2 end
+  end
+end
+redis.call('SET', KEYS[1], head .. times .. '|' .. payload, 'PX', ttl_ms)
+if channel ~= '' then redis.pcall('PUBLISH', channel, message) end
+return 1
+",
+    )
+});
+
+/// [`LOCK`]'s arguments.
+pub(crate) struct LockArgs<'a> {
+    pub entry: &'a str,
+    pub lock: &'a str,
+    /// As for [`StoreArgs::version_keys`].
+    pub version_keys: &'a [String],
+    pub head: &'a [u8],
+    pub token: &'a str,
+    pub lock_ttl_ms: u64,
+    /// An entry fresh past this time answers as a hit.
+    pub min_fresh_ms: u64,
+    /// Tag versions read by the caller, on a cluster.
+    pub pinned: &'a [Vec<u8>],
+}
+
+/// What [`LOCK`] answered.
+#[derive(Debug)]
+pub(crate) enum LockReply {
+    /// An entry bound to the current versions is there now.
+    Hit(Vec<u8>),
+    /// We hold the lock; the current versions (read, then pinned).
+    Lead(Vec<Vec<u8>>),
+    /// Someone else holds it.
+    Wait,
+}
+
+impl LockArgs<'_> {
+    pub(crate) fn invocation(&self) -> redis::ScriptInvocation<'static> {
+        let mut invocation = LOCK.key(self.entry);
+        invocation
+            .key(self.lock)
+            .key(self.version_keys)
+            .arg(self.head)
+            .arg(self.token)
+            .arg(self.lock_ttl_ms)
+            .arg(self.min_fresh_ms);
+        for _ in self.version_keys {
+            invocation.arg(fresh_seed());
+        }
+        for version in self.pinned {
+            invocation.arg(&version[..]);
+        }
+        invocation
+    }
+}
+
+impl LockReply {
+    /// `None` for a reply of the wrong shape: `versions` is how many a
+    /// `lead` must carry.
+    pub(crate) fn parse(mut reply: Vec<Vec<u8>>, versions: usize) -> Option<Self> {
+        match reply.first()?.as_slice() {
+            b"hit" if reply.len() == 2 => Some(LockReply::Hit(reply.swap_remove(1))),
+            b"lead" if reply.len() == versions + 1 => Some(LockReply::Lead(reply.split_off(1))),
+            b"wait" => Some(LockReply::Wait),
+            _ => None,
+        }
+    }
+}
+
+/// The stampede lock, and the re-check that makes it safe: returns
+/// `{'hit', entry}` when an entry bound to the current versions and fresh
+/// past `min_fresh` exists now (someone stored it since our read), else
+/// tries `SET lock token NX PX` and returns `{'lead', versions...}` on
+/// success, `{'wait'}` otherwise. Waiters in other processes call it again
+/// with backoff, so it is also their poll. Seeds missing versions as
+/// [`SEED_VERSIONS`] does.
+///
+/// A reader passes now as `min_fresh`; a refresh-ahead passes the fresh-until
+/// time of the entry it wants to replace, so only a newer entry stops it.
+///
+/// KEYS: entry, lock, version keys. ARGV: [`LockArgs`]: head, token, lock
+/// ttl, min fresh, one fresh seed per version key, then the pinned versions.
+static LOCK: LazyLock<redis::Script> = LazyLock::new(|| {
+    with_fresh_until(
+        r"
+local head, token, lock_ttl_ms, min_fresh_ms = unpack(ARGV, 1, 4)
+local versions = {}
+for i = 3, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    v = ARGV[i + 2]
+    redis.call('SET', KEYS[i], v)
+  end
+  versions[i - 2] = v
+end
+for i = #KEYS + 3, #ARGV do versions[#versions + 1] = ARGV[i] end
+head = head .. table.concat(versions, ',') .. '|'
+local entry = redis.pcall('GET', KEYS[1])
+if type(entry) == 'string' and string.sub(entry, 1, #head) == head then
+  local until_ms = fresh_until(entry, head)
+  if until_ms and until_ms > tonumber(min_fresh_ms) then return {'hit', entry} end
+end
+if redis.call('SET', KEYS[2], token, 'NX', 'PX', lock_ttl_ms) then
+  return {'lead', unpack(versions)}
+end
+return {'wait'}
+",
+    )
+});
+
+/// Gives namespaces that have no version yet a random one, and returns the
+/// versions of all keys. A namespace gets its version before anything is
+/// computed under it, so every computation is bound to a version it
+/// observed; and a version key that was evicted or flushed comes back as a
+/// value no old entry is bound to.
+pub(crate) fn seed_versions(version_keys: &[String]) -> redis::ScriptInvocation<'static> {
+    static SEED_VERSIONS: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end
+return redis.call('MGET', unpack(KEYS))
+",
+        )
+    });
+    let mut invocation = SEED_VERSIONS.prepare_invoke();
+    invocation.key(version_keys);
+    for _ in version_keys {
+        invocation.arg(fresh_seed());
+    }
+    invocation
+}
+
+/// Releases a stampede lock only if the caller still holds it: a plain DEL
+/// could delete a lock that expired and was taken by someone else.
+pub(crate) fn release(lock: &str, token: &str) -> redis::ScriptInvocation<'static> {
+    static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+        )
+    });
+    let mut invocation = RELEASE.key(lock);
+    invocation.arg(token);
+    invocation
+}
+
+/// Bumps a namespace's version and announces it to local tiers; a missing
+/// version starts from a random seed rather than from 1, which an evicted
+/// version key may have had. Replies with the version as Redis's string:
+/// Lua numbers are doubles. The announcement is best effort (`pcall`): an
+/// ACL user without channel rights still invalidates.
+pub(crate) fn invalidate(version_key: &str, channel: &str, message: &str) -> redis::ScriptInvocation<'static> {
+    static INVALIDATE: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+local seed, channel, message = unpack(ARGV, 1, 3)
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], seed) end
+redis.call('INCR', KEYS[1])
+redis.pcall('PUBLISH', channel, message)
+return redis.call('GET', KEYS[1])
+",
+        )
+    });
+    let mut invocation = INVALIDATE.key(version_key);
+    invocation.arg(fresh_seed()).arg(channel).arg(message);
+    invocation
+}
+
+/// Deletes one entry and announces it to local tiers. Replies with how
+/// many keys were deleted.
+pub(crate) fn forget(entry: &str, channel: &str, message: &str) -> redis::ScriptInvocation<'static> {
+    static FORGET: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+local channel, message = unpack(ARGV, 1, 2)
+local deleted = redis.call('DEL', KEYS[1])
+redis.pcall('PUBLISH', channel, message)
+return deleted
+",
+        )
+    });
+    let mut invocation = FORGET.key(entry);
+    invocation.arg(channel).arg(message);
+    invocation
+}
+
+/// A random starting version: far from 0, and below 2^52 so that no tool
+/// that reads versions as doubles (Lua, JSON) ever rounds one.
+fn fresh_seed() -> u64 {
+    rand::random_range((1u64 << 32)..(1u64 << 52))
+}
