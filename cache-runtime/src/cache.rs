@@ -16,7 +16,7 @@ use crate::stats::{Registry, Stats};
 use crate::store::{Backend, Redis};
 use crate::warnings::{Cause, Warnings};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::Duration;
 
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -46,10 +46,16 @@ struct Inner {
     backend: Backend,
     /// The in-process tier: opted into, or the whole cache.
     local: Option<Arc<LocalTier>>,
-    listening: AtomicBool,
+    /// A listener task is alive (see `channel::Listener::running`).
+    listening: Arc<AtomicBool>,
     /// Dropped with the cache, which stops the channel's subscriber.
     stop_listening: tokio::sync::watch::Sender<()>,
     renewals: Renewals,
+    /// Bumped after every write this process makes or learns of
+    /// (`invalidate`, a forget, a write-through, a channel message): a
+    /// value no store checked is handed to coalesced callers only if it
+    /// did not move while the value was computed.
+    fence: Arc<AtomicU64>,
     key_prefix: String,
     default_ttl: Option<Duration>,
     lock_timeout: Duration,
@@ -111,9 +117,10 @@ impl Cache {
             inner: Arc::new(Inner {
                 backend,
                 local,
-                listening: AtomicBool::new(false),
+                listening: Arc::default(),
                 stop_listening: tokio::sync::watch::channel(()).0,
                 renewals: Renewals::default(),
+                fence: Arc::default(),
                 key_prefix: settings.key_prefix,
                 default_ttl: settings.default_ttl,
                 lock_timeout: settings.lock_timeout,
@@ -182,7 +189,9 @@ impl Cache {
     pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
         check_namespace(namespace).map_err(Error::InvalidConfig)?;
         let Backend::Redis(redis) = &self.inner.backend else {
-            return Ok(self.inner.local.as_ref().map_or(0, |local| local.invalidate(namespace)));
+            let epoch = self.inner.local.as_ref().map_or(0, |local| local.invalidate(namespace));
+            self.bump_fence();
+            return Ok(epoch);
         };
         let outcome = redis.invalidate(&version_key(self.key_prefix(), namespace), namespace).await;
         // After the bump, so that a read that began before it cannot fill
@@ -190,6 +199,7 @@ impl Cache {
         if let Some(local) = &self.inner.local {
             local.invalidate(namespace);
         }
+        self.bump_fence();
         outcome.map_err(|fault| self.write_failed(fault))
     }
 
@@ -198,9 +208,34 @@ impl Cache {
         let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
         check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
         let held_locally = self.inner.local.as_ref().is_some_and(|local| local.forget(&hash));
-        let Backend::Redis(redis) = &self.inner.backend else { return Ok(held_locally) };
-        let entry = entry_key(self.key_prefix(), plan.prefix, hash);
-        redis.forget(&entry, hash).await.map_err(|fault| self.write_failed(fault))
+        let outcome = match &self.inner.backend {
+            Backend::Redis(redis) => {
+                let entry = entry_key(self.key_prefix(), plan.prefix, hash);
+                // The tombstone outlives any computation that could still
+                // store what it read before this forget: an entry's life,
+                // or a lock's.
+                let ttl = plan.ttl.or(self.default_ttl()).unwrap_or_default().max(self.lock_timeout());
+                let ttl = ttl.saturating_add(plan.stale_if_error.unwrap_or_default());
+                redis.forget(&entry, hash, ttl).await.map_err(|fault| self.write_failed(fault))
+            }
+            Backend::Memory => Ok(held_locally),
+        };
+        // Again after Redis: a reader that read the entry before it was
+        // replaced must not keep it in this process's tier.
+        if let Some(local) = &self.inner.local {
+            local.forget(&hash);
+        }
+        self.bump_fence();
+        outcome
+    }
+
+    /// The write fence; see `Inner::fence`.
+    pub(crate) fn fence(&self) -> u64 {
+        self.inner.fence.load(SeqCst)
+    }
+
+    pub(crate) fn bump_fence(&self) {
+        self.inner.fence.fetch_add(1, SeqCst);
     }
 
     /// A write path's failure: counted outside any prefix, and returned.
@@ -237,8 +272,13 @@ impl Cache {
                 );
                 return Some((local, keep_for));
             }
+            let listener = channel::Listener {
+                tier: Arc::downgrade(tier),
+                fence: self.inner.fence.clone(),
+                running: self.inner.listening.clone(),
+            };
             let started = channel::listen(
-                tier,
+                listener,
                 remote.channel_nodes.clone(),
                 remote.channel.clone(),
                 remote.connect_timeout.max(remote.connections.longest_round_trip()),

@@ -13,6 +13,16 @@ use std::fmt;
 
 const MAGIC: &[u8] = b"RC2|";
 
+/// What `forget` leaves at an entry's key, followed by a random nonce: a
+/// miss for readers, and a change that in-flight computations' stores
+/// see (`store/scripts.rs`).
+pub(crate) const TOMBSTONE: &str = "RC2|-|";
+
+/// Whether `bytes` is a tombstone: a plain miss, not a foreign entry.
+pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
+    bytes.starts_with(TOMBSTONE.as_bytes())
+}
+
 /// Decoding refuses to claim more than this much memory, whatever a corrupt
 /// length prefix says. Entries are capped well below it by
 /// `max_value_bytes`.

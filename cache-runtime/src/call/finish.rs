@@ -6,7 +6,7 @@
 //! ends here.
 
 use super::lock::LockGuard;
-use super::{Call, now_ms};
+use super::{Call, Observed, now_ms};
 use crate::codec::EntryTimes;
 use crate::flight::Shared;
 use crate::observe::Event;
@@ -16,31 +16,63 @@ use std::sync::Arc;
 
 /// How a computed output is settled.
 pub(super) struct Settle {
-    /// The versions it was computed under; `None`: do not store it.
-    pub observed: Option<Vec<Vec<u8>>>,
+    /// What it was computed from; `None`: do not store it.
+    pub observed: Option<Observed>,
     /// The stampede lock held, released here.
     pub guard: Option<LockGuard>,
     /// A stale copy to return instead of an output that is not cacheable.
     pub stale: Option<Arc<Vec<u8>>>,
     pub mode: StoreMode,
     /// Whether anyone may be handed the value: encode it even when it is
-    /// not stored.
+    /// not stored, and check whether it may be shared.
     pub share: bool,
 }
+
+// Who may be handed a value: one that a store checked (the versions and
+// the entry were still what the computation observed when it was stored)
+// goes to every waiter, since each joined before the store. Any other
+// value (not stored: too large, a failed store, the backend unreachable, a
+// stale copy; or stored by a backend that checks nothing) is shared only
+// when the cache's write fence has not moved since the computation began
+// and, where the backend can be asked, the entry and its versions are
+// unchanged: otherwise a caller that joined after a write returned would
+// get what was computed before it. Those callers look again instead.
 
 impl<R> Call<'_, R> {
     /// Settles `output`: returns what the caller gets and what waiters may
     /// be given (nothing when the output is not cacheable).
     pub(super) async fn settle(&self, output: R, settle: Settle) -> (R, Option<Shared>) {
-        let Settle { observed, guard, stale, mode, share } = settle;
-        let (output, stale_shared) = self.or_stale(output, stale);
-        let encoded = if stale_shared.is_some() || (observed.is_none() && !share) {
-            None
-        } else {
-            (self.storage.encode)(&output, self.plan.codec)
-        };
-        let shared = self.store_and_unlock(mode, observed, guard, encoded).await;
-        (output, stale_shared.or(shared))
+        let Settle { observed, mut guard, stale, mode, share } = settle;
+        let (output, stale_copy) = self.or_stale(output, stale);
+        if let Some(stale_copy) = stale_copy {
+            // Nothing is stored: the lock is released, and the stale copy
+            // shared only if nothing changed since it was read.
+            if let Some(guard) = guard.as_mut() {
+                self.cache.release_lock(&guard.lock, &guard.token).await;
+                guard.disarm();
+            }
+            let shared = if share { Some(self.unverified(stale_copy, observed.as_ref()).await) } else { None };
+            return (output, shared);
+        }
+        let encoded = if observed.is_none() && !share { None } else { (self.storage.encode)(&output, self.plan.codec) };
+        let shared = self.store_and_unlock(mode, observed, guard, encoded, share).await;
+        (output, shared)
+    }
+
+    /// What waiters get of a value that no store checked; see above.
+    async fn unverified(&self, payload: Arc<Vec<u8>>, observed: Option<&Observed>) -> Shared {
+        if self.cache.fence() != self.fence {
+            return Shared::Stale;
+        }
+        let Some(observed) = observed else { return Shared::Value(payload) };
+        match self.cache.backend().unchanged(self.keys, &observed.entry, &observed.versions).await {
+            Ok(true) => Shared::Value(payload),
+            Ok(false) => Shared::Stale,
+            Err(fault) => {
+                self.observer.event(Event::Fault(&fault));
+                Shared::Stale
+            }
+        }
     }
 
     /// Stores under the lock `guard` holds, if any, and makes sure the lock
@@ -48,12 +80,13 @@ impl<R> Call<'_, R> {
     async fn store_and_unlock(
         &self,
         mode: StoreMode,
-        observed: Option<Vec<Vec<u8>>>,
+        observed: Option<Observed>,
         mut guard: Option<LockGuard>,
         encoded: Option<Encoded>,
+        share: bool,
     ) -> Option<Shared> {
         let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
-        let (released, shared) = self.store(mode, observed, held, encoded).await;
+        let (released, shared) = self.store(mode, observed, held, encoded, share).await;
         if let Some(guard) = guard.as_mut() {
             if !released {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
@@ -67,14 +100,15 @@ impl<R> Call<'_, R> {
     /// Taking the bytes rather than `&R` keeps the output out of the
     /// future's state across the round trip, so outputs need not be `Sync`.
     /// Returns whether the store released the lock, and what waiters may
-    /// be given: the payload, `Stale` if a namespace was invalidated while
-    /// computing, or nothing when the output is not cacheable.
+    /// be given (when `share`): the payload, `Stale` if it may not be
+    /// shared, or nothing when the output is not cacheable.
     async fn store(
         &self,
         mode: StoreMode,
-        observed: Option<Vec<Vec<u8>>>,
+        observed: Option<Observed>,
         held: Option<(&str, &str)>,
         encoded: Option<Encoded>,
+        share: bool,
     ) -> (bool, Option<Shared>) {
         let payload = match encoded {
             None => return (false, None),
@@ -92,9 +126,9 @@ impl<R> Call<'_, R> {
                 self.plan.prefix,
                 payload.len(),
             )));
-            return (false, Some(Shared::Value(payload)));
+            return (false, self.share_unverified(share, payload, observed.as_ref()).await);
         }
-        let Some(observed) = observed else { return (false, Some(Shared::Value(payload))) };
+        let Some(observed) = observed else { return (false, self.share_unverified(share, payload, None).await) };
         let now = now_ms();
         let fresh_ms = jittered_ttl_ms(self.ttl, self.plan.jitter);
         let times = EntryTimes { stored_ms: now, fresh_until_ms: now.saturating_add(fresh_ms) };
@@ -107,41 +141,53 @@ impl<R> Call<'_, R> {
             times: &times.field(),
             now_ms: now,
             mode,
+            observed_entry: &observed.entry,
             held,
-            observed: &observed,
+            observed: &observed.versions,
         };
         match self.cache.backend().store(self.keys, request).await {
             Ok(StoreReply::Stored) => {
                 self.observer.event(Event::Written { bytes: payload.len() });
                 self.keep_locally(&payload, times);
-                (true, Some(Shared::Value(payload)))
+                if self.cache.backend().checks_stores() {
+                    (true, Some(Shared::Value(payload)))
+                } else {
+                    (true, self.share_unverified(share, payload, Some(&observed)).await)
+                }
             }
-            // A value at least as fresh was already there.
-            Ok(StoreReply::AlreadyCurrent) => {
-                self.observer.event(Event::WriteSkipped);
-                (true, Some(Shared::Value(payload)))
-            }
-            Ok(StoreReply::VersionChanged) => {
+            // Someone wrote the entry since it was observed (a write-through,
+            // a forget, another caller's store), or a namespace was
+            // invalidated: waiters look again.
+            Ok(StoreReply::Superseded | StoreReply::VersionChanged) => {
                 self.observer.event(Event::WriteSkipped);
                 (true, Some(Shared::Stale))
             }
             Err(fault) => {
                 self.observer.event(Event::Fault(&fault));
-                (false, Some(Shared::Value(payload)))
+                (false, self.share_unverified(share, payload, None).await)
             }
         }
     }
 
+    async fn share_unverified(
+        &self,
+        share: bool,
+        payload: Arc<Vec<u8>>,
+        observed: Option<&Observed>,
+    ) -> Option<Shared> {
+        if share { Some(self.unverified(payload, observed).await) } else { None }
+    }
+
     /// An output that is not stored (an `Err`) gives way to the stale copy
-    /// kept for `stale_if_error`, if there is one; returns what to share
-    /// with waiters in that case.
-    fn or_stale(&self, output: R, stale: Option<Arc<Vec<u8>>>) -> (R, Option<Shared>) {
+    /// kept for `stale_if_error`, if there is one; returns that copy's bytes
+    /// in that case.
+    fn or_stale(&self, output: R, stale: Option<Arc<Vec<u8>>>) -> (R, Option<Arc<Vec<u8>>>) {
         let Some(stale) = stale.filter(|_| !(self.storage.cacheable)(&output)) else { return (output, None) };
         match (self.storage.decode)(&stale, self.plan.codec) {
             Ok(kept) => {
                 let why = format_args!("prefix `{}`: the function failed; serving the stale copy", self.plan.prefix);
                 self.observer.event(Event::StaleServed(&why));
-                (kept, Some(Shared::Value(stale)))
+                (kept, Some(stale))
             }
             Err(_) => (output, None),
         }

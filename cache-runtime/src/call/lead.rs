@@ -5,10 +5,10 @@
 
 use super::finish::Settle;
 use super::lock::{LockGuard, token};
-use super::{Body, Call, Seen, now_ms};
+use super::{Body, Call, Observed, Seen, now_ms};
 use crate::flight::{self, Leader, Shared};
 use crate::observe::{Event, Outcome};
-use crate::store::{LockReply, LockRequest, StoreMode};
+use crate::store::{LockReply, LockRequest, StoreMode, digest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,8 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 
 /// How a leader goes on after trying the stampede lock.
 enum Next {
-    /// We hold the lock; the current versions.
-    Locked(Vec<Vec<u8>>),
+    /// We hold the lock; what the entry and its versions are now.
+    Locked(Observed),
     /// Compute without the lock (waited too long), but store.
     Unlocked,
     /// The backend failed: compute, and leave it alone for this call.
@@ -46,7 +46,9 @@ impl<R> Call<'_, R> {
         let mut discarded = false;
         let next = loop {
             match self.lock(&lock, &token, now_ms()).await {
-                Some(LockReply::Lead(versions)) => break Next::Locked(versions),
+                Some(LockReply::Lead { observed, versions }) => {
+                    break Next::Locked(Observed { versions, entry: observed });
+                }
                 Some(LockReply::Hit(entry)) => {
                     if let Some(stored) = self.parse(&entry) {
                         if let Some(output) = self.decode_payload(stored.payload) {
@@ -60,7 +62,7 @@ impl<R> Call<'_, R> {
                             // Current header, undecodable payload: remove it so
                             // the lock (and the store) can replace it.
                             discarded = true;
-                            Box::pin(self.discard_corrupt()).await;
+                            Box::pin(self.discard_corrupt(&digest(Some(&entry)))).await;
                             continue;
                         }
                     }
@@ -81,10 +83,10 @@ impl<R> Call<'_, R> {
                 None => break Next::Offline,
             }
         };
-        let Seen { versions, stale } = seen;
+        let Seen { versions, entry, stale } = seen;
         let (observed, guard) = match next {
-            Next::Locked(versions) => (Some(versions), Some(LockGuard::new(self.cache, lock, token))),
-            Next::Unlocked => (self.seed_missing(versions).await, None),
+            Next::Locked(observed) => (Some(observed), Some(LockGuard::new(self.cache, lock, token))),
+            Next::Unlocked => (self.observed(versions, entry).await, None),
             // The backend just failed this call: do not make it wait again.
             Next::Offline => return self.lead_without_store(leader, Outcome::Miss, stale, body).await,
         };
@@ -92,7 +94,7 @@ impl<R> Call<'_, R> {
         // releases it through the guard, and the waiters through `leader`.
         leader.computing();
         let output = self.compute(Outcome::Miss, body.run()).await;
-        let settle = Settle { observed, guard, stale, mode: StoreMode::Fill, share: true };
+        let settle = Settle { observed, guard, stale, mode: StoreMode::Fill, share: leader.has_waiters() };
         let (output, shared) = self.settle(output, settle).await;
         // Nothing to share (an `Err`): dropping the leader lets a waiter
         // take over at once.

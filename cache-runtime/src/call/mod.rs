@@ -27,7 +27,7 @@ pub use body::Renewable;
 pub(crate) use body::{Body, Now};
 
 use crate::Cache;
-use crate::codec::{EntryTimes, StoredEntry};
+use crate::codec::{self, EntryTimes, StoredEntry};
 use crate::error::Fault;
 use crate::flight::{Role, Shared};
 use crate::keys::canonical::Unencodable;
@@ -36,7 +36,7 @@ use crate::observe::{Event, Observer, Outcome};
 use crate::output::Storage;
 use crate::policy::Plan;
 use crate::scope;
-use crate::store::{Read, StoreMode};
+use crate::store::{Read, StoreMode, digest};
 use finish::Settle;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,8 +68,18 @@ struct Seen {
     /// The namespace versions at the read (`None`: the namespace has no
     /// version yet); empty for a memory-only cache.
     versions: Vec<Option<Vec<u8>>>,
+    /// The digest of what the entry's key held (`store::digest`).
+    entry: String,
     /// A stale copy bound to the current versions, kept for `stale_if_error`.
     stale: Option<Arc<Vec<u8>>>,
+}
+
+/// The state a computation was based on, which its store expects to be
+/// unchanged.
+pub(super) struct Observed {
+    pub versions: Vec<Vec<u8>>,
+    /// The entry's digest (`store::digest`).
+    pub entry: String,
 }
 
 /// The current time in Unix milliseconds: entry times are compared across
@@ -184,6 +194,9 @@ struct Call<'c, R> {
     keys: &'c EntryKeys<'c>,
     observer: &'c Observer<'c>,
     local: Option<tier::Local<'c>>,
+    /// The cache's write fence before the call's first read: a value that
+    /// no store checked is shared only if no write happened since.
+    fence: u64,
 }
 
 impl<'c, R> Call<'c, R> {
@@ -196,8 +209,9 @@ impl<'c, R> Call<'c, R> {
         keys: &'c EntryKeys<'c>,
         observer: &'c Observer<'c>,
     ) -> Self {
-        let local = tier::Local::for_call(cache, plan, observer);
-        Call { cache, plan, ttl, storage, hash, keys, observer, local }
+        let fence = cache.fence();
+        let local = tier::Local::for_call(cache, plan, observer, hash);
+        Call { cache, plan, ttl, storage, hash, keys, observer, local, fence }
     }
 
     /// The value of `result`, or `None` after counting its fault.
@@ -261,19 +275,27 @@ impl<'c, R> Call<'c, R> {
             local.forget(self.hash);
         }
         let observed = match self.read().await {
-            Some(read) => self.seed_missing(read.versions).await,
+            Some(read) => self.observed(read.versions, digest(read.entry.as_deref())).await,
             None => None,
         };
         // Nested cached calls in the body behave normally.
         let output = self.compute(Outcome::Refresh, scope::normally(body.run())).await;
         let settle = Settle { observed, guard: None, stale: None, mode: StoreMode::Put, share: false };
-        self.settle(output, settle).await.0
+        let output = self.settle(output, settle).await.0;
+        // Readers that read the old entry before the store must not keep it
+        // in their local tier, and coalesced callers must not be handed a
+        // value computed before this write.
+        if let Some(local) = &self.local {
+            local.forget(self.hash);
+        }
+        self.cache.bump_fence();
+        output
     }
 
     /// Without coordination: `lock = false`, or past the lock timeout.
     async fn compute_unlocked<B: Body<R>>(&self, seen: Option<Seen>, body: B) -> R {
         let (outcome, observed, stale) = match seen {
-            Some(Seen { versions, stale }) => (Outcome::Miss, self.seed_missing(versions).await, stale),
+            Some(Seen { versions, entry, stale }) => (Outcome::Miss, self.observed(versions, entry).await, stale),
             None => (Outcome::Bypass, None, None),
         };
         let output = self.compute(outcome, body.run()).await;
@@ -290,11 +312,11 @@ impl<'c, R> Call<'c, R> {
         self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout())
     }
 
-    /// The observed versions, giving any namespace without one its first;
-    /// `None` when the backend could not be asked.
-    async fn seed_missing(&self, observed: Vec<Option<Vec<u8>>>) -> Option<Vec<Vec<u8>>> {
-        let seeded = self.cache.backend().seed_missing(self.keys, observed).await;
-        self.absorb(seeded)
+    /// What was observed, after giving any namespace without a version its
+    /// first; `None` when the backend could not be asked.
+    async fn observed(&self, versions: Vec<Option<Vec<u8>>>, entry: String) -> Option<Observed> {
+        let seeded = self.cache.backend().seed_missing(self.keys, versions).await;
+        Some(Observed { versions: self.absorb(seeded)?, entry })
     }
 
     /// One read of the entry and its namespace versions.
@@ -321,11 +343,14 @@ impl<'c, R> Call<'c, R> {
             }
         }
         let Some(Read { entry, versions }) = self.read().await else { return Lookup::Unavailable };
-        let Some(bytes) = entry else { return Lookup::Miss(Seen { versions, stale }) };
-        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(Seen { versions, stale }) };
+        let observed = digest(entry.as_deref());
+        let Some(bytes) = entry.filter(|bytes| !codec::is_tombstone(bytes)) else {
+            return Lookup::Miss(Seen { versions, entry: observed, stale });
+        };
+        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(Seen { versions, entry: observed, stale }) };
         if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
             self.observer.event(Event::StaleVersion);
-            return Lookup::Miss(Seen { versions, stale });
+            return Lookup::Miss(Seen { versions, entry: observed, stale });
         }
         let now = now_ms();
         if !stored.times.is_fresh(now) {
@@ -333,7 +358,7 @@ impl<'c, R> Call<'c, R> {
             if tier::within_stale_window(self.plan, stored.times, now) {
                 stale = Some(Arc::new(stored.payload.to_vec()));
             }
-            return Lookup::Miss(Seen { versions, stale });
+            return Lookup::Miss(Seen { versions, entry: observed, stale });
         }
         match self.decode_payload(stored.payload) {
             Some(output) => {
@@ -344,16 +369,18 @@ impl<'c, R> Call<'c, R> {
                 Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
             }
             None => {
-                Box::pin(self.discard_corrupt()).await;
-                Lookup::Miss(Seen { versions, stale })
+                Box::pin(self.discard_corrupt(&observed)).await;
+                // Gone now, unless another process stored since.
+                Lookup::Miss(Seen { versions, entry: digest(None), stale })
             }
         }
     }
 
     /// Deletes an entry whose header is current but whose payload does not
-    /// decode: left in place, a miss would not overwrite it.
-    async fn discard_corrupt(&self) {
-        let discarded = self.cache.backend().discard(self.keys).await;
+    /// decode (`read`: its digest): left in place, a miss would not
+    /// overwrite it.
+    async fn discard_corrupt(&self, read: &str) {
+        let discarded = self.cache.backend().discard(self.keys, read).await;
         self.absorb(discarded);
     }
 

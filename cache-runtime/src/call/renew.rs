@@ -4,7 +4,7 @@
 
 use super::finish::Settle;
 use super::lock::{LockGuard, token};
-use super::{Call, EntryKeys};
+use super::{Call, EntryKeys, Observed};
 use crate::Cache;
 use crate::codec::EntryTimes;
 use crate::flight::Role;
@@ -100,8 +100,8 @@ impl<R> Call<'_, R> {
     async fn renew<F: Future<Output = R>>(&self, seen: EntryTimes, compute: F) -> Renewal {
         let Role::Leader(leader) = self.cache.flights().join(self.keys.entry()) else { return Renewal::Done };
         let (token, lock) = (token(), self.keys.lock());
-        let versions = match self.lock(&lock, &token, seen.fresh_until_ms).await {
-            Some(LockReply::Lead(versions)) => versions,
+        let observed = match self.lock(&lock, &token, seen.fresh_until_ms).await {
+            Some(LockReply::Lead { observed, versions }) => Observed { versions, entry: observed },
             Some(LockReply::Wait) => return Renewal::Elsewhere,
             // Renewed already, or the backend is unavailable: the entry
             // stays until its TTL.
@@ -111,8 +111,14 @@ impl<R> Call<'_, R> {
         leader.computing();
         let output = self.compute(Outcome::Renewal, compute).await;
         let cacheable = (self.storage.cacheable)(&output);
-        let settle =
-            Settle { observed: Some(versions), guard: Some(guard), stale: None, mode: StoreMode::Put, share: true };
+        // Replaces only the entry it saw: a write-through since then wins.
+        let settle = Settle {
+            observed: Some(observed),
+            guard: Some(guard),
+            stale: None,
+            mode: StoreMode::Replace,
+            share: leader.has_waiters(),
+        };
         if let (_, Some(shared)) = self.settle(output, settle).await {
             leader.finish(shared);
         }

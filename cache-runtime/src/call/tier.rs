@@ -35,10 +35,15 @@ pub(super) enum Found {
 
 impl<'c> Local<'c> {
     /// The tier, if this call uses it.
-    pub(super) fn for_call(cache: &'c Cache, plan: &Plan<'_>, observer: &'c Observer<'c>) -> Option<Self> {
+    pub(super) fn for_call(
+        cache: &'c Cache,
+        plan: &Plan<'_>,
+        observer: &'c Observer<'c>,
+        hash: KeyHash,
+    ) -> Option<Self> {
         let (tier, keep_for) = cache.local_for(plan)?;
         let site = observer.site.local.as_ref()?;
-        Some(Local { tier, site, capture: tier.capture(site), keep_for })
+        Some(Local { tier, site, capture: tier.capture(site, &hash), keep_for })
     }
 
     pub(super) fn find(&self, plan: &Plan<'_>, hash: KeyHash) -> Found {

@@ -42,6 +42,11 @@ impl KeyHash {
         out
     }
 
+    /// The hash's first byte: uniform, for spreading keys over stripes.
+    pub(crate) fn first_byte(&self) -> u8 {
+        self.0[0]
+    }
+
     /// Parses [`to_hex`](Self::to_hex)'s output.
     pub(crate) fn from_hex(hex: &[u8]) -> Option<Self> {
         if hex.len() != 32 {

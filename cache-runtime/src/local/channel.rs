@@ -12,6 +12,7 @@
 use super::LocalTier;
 use crate::keys::KeyHash;
 use futures_util::StreamExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -43,25 +44,47 @@ impl Channel {
     }
 
     /// Applies another process's message to `tier`.
-    fn apply(&self, tier: &LocalTier, message: &[u8]) {
+    fn apply(&self, tier: &LocalTier, message: &[u8]) -> bool {
         let mut parts = message.splitn(3, |&b| b == b'|');
-        let (Some(origin), Some(kind), Some(subject)) = (parts.next(), parts.next(), parts.next()) else { return };
+        let (Some(origin), Some(kind), Some(subject)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
         if origin == self.origin.as_bytes() {
-            return;
+            return false;
         }
         match kind {
-            b"n" => {
-                if let Ok(namespace) = std::str::from_utf8(subject) {
-                    tier.invalidate(namespace);
-                }
-            }
-            b"e" => {
-                if let Some(hash) = KeyHash::from_hex(subject) {
-                    tier.forget(&hash);
-                }
-            }
-            _ => {}
+            b"n" => std::str::from_utf8(subject).map(|namespace| tier.invalidate(namespace)).is_ok(),
+            b"e" => KeyHash::from_hex(subject).map(|hash| tier.forget(&hash)).is_some(),
+            _ => false,
         }
+    }
+}
+
+/// What a listener shares with its cache.
+pub(crate) struct Listener {
+    pub tier: Weak<LocalTier>,
+    /// The cache's write fence, bumped by every message applied.
+    pub fence: Arc<AtomicU64>,
+    /// Set while a listener task is alive; cleared when it ends, however
+    /// it ends, so that the next call starts another.
+    pub running: Arc<AtomicBool>,
+}
+
+/// Ends a listener: whatever the reason (the cache dropped, or the runtime
+/// that ran the task shut down and dropped it), the tier stops trusting
+/// what it holds, and the next call that uses the tier starts a listener
+/// on its own runtime.
+struct Running {
+    tier: Weak<LocalTier>,
+    running: Arc<AtomicBool>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tier) = self.tier.upgrade() {
+            tier.distrust();
+        }
+        self.running.store(false, SeqCst);
     }
 }
 
@@ -70,21 +93,23 @@ impl Channel {
 /// After a subscription ends, the next is tried on the next of `nodes`: on
 /// a cluster, a dead node does not keep the tier unused.
 pub(crate) fn listen(
-    tier: &Arc<LocalTier>,
+    listener: Listener,
     nodes: Arc<[redis::Client]>,
     channel: Channel,
     timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<()>,
 ) -> bool {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return false };
-    let tier = Arc::downgrade(tier);
+    let Listener { tier, fence, running } = listener;
+    let guard = Running { tier: tier.clone(), running };
     runtime.spawn(async move {
+        let _guard = guard;
         let mut retry = FIRST_RETRY;
         // Warn once per outage, not once per retry.
         let mut warned = false;
         for client in nodes.iter().cycle() {
             let mut was_live = false;
-            let session = subscribe(&tier, client, &channel, timeout, &mut was_live);
+            let session = subscribe(&tier, &fence, client, &channel, timeout, &mut was_live);
             let ended = tokio::select! {
                 _ = shutdown.changed() => return,
                 ended = session => ended,
@@ -116,6 +141,7 @@ pub(crate) fn listen(
 /// One subscription, from connecting to its end; returns why it ended.
 async fn subscribe(
     tier: &Weak<LocalTier>,
+    fence: &AtomicU64,
     client: &redis::Client,
     channel: &Channel,
     timeout: Duration,
@@ -146,7 +172,9 @@ async fn subscribe(
             message = stream.next() => {
                 let Some(message) = message else { return "the connection closed".to_owned() };
                 let Some(live) = tier.upgrade() else { return "the cache was dropped".to_owned() };
-                channel.apply(&live, message.get_payload_bytes());
+                if channel.apply(&live, message.get_payload_bytes()) {
+                    fence.fetch_add(1, SeqCst);
+                }
             }
             _ = ping.tick() => {
                 match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {

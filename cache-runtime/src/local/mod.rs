@@ -16,7 +16,7 @@ use crate::codec::{Codec, EntryTimes};
 use crate::keys::KeyHash;
 use moka::notification::RemovalCause;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,14 @@ pub(crate) struct Mark {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Capture {
     pub mark: Mark,
+    /// Which forget stripe the key is in, and its count then.
+    stripe: usize,
     forgets: u64,
 }
+
+/// Forgets are counted per stripe of keys, so that forgetting one entry
+/// drops only the in-flight fills of keys in its stripe, not every fill.
+const FORGET_STRIPES: usize = 256;
 
 /// A call site's handles on its namespaces' epochs, resolved once.
 #[derive(Debug)]
@@ -62,8 +68,9 @@ pub(crate) struct LocalTier {
     /// invalidation since the generation began has been applied. Odd:
     /// nothing here is trusted.
     generation: AtomicU64,
-    /// Bumped by every forgotten entry: a fill that raced with one is dropped.
-    forgets: AtomicU64,
+    /// Bumped by every forgotten entry of the stripe: a fill that raced
+    /// with one is dropped.
+    forgets: Box<[AtomicU64]>,
     evictions: Arc<AtomicU64>,
     /// No Redis behind it: this tier is the whole cache, and keeps stale
     /// copies for `stale_if_error` itself.
@@ -116,7 +123,7 @@ impl LocalTier {
             entries,
             epochs: RwLock::default(),
             generation: AtomicU64::new(u64::from(needs_channel)),
-            forgets: AtomicU64::new(0),
+            forgets: (0..FORGET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             evictions,
             whole_cache: !needs_channel,
         }
@@ -168,11 +175,12 @@ impl LocalTier {
     }
 
     /// Taken before a read: what a fill from that read is checked against.
-    pub(crate) fn capture(&self, site: &LocalSite) -> Capture {
+    pub(crate) fn capture(&self, site: &LocalSite, hash: &KeyHash) -> Capture {
         // Forgets first: a forget that lands between the two loads is then
         // seen as a change by `insert`, never missed.
-        let forgets = self.forgets.load(Relaxed);
-        Capture { mark: self.mark(site), forgets }
+        let stripe = stripe(hash);
+        let forgets = self.forgets[stripe].load(SeqCst);
+        Capture { mark: self.mark(site), stripe, forgets }
     }
 
     /// A trusted entry for `hash`, fresh or not.
@@ -195,21 +203,22 @@ impl LocalTier {
         keep_for: Duration,
     ) {
         let (payload, codec, times) = parts;
-        let unchanged = |tier: &Self| tier.mark(site) == capture.mark && tier.forgets.load(Relaxed) == capture.forgets;
+        let forgets = &self.forgets[capture.stripe];
+        let unchanged = |tier: &Self| tier.mark(site) == capture.mark && forgets.load(SeqCst) == capture.forgets;
         if capture.mark.generation % 2 == 1 || keep_for.is_zero() || !unchanged(self) {
             return;
         }
         self.entries.insert(hash, Arc::new(LocalEntry { payload, codec, times, keep_for, mark: capture.mark }));
         // A forget applied between the check and the insert would not have
         // seen this entry.
-        if self.forgets.load(Relaxed) != capture.forgets {
+        if forgets.load(SeqCst) != capture.forgets {
             self.entries.invalidate(&hash);
         }
     }
 
     /// Drops one entry, in this process; returns whether there was one.
     pub(crate) fn forget(&self, hash: &KeyHash) -> bool {
-        self.forgets.fetch_add(1, Relaxed);
+        self.forgets[stripe(hash)].fetch_add(1, SeqCst);
         self.entries.remove(hash).is_some()
     }
 
@@ -237,6 +246,10 @@ impl LocalTier {
     }
 }
 
+fn stripe(hash: &KeyHash) -> usize {
+    usize::from(hash.first_byte()) % FORGET_STRIPES
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,18 +270,18 @@ mod tests {
     fn an_invalidation_after_the_capture_keeps_the_fill_out() {
         let tier = LocalTier::new(100, false);
         let site = tier.site(["products", "catalog"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert_eq!(tier.get(&hash(1), &site).map(|e| e.payload[0]), Some(1));
 
-        let before = tier.capture(&site);
+        let before = tier.capture(&site, &hash(2));
         tier.invalidate("catalog");
         assert!(tier.get(&hash(1), &site).is_none(), "the tag's invalidation hides the entry");
         tier.insert(hash(2), &site, before, parts(2), LONG);
         assert!(tier.get(&hash(2), &site).is_none(), "a fill read before the invalidation is dropped");
 
         let other = tier.site(["orders"].into_iter());
-        let capture = tier.capture(&other);
+        let capture = tier.capture(&other, &hash(3));
         tier.insert(hash(3), &other, capture, parts(3), LONG);
         tier.invalidate("products");
         assert!(tier.get(&hash(3), &other).is_some(), "other namespaces are untouched");
@@ -278,22 +291,33 @@ mod tests {
     fn a_forget_racing_a_fill_wins() {
         let tier = LocalTier::new(100, false);
         let site = tier.site(["p"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.forget(&hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert!(tier.get(&hash(1), &site).is_none());
     }
 
     #[test]
+    fn a_forget_drops_only_fills_of_its_own_stripe() {
+        let tier = LocalTier::new(100, false);
+        let site = tier.site(["p"].into_iter());
+        let (forgotten, other) = (hash(1), (2..=255u8).map(hash).find(|h| stripe(h) != stripe(&hash(1))).unwrap());
+        let capture = tier.capture(&site, &other);
+        tier.forget(&forgotten);
+        tier.insert(other, &site, capture, parts(2), LONG);
+        assert!(tier.get(&other, &site).is_some(), "another key's fill survives the forget");
+    }
+
+    #[test]
     fn nothing_is_trusted_while_the_channel_is_down() {
         let tier = LocalTier::new(100, true);
         let site = tier.site(["p"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert!(tier.get(&hash(1), &site).is_none(), "not listening yet");
 
         tier.trust();
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert!(tier.get(&hash(1), &site).is_some());
 
@@ -308,7 +332,7 @@ mod tests {
         let tier = LocalTier::new(10, false);
         let site = tier.site(["p"].into_iter());
         for n in 0..50 {
-            let capture = tier.capture(&site);
+            let capture = tier.capture(&site, &hash(n));
             tier.insert(hash(n), &site, capture, parts(n), LONG);
         }
         assert!(tier.entry_count() <= 10, "{}", tier.entry_count());
@@ -319,7 +343,7 @@ mod tests {
     fn entries_expire_after_their_keep_time() {
         let tier = LocalTier::new(10, false);
         let site = tier.site(["p"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), Duration::from_millis(30));
         assert!(tier.get(&hash(1), &site).is_some());
         std::thread::sleep(Duration::from_millis(60));

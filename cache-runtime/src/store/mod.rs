@@ -12,7 +12,7 @@ mod remote;
 pub(crate) mod scripts;
 
 pub(crate) use remote::Redis;
-pub(crate) use scripts::{LockReply, StoreMode, StoreReply};
+pub(crate) use scripts::{LockReply, StoreReply, digest};
 
 use crate::error::Fault;
 use crate::keys::{EntryKeys, KeyHash};
@@ -41,6 +41,19 @@ pub(crate) struct LockRequest<'a> {
     pub min_fresh_ms: u64,
 }
 
+/// What a store may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreMode {
+    /// A miss: only the entry observed before computing.
+    Fill,
+    /// A renewal: only the entry observed, and other processes' local
+    /// tiers drop their copy.
+    Replace,
+    /// A write-through: whatever is there, and other processes' local
+    /// tiers drop their copy.
+    Put,
+}
+
 /// One entry to store.
 pub(crate) struct StoreRequest<'a> {
     pub hash: KeyHash,
@@ -52,6 +65,8 @@ pub(crate) struct StoreRequest<'a> {
     pub times: &'a str,
     pub now_ms: u64,
     pub mode: StoreMode,
+    /// The entry's digest when it was observed ([`digest`]).
+    pub observed_entry: &'a str,
     /// The lock and token held, released by the store.
     pub held: Option<(&'a str, &'a str)>,
     /// The versions the value was computed under.
@@ -84,7 +99,7 @@ impl Backend {
     ) -> Result<LockReply, Fault> {
         match self {
             Backend::Redis(redis) => redis.lock(keys, head, request).await,
-            Backend::Memory => Ok(LockReply::Lead(Vec::new())),
+            Backend::Memory => Ok(LockReply::Lead { observed: String::new(), versions: Vec::new() }),
         }
     }
 
@@ -120,12 +135,41 @@ impl Backend {
         }
     }
 
-    /// Deletes an entry that cannot be decoded; see [`Redis::discard`].
-    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>) -> Result<(), Fault> {
+    /// Deletes an entry that cannot be decoded, if it is still the one
+    /// read; see [`Redis::discard`].
+    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>, read: &str) -> Result<(), Fault> {
         match self {
-            Backend::Redis(redis) => redis.discard(keys).await,
+            Backend::Redis(redis) => redis.discard(keys, read).await,
             Backend::Memory => Ok(()),
         }
+    }
+
+    /// Whether the entry and its versions are still what a caller observed:
+    /// for values that were not stored (so no store checked them) and are
+    /// to be handed to coalesced callers. Memory: this process sees every
+    /// write itself (the cache's write fence).
+    pub(crate) async fn unchanged(
+        &self,
+        keys: &EntryKeys<'_>,
+        entry: &str,
+        versions: &[Vec<u8>],
+    ) -> Result<bool, Fault> {
+        match self {
+            Backend::Redis(redis) => {
+                let read = redis.read(keys).await?;
+                Ok(digest(read.entry.as_deref()) == entry
+                    && read.versions.len() == versions.len()
+                    && read.versions.iter().zip(versions).all(|(now, then)| now.as_deref() == Some(&then[..])))
+            }
+            Backend::Memory => Ok(true),
+        }
+    }
+
+    /// Whether a successful store proves that the entry and its versions
+    /// were still what the computation observed. A memory-only cache checks
+    /// nothing at its store; its callers rely on the write fence.
+    pub(crate) fn checks_stores(&self) -> bool {
+        matches!(self, Backend::Redis(_))
     }
 
     /// The longest one operation may take.

@@ -1,8 +1,8 @@
 //! Redis as the backend: reads through the batcher, the scripts, and what
 //! Redis Cluster's slots change about them.
 
-use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreMode, StoreReply};
-use super::{LockRequest, Read, StoreRequest};
+use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreReply};
+use super::{LockRequest, Read, StoreMode, StoreRequest};
 use crate::batch::{self, Batcher};
 use crate::connection::Connections;
 use crate::error::Fault;
@@ -99,8 +99,14 @@ impl Redis {
         let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
         let (channel, message) = match request.mode {
             // Other processes drop their local copy of what was overwritten.
-            StoreMode::Put => (self.channel.name.as_str(), self.channel.entry_message(request.hash)),
+            StoreMode::Put | StoreMode::Replace => {
+                (self.channel.name.as_str(), self.channel.entry_message(request.hash))
+            }
             StoreMode::Fill => ("", String::new()),
+        };
+        let expect = match request.mode {
+            StoreMode::Fill | StoreMode::Replace => Some(request.observed_entry),
+            StoreMode::Put => None,
         };
         let invocation = StoreArgs {
             entry: keys.entry(),
@@ -109,7 +115,7 @@ impl Redis {
             ttl_ms: request.ttl_ms,
             head: request.head,
             payload: request.payload,
-            mode: request.mode,
+            expect,
             token,
             times: request.times,
             now_ms: request.now_ms,
@@ -145,11 +151,12 @@ impl Redis {
 
     /// Deletes an entry whose header is current but whose payload does not
     /// decode (corrupt, or written for another layout): left in place, a
-    /// miss would not overwrite it, since it looks current.
-    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>) -> Result<(), Fault> {
-        let mut del = ::redis::cmd("DEL");
-        del.arg(keys.entry());
-        self.connections.run(|conn| conn.query::<i64>(&del)).await.map(drop)
+    /// miss would not overwrite it, since it looks current. Only if it is
+    /// still the one `read` (its digest): another process may have stored a
+    /// good entry since.
+    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>, read: &str) -> Result<(), Fault> {
+        let invocation = scripts::discard(keys.entry(), read);
+        self.connections.run(|conn| conn.invoke::<i64>(&invocation)).await.map(drop)
     }
 
     /// Bumps a namespace's version; tries Redis even while the breaker is
@@ -160,9 +167,11 @@ impl Redis {
         self.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await
     }
 
-    /// Deletes one entry; returns whether there was one.
-    pub(crate) async fn forget(&self, entry: &str, hash: KeyHash) -> Result<bool, Fault> {
-        let invocation = scripts::forget(entry, &self.channel.name, &self.channel.entry_message(hash));
+    /// Replaces one entry with a tombstone that lives `ttl`; returns
+    /// whether there was an entry.
+    pub(crate) async fn forget(&self, entry: &str, hash: KeyHash, ttl: Duration) -> Result<bool, Fault> {
+        let message = self.channel.entry_message(hash);
+        let invocation = scripts::forget(entry, millis(ttl), &self.channel.name, &message);
         let deleted = self.connections.run_unguarded(|conn| conn.invoke::<u64>(&invocation)).await?;
         Ok(deleted > 0)
     }

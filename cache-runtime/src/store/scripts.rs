@@ -20,14 +20,30 @@ use std::sync::LazyLock;
 
 /// Reads the fresh-until time from an entry whose header up to the
 /// versions is `head`; `nil` for an entry without one.
-const FRESH_UNTIL: &str = r"
+/// And the digest of what a key holds: the SHA-1 of a string, '' for
+/// anything else, as [`digest`] computes it from what `MGET` returned.
+const HELPERS: &str = r"
 local function fresh_until(entry, head)
   return tonumber(string.match(entry, '^%d+,(%d+)|', #head + 1))
 end
+local function digest(key)
+  local value = redis.pcall('GET', key)
+  if type(value) ~= 'string' then return '' end
+  return redis.sha1hex(value)
+end
 ";
 
-fn with_fresh_until(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{FRESH_UNTIL}{body}"))
+fn with_helpers(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{HELPERS}{body}"))
+}
+
+/// What a store expects at the entry's key: what a caller observed there
+/// before computing, so that a write in between (a write-through, a
+/// forget's tombstone, another caller's store) is never overwritten with a
+/// value computed before it. `''` for nothing (`MGET`'s nil), the SHA-1 of
+/// the bytes otherwise.
+pub(crate) fn digest(entry: Option<&[u8]>) -> String {
+    entry.map(|bytes| sha1_smol::Sha1::from(bytes).digest().to_string()).unwrap_or_default()
 }
 
 /// [`STORE`]'s arguments.
@@ -42,7 +58,8 @@ pub(crate) struct StoreArgs<'a> {
     /// The header up to the versions (`Codec::head`).
     pub head: &'a [u8],
     pub payload: &'a [u8],
-    pub mode: StoreMode,
+    /// The digest the entry must still have ([`digest`]); `None`: any.
+    pub expect: Option<&'a str>,
     pub token: &'a str,
     /// `<stored>,<fresh until>`.
     pub times: &'a str,
@@ -54,23 +71,14 @@ pub(crate) struct StoreArgs<'a> {
     pub observed: &'a [Vec<u8>],
 }
 
-/// Whether a store may replace a current entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StoreMode {
-    /// A miss: leaves a current entry alone.
-    Fill,
-    /// A write-through or a renewal: overwrites it.
-    Put,
-}
-
 /// What [`STORE`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StoreReply {
     Stored,
     /// A namespace was invalidated since the versions were observed.
     VersionChanged,
-    /// A `Fill` found a current entry, stored at least as late.
-    AlreadyCurrent,
+    /// The entry is no longer the one observed: someone wrote it since.
+    Superseded,
 }
 
 impl StoreArgs<'_> {
@@ -82,10 +90,7 @@ impl StoreArgs<'_> {
             .arg(self.ttl_ms)
             .arg(self.head)
             .arg(self.payload)
-            .arg(match self.mode {
-                StoreMode::Fill => "fill",
-                StoreMode::Put => "put",
-            })
+            .arg(self.expect.unwrap_or("*"))
             .arg(self.token)
             .arg(self.times)
             .arg(self.now_ms)
@@ -102,27 +107,24 @@ impl StoreReply {
     pub(crate) fn parse(reply: i64) -> Self {
         match reply {
             1 => StoreReply::Stored,
-            2 => StoreReply::AlreadyCurrent,
+            2 => StoreReply::Superseded,
             _ => StoreReply::VersionChanged,
         }
     }
 }
 
 /// Stores an entry, bound to the versions its computation observed, if
-/// they are all still current; and releases the caller's stampede lock.
-///
-/// A `fill` leaves alone a fresh entry already bound to the current
-/// versions: someone stored a value at least as fresh meanwhile, perhaps a
-/// write-through. A `put` overwrites, and tells other processes' local
-/// tiers to drop their copy. Anything else at the key (a stale or foreign
-/// value, another Redis type) is overwritten.
+/// they are all still current and the entry is still what the caller
+/// observed (unless it expects `*`: a write-through); and releases the
+/// caller's stampede lock. With a channel, tells other processes' local
+/// tiers to drop their copy.
 ///
 /// KEYS: entry, lock, version keys. ARGV: [`StoreArgs`].
-/// Returns 1 stored, 0 a version changed, 2 a current entry was there.
+/// Returns 1 stored, 0 a version changed, 2 the entry changed.
 static STORE: LazyLock<redis::Script> = LazyLock::new(|| {
-    with_fresh_until(
+    with_helpers(
         r"
-local ttl_ms, head, payload, mode, token, times, now_ms, channel, message = unpack(ARGV, 1, 9)
+local ttl_ms, head, payload, expect, token, times, now_ms, channel, message = unpack(ARGV, 1, 9)
 if token ~= '' and redis.call('GET', KEYS[2]) == token then redis.call('DEL', KEYS[2]) end
 local versions = {}
 for i = 3, #KEYS do
@@ -132,13 +134,7 @@ for i = 3, #KEYS do
 end
 for i = #KEYS + 8, #ARGV do versions[#versions + 1] = ARGV[i] end
 head = head .. table.concat(versions, ',') .. '|'
-if mode == 'fill' then
-  local existing = redis.pcall('GET', KEYS[1])
-  if type(existing) == 'string' and string.sub(existing, 1, #head) == head then
-    local until_ms = fresh_until(existing, head)
-    if until_ms and until_ms > tonumber(now_ms) then return 2 end
-  end
-end
+if expect ~= '*' and digest(KEYS[1]) ~= expect then return 2 end
 redis.call('SET', KEYS[1], head .. times .. '|' .. payload, 'PX', ttl_ms)
 if channel ~= '' then redis.pcall('PUBLISH', channel, message) end
 return 1
@@ -166,8 +162,9 @@ pub(crate) struct LockArgs<'a> {
 pub(crate) enum LockReply {
     /// An entry bound to the current versions is there now.
     Hit(Vec<u8>),
-    /// We hold the lock; the current versions (read, then pinned).
-    Lead(Vec<Vec<u8>>),
+    /// We hold the lock; the entry's digest now, and the current versions
+    /// (read, then pinned).
+    Lead { observed: String, versions: Vec<Vec<u8>> },
     /// Someone else holds it.
     Wait,
 }
@@ -198,7 +195,11 @@ impl LockReply {
     pub(crate) fn parse(mut reply: Vec<Vec<u8>>, versions: usize) -> Option<Self> {
         match reply.first()?.as_slice() {
             b"hit" if reply.len() == 2 => Some(LockReply::Hit(reply.swap_remove(1))),
-            b"lead" if reply.len() == versions + 1 => Some(LockReply::Lead(reply.split_off(1))),
+            b"lead" if reply.len() == versions + 2 => {
+                let versions = reply.split_off(2);
+                let observed = String::from_utf8(reply.swap_remove(1)).ok()?;
+                Some(LockReply::Lead { observed, versions })
+            }
             b"wait" => Some(LockReply::Wait),
             _ => None,
         }
@@ -208,8 +209,9 @@ impl LockReply {
 /// The stampede lock, and the re-check that makes it safe: returns
 /// `{'hit', entry}` when an entry bound to the current versions and fresh
 /// past `min_fresh` exists now (someone stored it since our read), else
-/// tries `SET lock token NX PX` and returns `{'lead', versions...}` on
-/// success, `{'wait'}` otherwise. Waiters in other processes call it again
+/// tries `SET lock token NX PX` and returns `{'lead', digest, versions...}`
+/// on success (the entry's digest, which the store then expects),
+/// `{'wait'}` otherwise. Waiters in other processes call it again
 /// with backoff, so it is also their poll. Seeds missing versions as
 /// [`SEED_VERSIONS`] does.
 ///
@@ -219,7 +221,7 @@ impl LockReply {
 /// KEYS: entry, lock, version keys. ARGV: [`LockArgs`]: head, token, lock
 /// ttl, min fresh, one fresh seed per version key, then the pinned versions.
 static LOCK: LazyLock<redis::Script> = LazyLock::new(|| {
-    with_fresh_until(
+    with_helpers(
         r"
 local head, token, lock_ttl_ms, min_fresh_ms = unpack(ARGV, 1, 4)
 local versions = {}
@@ -239,7 +241,7 @@ if type(entry) == 'string' and string.sub(entry, 1, #head) == head then
   if until_ms and until_ms > tonumber(min_fresh_ms) then return {'hit', entry} end
 end
 if redis.call('SET', KEYS[2], token, 'NX', 'PX', lock_ttl_ms) then
-  return {'lead', unpack(versions)}
+  return {'lead', digest(KEYS[1]), unpack(versions)}
 end
 return {'wait'}
 ",
@@ -306,21 +308,48 @@ return redis.call('GET', KEYS[1])
     invocation
 }
 
-/// Deletes one entry and announces it to local tiers. Replies with how
-/// many keys were deleted.
-pub(crate) fn forget(entry: &str, channel: &str, message: &str) -> redis::ScriptInvocation<'static> {
+/// Replaces one entry with a tombstone and announces it to local tiers.
+/// A tombstone rather than a `DEL`: a computation that observed the entry
+/// (or its absence) before the forget expects that at its store, and so
+/// never stores what it read before the write. Every tombstone is unique
+/// (a random nonce) and lives `ttl_ms`. Replies 1 if there was an entry.
+pub(crate) fn forget(entry: &str, ttl_ms: u64, channel: &str, message: &str) -> redis::ScriptInvocation<'static> {
     static FORGET: LazyLock<redis::Script> = LazyLock::new(|| {
         redis::Script::new(
             r"
-local channel, message = unpack(ARGV, 1, 2)
-local deleted = redis.call('DEL', KEYS[1])
+local head, nonce, ttl_ms, channel, message = unpack(ARGV, 1, 5)
+local old = redis.pcall('GET', KEYS[1])
+local existed = type(old) == 'string' and string.sub(old, 1, #head) ~= head
+redis.call('SET', KEYS[1], head .. nonce, 'PX', ttl_ms)
 redis.pcall('PUBLISH', channel, message)
-return deleted
+if existed then return 1 end
+return 0
 ",
         )
     });
     let mut invocation = FORGET.key(entry);
-    invocation.arg(channel).arg(message);
+    invocation
+        .arg(crate::codec::TOMBSTONE)
+        .arg(format!("{:016x}", rand::random::<u64>()))
+        .arg(ttl_ms.max(1))
+        .arg(channel)
+        .arg(message);
+    invocation
+}
+
+/// Deletes an entry only if it is still the one read (its [`digest`]): a
+/// plain `DEL` could delete a good entry stored since.
+pub(crate) fn discard(entry: &str, expect: &str) -> redis::ScriptInvocation<'static> {
+    static DISCARD: LazyLock<redis::Script> = LazyLock::new(|| {
+        with_helpers(
+            r"
+if digest(KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+        )
+    });
+    let mut invocation = DISCARD.key(entry);
+    invocation.arg(expect);
     invocation
 }
 

@@ -1,0 +1,294 @@
+//! Never a stale answer: once a write path's `invalidate`, `forget` or
+//! `refresh` has returned, no caller gets a value computed from data older
+//! than that write. Each test here is a scenario that broke the promise
+//! once; `tests/history.rs` looks for the ones nobody named.
+
+mod support;
+
+use cache_runtime::{Cache, cached};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+use support::{Db, RedisServer, run};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits until `db` has been read `reads` times: the computation under
+/// test has read its source.
+async fn until_read(db: &Db, reads: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while db.reads() < reads {
+        assert!(Instant::now() < deadline, "the computation never read its source");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// --- coalesced callers after a write ----------------------------------------
+
+#[cached(ttl = 600, prefix = "rows", skip(db), cache = cache)]
+async fn slow_row(cache: &Cache, db: &Db, id: u64) -> String {
+    let version = db.read();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Long enough to be over max_value_bytes where a test sets it low.
+    format!("row {id} at version {version}{}", " ".repeat(64))
+}
+
+/// A computes from version 1; the source changes and `invalidate` returns;
+/// B then asks and joins A's flight. B must not get A's value.
+async fn waiter_after_invalidate(cache: Cache, writer: Cache) {
+    let db = Arc::new(Db::new(1));
+    let first = {
+        let (cache, db) = (cache.clone(), db.clone());
+        tokio::spawn(async move { slow_row(&cache, &db, 7).await })
+    };
+    until_read(&db, 1).await;
+    db.set(2);
+    writer.invalidate("rows").await.expect("invalidate reaches the cache");
+    let second = slow_row(&cache, &db, 7).await;
+    assert!(second.contains("version 2"), "a call that began after the invalidate got {second:?}");
+    assert!(first.await.expect("first call").contains("version 1"), "the first call began before the write");
+}
+
+#[test]
+fn memory_only_waiter_after_invalidate_gets_the_new_value() {
+    run(DEADLINE, async {
+        let cache = Cache::builder().build().expect("memory-only cache");
+        waiter_after_invalidate(cache.clone(), cache).await;
+    });
+}
+
+#[test]
+fn unstored_value_is_not_shared_after_an_invalidate_in_this_process() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale").max_value_bytes(16).build().expect("cache");
+        waiter_after_invalidate(cache.clone(), cache).await;
+    });
+}
+
+#[test]
+fn unstored_value_is_not_shared_after_an_invalidate_elsewhere() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        // Two caches on one Redis stand for two processes: the writer's
+        // invalidation reaches the reader only through Redis.
+        let cache = support::patient_cache(&server.url(), "stale").max_value_bytes(16).build().expect("cache");
+        let writer = support::patient_cache(&server.url(), "stale").build().expect("cache");
+        waiter_after_invalidate(cache, writer).await;
+    });
+}
+
+// --- forget while a computation is under way --------------------------------
+
+#[test]
+fn a_computation_that_read_before_a_forget_does_not_store() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale").build().expect("cache");
+        let db = Arc::new(Db::new(1));
+        let first = {
+            let (cache, db) = (cache.clone(), db.clone());
+            tokio::spawn(async move { slow_row(&cache, &db, 8).await })
+        };
+        until_read(&db, 1).await;
+        db.set(2);
+        let forgot = cache_runtime::forget(slow_row(&cache, &db, 8)).await.expect("forget reaches Redis");
+        assert!(!forgot, "nothing was stored yet");
+        first.await.expect("first call");
+        let after = slow_row(&cache, &db, 8).await;
+        assert!(after.contains("version 2"), "the computation that began before the forget stored {after:?}");
+    });
+}
+
+// --- refresh-ahead and write-through -----------------------------------------
+
+static HOT_DB: AtomicU32 = AtomicU32::new(1);
+static HOT_SLOW: AtomicBool = AtomicBool::new(false);
+static HOT_RENEWALS_STARTED: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(ttl = 2, prefix = "hot", refresh_ahead = 0.5, cache = cache)]
+async fn hot_price(cache: Cache, id: u64) -> u32 {
+    let _ = (&cache, id);
+    let version = HOT_DB.load(SeqCst);
+    if HOT_SLOW.load(SeqCst) {
+        HOT_RENEWALS_STARTED.fetch_add(1, SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    version
+}
+
+#[test]
+fn refresh_ahead_does_not_undo_a_write_through() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale").build().expect("cache");
+        assert_eq!(hot_price(cache.clone(), 1).await, 1);
+        // Past half the TTL, a hit starts a renewal, which reads version 1
+        // and takes its time.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        HOT_SLOW.store(true, SeqCst);
+        assert_eq!(hot_price(cache.clone(), 1).await, 1, "a hit, renewing in the background");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while HOT_RENEWALS_STARTED.load(SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no renewal started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        HOT_SLOW.store(false, SeqCst);
+        HOT_DB.store(2, SeqCst);
+        assert_eq!(cache_runtime::refresh(hot_price(cache.clone(), 1)).await, 2);
+        // The renewal finishes meanwhile; every later call sees version 2.
+        let until = Instant::now() + Duration::from_millis(800);
+        while Instant::now() < until {
+            assert_eq!(hot_price(cache.clone(), 1).await, 2, "the renewal put back what it read before the write");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+// --- forget and the local tier ----------------------------------------------
+
+static LISTED: AtomicU32 = AtomicU32::new(1);
+
+#[cached(ttl = 600, prefix = "listed", local = true, cache = cache)]
+async fn listed(cache: &Cache, id: u64) -> Result<u32, String> {
+    let _ = (cache, id);
+    match LISTED.load(SeqCst) {
+        0 => Err("no such row".to_owned()),
+        version => Ok(version),
+    }
+}
+
+#[test]
+fn forget_is_not_undone_by_a_concurrent_local_fill() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale").local(1_000).build().expect("cache");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut stale = 0;
+        for round in 1..=40u32 {
+            LISTED.store(round, SeqCst);
+            assert_eq!(cache_runtime::refresh(listed(&cache, 1)).await, Ok(round));
+            // Readers refill the local tier from Redis all along.
+            stop.store(false, SeqCst);
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (cache, stop) = (cache.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        while !stop.load(SeqCst) {
+                            let _ = listed(&cache, 1).await;
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            // The row is deleted: the function now fails, so nothing is
+            // stored over a stale copy.
+            LISTED.store(0, SeqCst);
+            cache_runtime::forget(listed(&cache, 1)).await.expect("forget reaches Redis");
+            for _ in 0..3 {
+                if listed(&cache, 1).await.is_ok() {
+                    stale += 1;
+                }
+            }
+            stop.store(true, SeqCst);
+            for reader in readers {
+                reader.await.expect("reader");
+            }
+        }
+        assert_eq!(stale, 0, "calls after forget returned got the deleted row {stale} times");
+    });
+}
+
+// --- the local tier after its runtime is gone -------------------------------
+
+#[cached(ttl = 600, prefix = "catalog", local = true, skip(db), cache = cache)]
+async fn catalog(cache: &Cache, db: &Db, id: u64) -> u32 {
+    let _ = id;
+    db.read()
+}
+
+#[test]
+fn the_local_tier_listens_again_after_its_runtime_is_dropped() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "stale").local(1_000).build().expect("cache");
+    let db = Db::new(1);
+    // A short-lived runtime makes the first local call: the listener starts
+    // there, and dies with it.
+    let first = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    first.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.stats().total.local_hits == 0 {
+            assert!(Instant::now() < deadline, "the local tier never answered");
+            assert_eq!(catalog(&cache, &db, 1).await, 1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    drop(first);
+    run(DEADLINE, async {
+        assert_eq!(catalog(&cache, &db, 1).await, 1);
+        db.set(2);
+        // Another process (another cache on the same Redis) invalidates.
+        let other = support::patient_cache(&server.url(), "stale").build().expect("cache");
+        other.invalidate("catalog").await.expect("invalidate");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while catalog(&cache, &db, 1).await != 2 {
+            assert!(Instant::now() < deadline, "the local tier kept serving an invalidated entry");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
+// --- deleting an undecodable entry ------------------------------------------
+
+/// Fails to decode once, slowly, when told to: a layout another deploy
+/// cannot read, while that deploy stores a good entry meanwhile.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Layout(u32);
+
+static FAIL_NEXT_DECODE: AtomicBool = AtomicBool::new(false);
+
+impl<'de> Deserialize<'de> for Layout {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = u32::deserialize(deserializer)?;
+        if FAIL_NEXT_DECODE.swap(false, SeqCst) {
+            std::thread::sleep(Duration::from_millis(400));
+            return Err(serde::de::Error::custom("written for another layout"));
+        }
+        Ok(Layout(value))
+    }
+}
+
+static LAYOUT_DB: AtomicU32 = AtomicU32::new(1);
+
+#[cached(ttl = 600, prefix = "layout", cache = cache)]
+async fn layout(cache: &Cache, id: u64) -> Layout {
+    let _ = (cache, id);
+    Layout(LAYOUT_DB.load(SeqCst))
+}
+
+#[test]
+fn an_undecodable_entry_is_deleted_only_if_still_the_one_read() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale").build().expect("cache");
+        assert_eq!(layout(&cache, 1).await, Layout(1));
+        FAIL_NEXT_DECODE.store(true, SeqCst);
+        let reader = {
+            let cache = cache.clone();
+            tokio::spawn(async move { layout(&cache, 1).await })
+        };
+        // While the reader decodes, the other deploy writes a good entry.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        LAYOUT_DB.store(2, SeqCst);
+        assert_eq!(cache_runtime::refresh(layout(&cache, 1)).await, Layout(2));
+        let computations = cache.stats().total.computations;
+        assert_eq!(reader.await.expect("reader"), Layout(2));
+        assert_eq!(
+            cache.stats().total.computations,
+            computations,
+            "the good entry stored after the read was deleted, and computed again"
+        );
+    });
+}
