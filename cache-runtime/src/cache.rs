@@ -14,7 +14,7 @@ use crate::policy::Plan;
 use crate::site::CacheView;
 use crate::stats::{Registry, Stats};
 use crate::store::{Backend, Redis};
-use crate::warnings::{Cause, Warnings};
+use crate::warnings::Warnings;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::Duration;
@@ -248,19 +248,7 @@ impl Cache {
     /// entry. The first use starts listening for other processes'
     /// invalidations.
     pub(crate) fn local_for(&self, plan: &Plan<'_>) -> Option<(&LocalTier, Duration)> {
-        let Some(local) = self.inner.local.as_deref() else {
-            if plan.local_ttl.is_some() {
-                self.warn(
-                    Cause::NoLocalTier,
-                    format_args!(
-                        "prefix `{}` asks for the local tier, but the cache has none: enable it with \
-                         Cache::builder().local(capacity)",
-                        plan.prefix
-                    ),
-                );
-            }
-            return None;
-        };
+        let local = self.inner.local.as_deref()?;
         let Backend::Redis(remote) = &self.inner.backend else { return Some((local, Duration::MAX)) };
         let keep_for = plan.local_ttl?;
         if !self.inner.listening.load(Relaxed) && !self.inner.listening.swap(true, Relaxed) {
@@ -294,10 +282,6 @@ impl Cache {
 
     pub(crate) fn renewals(&self) -> &Renewals {
         &self.inner.renewals
-    }
-
-    pub(crate) fn warn(&self, cause: Cause, message: std::fmt::Arguments<'_>) {
-        self.inner.warnings.warn(cause, message);
     }
 
     pub(crate) fn registry(&self) -> &Registry {

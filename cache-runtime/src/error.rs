@@ -44,7 +44,8 @@ pub enum Error {
     Redis(String),
     /// A value or argument could not be encoded.
     Encode(String),
-    /// [`forget`](crate::forget) was given a future that is not a call of a
+    /// [`forget`](crate::forget) or [`try_refresh`](crate::try_refresh) was
+    /// given a future that is not a call of a
     /// `#[cached]` function.
     NotCached,
 }
@@ -63,7 +64,7 @@ impl fmt::Display for Error {
             Error::Connection(why) => write!(f, "could not reach Redis: {why}"),
             Error::Redis(why) => write!(f, "Redis refused the command: {why}"),
             Error::Encode(why) => write!(f, "could not encode: {why}"),
-            Error::NotCached => f.write_str("forget() was given a future that is not a call of a #[cached] function"),
+            Error::NotCached => f.write_str("the future given is not a call of a #[cached] function"),
         }
     }
 }

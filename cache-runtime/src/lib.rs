@@ -91,7 +91,7 @@ pub use keys::{KeyHash, KeyHasher};
 #[cfg(feature = "tower")]
 pub use layer::{CacheBody, CacheLayer, CacheService};
 pub use policy::Policy;
-pub use scope::{forget, refresh};
+pub use scope::{forget, refresh, try_refresh};
 pub use stats::{Counts, Stats};
 
 /// Caches an async function in Redis. See the crate README for the

@@ -66,7 +66,12 @@ async fn run<R, B: Body<R>>(
     let cache = cache.or_else(|| crate::global());
     match (cache, scope::current()) {
         (Some(cache), Mode::Normal) => cache.fetch_or_compute(plan, key, storage, Intent::Read, body).await,
-        (Some(cache), Mode::Refresh) => cache.fetch_or_compute(plan, key, storage, Intent::Refresh, body).await,
+        (Some(cache), Mode::Refresh(_)) => cache.fetch_or_compute(plan, key, storage, Intent::Refresh, body).await,
+        // A cached call started after the one that took the forget (inside
+        // its wrapper's future) behaves normally.
+        (Some(cache), Mode::Forget(report)) if !scope::claim_forget(&report) => {
+            cache.fetch_or_compute(plan, key, storage, Intent::Read, body).await
+        }
         (cache, Mode::Forget(report)) => {
             let outcome = match cache {
                 // Boxed: a rare path that should not grow every call's future.

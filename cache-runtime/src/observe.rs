@@ -58,8 +58,6 @@ pub(crate) enum Event<'a> {
     Oversize(&'a dyn Display),
     /// The function failed; the stale copy was returned instead.
     StaleServed(&'a dyn Display),
-    /// No TTL in the attribute and none on the cache.
-    NoTtl(&'a dyn Display),
     /// An entry bound to an older namespace version.
     StaleVersion,
     LockWait,
@@ -92,10 +90,6 @@ pub(crate) fn note(counters: &Counters, warnings: &Warnings, event: Event<'_>) {
         Event::Unencodable(why) => (&counters.encode_errors, Some("encode"), Some((Cause::Encode, *why))),
         Event::Oversize(why) => (&counters.oversize, Some("oversize"), Some((Cause::Oversize, *why))),
         Event::StaleServed(why) => (&counters.stale_served, None, Some((Cause::Stale, *why))),
-        Event::NoTtl(why) => {
-            warnings.warn(Cause::NoTtl, format_args!("{why}"));
-            return;
-        }
         Event::StaleVersion => (&counters.stale, None, None),
         Event::LockWait => (&counters.lock_waits, None, None),
         Event::LockTimeout => (&counters.lock_timeouts, None, None),
@@ -157,6 +151,16 @@ impl<'c> Observer<'c> {
         if !self.span.is_disabled() {
             let hex = hash.to_hex();
             self.span.record("key", String::from_utf8_lossy(&hex[..8]).as_ref());
+        }
+    }
+
+    /// A call that cannot use the cache because of how its site or the
+    /// cache is set up: counted every time, logged at error level once per
+    /// site, since it will not fix itself.
+    pub(crate) fn misconfigured(&self, why: &dyn Display) {
+        bump(&self.site.counters.misconfigured);
+        if self.site.reported.set(()).is_ok() {
+            tracing::error!(target: "cache_runtime", "{why}");
         }
     }
 

@@ -53,6 +53,8 @@ pub struct Storage<R> {
     pub(crate) decode: fn(&[u8], Codec) -> Result<R, CodecError>,
     /// Whether this output would be stored, without encoding it.
     pub(crate) cacheable: fn(&R) -> bool,
+    /// The output type's name, for reports.
+    pub(crate) type_name: fn() -> &'static str,
 }
 
 impl<R> Clone for Storage<R> {
@@ -86,6 +88,11 @@ impl<R> Storage<R> {
         fn cacheable<R, K: OutputKind<R>>(output: &R) -> bool {
             K::stored(output).is_some()
         }
-        Self { encode: encode::<R, K>, decode: decode::<R, K>, cacheable: cacheable::<R, K> }
+        Self {
+            encode: encode::<R, K>,
+            decode: decode::<R, K>,
+            cacheable: cacheable::<R, K>,
+            type_name: std::any::type_name::<R>,
+        }
     }
 }

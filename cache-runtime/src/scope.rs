@@ -11,13 +11,25 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-type ForgetReport = Arc<Mutex<Option<Result<bool, Error>>>>;
+/// Where a wrapper hears what the cached call did.
+type Report<T> = Arc<Mutex<Option<T>>>;
+
+/// A forget's state: whether a cached call took it (on the first poll of
+/// the wrapped future), and its outcome.
+#[derive(Default)]
+pub(crate) struct ForgetState {
+    claimed: bool,
+    outcome: Option<Result<bool, Error>>,
+}
+
+type ForgetReport = Arc<Mutex<ForgetState>>;
 
 #[derive(Clone)]
 pub(crate) enum Mode {
     /// Inside a refreshed call's body: nested cached calls behave normally.
     Normal,
-    Refresh,
+    /// Write-through; `try_refresh` hears whether it reached the cache.
+    Refresh(Option<Report<Result<(), Error>>>),
     Forget(ForgetReport),
 }
 
@@ -34,11 +46,28 @@ pub(crate) async fn normally<F: Future>(body: F) -> F::Output {
     MODE.scope(Mode::Normal, body).await
 }
 
+/// Claims a forget for the cached call that starts under it: the first
+/// one only.
+pub(crate) fn claim_forget(report: &ForgetReport) -> bool {
+    report.lock().map(|mut state| !std::mem::replace(&mut state.claimed, true)).unwrap_or(false)
+}
+
 /// Reports a forget's outcome to its [`forget`] wrapper.
 pub(crate) fn report_forget(report: &ForgetReport, outcome: Result<bool, Error>) {
-    if let Ok(mut guard) = report.lock() {
-        *guard = Some(outcome);
+    if let Ok(mut state) = report.lock() {
+        state.outcome = Some(outcome);
     }
+}
+
+/// Reports a write-through's outcome to its [`try_refresh`] wrapper, if any.
+pub(crate) fn report_refresh(outcome: Result<(), Error>) {
+    let _ = MODE.try_with(|mode| {
+        if let Mode::Refresh(Some(report)) = mode
+            && let Ok(mut slot) = report.lock()
+        {
+            *slot = Some(outcome);
+        }
+    });
 }
 
 /// Write-through: runs the cached call's body now, even if an entry
@@ -59,7 +88,34 @@ pub(crate) fn report_forget(report: &ForgetReport, outcome: Result<bool, Error>)
 /// # }
 /// ```
 pub async fn refresh<F: Future>(cached_call: F) -> F::Output {
-    MODE.scope(Mode::Refresh, cached_call).await
+    MODE.scope(Mode::Refresh(None), cached_call).await
+}
+
+/// [`refresh`] that tells whether the new value reached the cache: `Err`
+/// when Redis could not be asked or refused the store, so a write path
+/// can retry or report it instead of believing readers see the new value.
+/// Either way it returns what the call returned. When the function's
+/// output is not cacheable (an `Err`), the old entry is forgotten instead,
+/// and the outcome is that of the forget.
+///
+/// `cached_call` must be a call of a `#[cached]` function; any other future
+/// runs to completion and the result is [`Error::NotCached`].
+///
+/// ```no_run
+/// # use cache_runtime::cached;
+/// # #[cached(ttl = 60, prefix = "products")]
+/// # async fn product(id: u64) -> Option<String> { None }
+/// # async fn update() -> Result<(), cache_runtime::Error> {
+/// // UPDATE products SET ... WHERE id = 7; then:
+/// let (fresh, reached) = cache_runtime::try_refresh(product(7)).await;
+/// reached?;
+/// # Ok(()) }
+/// ```
+pub async fn try_refresh<F: Future>(cached_call: F) -> (F::Output, Result<(), Error>) {
+    let report: Report<Result<(), Error>> = Arc::default();
+    let output = MODE.scope(Mode::Refresh(Some(report.clone())), cached_call).await;
+    let reached = report.lock().ok().and_then(|mut slot| slot.take()).unwrap_or(Err(Error::NotCached));
+    (output, reached)
 }
 
 /// Deletes the entry the cached call would read, without running its body.
@@ -70,8 +126,10 @@ pub async fn refresh<F: Future>(cached_call: F) -> F::Output {
 /// older computation never overwrites) or [`invalidate`](crate::invalidate)
 /// the namespace (version-checked).
 ///
-/// `cached_call` must be a call of a `#[cached]` function; any other future
-/// runs to completion and the result is [`Error::NotCached`].
+/// `cached_call` must be a call of a `#[cached]` function, which takes the
+/// forget when it is first polled. Any other future is dropped after its
+/// first poll and the result is [`Error::NotCached`]: a future that awaits
+/// something else first would otherwise forget the wrong entry, or none.
 ///
 /// ```no_run
 /// # use cache_runtime::cached;
@@ -87,10 +145,14 @@ pub async fn forget<F: Future>(cached_call: F) -> Result<bool, Error> {
     let mut call = pin!(MODE.scope(Mode::Forget(report.clone()), cached_call));
     poll_fn(|cx| {
         let finished = call.as_mut().poll(cx).is_ready();
-        let outcome = report.lock().ok().and_then(|mut guard| guard.take());
+        let (claimed, outcome) = match report.lock() {
+            Ok(mut state) => (state.claimed, state.outcome.take()),
+            Err(_) => (false, None),
+        };
         match outcome {
             Some(outcome) => Poll::Ready(outcome),
-            None if finished => Poll::Ready(Err(Error::NotCached)),
+            // Not taken on the first poll: not a call of a cached function.
+            None if finished || !claimed => Poll::Ready(Err(Error::NotCached)),
             None => Poll::Pending,
         }
     })

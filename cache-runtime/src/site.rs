@@ -18,6 +18,11 @@ pub(crate) struct Site {
     pub invalid: Option<String>,
     /// Its namespaces' epochs in the cache's local tier, if it has one.
     pub local: Option<LocalSite>,
+    /// Whether the site's output type decodes what its codec encoded,
+    /// checked on the first store: the type's name, and why not.
+    pub round_trip: OnceLock<(&'static str, Option<String>)>,
+    /// Set once the site's misconfiguration has been logged.
+    pub reported: OnceLock<()>,
 }
 
 impl Site {
@@ -28,6 +33,8 @@ impl Site {
             version_keys: namespaces.iter().map(|ns| version_key(cache.key_prefix, ns)).collect::<Vec<_>>().into(),
             invalid: namespaces.iter().try_for_each(|ns| check_namespace(ns)).err(),
             local: cache.local.map(|tier| tier.site(namespaces.iter().copied())),
+            round_trip: OnceLock::new(),
+            reported: OnceLock::new(),
         }
     }
 }

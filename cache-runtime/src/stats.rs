@@ -82,6 +82,12 @@ counters! {
     encode_errors,
     /// Values larger than `max_value_bytes`, returned but not stored.
     oversize,
+    /// Calls that could not use the cache because of how their call site or
+    /// the cache is set up: no `ttl` and no `default_ttl`, an invalid
+    /// namespace, `local = true` on a cache without a local tier, or a type
+    /// that does not decode what its codec encoded. The first of each call
+    /// site is logged at error level with the reason.
+    misconfigured,
     /// Entries the local tier dropped to stay within its capacity.
     local_evictions,
     /// Payload bytes read on hits.

@@ -7,16 +7,14 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Cause {
     NotInitialized,
-    NoTtl,
     Redis,
     Decode,
     Encode,
     Oversize,
     Stale,
-    NoLocalTier,
 }
 
-const CAUSES: usize = 8;
+const CAUSES: usize = 6;
 const INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]

@@ -8,6 +8,7 @@
 use super::lock::LockGuard;
 use super::{Call, Observed, now_ms};
 use crate::codec::EntryTimes;
+use crate::error::Fault;
 use crate::flight::Shared;
 use crate::observe::Event;
 use crate::output::Encoded;
@@ -38,10 +39,19 @@ pub(super) struct Settle {
 // unchanged: otherwise a caller that joined after a write returned would
 // get what was computed before it. Those callers look again instead.
 
+/// What settling came to.
+pub(super) struct Settled<R> {
+    /// What the caller gets.
+    pub output: R,
+    /// What waiters may be given: nothing when the output is not cacheable.
+    pub shared: Option<Shared>,
+    /// The backend failure that kept the value from being stored, if any.
+    pub fault: Option<Fault>,
+}
+
 impl<R> Call<'_, R> {
-    /// Settles `output`: returns what the caller gets and what waiters may
-    /// be given (nothing when the output is not cacheable).
-    pub(super) async fn settle(&self, output: R, settle: Settle) -> (R, Option<Shared>) {
+    /// Settles `output`; see the module docs.
+    pub(super) async fn settle(&self, output: R, settle: Settle) -> Settled<R> {
         let Settle { observed, mut guard, stale, mode, share } = settle;
         let (output, stale_copy) = self.or_stale(output, stale);
         if let Some(stale_copy) = stale_copy {
@@ -52,11 +62,11 @@ impl<R> Call<'_, R> {
                 guard.disarm();
             }
             let shared = if share { Some(self.unverified(stale_copy, observed.as_ref()).await) } else { None };
-            return (output, shared);
+            return Settled { output, shared, fault: None };
         }
         let encoded = if observed.is_none() && !share { None } else { (self.storage.encode)(&output, self.plan.codec) };
-        let shared = self.store_and_unlock(mode, observed, guard, encoded, share).await;
-        (output, shared)
+        let (shared, fault) = self.store_and_unlock(mode, observed, guard, encoded, share).await;
+        Settled { output, shared, fault }
     }
 
     /// What waiters get of a value that no store checked; see above.
@@ -84,16 +94,16 @@ impl<R> Call<'_, R> {
         mut guard: Option<LockGuard>,
         encoded: Option<Encoded>,
         share: bool,
-    ) -> Option<Shared> {
+    ) -> (Option<Shared>, Option<Fault>) {
         let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
-        let (released, shared) = self.store(mode, observed, held, encoded, share).await;
+        let (released, shared, fault) = self.store(mode, observed, held, encoded, share).await;
         if let Some(guard) = guard.as_mut() {
             if !released {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
             }
             guard.disarm();
         }
-        shared
+        (shared, fault)
     }
 
     /// Stores an output, encoded by the caller (`None`: not cacheable).
@@ -109,16 +119,19 @@ impl<R> Call<'_, R> {
         held: Option<(&str, &str)>,
         encoded: Option<Encoded>,
         share: bool,
-    ) -> (bool, Option<Shared>) {
+    ) -> (bool, Option<Shared>, Option<Fault>) {
         let payload = match encoded {
-            None => return (false, None),
+            None => return (false, None, None),
             Some(Ok(payload)) => Arc::new(payload),
             Some(Err(e)) => {
                 let why = format_args!("a value of prefix `{}` could not be encoded: {e}", self.plan.prefix);
                 self.observer.event(Event::Unencodable(&why));
-                return (false, None);
+                return (false, None, None);
             }
         };
+        if !self.round_trips(&payload) {
+            return (false, None, None);
+        }
         let max = self.cache.max_value_bytes();
         if payload.len() > max {
             self.observer.event(Event::Oversize(&format_args!(
@@ -126,9 +139,11 @@ impl<R> Call<'_, R> {
                 self.plan.prefix,
                 payload.len(),
             )));
-            return (false, self.share_unverified(share, payload, observed.as_ref()).await);
+            return (false, self.share_unverified(share, payload, observed.as_ref()).await, None);
         }
-        let Some(observed) = observed else { return (false, self.share_unverified(share, payload, None).await) };
+        let Some(observed) = observed else {
+            return (false, self.share_unverified(share, payload, None).await, None);
+        };
         let now = now_ms();
         let fresh_ms = jittered_ttl_ms(self.ttl, self.plan.jitter);
         let times = EntryTimes { stored_ms: now, fresh_until_ms: now.saturating_add(fresh_ms) };
@@ -150,9 +165,9 @@ impl<R> Call<'_, R> {
                 self.observer.event(Event::Written { bytes: payload.len() });
                 self.keep_locally(&payload, times);
                 if self.cache.backend().checks_stores() {
-                    (true, Some(Shared::Value(payload)))
+                    (true, Some(Shared::Value(payload)), None)
                 } else {
-                    (true, self.share_unverified(share, payload, Some(&observed)).await)
+                    (true, self.share_unverified(share, payload, Some(&observed)).await, None)
                 }
             }
             // Someone wrote the entry since it was observed (a write-through,
@@ -160,11 +175,35 @@ impl<R> Call<'_, R> {
             // invalidated: waiters look again.
             Ok(StoreReply::Superseded | StoreReply::VersionChanged) => {
                 self.observer.event(Event::WriteSkipped);
-                (true, Some(Shared::Stale))
+                (true, Some(Shared::Stale), None)
             }
             Err(fault) => {
                 self.observer.event(Event::Fault(&fault));
-                (false, self.share_unverified(share, payload, None).await)
+                (false, self.share_unverified(share, payload, None).await, Some(fault))
+            }
+        }
+    }
+
+    /// Whether the output type decodes what its codec encoded: checked on
+    /// a call site's first store, since a type whose serde attributes the
+    /// codec cannot read back would be stored, fail to decode, and be
+    /// computed again on every call.
+    fn round_trips(&self, payload: &[u8]) -> bool {
+        let name = (self.storage.type_name)();
+        let check = || (name, (self.storage.decode)(payload, self.plan.codec).err().map(|e| e.to_string()));
+        let (checked, failure) = self.observer.site.round_trip.get_or_init(check);
+        let failure = if *checked == name { failure.clone() } else { check().1 };
+        match failure {
+            None => true,
+            Some(why) => {
+                self.observer.misconfigured(&format_args!(
+                    "prefix `{}`: `{name}` does not decode what {} encoded ({why}), so its calls are no longer \
+                     cached: serde attributes such as `flatten`, `skip_serializing_if`, `untagged` or internally \
+                     tagged enums, and `serde_json::Value`, need `codec = \"json\"`",
+                    self.plan.prefix,
+                    self.plan.codec.name()
+                ));
+                false
             }
         }
     }

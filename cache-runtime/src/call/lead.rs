@@ -44,6 +44,10 @@ impl<R> Call<'_, R> {
         let mut poll = FIRST_POLL;
         let mut waited = false;
         let mut discarded = false;
+        // Armed before asking: a caller dropped while the lock script runs
+        // may hold the lock without having heard so. Releasing a lock it did
+        // not get does nothing (the token differs).
+        let mut guard = LockGuard::new(self.cache, lock.clone(), token.clone());
         let next = loop {
             match self.lock(&lock, &token, now_ms()).await {
                 Some(LockReply::Lead { observed, versions }) => {
@@ -56,6 +60,7 @@ impl<R> Call<'_, R> {
                             let payload = Arc::new(stored.payload.to_vec());
                             self.keep_locally(&payload, stored.times);
                             leader.finish(Shared::Value(payload));
+                            guard.disarm();
                             return output;
                         }
                         if !discarded {
@@ -85,23 +90,29 @@ impl<R> Call<'_, R> {
         };
         let Seen { versions, entry, stale } = seen;
         let (observed, guard) = match next {
-            Next::Locked(observed) => (Some(observed), Some(LockGuard::new(self.cache, lock, token))),
-            Next::Unlocked => (self.observed(versions, entry).await, None),
+            Next::Locked(observed) => (Some(observed), Some(guard)),
+            Next::Unlocked => {
+                guard.disarm();
+                (self.observed(versions, entry).await, None)
+            }
             // The backend just failed this call: do not make it wait again.
-            Next::Offline => return self.lead_without_store(leader, Outcome::Miss, stale, body).await,
+            Next::Offline => {
+                guard.disarm();
+                return self.lead_without_store(leader, Outcome::Miss, stale, body).await;
+            }
         };
         // From here until the lock is released, a panic or a dropped future
         // releases it through the guard, and the waiters through `leader`.
         leader.computing();
         let output = self.compute(Outcome::Miss, body.run()).await;
         let settle = Settle { observed, guard, stale, mode: StoreMode::Fill, share: leader.has_waiters() };
-        let (output, shared) = self.settle(output, settle).await;
+        let settled = self.settle(output, settle).await;
         // Nothing to share (an `Err`): dropping the leader lets a waiter
         // take over at once.
-        if let Some(shared) = shared {
+        if let Some(shared) = settled.shared {
             leader.finish(shared);
         }
-        output
+        settled.output
     }
 
     /// Computes without storing, sharing the result with waiters in this
@@ -117,11 +128,11 @@ impl<R> Call<'_, R> {
         let output = self.compute(outcome, body.run()).await;
         // Encoded only when someone is waiting for it.
         let settle = Settle { observed: None, guard: None, stale, mode: StoreMode::Fill, share: leader.has_waiters() };
-        let (output, shared) = self.settle(output, settle).await;
-        if let Some(shared) = shared {
+        let settled = self.settle(output, settle).await;
+        if let Some(shared) = settled.shared {
             leader.finish(shared);
         }
-        output
+        settled.output
     }
 
     /// Runs the lock request; `None` when the backend failed.

@@ -28,7 +28,7 @@ pub(crate) use body::{Body, Now};
 
 use crate::Cache;
 use crate::codec::{self, EntryTimes, StoredEntry};
-use crate::error::Fault;
+use crate::error::{Error, Fault};
 use crate::flight::{Role, Shared};
 use crate::keys::canonical::Unencodable;
 use crate::keys::{EntryKeys, KeyHash};
@@ -76,6 +76,7 @@ struct Seen {
 
 /// The state a computation was based on, which its store expects to be
 /// unchanged.
+#[derive(Clone)]
 pub(super) struct Observed {
     pub versions: Vec<Vec<u8>>,
     /// The entry's digest (`store::digest`).
@@ -144,30 +145,28 @@ impl Cache {
     where
         B: Body<R>,
     {
-        let Some(ttl) = plan.ttl.or(self.default_ttl()) else {
+        let ttl = plan.ttl.or(self.default_ttl());
+        if let Some(why) = misconfiguration(plan, ttl, storage, observer) {
             observer.outcome(Outcome::Bypass);
-            observer.event(Event::NoTtl(&format_args!(
-                "prefix `{}` has no ttl and the cache no default_ttl: not caching it",
-                plan.prefix
-            )));
+            observer.misconfigured(&why);
+            if intent == Intent::Refresh {
+                scope::report_refresh(Err(Error::InvalidConfig(why)));
+            }
+            return body.run().await;
+        }
+        let (Some(ttl), Ok(hash)) = (ttl, key.as_ref()) else {
+            observer.outcome(Outcome::Bypass);
+            let why = match &key {
+                Err(e) => format!("prefix `{}`: {e}; computing without the cache", plan.prefix),
+                Ok(_) => String::new(),
+            };
+            observer.event(Event::Unencodable(&why));
+            if intent == Intent::Refresh {
+                scope::report_refresh(Err(Error::Encode(why)));
+            }
             return body.run().await;
         };
-        let hash = match (key, &observer.site.invalid) {
-            (Ok(hash), None) => hash,
-            (Err(e), _) => {
-                observer.outcome(Outcome::Bypass);
-                observer.event(Event::Unencodable(&format_args!(
-                    "prefix `{}`: {e}; computing without the cache",
-                    plan.prefix
-                )));
-                return body.run().await;
-            }
-            (Ok(_), Some(invalid)) => {
-                observer.outcome(Outcome::Bypass);
-                observer.event(Event::Unencodable(&format_args!("{invalid}; computing without the cache")));
-                return body.run().await;
-            }
-        };
+        let hash = *hash;
         observer.key(hash);
         let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
         let call = Call::new(self, plan, ttl, storage, hash, &keys, observer);
@@ -182,6 +181,38 @@ impl Cache {
             Intent::Read => call.coordinated(body).await,
         }
     }
+}
+
+/// Why a call site cannot use the cache at all, whatever its arguments.
+/// Checked on every call; the checks cost a few loads when all is well.
+fn misconfiguration<R>(
+    plan: &Plan<'_>,
+    ttl: Option<Duration>,
+    storage: Storage<R>,
+    observer: &Observer<'_>,
+) -> Option<String> {
+    if ttl.is_none() {
+        return Some(format!(
+            "prefix `{}` has no ttl and the cache no default_ttl, so its calls are never cached: add `ttl = ...` \
+             to #[cached] (or Policy::ttl), or `.default_ttl(...)` to the cache builder",
+            plan.prefix
+        ));
+    }
+    if let Some(invalid) = &observer.site.invalid {
+        return Some(format!("{invalid}, so its calls are never cached"));
+    }
+    if let Some((name, Some(why))) = observer.site.round_trip.get()
+        && *name == (storage.type_name)()
+    {
+        return Some(format!(
+            "prefix `{}`: `{name}` does not decode what {} encoded ({why}), so its calls are no longer cached: \
+             serde attributes such as `flatten`, `skip_serializing_if`, `untagged` or internally tagged enums, and \
+             `serde_json::Value`, need `codec = \"json\"`",
+            plan.prefix,
+            plan.codec.name()
+        ));
+    }
+    None
 }
 
 /// One call's context.
@@ -267,21 +298,35 @@ impl<'c, R> Call<'c, R> {
         }
     }
 
-    /// Write-through: compute now, overwrite.
+    /// Write-through: compute now, overwrite. An output that is not
+    /// cacheable (an `Err`) forgets the entry instead: the write path asked
+    /// for the old value to go. The outcome is reported to `try_refresh`.
     async fn refresh<B: Body<R>>(&self, body: B) -> R {
         if let Some(local) = &self.local {
             // Gone before the refresh reads, so that even if its own fill
             // is refused the old value is not served here.
             local.forget(self.hash);
         }
-        let observed = match self.read().await {
-            Some(read) => self.observed(read.versions, digest(read.entry.as_deref())).await,
-            None => None,
-        };
+        let observed = self.observe_for_refresh().await;
         // Nested cached calls in the body behave normally.
         let output = self.compute(Outcome::Refresh, scope::normally(body.run())).await;
-        let settle = Settle { observed, guard: None, stale: None, mode: StoreMode::Put, share: false };
-        let output = self.settle(output, settle).await.0;
+        let reached = if (self.storage.cacheable)(&output) {
+            let settle = Settle {
+                observed: observed.as_ref().ok().cloned(),
+                guard: None,
+                stale: None,
+                mode: StoreMode::Put,
+                share: false,
+            };
+            let settled = self.settle(output, settle).await;
+            let reached = match (observed, settled.fault) {
+                (Err(fault), _) | (Ok(_), Some(fault)) => Err(fault.into()),
+                (Ok(_), None) => Ok(()),
+            };
+            (settled.output, reached)
+        } else {
+            (output, self.cache.forget_entry(self.plan, Ok(self.hash)).await.map(drop))
+        };
         // Readers that read the old entry before the store must not keep it
         // in their local tier, and coalesced callers must not be handed a
         // value computed before this write.
@@ -289,7 +334,23 @@ impl<'c, R> Call<'c, R> {
             local.forget(self.hash);
         }
         self.cache.bump_fence();
-        output
+        scope::report_refresh(reached.1);
+        reached.0
+    }
+
+    /// What a write-through's store is bound to, or why it cannot store.
+    async fn observe_for_refresh(&self) -> Result<Observed, Fault> {
+        let backend = self.cache.backend();
+        let result = async {
+            let read = backend.read(self.keys).await?;
+            let versions = backend.seed_missing(self.keys, read.versions).await?;
+            Ok(Observed { versions, entry: digest(read.entry.as_deref()) })
+        }
+        .await;
+        if let Err(fault) = &result {
+            self.observer.event(Event::Fault(fault));
+        }
+        result
     }
 
     /// Without coordination: `lock = false`, or past the lock timeout.
@@ -300,7 +361,7 @@ impl<'c, R> Call<'c, R> {
         };
         let output = self.compute(outcome, body.run()).await;
         let settle = Settle { observed, guard: None, stale, mode: StoreMode::Fill, share: false };
-        self.settle(output, settle).await.0
+        self.settle(output, settle).await.output
     }
 
     async fn compute<F: Future<Output = R>>(&self, outcome: Outcome, compute: F) -> R {

@@ -100,14 +100,20 @@ impl<R> Call<'_, R> {
     async fn renew<F: Future<Output = R>>(&self, seen: EntryTimes, compute: F) -> Renewal {
         let Role::Leader(leader) = self.cache.flights().join(self.keys.entry()) else { return Renewal::Done };
         let (token, lock) = (token(), self.keys.lock());
+        // Armed before asking, as in `lead`.
+        let mut guard = LockGuard::new(self.cache, lock.clone(), token.clone());
         let observed = match self.lock(&lock, &token, seen.fresh_until_ms).await {
             Some(LockReply::Lead { observed, versions }) => Observed { versions, entry: observed },
-            Some(LockReply::Wait) => return Renewal::Elsewhere,
-            // Renewed already, or the backend is unavailable: the entry
-            // stays until its TTL.
-            Some(LockReply::Hit(_)) | None => return Renewal::Done,
+            reply => {
+                guard.disarm();
+                return match reply {
+                    Some(LockReply::Wait) => Renewal::Elsewhere,
+                    // Renewed already, or the backend is unavailable: the
+                    // entry stays until its TTL.
+                    _ => Renewal::Done,
+                };
+            }
         };
-        let guard = LockGuard::new(self.cache, lock, token);
         leader.computing();
         let output = self.compute(Outcome::Renewal, compute).await;
         let cacheable = (self.storage.cacheable)(&output);
@@ -119,7 +125,7 @@ impl<R> Call<'_, R> {
             mode: StoreMode::Replace,
             share: leader.has_waiters(),
         };
-        if let (_, Some(shared)) = self.settle(output, settle).await {
+        if let Some(shared) = self.settle(output, settle).await.shared {
             leader.finish(shared);
         }
         if cacheable { Renewal::Done } else { Renewal::Failed }

@@ -41,7 +41,16 @@ impl<'c> Local<'c> {
         observer: &'c Observer<'c>,
         hash: KeyHash,
     ) -> Option<Self> {
-        let (tier, keep_for) = cache.local_for(plan)?;
+        let Some((tier, keep_for)) = cache.local_for(plan) else {
+            if plan.local_ttl.is_some() && observer.site.local.is_none() {
+                observer.misconfigured(&format_args!(
+                    "prefix `{}` asks for the local tier, but the cache has none: enable it with \
+                     Cache::builder().local(capacity)",
+                    plan.prefix
+                ));
+            }
+            return None;
+        };
         let site = observer.site.local.as_ref()?;
         Some(Local { tier, site, capture: tier.capture(site, &hash), keep_for })
     }
