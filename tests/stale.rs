@@ -292,3 +292,45 @@ fn an_undecodable_entry_is_deleted_only_if_still_the_one_read() {
         );
     });
 }
+
+// --- the stated bound: a silently dead channel ------------------------------
+
+#[test]
+fn a_silent_channel_stops_local_answers_within_the_stated_bound() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale")
+            .command_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200))
+            .local(1_000)
+            .build()
+            .expect("cache");
+        let db = Db::new(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.stats().total.local_hits == 0 {
+            assert!(Instant::now() < deadline, "the local tier never answered");
+            catalog(&cache, &db, 9).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The server stops answering without closing anything: a message
+        // published now could be lost without a trace. Only the channel's
+        // ping can tell.
+        server.freeze();
+        let frozen = Instant::now();
+        let mut last_local = frozen;
+        while frozen.elapsed() < Duration::from_secs(4) {
+            let before = cache.stats().total.local_hits;
+            catalog(&cache, &db, 9).await;
+            if cache.stats().total.local_hits > before {
+                last_local = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.resume();
+        let trusted_for = last_local - frozen;
+        println!("local answers went on for {trusted_for:?} after the channel went silent");
+        // The bound docs/CONSISTENCY.md states: the ping interval (1 s) plus
+        // the connect and command timeouts; the margin is for a loaded machine.
+        assert!(trusted_for <= Duration::from_millis(1_400 + 800), "local answers for {trusted_for:?}");
+    });
+}
