@@ -1,9 +1,12 @@
 //! The `#[cached]` attribute of [`cache-runtime`](https://docs.rs/cache-runtime).
 //!
 //! This crate only parses, validates and rewrites; all caching logic lives
-//! in `cache-runtime`, which re-exports the attribute. Depend on that crate,
-//! not on this one: the expansion calls its unstable internals, which is why
-//! `cache-runtime` pins this crate to its exact version.
+//! in `cache-runtime`, which re-exports the attribute and documents each of
+//! its arguments:
+//! [`cache_runtime::cached`](https://docs.rs/cache-runtime/latest/cache_runtime/attr.cached.html).
+//! Depend on that crate, not on this one: the expansion calls its unstable
+//! internals, which is why `cache-runtime` pins this crate to its exact
+//! version.
 
 mod attr;
 mod expand;
@@ -12,9 +15,8 @@ mod item;
 use proc_macro::TokenStream;
 use quote::ToTokens;
 
-/// Caches an async function in Redis. Its arguments are documented where
-/// the attribute is re-exported:
-/// [`cache_runtime::cached`](https://docs.rs/cache-runtime/latest/cache_runtime/attr.cached.html).
+// No doc comment: rustdoc appends it to the re-export's, and the reference
+// lives on the re-export, `cache_runtime::cached`, where its examples run.
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     let function = match syn::parse::<item::CachedFn>(item.clone()) {
