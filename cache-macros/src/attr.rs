@@ -3,13 +3,14 @@
 //! Every mistake becomes a `syn::Error` spanned on the offending token, and
 //! all of them are reported together.
 
-use proc_macro2::Span;
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote_spanned};
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
 const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags, lock, lock_timeout, local, local_ttl, \
-                    refresh_ahead, stale_if_error";
+                    refresh_ahead, stale_if_error, crate";
 pub(crate) const MAX_JITTER: f64 = 0.5;
 
 /// The validated arguments.
@@ -35,6 +36,9 @@ pub(crate) struct CachedArgs {
     pub stale_if_error_secs: Option<u64>,
     /// Where `skip` was written, for errors about it.
     pub skip_span: Option<Span>,
+    /// `crate = "path"`: where the runtime is, when it is renamed or
+    /// re-exported.
+    pub crate_path: Option<syn::Path>,
 }
 
 #[derive(Clone, Copy)]
@@ -134,6 +138,17 @@ impl Parse for CachedArgs {
 }
 
 impl CachedArgs {
+    /// The runtime's path, the root of every path the expansion names.
+    /// The default is spanned at `span`, so a call the expansion makes at
+    /// the user's tokens (the return type) is reported there, not at the
+    /// attribute; a written path keeps its own span.
+    pub(crate) fn crate_path(&self, span: Span) -> TokenStream {
+        match &self.crate_path {
+            Some(path) => path.to_token_stream(),
+            None => quote_spanned! {span=> ::cache_runtime },
+        }
+    }
+
     fn accept(&mut self, name: &str, arg: RawArg) -> syn::Result<()> {
         let span = arg.name.span();
         match (name, arg.value) {
@@ -180,6 +195,7 @@ impl CachedArgs {
                 self.stale_if_error_secs = Some(positive_int(&expr, "stale_if_error", "seconds")?)
             }
             ("cache", RawValue::Assign(expr)) => self.cache = Some(expr),
+            ("crate", RawValue::Assign(expr)) => self.crate_path = Some(crate_path(&expr)?),
             ("skip", RawValue::List(list)) => {
                 self.skip_span = Some(span);
                 let mut errors = Errors::default();
@@ -206,7 +222,7 @@ impl CachedArgs {
             }
             (
                 "ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache" | "lock" | "lock_timeout" | "local"
-                | "local_ttl" | "refresh_ahead" | "stale_if_error",
+                | "local_ttl" | "refresh_ahead" | "stale_if_error" | "crate",
                 _,
             ) => {
                 return Err(syn::Error::new(span, format!("expected `{name} = ...`")));
@@ -298,6 +314,27 @@ fn jitter(expr: &Expr) -> syn::Result<f64> {
         return Err(syn::Error::new_spanned(expr, format!("`jitter` must be between 0 and {MAX_JITTER}")));
     }
     Ok(value)
+}
+
+/// `crate = "my_reexport::cache_runtime"`, as tokio and serde spell it; a
+/// bare path is taken too. Its tokens keep the literal's span, so a path
+/// that does not resolve is reported there.
+fn crate_path(expr: &Expr) -> syn::Result<syn::Path> {
+    const EXAMPLE: &str = "such as `crate = \"my_reexport::cache_runtime\"`";
+    let path = match expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => lit.parse::<syn::Path>().map_err(|_| {
+            syn::Error::new_spanned(lit, format!("`crate` must be the path of `cache_runtime`, {EXAMPLE}"))
+        })?,
+        Expr::Path(p) if p.attrs.is_empty() && p.qself.is_none() => p.path.clone(),
+        _ => return Err(syn::Error::new_spanned(expr, format!("`crate` must be a string literal path, {EXAMPLE}"))),
+    };
+    if let Some(segment) = path.segments.iter().find(|s| !s.arguments.is_none()) {
+        return Err(syn::Error::new_spanned(
+            expr,
+            format!("`crate` names a crate or module: `{}` cannot take generic arguments", segment.ident),
+        ));
+    }
+    Ok(path)
 }
 
 fn string(expr: &Expr, name: &str) -> syn::Result<LitStr> {

@@ -2,14 +2,16 @@
 //!
 //! The function keeps its signature; its body moves into an `async` block
 //! that the runtime runs on a miss. Everything the expansion names is an
-//! absolute path, and its locals use mixed-site hygiene, so nothing in the
-//! user's body can see or shadow them.
+//! absolute path (the runtime's through `crate = ...`, one token stream), and
+//! its locals use mixed-site hygiene, so nothing in the user's body can see
+//! or shadow them.
 
 use crate::attr::{CachedArgs, Codec, Errors};
+use crate::item::CachedFn;
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{FnArg, GenericParam, Ident, ItemFn, Pat, ReturnType, Type};
+use syn::{FnArg, GenericParam, Ident, Pat, ReturnType, Type};
 
 /// What goes into the key besides the function's identity.
 enum KeyParts<'a> {
@@ -20,7 +22,7 @@ enum KeyParts<'a> {
     Params(Vec<(Ident, Span)>),
 }
 
-pub(crate) fn expand(args: CachedArgs, function: ItemFn) -> syn::Result<TokenStream> {
+pub(crate) fn expand(args: CachedArgs, function: &CachedFn) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
     let sig = &function.sig;
     if sig.asyncness.is_none() {
@@ -34,16 +36,16 @@ pub(crate) fn expand(args: CachedArgs, function: ItemFn) -> syn::Result<TokenStr
     {
         errors.at(ty.span(), "#[cached] cannot store an `impl Trait`: name the concrete type");
     }
-    let key_parts = key_parts(&args, &function, &mut errors);
+    let key_parts = key_parts(&args, function, &mut errors);
     if args.refresh_ahead.is_some() {
-        check_owned_inputs(&function, &mut errors);
+        check_owned_inputs(function, &mut errors);
     }
     errors.finish()?;
-    Ok(emit(&args, &function, key_parts))
+    Ok(emit(&args, function, key_parts))
 }
 
 /// What to hash; mistakes are recorded in `errors`.
-fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -> KeyParts<'a> {
+fn key_parts<'a>(args: &'a CachedArgs, function: &CachedFn, errors: &mut Errors) -> KeyParts<'a> {
     let mut names: Vec<Ident> = Vec::new();
     let mut parts = Vec::new();
     for input in &function.sig.inputs {
@@ -95,7 +97,7 @@ fn key_parts<'a>(args: &'a CachedArgs, function: &ItemFn, errors: &mut Errors) -
 
 /// `refresh_ahead` runs the body again after the call has returned, in a
 /// task of its own: nothing it uses may be borrowed from the caller.
-fn check_owned_inputs(function: &ItemFn, errors: &mut Errors) {
+fn check_owned_inputs(function: &CachedFn, errors: &mut Errors) {
     const WHY: &str = "`refresh_ahead` renews entries after the call has returned";
     for param in &function.sig.generics.params {
         if let GenericParam::Lifetime(lifetime) = param {
@@ -148,8 +150,9 @@ fn as_ident(expr: &syn::Expr) -> Option<&Ident> {
     }
 }
 
-fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenStream {
-    let ItemFn { attrs, vis, sig, block } = function;
+fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> TokenStream {
+    let CachedFn { outer_attrs, vis, sig, inner_attrs, body: stmts, .. } = function;
+    let krate = args.crate_path(Span::call_site());
     let hygienic = |name: &str| Ident::new(name, Span::mixed_site());
     let (key, hasher, kind, site, cache, h) = (
         hygienic("__cache_key"),
@@ -228,24 +231,29 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
     let stale_if_error =
         duration(args.stale_if_error_secs.filter(|s| *s > 0).map(|s| quote! { ::core::time::Duration::from_secs(#s) }));
     let codec = match args.codec.unwrap_or(Codec::Bincode) {
-        Codec::Bincode => quote! { ::cache_runtime::Codec::Bincode },
-        Codec::Json => quote! { ::cache_runtime::Codec::Json },
+        Codec::Bincode => quote! { #krate::Codec::Bincode },
+        Codec::Json => quote! { #krate::Codec::Json },
     };
     let (bind_cache, cache_ref) = match &args.cache {
         Some(expr) => (
-            quote_spanned! {expr.span()=> let #cache = ::cache_runtime::__private::resolve_cache(&(#expr)); },
+            {
+                let krate = args.crate_path(expr.span());
+                quote_spanned! {expr.span()=> let #cache = #krate::__private::resolve_cache(&(#expr)); }
+            },
             quote! { ::core::option::Option::Some(&#cache) },
         ),
         None => (quote! {}, quote! { ::core::option::Option::None }),
     };
-    let select_kind = quote_spanned! {output_span=>
-        ::cache_runtime::__private::cacheable::<#output, _>({
-            #[allow(unused_imports)]
-            use ::cache_runtime::__private::{PlainTag as _, ResultTag as _};
-            (&::cache_runtime::__private::Tag::<#output>::new()).kind()
-        })
+    let select_kind = {
+        let krate = args.crate_path(output_span);
+        quote_spanned! {output_span=>
+            #krate::__private::cacheable::<#output, _>({
+                #[allow(unused_imports)]
+                use #krate::__private::{PlainTag as _, ResultTag as _};
+                (&#krate::__private::Tag::<#output>::new()).kind()
+            })
+        }
     };
-    let stmts = &block.stmts;
     let body = quote! {
         async move {
             // Pins the block's output type, so `?` and `return` in the
@@ -255,37 +263,39 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
                 let __cache_unreachable: #output = loop {};
                 return __cache_unreachable;
             }
-            #(#stmts)*
+            #stmts
         }
     };
     let call = if args.refresh_ahead.is_some() {
         // The closure owns the arguments, so the body can run again in a
         // background task after this call has returned.
-        quote! { ::cache_runtime::__private::call_renewable(#cache_ref, &#site, #key, #kind, move || #body).await }
+        quote! { #krate::__private::call_renewable(#cache_ref, &#site, #key, #kind, move || #body).await }
     } else {
-        quote! { ::cache_runtime::__private::call(#cache_ref, &#site, #key, #kind, #body).await }
+        quote! { #krate::__private::call(#cache_ref, &#site, #key, #kind, #body).await }
     };
 
     quote! {
-        #(#attrs)*
+        #(#outer_attrs)*
         #vis #sig {
+            // Where they were written: they apply to the whole function.
+            #(#inner_attrs)*
             let #key = {
-                static #identity: ::cache_runtime::__private::IdentityCell =
-                    ::cache_runtime::__private::IdentityCell::new();
+                static #identity: #krate::__private::IdentityCell =
+                    #krate::__private::IdentityCell::new();
                 // A closure's type name carries every generic parameter of
                 // the function and of its impl, instantiated.
                 let #anchor = || ();
                 let mut #hasher =
                     #identity.hasher(::core::any::type_name_of_val(&#anchor), #version, #output_text);
                 #(#type_params)*
-                ::core::result::Result::Ok::<_, ::cache_runtime::Unencodable>(&mut #hasher)
+                ::core::result::Result::Ok::<_, #krate::Unencodable>(&mut #hasher)
                     #(#const_params)*
                     #(#args_chain)*
                     .map(|#h| #h.finish())
             };
             let #kind = #select_kind;
-            static #cell: ::cache_runtime::__private::SiteCell = ::cache_runtime::__private::SiteCell::new();
-            static #site: ::cache_runtime::__private::Plan<'static> = ::cache_runtime::__private::Plan {
+            static #cell: #krate::__private::SiteCell = #krate::__private::SiteCell::new();
+            static #site: #krate::__private::Plan<'static> = #krate::__private::Plan {
                 prefix: #prefix,
                 tags: &[#(::std::borrow::Cow::Borrowed(#tags)),*],
                 ttl: #ttl,
@@ -301,5 +311,36 @@ fn emit(args: &CachedArgs, function: &ItemFn, key_parts: KeyParts<'_>) -> TokenS
             #bind_cache
             #call
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand_str(args: &str, function: &str) -> String {
+        let args: CachedArgs = syn::parse_str(args).expect("valid arguments");
+        let function: CachedFn = syn::parse_str(function).expect("a function");
+        expand(args, &function).expect("expands").to_string()
+    }
+
+    const EVERY_PATH: &str = "cache = cache, refresh_ahead = 0.5, codec = \"json\", ttl = 5";
+    const FUNCTION: &str = "async fn f<T: Clone, const N: usize>(cache: Cache, x: u32) -> Result<u32, E> { Ok(x) }";
+
+    #[test]
+    fn every_runtime_path_goes_through_crate() {
+        let default = expand_str(EVERY_PATH, FUNCTION);
+        assert!(default.contains(":: cache_runtime :: __private"), "{default}");
+        let renamed = expand_str(&format!("crate = \"my_reexport::rt\", {EVERY_PATH}"), FUNCTION);
+        assert!(!renamed.contains("cache_runtime"), "a path escaped `crate`: {renamed}");
+        assert!(renamed.contains("my_reexport :: rt :: __private :: call_renewable"), "{renamed}");
+    }
+
+    #[test]
+    fn inner_attributes_stay_inside_the_body() {
+        let expanded = expand_str("ttl = 5", "#[inline] async fn f() -> u32 { #![allow(unused_variables)] 1 }");
+        let (before, after) = expanded.split_once('{').expect("a body");
+        assert!(before.starts_with("# [inline]") && !before.contains("allow"), "{before}");
+        assert!(after.trim_start().starts_with("# ! [allow (unused_variables)]"), "{after}");
     }
 }

@@ -25,6 +25,8 @@
 //! runs its body and returns what it returns. Such events are counted in
 //! [`Stats`] and logged through `tracing`, rate-limited.
 //!
+//! [`cached`] documents each of the attribute's arguments, with an example.
+//!
 //! Beyond the attribute: [`Cache::get_or_compute`] with a [`Policy`] for
 //! dynamic keys, [`forget`] and [`refresh`] for one entry named by a call,
 //! [`invalidate`] for a namespace.
@@ -94,17 +96,10 @@ pub use policy::Policy;
 pub use scope::{forget, refresh, try_refresh};
 pub use stats::{Counts, Stats};
 
-/// Caches an async function in Redis. See the crate README for the
-/// arguments; the function body runs only on a miss.
-///
-/// ```no_run
-/// use cache_runtime::cached;
-///
-/// #[cached(ttl = 60, prefix = "greeting")]
-/// async fn greeting(name: String) -> String {
-///     format!("hello, {name}")
-/// }
-/// ```
+// The attribute's reference lives here, where docs.rs shows it and its
+// examples run against this crate.
+#[doc = include_str!("cached.md")]
+#[doc(inline)]
 pub use cache_macros::cached;
 
 static GLOBAL: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
