@@ -56,6 +56,8 @@
 //!   when it is not the default);
 //! - `HISTORY_SECONDS=600`: the soak, rounds of 30 s with fresh seeds until
 //!   that many seconds have passed, then the totals.
+//! - `HISTORY_CHECK_DIR=/tmp/cache-history-…`: checks a round's history
+//!   that a failing run kept (it prints where) again, with its excerpts;
 //! - `HISTORY_TELLS=prefix,tag,refresh`: writes tell the cache only in those
 //!   ways (of `prefix`, `tag`, `forget`, `refresh`), to look at one write
 //!   path at a time; a seed replays only with the same list.
@@ -1161,21 +1163,23 @@ fn excerpt(history: &History, r: &ReadRec, missed: Option<&WriteRec>, producers:
         lines.push((fault.start, true, line));
     }
     if r.f == Fun::Local {
-        // The local tier's last channel fault, however long ago: whether its
-        // subscription was ever re-established is the question.
-        let last = history
-            .faults
-            .iter()
-            .rfind(|f| f.kind.hits_channel() && f.p.is_none_or(|p| p == r.p) && f.start <= r.start && f.end < from);
-        if let Some(fault) = last {
-            let target = fault.p.map_or_else(|| "all".to_string(), |p| p.to_string());
-            let line = format!(
-                "  {:>10.3} ..{:>10.3}  FAULT {:?} ({target}): the reader's last channel fault",
-                history.ms(fault.start),
-                history.ms(fault.end),
-                fault.kind
-            );
-            lines.push((fault.start, true, line));
+        // The local tier's last channel faults, however long ago: whether
+        // its subscription was ever re-established is the question.
+        for kind in [FaultKind::RuntimeRebuild, FaultKind::ClientKillPubsub, FaultKind::Freeze] {
+            let last = history
+                .faults
+                .iter()
+                .rfind(|f| f.kind == kind && f.p.is_none_or(|p| p == r.p) && f.start <= r.start && f.end < from);
+            if let Some(fault) = last {
+                let target = fault.p.map_or_else(|| "all".to_string(), |p| p.to_string());
+                let line = format!(
+                    "  {:>10.3} ..{:>10.3}  FAULT {:?} ({target}): the reader's last of this kind",
+                    history.ms(fault.start),
+                    history.ms(fault.end),
+                    fault.kind
+                );
+                lines.push((fault.start, true, line));
+            }
         }
     }
     lines.sort_by_key(|(start, _, _)| *start);
@@ -1327,7 +1331,7 @@ fn run_rounds(test: &str, ci: usize, ci_seconds: u64, round: impl Fn(u64, u64) -
     }
     totals.print(&format!("{test}, {:.1} s", started.elapsed().as_secs_f64()));
     for dir in kept {
-        println!("  histories kept in {}", dir.display());
+        println!("  history kept: HISTORY_CHECK_DIR={} checks it again", dir.display());
     }
     assert_eq!(totals.violation_count(), 0, "{test}: the history shows stale answers (excerpts above)");
 }
@@ -1430,13 +1434,44 @@ fn processes_round(seed: u64, seconds: u64) -> (History, Option<PathBuf>) {
     }
     server.kill();
     assert!(failed_workers.is_empty(), "seed {seed}: workers failed: {failed_workers:?}");
-    let mut recs: Vec<Rec> = faults.into_iter().map(Rec::Fault).collect();
-    for entry in std::fs::read_dir(&dir).expect("history dir").flatten() {
+    // The parent's part of the history, so a kept directory is complete.
+    let mut parent = format!("{}\n", serde_json::to_string(&(seed, t0)).unwrap_or_default());
+    for fault in faults {
+        parent.push_str(&serde_json::to_string(&Rec::Fault(fault)).unwrap_or_default());
+        parent.push('\n');
+    }
+    std::fs::write(dir.join(ROUND_FILE), parent).expect("write the round's faults");
+    (load(&dir), Some(dir))
+}
+
+/// The parent's file in a round's directory: (seed, t0), then the faults.
+const ROUND_FILE: &str = "round.jsonl";
+
+/// A round's history from its directory.
+fn load(dir: &Path) -> History {
+    let round = std::fs::read_to_string(dir.join(ROUND_FILE)).expect("the round's file");
+    let (seed, t0): (u64, u64) =
+        round.lines().next().and_then(|line| serde_json::from_str(line).ok()).expect("the round's seed");
+    let mut recs = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("history dir").flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         // A killed worker may leave one torn last line.
         recs.extend(text.lines().filter_map(|line| serde_json::from_str::<Rec>(line).ok()));
     }
-    (History::new(seed, t0, recs), Some(dir))
+    History::new(seed, t0, recs)
+}
+
+/// `HISTORY_CHECK_DIR=<dir>`: checks a kept round's history again and
+/// prints its violations (a race seldom recurs on replay; its history
+/// stays on disk).
+#[test]
+fn recheck_a_kept_history() {
+    let Ok(dir) = std::env::var("HISTORY_CHECK_DIR") else { return };
+    let history = load(Path::new(&dir));
+    let (violations, late) = check(&history);
+    let mut totals = Totals::default();
+    totals.add(&history, violations, late);
+    totals.print(&dir);
 }
 
 /// `WORKERS` processes × `TASKS` tasks over one private Redis, with faults:
