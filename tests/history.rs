@@ -779,7 +779,9 @@ async fn write(ctx: Ctx, task: u32, key: u32, hows: Vec<How>) {
             How::Prefix(f) => invalidate(&ctx, f.prefix()).await,
             How::Tag => invalidate(&ctx, TAG).await,
             How::Forget(f) => on_fun!(f, ctx.clone(), key, |call| cache_runtime::forget(call).await.is_ok()),
-            How::Refresh(f) => on_fun!(f, ctx.clone(), key, |call| cache_runtime::refresh(call).await.is_ok()),
+            // Told only when the new value (or, for a failed body, the
+            // forget that replaces it) reached the cache.
+            How::Refresh(f) => on_fun!(f, ctx.clone(), key, |call| cache_runtime::try_refresh(call).await.1.is_ok()),
         };
         env.sink.record(&Rec::Tell { call: ctx.call, tell: Tell { how, ok, start: tell_start, end: now_us() } });
         // The floor rises only once the telling has returned Ok (and is

@@ -334,3 +334,47 @@ fn a_silent_channel_stops_local_answers_within_the_stated_bound() {
         assert!(trusted_for <= Duration::from_millis(1_400 + 800), "local answers for {trusted_for:?}");
     });
 }
+
+// --- two write-throughs at once ---------------------------------------------
+
+static DUO_DB: AtomicU32 = AtomicU32::new(1);
+static DUO_SLOW_NEXT: AtomicBool = AtomicBool::new(false);
+
+#[cached(ttl = 600, prefix = "duo", cache = cache)]
+async fn duo(cache: &Cache, id: u64) -> u32 {
+    let _ = (cache, id);
+    let version = DUO_DB.load(SeqCst);
+    if DUO_SLOW_NEXT.swap(false, SeqCst) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    version
+}
+
+/// An older write's slow refresh finishes after a newer write's refresh
+/// returned: the older value must not stay.
+async fn older_refresh_finishing_last(cache: Cache, id: u64) {
+    DUO_DB.store(1, SeqCst);
+    assert_eq!(duo(&cache, id).await, 1);
+    DUO_DB.store(30, SeqCst);
+    DUO_SLOW_NEXT.store(true, SeqCst);
+    let slow = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache_runtime::refresh(duo(&cache, id)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    DUO_DB.store(31, SeqCst);
+    assert_eq!(cache_runtime::refresh(duo(&cache, id)).await, 31);
+    assert_eq!(slow.await.expect("slow refresh"), 30, "it read before the newer write");
+    assert_eq!(duo(&cache, id).await, 31, "the older write-through's value stayed");
+}
+
+#[test]
+fn an_older_refresh_finishing_last_does_not_win() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "stale").build().expect("cache");
+        older_refresh_finishing_last(cache, 1).await;
+        let memory = Cache::builder().build().expect("memory-only cache");
+        older_refresh_finishing_last(memory, 2).await;
+    });
+}

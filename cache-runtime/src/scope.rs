@@ -76,7 +76,11 @@ pub(crate) fn report_refresh(outcome: Result<(), Error>) {
 ///
 /// Use it right after a write, so readers get the new value without a miss.
 /// A slower computation that started before the write never overwrites the
-/// refreshed entry with what it read earlier.
+/// refreshed entry with what it read earlier. When the entry changed while
+/// this one computed (another write-through, say), neither value is kept:
+/// the entry is forgotten and the next reader computes afresh. When the
+/// function fails, the entry is forgotten too. [`try_refresh`] says whether
+/// it reached the cache.
 ///
 /// ```no_run
 /// # use cache_runtime::cached;

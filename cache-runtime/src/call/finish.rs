@@ -39,6 +39,15 @@ pub(super) struct Settle {
 // unchanged: otherwise a caller that joined after a write returned would
 // get what was computed before it. Those callers look again instead.
 
+/// How a store ended, for those who must know.
+enum Stored {
+    /// Stored, refused for a namespace's version, or nothing to store.
+    Done,
+    /// The entry was written by someone else since it was observed.
+    Superseded,
+    Failed(Fault),
+}
+
 /// What settling came to.
 pub(super) struct Settled<R> {
     /// What the caller gets.
@@ -47,6 +56,8 @@ pub(super) struct Settled<R> {
     pub shared: Option<Shared>,
     /// The backend failure that kept the value from being stored, if any.
     pub fault: Option<Fault>,
+    /// The entry was written by someone else since it was observed.
+    pub superseded: bool,
 }
 
 impl<R> Call<'_, R> {
@@ -62,11 +73,11 @@ impl<R> Call<'_, R> {
                 guard.disarm();
             }
             let shared = if share { Some(self.unverified(stale_copy, observed.as_ref()).await) } else { None };
-            return Settled { output, shared, fault: None };
+            return Settled { output, shared, fault: None, superseded: false };
         }
         let encoded = if observed.is_none() && !share { None } else { (self.storage.encode)(&output, self.plan.codec) };
-        let (shared, fault) = self.store_and_unlock(mode, observed, guard, encoded, share).await;
-        Settled { output, shared, fault }
+        let (shared, fault, superseded) = self.store_and_unlock(mode, observed, guard, encoded, share).await;
+        Settled { output, shared, fault, superseded }
     }
 
     /// What waiters get of a value that no store checked; see above.
@@ -94,16 +105,20 @@ impl<R> Call<'_, R> {
         mut guard: Option<LockGuard>,
         encoded: Option<Encoded>,
         share: bool,
-    ) -> (Option<Shared>, Option<Fault>) {
+    ) -> (Option<Shared>, Option<Fault>, bool) {
         let held = guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
-        let (released, shared, fault) = self.store(mode, observed, held, encoded, share).await;
+        let (released, shared, outcome) = self.store(mode, observed, held, encoded, share).await;
         if let Some(guard) = guard.as_mut() {
             if !released {
                 self.cache.release_lock(&guard.lock, &guard.token).await;
             }
             guard.disarm();
         }
-        (shared, fault)
+        match outcome {
+            Stored::Failed(fault) => (shared, Some(fault), false),
+            Stored::Superseded => (shared, None, true),
+            Stored::Done => (shared, None, false),
+        }
     }
 
     /// Stores an output, encoded by the caller (`None`: not cacheable).
@@ -119,18 +134,18 @@ impl<R> Call<'_, R> {
         held: Option<(&str, &str)>,
         encoded: Option<Encoded>,
         share: bool,
-    ) -> (bool, Option<Shared>, Option<Fault>) {
+    ) -> (bool, Option<Shared>, Stored) {
         let payload = match encoded {
-            None => return (false, None, None),
+            None => return (false, None, Stored::Done),
             Some(Ok(payload)) => Arc::new(payload),
             Some(Err(e)) => {
                 let why = format_args!("a value of prefix `{}` could not be encoded: {e}", self.plan.prefix);
                 self.observer.event(Event::Unencodable(&why));
-                return (false, None, None);
+                return (false, None, Stored::Done);
             }
         };
         if !self.round_trips(&payload) {
-            return (false, None, None);
+            return (false, None, Stored::Done);
         }
         let max = self.cache.max_value_bytes();
         if payload.len() > max {
@@ -139,10 +154,10 @@ impl<R> Call<'_, R> {
                 self.plan.prefix,
                 payload.len(),
             )));
-            return (false, self.share_unverified(share, payload, observed.as_ref()).await, None);
+            return (false, self.share_unverified(share, payload, observed.as_ref()).await, Stored::Done);
         }
         let Some(observed) = observed else {
-            return (false, self.share_unverified(share, payload, None).await, None);
+            return (false, self.share_unverified(share, payload, None).await, Stored::Done);
         };
         let now = now_ms();
         let fresh_ms = jittered_ttl_ms(self.ttl, self.plan.jitter);
@@ -162,24 +177,32 @@ impl<R> Call<'_, R> {
         };
         match self.cache.backend().store(self.keys, request).await {
             Ok(StoreReply::Stored) => {
-                self.observer.event(Event::Written { bytes: payload.len() });
-                self.keep_locally(&payload, times);
+                let kept = self.keep_locally(&payload, times, mode != StoreMode::Fill);
                 if self.cache.backend().checks_stores() {
-                    (true, Some(Shared::Value(payload)), None)
+                    self.observer.event(Event::Written { bytes: payload.len() });
+                    (true, Some(Shared::Value(payload)), Stored::Done)
+                } else if kept {
+                    // Memory-only: the local tier is the store.
+                    self.observer.event(Event::Written { bytes: payload.len() });
+                    (true, self.share_unverified(share, payload, Some(&observed)).await, Stored::Done)
                 } else {
-                    (true, self.share_unverified(share, payload, Some(&observed)).await, None)
+                    // Memory-only, and the key was forgotten, replaced or
+                    // invalidated since it was read.
+                    self.observer.event(Event::WriteSkipped);
+                    (true, Some(Shared::Stale), Stored::Superseded)
                 }
             }
             // Someone wrote the entry since it was observed (a write-through,
             // a forget, another caller's store), or a namespace was
             // invalidated: waiters look again.
-            Ok(StoreReply::Superseded | StoreReply::VersionChanged) => {
+            Ok(reply @ (StoreReply::Superseded | StoreReply::VersionChanged)) => {
                 self.observer.event(Event::WriteSkipped);
-                (true, Some(Shared::Stale), None)
+                let outcome = if reply == StoreReply::Superseded { Stored::Superseded } else { Stored::Done };
+                (true, Some(Shared::Stale), outcome)
             }
             Err(fault) => {
                 self.observer.event(Event::Fault(&fault));
-                (false, self.share_unverified(share, payload, None).await, Some(fault))
+                (false, self.share_unverified(share, payload, None).await, Stored::Failed(fault))
             }
         }
     }

@@ -58,7 +58,7 @@ impl<R> Call<'_, R> {
                         if let Some(output) = self.decode_payload(stored.payload) {
                             self.observer.outcome(Outcome::Hit);
                             let payload = Arc::new(stored.payload.to_vec());
-                            self.keep_locally(&payload, stored.times);
+                            self.keep_locally(&payload, stored.times, false);
                             leader.finish(Shared::Value(payload));
                             guard.disarm();
                             return output;

@@ -168,6 +168,14 @@ impl Cache {
         };
         let hash = *hash;
         observer.key(hash);
+        if intent == Intent::Refresh
+            && let Some((tier, _)) = self.local_for(plan)
+        {
+            // Gone before the refresh reads (and before its call captures
+            // the tier's state), so the old value is not served here
+            // meanwhile, and the new one can be kept.
+            tier.forget(&hash);
+        }
         let keys = EntryKeys::new(self.key_prefix(), plan.prefix, &observer.site.version_keys, hash);
         let call = Call::new(self, plan, ttl, storage, hash, &keys, observer);
         match intent {
@@ -298,15 +306,11 @@ impl<'c, R> Call<'c, R> {
         }
     }
 
-    /// Write-through: compute now, overwrite. An output that is not
-    /// cacheable (an `Err`) forgets the entry instead: the write path asked
-    /// for the old value to go. The outcome is reported to `try_refresh`.
+    /// Write-through: compute now, and replace the entry read before
+    /// computing. An output that is not cacheable (an `Err`) forgets the
+    /// entry instead: the write path asked for the old value to go. The
+    /// outcome is reported to `try_refresh`.
     async fn refresh<B: Body<R>>(&self, body: B) -> R {
-        if let Some(local) = &self.local {
-            // Gone before the refresh reads, so that even if its own fill
-            // is refused the old value is not served here.
-            local.forget(self.hash);
-        }
         let observed = self.observe_for_refresh().await;
         // Nested cached calls in the body behave normally.
         let output = self.compute(Outcome::Refresh, scope::normally(body.run())).await;
@@ -315,24 +319,24 @@ impl<'c, R> Call<'c, R> {
                 observed: observed.as_ref().ok().cloned(),
                 guard: None,
                 stale: None,
-                mode: StoreMode::Put,
+                mode: StoreMode::Replace,
                 share: false,
             };
             let settled = self.settle(output, settle).await;
             let reached = match (observed, settled.fault) {
                 (Err(fault), _) | (Ok(_), Some(fault)) => Err(fault.into()),
+                // Another write got there since this one read the entry:
+                // which of the two read the newer data is unknown, so
+                // neither value stays, and readers compute afresh.
+                (Ok(_), None) if settled.superseded => self.cache.forget_entry(self.plan, Ok(self.hash)).await.map(drop),
                 (Ok(_), None) => Ok(()),
             };
             (settled.output, reached)
         } else {
             (output, self.cache.forget_entry(self.plan, Ok(self.hash)).await.map(drop))
         };
-        // Readers that read the old entry before the store must not keep it
-        // in their local tier, and coalesced callers must not be handed a
-        // value computed before this write.
-        if let Some(local) = &self.local {
-            local.forget(self.hash);
-        }
+        // Coalesced callers must not be handed a value computed before
+        // this write.
         self.cache.bump_fence();
         scope::report_refresh(reached.1);
         reached.0
@@ -425,7 +429,7 @@ impl<'c, R> Call<'c, R> {
             Some(output) => {
                 self.observer.outcome(Outcome::Hit);
                 if self.local.is_some() {
-                    self.keep_locally(&Arc::new(stored.payload.to_vec()), stored.times);
+                    self.keep_locally(&Arc::new(stored.payload.to_vec()), stored.times, false);
                 }
                 Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
             }

@@ -117,15 +117,23 @@ pub(super) fn within_stale_window(plan: &Plan<'_>, times: EntryTimes, now: u64) 
 impl<R> Call<'_, R> {
     /// Puts a payload in the local tier, if this call uses it: for as long
     /// as the entry is fresh (plus its stale window, when the tier is the
-    /// whole cache), at most the plan's local TTL.
-    pub(super) fn keep_locally(&self, payload: &Arc<Vec<u8>>, times: EntryTimes) {
-        let Some(local) = &self.local else { return };
+    /// whole cache), at most the plan's local TTL. `replacing`: the payload
+    /// was written over the entry (a write-through, a renewal), and no fill
+    /// of the old one may land after it.
+    /// Returns whether it was kept.
+    pub(super) fn keep_locally(&self, payload: &Arc<Vec<u8>>, times: EntryTimes, replacing: bool) -> bool {
+        let Some(local) = &self.local else { return false };
         let until = if local.tier.is_whole_cache() {
             times.fresh_until_ms.saturating_add(self.plan.stale_if_error.map_or(0, |w| w.as_millis() as u64))
         } else {
             times.fresh_until_ms
         };
         let keep_for = Duration::from_millis(until.saturating_sub(now_ms())).min(local.keep_for);
-        local.tier.insert(self.hash, local.site, local.capture, (payload.clone(), self.plan.codec, times), keep_for);
+        let parts = (payload.clone(), self.plan.codec, times);
+        if replacing {
+            local.tier.replace(self.hash, local.site, local.capture, parts, keep_for)
+        } else {
+            local.tier.insert(self.hash, local.site, local.capture, parts, keep_for)
+        }
     }
 }

@@ -201,19 +201,41 @@ impl LocalTier {
         capture: Capture,
         parts: (Arc<Vec<u8>>, Codec, EntryTimes),
         keep_for: Duration,
-    ) {
+    ) -> bool {
         let (payload, codec, times) = parts;
         let forgets = &self.forgets[capture.stripe];
         let unchanged = |tier: &Self| tier.mark(site) == capture.mark && forgets.load(SeqCst) == capture.forgets;
         if capture.mark.generation % 2 == 1 || keep_for.is_zero() || !unchanged(self) {
-            return;
+            return false;
         }
         self.entries.insert(hash, Arc::new(LocalEntry { payload, codec, times, keep_for, mark: capture.mark }));
         // A forget applied between the check and the insert would not have
         // seen this entry.
         if forgets.load(SeqCst) != capture.forgets {
             self.entries.invalidate(&hash);
+            return false;
         }
+        true
+    }
+
+    /// Stores the entry a write put in Redis (or, memory-only, is the
+    /// write), unless the key was forgotten or replaced since `capture`;
+    /// and makes every fill of the key in flight stale, so that none that
+    /// read the old value lands after it. The epochs are checked as for
+    /// `insert`. Returns whether it was stored.
+    pub(crate) fn replace(
+        &self,
+        hash: KeyHash,
+        site: &LocalSite,
+        capture: Capture,
+        parts: (Arc<Vec<u8>>, Codec, EntryTimes),
+        keep_for: Duration,
+    ) -> bool {
+        let forgets = &self.forgets[capture.stripe];
+        if forgets.compare_exchange(capture.forgets, capture.forgets + 1, SeqCst, SeqCst).is_err() {
+            return false;
+        }
+        self.insert(hash, site, Capture { forgets: capture.forgets + 1, ..capture }, parts, keep_for)
     }
 
     /// Drops one entry, in this process; returns whether there was one.

@@ -41,17 +41,15 @@ pub(crate) struct LockRequest<'a> {
     pub min_fresh_ms: u64,
 }
 
-/// What a store may replace.
+/// What a store announces. Either way it replaces only the entry its
+/// computation observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StoreMode {
-    /// A miss: only the entry observed before computing.
+    /// A miss fills the entry.
     Fill,
-    /// A renewal: only the entry observed, and other processes' local
-    /// tiers drop their copy.
+    /// A write-through or a renewal replaces a value other processes may
+    /// hold in their local tiers: they drop their copy.
     Replace,
-    /// A write-through: whatever is there, and other processes' local
-    /// tiers drop their copy.
-    Put,
 }
 
 /// One entry to store.

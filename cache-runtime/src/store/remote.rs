@@ -99,14 +99,8 @@ impl Redis {
         let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
         let (channel, message) = match request.mode {
             // Other processes drop their local copy of what was overwritten.
-            StoreMode::Put | StoreMode::Replace => {
-                (self.channel.name.as_str(), self.channel.entry_message(request.hash))
-            }
+            StoreMode::Replace => (self.channel.name.as_str(), self.channel.entry_message(request.hash)),
             StoreMode::Fill => ("", String::new()),
-        };
-        let expect = match request.mode {
-            StoreMode::Fill | StoreMode::Replace => Some(request.observed_entry),
-            StoreMode::Put => None,
         };
         let invocation = StoreArgs {
             entry: keys.entry(),
@@ -115,7 +109,7 @@ impl Redis {
             ttl_ms: request.ttl_ms,
             head: request.head,
             payload: request.payload,
-            expect,
+            expect: request.observed_entry,
             token,
             times: request.times,
             now_ms: request.now_ms,

@@ -58,8 +58,8 @@ pub(crate) struct StoreArgs<'a> {
     /// The header up to the versions (`Codec::head`).
     pub head: &'a [u8],
     pub payload: &'a [u8],
-    /// The digest the entry must still have ([`digest`]); `None`: any.
-    pub expect: Option<&'a str>,
+    /// The digest the entry must still have ([`digest`]).
+    pub expect: &'a str,
     pub token: &'a str,
     /// `<stored>,<fresh until>`.
     pub times: &'a str,
@@ -90,7 +90,7 @@ impl StoreArgs<'_> {
             .arg(self.ttl_ms)
             .arg(self.head)
             .arg(self.payload)
-            .arg(self.expect.unwrap_or("*"))
+            .arg(self.expect)
             .arg(self.token)
             .arg(self.times)
             .arg(self.now_ms)
@@ -115,7 +115,7 @@ impl StoreReply {
 
 /// Stores an entry, bound to the versions its computation observed, if
 /// they are all still current and the entry is still what the caller
-/// observed (unless it expects `*`: a write-through); and releases the
+/// observed; and releases the
 /// caller's stampede lock. With a channel, tells other processes' local
 /// tiers to drop their copy.
 ///
@@ -134,7 +134,7 @@ for i = 3, #KEYS do
 end
 for i = #KEYS + 8, #ARGV do versions[#versions + 1] = ARGV[i] end
 head = head .. table.concat(versions, ',') .. '|'
-if expect ~= '*' and digest(KEYS[1]) ~= expect then return 2 end
+if digest(KEYS[1]) ~= expect then return 2 end
 redis.call('SET', KEYS[1], head .. times .. '|' .. payload, 'PX', ttl_ms)
 if channel ~= '' then redis.pcall('PUBLISH', channel, message) end
 return 1
