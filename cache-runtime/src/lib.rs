@@ -86,7 +86,7 @@ pub use key::{KeyHash, KeyHasher};
 pub use layer::{CacheBody, CacheLayer, CacheService};
 pub use policy::Policy;
 pub use scope::{forget, refresh};
-pub use stats::{Counts, Stats};
+pub use stats::{Counts, InFlight, Stats};
 
 /// Caches an async function in Redis. See the crate README for the
 /// arguments; the function body runs only on a miss.
