@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::RedisServer;
+use support::{Db, RedisServer};
 
 /// The tests measure recovery times: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -32,6 +32,11 @@ async fn value(cache: &Cache, id: u32) -> u32 {
 #[cached(ttl = 600, prefix = "global")]
 async fn global_value(id: u32) -> u32 {
     id * 10
+}
+
+#[cached(ttl = 600, prefix = "tiered", local = true, skip(db), cache = cache)]
+async fn tiered(cache: &Cache, db: &Db, id: u32) -> u32 {
+    db.read() + id
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -401,9 +406,59 @@ fn a_process_wide_cache_serves_every_runtime() {
         }
         // Leave calls in flight as the runtime goes.
         for id in 0..64 {
-            runtime.spawn(global_value(id % 20));
+            runtime.spawn(async move {
+                loop {
+                    global_value(id % 20).await;
+                }
+            });
         }
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
         drop(runtime);
     }
-    assert_eq!(cache_runtime::stats().in_flight.redis_operations, 0);
+    assert_eq!(cache_runtime::stats().in_flight, InFlight::default());
+}
+
+/// The local tier's invalidation listener is a background task: it must
+/// not die with the runtime of the call that started it, or the tier goes
+/// on serving entries that another process invalidated.
+#[test]
+fn the_local_tier_hears_invalidations_after_its_first_runtime_goes() {
+    let _serial = serial();
+    let server = RedisServer::start();
+    let ours = support::patient_cache(&server.url(), "tier").local(100).build().expect("valid cache settings");
+    let theirs = support::patient_cache(&server.url(), "tier").build().expect("valid cache settings");
+    let db = Db::new(100);
+    let until_local_hit = |runtime: &tokio::runtime::Runtime| {
+        runtime.block_on(async {
+            let started = Instant::now();
+            loop {
+                let local_hits = ours.stats().total.local_hits;
+                tiered(&ours, &db, 1).await;
+                if ours.stats().total.local_hits > local_hits {
+                    return;
+                }
+                assert!(started.elapsed() < Duration::from_secs(3), "the local tier never answered");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let first = runtime();
+    until_local_hit(&first);
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    second.block_on(async {
+        db.set(200);
+        theirs.invalidate("tiered").await.expect("invalidate");
+        let started = Instant::now();
+        while tiered(&ours, &db, 1).await != 201 {
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "the local tier still serves an entry invalidated elsewhere; {:?}",
+                ours.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!("{:<40} invalidation seen after {:.1?}", "listener's runtime dropped", started.elapsed());
+    });
+    until_local_hit(&second);
 }
