@@ -361,6 +361,8 @@ fn callers_dropped_at_random_points_leave_nothing_behind() {
         assert!(recovered < Duration::from_secs(1), "seed {seed}: hits came back after {recovered:?}");
         // Every key the callers used answers at once: no lock or flight
         // left behind makes one wait.
+        let locks: Vec<String> = redis::cmd("KEYS").arg("cancel:*#lock").query(&mut server.conn()).expect("KEYS");
+        assert!(locks.is_empty(), "seed {seed}: stampede locks left behind: {locks:?}; {:?}", cache.stats());
         for id in 0..40 {
             let started = Instant::now();
             assert_eq!(value(&cache, id).await, id * 10);

@@ -555,6 +555,10 @@ impl<'c, R> Call<'c, R> {
         let mut poll = FIRST_POLL;
         let mut waited = false;
         let mut discarded = false;
+        // Armed before asking: a caller dropped while the lock script runs
+        // may hold the lock without having heard so. Releasing a lock it
+        // did not get does nothing (the token differs).
+        let mut guard = LockGuard { cache: self.cache.clone(), lock: lock.clone(), token: token.clone(), armed: true };
         let next = loop {
             match self.acquire(&lock, &token, now_ms()).await {
                 Acquire::Lead(versions) => break Next::Locked(versions),
@@ -565,6 +569,7 @@ impl<'c, R> Call<'c, R> {
                             let payload = Arc::new(stored.payload.to_vec());
                             self.keep_locally(&payload, stored.times);
                             leader.finish(Shared::Value(payload));
+                            guard.disarm();
                             return output;
                         }
                         if !discarded {
@@ -594,14 +599,14 @@ impl<'c, R> Call<'c, R> {
         };
         let Seen { versions, stale } = seen;
         let (observed, guard) = match next {
-            Next::Locked(versions) => {
-                let guard =
-                    LockGuard { cache: self.cache.clone(), lock: lock.clone(), token: token.clone(), armed: true };
-                (Some(versions), Some(guard))
+            Next::Locked(versions) => (Some(versions), Some(guard)),
+            Next::Unlocked => {
+                guard.disarm();
+                (self.seed_missing_versions(versions).await, None)
             }
-            Next::Unlocked => (self.seed_missing_versions(versions).await, None),
             // Redis just failed this call: do not make it wait on Redis again.
             Next::Offline => {
+                guard.disarm();
                 let seen = Seen { versions: Vec::new(), stale };
                 return self.lead_offline(leader, Outcome::Miss, Some(seen), body).await;
             }
@@ -653,14 +658,21 @@ impl<'c, R> Call<'c, R> {
             (Some(Vec::new()), None)
         } else {
             let lock = self.keys.lock();
+            // Armed before asking, as in `lead`.
+            let mut guard =
+                LockGuard { cache: self.cache.clone(), lock: lock.clone(), token: token.clone(), armed: true };
             match self.acquire(&lock, &token, seen.fresh_until_ms).await {
-                Acquire::Lead(versions) => {
-                    (Some(versions), Some(LockGuard { cache: self.cache.clone(), lock, token, armed: true }))
+                Acquire::Lead(versions) => (Some(versions), Some(guard)),
+                Acquire::Wait => {
+                    guard.disarm();
+                    return Renewal::Elsewhere;
                 }
-                Acquire::Wait => return Renewal::Elsewhere,
                 // Renewed already, or Redis is unavailable: the entry stays
                 // until its TTL.
-                Acquire::Hit(_) | Acquire::Unavailable => return Renewal::Done,
+                Acquire::Hit(_) | Acquire::Unavailable => {
+                    guard.disarm();
+                    return Renewal::Done;
+                }
             }
         };
         leader.computing();
