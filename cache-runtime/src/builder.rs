@@ -323,10 +323,12 @@ impl CacheBuilder {
             if self.url.is_some() {
                 return Err(Error::InvalidConfig("give either a URL or sentinels, not both".to_owned()));
             }
+            let nodes = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_tcp_settings(crate::connection::tcp_settings(&Default::default()));
             let client = redis::sentinel::SentinelClient::build(
                 sentinels.clone(),
                 master.clone(),
-                None,
+                Some(nodes),
                 redis::sentinel::SentinelServerType::Master,
             )
             .map_err(|e| Error::InvalidConfig(format!("invalid Sentinel settings: {e}")))?;
