@@ -9,9 +9,9 @@ mod support;
 
 use cache_runtime::{Cache, InFlight, cached};
 use rand::{Rng, SeedableRng};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Db, RedisServer};
 
@@ -299,10 +299,8 @@ fn connections_have_tcp_keepalive() {
 #[test]
 fn callers_dropped_at_random_points_leave_nothing_behind() {
     let _serial = serial();
-    let seed: u64 = std::env::var("RECOVERY_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
+    let seed: u64 =
+        std::env::var("RECOVERY_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(|| rand::rng().random());
     println!("RECOVERY_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut server = RedisServer::start();
@@ -366,7 +364,11 @@ fn callers_dropped_at_random_points_leave_nothing_behind() {
         for id in 0..40 {
             let started = Instant::now();
             assert_eq!(value(&cache, id).await, id * 10);
-            assert!(started.elapsed() < Duration::from_millis(100), "seed {seed}: key {id} took {:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_millis(100),
+                "seed {seed}: key {id} took {:?}",
+                started.elapsed()
+            );
         }
     });
     let locks: Vec<String> = redis::cmd("KEYS").arg("cancel:*#lock").query(&mut server.conn()).expect("KEYS");

@@ -152,7 +152,6 @@ impl Batcher {
         }
         done
     }
-
 }
 
 /// The longest a queued lookup waits for its values: the lookup ahead of

@@ -353,7 +353,8 @@ impl CacheBuilder {
                 return Err(Error::InvalidConfig("give one of a URL, sentinels or cluster nodes".to_owned()));
             }
             let (cluster, channel_nodes) = self.cluster_clients(nodes)?;
-            let connections = Connections::new(Source::Cluster(cluster), self.pool_size, self.kept_connections, deadlines, breaker)?;
+            let connections =
+                Connections::new(Source::Cluster(cluster), self.pool_size, self.kept_connections, deadlines, breaker)?;
             return Ok(Cache::from_settings(Settings {
                 remote: Some((connections, channel_nodes, self.connect_timeout)),
                 local_capacity: self.local_capacity,
@@ -369,7 +370,8 @@ impl CacheBuilder {
                 let client = self.client_for(url, info.clone())?;
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
-                let connections = Connections::new(Source::Direct(info), self.pool_size, self.kept_connections, deadlines, breaker)?;
+                let connections =
+                    Connections::new(Source::Direct(info), self.pool_size, self.kept_connections, deadlines, breaker)?;
                 Some((connections, vec![client], self.connect_timeout))
             }
             None => None,

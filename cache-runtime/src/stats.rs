@@ -210,7 +210,8 @@ impl Registry {
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
-        let mut stats = Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), in_flight: InFlight::default() };
+        let mut stats =
+            Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), in_flight: InFlight::default() };
         if let Ok(map) = self.by_prefix.read() {
             for (prefix, counters) in map.iter() {
                 let counts = counters.snapshot();
