@@ -9,7 +9,10 @@
 //! which is what bounds throughput when many tasks hit at once.
 //!
 //! Group commit rather than a background task: nothing runs when the cache
-//! is idle, and no task outlives the runtime it was started on.
+//! is idle, and no task outlives the runtime it was started on. A flush
+//! whose runtime shuts down mid-flight gives its slot back as it is
+//! dropped, and a queued caller waits a bounded time whatever happens: a
+//! cache shared by several runtimes is never stuck behind a dead one.
 
 use crate::connection::Connections;
 use crate::error::Fault;
@@ -110,14 +113,21 @@ impl Batcher {
                 }
                 result
             }
-            // No timer of our own: the lookup we queued behind has a deadline,
-            // so does the flush, and a flush that goes away (its runtime shut
-            // down) drops the reply, which wakes us to ask alone.
-            Some(receiver) => match receiver.await {
-                Ok(values) => values,
-                Err(_) => Box::pin(direct(connections, entry, versions)).await,
+            // The lookup we queued behind has a deadline, so does the
+            // flush, and a flush that goes away (its runtime shut down)
+            // drops the reply, which wakes us to ask alone. The timer is for
+            // anything else: no call waits on the queue unbounded.
+            Some(receiver) => match tokio::time::timeout(queue_deadline(connections), receiver).await {
+                Ok(Ok(values)) => values,
+                Ok(Err(_)) => Box::pin(direct(connections, entry, versions)).await,
+                Err(_) => Err(Fault::Timeout),
             },
         }
+    }
+
+    /// Lookups on the wire (slots in use) and lookups queued for a batch.
+    pub(crate) fn in_flight(&self) -> (u64, u64) {
+        self.state.lock().map(|s| (s.in_flight as u64, s.queue.len() as u64)).unwrap_or((0, 0))
     }
 
     /// Frees an in-flight slot, unless there is a queue: then the slot
@@ -142,10 +152,37 @@ impl Batcher {
         }
         done
     }
+}
 
-    #[cfg(test)]
-    fn in_flight(&self) -> usize {
-        self.state.lock().map(|s| s.in_flight).unwrap_or(0)
+/// The longest a queued lookup waits for its values: the lookup ahead of
+/// it, then its own batch, each of which may try a second connection.
+fn queue_deadline(connections: &Connections) -> std::time::Duration {
+    connections.longest_round_trip().saturating_mul(4)
+}
+
+/// The in-flight slot a flush carries on with: freed when the flush is
+/// done or dropped (its runtime shut down mid-flight), failing nobody:
+/// callers still queued see their reply dropped and ask alone.
+struct Flush {
+    batcher: Arc<Batcher>,
+    holds_slot: bool,
+}
+
+impl Flush {
+    /// The next batch; none once the queue is empty, and then the slot is
+    /// free.
+    fn next(&mut self) -> Vec<Queued> {
+        let batch = self.batcher.release_or_take();
+        self.holds_slot = !batch.is_empty();
+        batch
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        if self.holds_slot {
+            while !self.next().is_empty() {}
+        }
     }
 }
 
@@ -188,16 +225,20 @@ pub(crate) async fn one_by_one(connections: &Connections, entry: &str, versions:
 fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, batch: Vec<Queued>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // No runtime to run on: the queued callers see their reply dropped
-        // and ask alone. The slot is free again.
+        // and ask alone, and so do any that queued meanwhile. The slot is
+        // free again.
         drop(batch);
-        let _ = batcher.release_or_take();
+        drop(Flush { batcher, holds_slot: true });
         return;
     };
+    // Made before the task and moved in: dropped with the task even if it
+    // never runs.
+    let mut flush = Flush { batcher, holds_slot: true };
     runtime.spawn(async move {
         let mut batch = batch;
         while !batch.is_empty() {
             send(&connections, batch).await;
-            batch = batcher.release_or_take();
+            batch = flush.next();
         }
     });
 }
@@ -260,7 +301,7 @@ mod tests {
         let batcher = Batcher::default();
         batcher.state.lock().unwrap().in_flight = 2;
         assert!(batcher.release_or_take().is_empty());
-        assert_eq!(batcher.in_flight(), 1);
+        assert_eq!(batcher.in_flight().0, 1);
     }
 
     #[test]
@@ -275,8 +316,26 @@ mod tests {
             }
         }
         assert_eq!(batcher.release_or_take().len(), 3);
-        assert_eq!(batcher.in_flight(), 2, "the slot carries on as the flush");
+        assert_eq!(batcher.in_flight().0, 2, "the slot carries on as the flush");
         assert!(batcher.release_or_take().is_empty());
-        assert_eq!(batcher.in_flight(), 1);
+        assert_eq!(batcher.in_flight().0, 1);
+    }
+
+    #[test]
+    fn a_dropped_flush_frees_its_slot_and_drops_the_queue() {
+        let batcher = Arc::new(Batcher::default());
+        let (reply, mut receiver) = oneshot::channel();
+        {
+            let mut state = batcher.state.lock().unwrap();
+            state.in_flight = 1;
+            state.queue.push(Queued { entry: "k".into(), versions: Arc::new([]), reply });
+        }
+        drop(Flush { batcher: batcher.clone(), holds_slot: true });
+        assert_eq!(batcher.in_flight(), (0, 0));
+        assert!(receiver.try_recv().is_err(), "the queued caller is woken to ask alone");
+        // A flush that finished gave its slot back already.
+        batcher.state.lock().unwrap().in_flight = 1;
+        drop(Flush { batcher: batcher.clone(), holds_slot: false });
+        assert_eq!(batcher.in_flight(), (1, 0));
     }
 }

@@ -4,6 +4,10 @@
 //! `threshold` of them the breaker opens for `cool_down`: calls skip Redis
 //! entirely (one atomic load and a clock read). Then exactly one call is let
 //! through as a probe; its success closes the breaker, its failure reopens it.
+//!
+//! Admission is a guard: a probe whose caller gives up (a timeout, a
+//! `select!`, a client that hung up) hands the probe to the next call when
+//! dropped, instead of leaving the breaker open for good.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -21,10 +25,33 @@ pub(crate) struct Breaker {
 
 /// What the breaker lets a call do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admission {
+pub(crate) enum Kind {
     Allowed,
     Probe,
     Rejected,
+}
+
+/// One call's admission, to be settled with [`Breaker::record_success`] or
+/// [`Breaker::record_failure`]. A probe dropped unsettled is given back.
+#[derive(Debug)]
+pub(crate) struct Admission<'a> {
+    breaker: &'a Breaker,
+    kind: Kind,
+}
+
+impl Admission<'_> {
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.kind == Kind::Probe {
+            // Unsettled: nobody learned anything, so the next call probes.
+            self.breaker.probe_in_flight.store(false, Relaxed);
+        }
+    }
 }
 
 impl Breaker {
@@ -44,21 +71,38 @@ impl Breaker {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    pub(crate) fn admit(&self) -> Admission {
+    pub(crate) fn admit(&self) -> Admission<'_> {
+        Admission { breaker: self, kind: self.admit_kind() }
+    }
+
+    /// An admission for a call that tries Redis whatever the breaker says.
+    pub(crate) fn unguarded(&self) -> Admission<'_> {
+        Admission { breaker: self, kind: Kind::Allowed }
+    }
+
+    fn admit_kind(&self) -> Kind {
         let open_until = self.open_until_ms.load(Relaxed);
         if open_until == 0 {
-            return Admission::Allowed;
+            return Kind::Allowed;
         }
         if self.now_ms() < open_until {
-            return Admission::Rejected;
+            return Kind::Rejected;
         }
         match self.probe_in_flight.compare_exchange(false, true, Relaxed, Relaxed) {
-            Ok(_) => Admission::Probe,
-            Err(_) => Admission::Rejected,
+            Ok(_) => Kind::Probe,
+            Err(_) => Kind::Rejected,
         }
     }
 
-    pub(crate) fn record_success(&self) {
+    /// Whether a probe is out now.
+    pub(crate) fn probing(&self) -> bool {
+        self.probe_in_flight.load(Relaxed)
+    }
+
+    pub(crate) fn record_success(&self, admission: Admission<'_>) {
+        let mut admission = admission;
+        // Settled here: the drop must not release a probe a later call took.
+        admission.kind = Kind::Allowed;
         self.consecutive_failures.store(0, Relaxed);
         if self.open_until_ms.load(Relaxed) != 0 {
             self.open_until_ms.store(0, Relaxed);
@@ -67,8 +111,10 @@ impl Breaker {
     }
 
     /// Returns true when this failure opened the breaker.
-    pub(crate) fn record_failure(&self, admission: Admission) -> bool {
-        if admission == Admission::Probe {
+    pub(crate) fn record_failure(&self, admission: Admission<'_>) -> bool {
+        let mut admission = admission;
+        let kind = std::mem::replace(&mut admission.kind, Kind::Allowed);
+        if kind == Kind::Probe {
             self.open_until_ms.store(self.now_ms() + self.cool_down.as_millis() as u64, Relaxed);
             self.probe_in_flight.store(false, Relaxed);
             return false;
@@ -89,18 +135,52 @@ mod tests {
     #[test]
     fn opens_after_threshold_then_probes_once() {
         let b = Breaker::new(2, Duration::from_millis(30));
-        assert_eq!(b.admit(), Admission::Allowed);
-        assert!(!b.record_failure(Admission::Allowed));
-        assert!(b.record_failure(Admission::Allowed));
-        assert_eq!(b.admit(), Admission::Rejected);
+        assert_eq!(b.admit().kind(), Kind::Allowed);
+        assert!(!b.record_failure(b.admit()));
+        assert!(b.record_failure(b.admit()));
+        assert_eq!(b.admit().kind(), Kind::Rejected);
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.admit(), Admission::Probe);
-        assert_eq!(b.admit(), Admission::Rejected, "one probe at a time");
-        b.record_failure(Admission::Probe);
-        assert_eq!(b.admit(), Admission::Rejected, "a failed probe reopens");
+        let probe = b.admit();
+        assert_eq!(probe.kind(), Kind::Probe);
+        assert_eq!(b.admit().kind(), Kind::Rejected, "one probe at a time");
+        b.record_failure(probe);
+        assert_eq!(b.admit().kind(), Kind::Rejected, "a failed probe reopens");
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.admit(), Admission::Probe);
-        b.record_success();
-        assert_eq!(b.admit(), Admission::Allowed);
+        let probe = b.admit();
+        assert_eq!(probe.kind(), Kind::Probe);
+        b.record_success(probe);
+        assert_eq!(b.admit().kind(), Kind::Allowed);
+    }
+
+    #[test]
+    fn a_dropped_probe_hands_the_probe_on() {
+        let b = Breaker::new(1, Duration::from_millis(10));
+        assert!(b.record_failure(b.admit()));
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = b.admit();
+        assert_eq!(probe.kind(), Kind::Probe);
+        assert!(b.probing());
+        drop(probe);
+        assert!(!b.probing(), "a cancelled probe is given back");
+        let probe = b.admit();
+        assert_eq!(probe.kind(), Kind::Probe, "the next call probes at once");
+        b.record_success(probe);
+        assert_eq!(b.admit().kind(), Kind::Allowed);
+    }
+
+    #[test]
+    fn a_settled_probe_does_not_release_the_next_one() {
+        let b = Breaker::new(1, Duration::from_millis(10));
+        assert!(b.record_failure(b.admit()));
+        std::thread::sleep(Duration::from_millis(20));
+        b.record_failure(b.admit());
+        assert!(!b.probing());
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = b.admit();
+        assert_eq!(probe.kind(), Kind::Probe);
+        // A rejected admission dropped meanwhile leaves the probe alone.
+        drop(b.admit());
+        assert!(b.probing());
+        drop(probe);
     }
 }

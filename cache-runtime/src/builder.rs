@@ -30,6 +30,7 @@ pub struct CacheBuilder {
     url: Option<String>,
     key_prefix: String,
     pool_size: usize,
+    kept_connections: Option<usize>,
     default_ttl: Option<Duration>,
     connect_timeout: Duration,
     command_timeout: Duration,
@@ -73,6 +74,7 @@ impl Default for CacheBuilder {
             url: None,
             key_prefix: "cache".to_owned(),
             pool_size: 8,
+            kept_connections: None,
             default_ttl: None,
             connect_timeout: Duration::from_millis(50),
             command_timeout: Duration::from_millis(50),
@@ -112,6 +114,26 @@ impl CacheBuilder {
     /// of the pool replaces connections that fail. Default: 8.
     pub fn pool_size(mut self, pool_size: usize) -> Self {
         self.pool_size = pool_size;
+        self
+    }
+
+    /// How many connections the cache keeps checked out and spreads calls
+    /// over; by default one per core, at most [`pool_size`](Self::pool_size)
+    /// (and always at most that). Hidden: it exists so that tests on a
+    /// small machine can behave like a large one, where the kept
+    /// connections hold every permit of the default pool.
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .url("redis://127.0.0.1:6379")
+    ///     .pool_size(4)
+    ///     .kept_connections(4)
+    ///     .build()?;
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    #[doc(hidden)]
+    pub fn kept_connections(mut self, kept: usize) -> Self {
+        self.kept_connections = Some(kept);
         self
     }
 
@@ -301,15 +323,17 @@ impl CacheBuilder {
             if self.url.is_some() {
                 return Err(Error::InvalidConfig("give either a URL or sentinels, not both".to_owned()));
             }
+            let nodes = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_tcp_settings(crate::connection::tcp_settings(&Default::default()));
             let client = redis::sentinel::SentinelClient::build(
                 sentinels.clone(),
                 master.clone(),
-                None,
+                Some(nodes),
                 redis::sentinel::SentinelServerType::Master,
             )
             .map_err(|e| Error::InvalidConfig(format!("invalid Sentinel settings: {e}")))?;
             let source = Source::Sentinel(tokio::sync::Mutex::new(client));
-            let connections = Connections::new(source, self.pool_size, deadlines, breaker)?;
+            let connections = Connections::new(source, self.pool_size, self.kept_connections, deadlines, breaker)?;
             return Ok(Cache::from_settings(Settings {
                 remote: Some((connections, Vec::new(), self.connect_timeout)),
                 local_capacity: self.local_capacity,
@@ -329,7 +353,8 @@ impl CacheBuilder {
                 return Err(Error::InvalidConfig("give one of a URL, sentinels or cluster nodes".to_owned()));
             }
             let (cluster, channel_nodes) = self.cluster_clients(nodes)?;
-            let connections = Connections::new(Source::Cluster(cluster), self.pool_size, deadlines, breaker)?;
+            let connections =
+                Connections::new(Source::Cluster(cluster), self.pool_size, self.kept_connections, deadlines, breaker)?;
             return Ok(Cache::from_settings(Settings {
                 remote: Some((connections, channel_nodes, self.connect_timeout)),
                 local_capacity: self.local_capacity,
@@ -345,7 +370,8 @@ impl CacheBuilder {
                 let client = self.client_for(url, info.clone())?;
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
-                let connections = Connections::new(Source::Direct(info), self.pool_size, deadlines, breaker)?;
+                let connections =
+                    Connections::new(Source::Direct(info), self.pool_size, self.kept_connections, deadlines, breaker)?;
                 Some((connections, vec![client], self.connect_timeout))
             }
             None => None,
@@ -397,7 +423,8 @@ impl CacheBuilder {
             // by key instead (see `batch`).
             .retries(16)
             .min_retry_wait(0)
-            .max_retry_wait(1);
+            .max_retry_wait(1)
+            .tcp_settings(crate::connection::tcp_settings(&Default::default()));
         #[cfg(feature = "tls")]
         let cluster = match self.tls.certificates_for(first)? {
             Some(certificates) => cluster.certs(certificates),

@@ -150,6 +150,11 @@ impl Cache {
         if let Some(local) = &self.inner.local {
             stats.total.local_evictions += local.evictions();
         }
+        stats.in_flight.computations = self.inner.flights.len() as u64;
+        if let Backend::Redis(remote) = &self.inner.backend {
+            (stats.in_flight.redis_operations, stats.in_flight.breaker_probe) = remote.connections.in_flight();
+            (stats.in_flight.lookups, stats.in_flight.queued_lookups) = remote.batcher.in_flight();
+        }
         stats
     }
 

@@ -10,14 +10,22 @@
 //! (one per core, at most `pool_size`) are kept checked out, and a call
 //! clones a handle to one of them, round robin; concurrent calls pipeline on
 //! the same sockets. A slot whose connection failed is refilled from the
-//! pool, under the connect deadline.
+//! pool, under the connect deadline: the failed connection is taken out of
+//! the pool first, because the kept connections may hold every permit
+//! (`pool_size(1)`, or as many cores as `pool_size`).
+//!
+//! A connection is retired after an I/O error and after a command that
+//! timed out: a socket that silently stopped answering (a NAT or firewall
+//! that dropped its state, a frozen VM) would otherwise be reused until the
+//! kernel gives up on it, many minutes later. TCP keepalive finds the idle
+//! ones.
 
-use crate::breaker::{Admission, Breaker};
+use crate::breaker::{Admission, Breaker, Kind};
 use crate::error::{Fault, SlotMove};
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, RedisError};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -97,7 +105,12 @@ pub(crate) struct Connections {
     /// Connections checked out of the pool and kept: calls clone a handle
     /// from one of them, round robin, without touching the pool.
     slots: Box<[RwLock<Option<managed::Object<RedisManager>>>]>,
+    /// One refill per slot at a time: a second caller asking the pool too
+    /// would wait for the permit the first one's new connection takes.
+    refills: Box<[tokio::sync::Mutex<()>]>,
     next_slot: AtomicUsize,
+    /// Operations admitted and not yet settled or dropped.
+    in_flight: AtomicU64,
     deadlines: Deadlines,
     breaker: Breaker,
     /// Behind Sentinel, `READONLY` means the master moved: the connection
@@ -124,14 +137,17 @@ pub(crate) struct Conn {
 }
 
 impl Connections {
+    /// `kept`: how many connections to keep checked out; `None`: one per
+    /// core, at most `pool_size`.
     pub(crate) fn new(
         source: Source,
         pool_size: usize,
+        kept: Option<usize>,
         deadlines: Deadlines,
         breaker: Breaker,
     ) -> Result<Self, crate::Error> {
-        // Commands are bounded by `run`'s own deadline, which does not mistake
-        // a slow server for a broken socket.
+        // Commands are bounded by `run`'s own deadline, which retires the
+        // connection when it passes.
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(deadlines.connect))
             .set_response_timeout(None);
@@ -141,7 +157,7 @@ impl Connections {
         let is_cluster = source.is_cluster();
         let creator = match source {
             Source::Direct(info) => Creator::Direct(
-                deadpool_redis::Manager::new_with_config(info, config)
+                deadpool_redis::Manager::new_with_config(with_keepalive(info), config)
                     .map_err(|e| crate::Error::InvalidConfig(format!("invalid Redis connection settings: {e}")))?,
             ),
             #[cfg(feature = "sentinel")]
@@ -162,9 +178,29 @@ impl Connections {
         // per command, not throughput (`BENCH_ONLY=cluster cargo bench
         // --features cluster --bench cache`: p50 1.3x the raw client with
         // two, 1.2x with one).
-        let kept = if is_cluster { 1 } else { pool_size.min(cores).max(1) };
+        let kept = match kept {
+            Some(kept) => kept.min(pool_size).max(1),
+            None if is_cluster => 1,
+            None => pool_size.min(cores).max(1),
+        };
         let slots = (0..kept).map(|_| RwLock::new(None)).collect();
-        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker, readonly_means_moved, is_cluster })
+        let refills = (0..kept).map(|_| tokio::sync::Mutex::new(())).collect();
+        Ok(Self {
+            pool,
+            slots,
+            refills,
+            next_slot: AtomicUsize::new(0),
+            in_flight: AtomicU64::new(0),
+            deadlines,
+            breaker,
+            readonly_means_moved,
+            is_cluster,
+        })
+    }
+
+    /// Redis operations under way, and whether the breaker's probe is out.
+    pub(crate) fn in_flight(&self) -> (u64, bool) {
+        (self.in_flight.load(Relaxed), self.breaker.probing())
     }
 
     /// Whether this is a Redis Cluster, where one script may only touch
@@ -189,10 +225,14 @@ impl Connections {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let admission = self.breaker.admit();
-        if admission == Admission::Rejected {
+        if admission.kind() == Kind::Rejected {
             return Err(Fault::BreakerOpen);
         }
-        self.settle(admission, self.run_admitted(op).await)
+        // Both guards hold across the await: a caller that gives up
+        // mid-operation gives back the probe and the count.
+        let _counted = InFlight::count(&self.in_flight);
+        let result = self.run_admitted(op).await;
+        self.settle(admission, result)
     }
 
     /// Like [`run`](Self::run), but tries Redis even while the breaker is
@@ -202,13 +242,15 @@ impl Connections {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        self.settle(Admission::Allowed, self.run_admitted(op).await)
+        let _counted = InFlight::count(&self.in_flight);
+        let result = self.run_admitted(op).await;
+        self.settle(self.breaker.unguarded(), result)
     }
 
     /// Feeds an outcome to the breaker. A server error means a live server.
-    fn settle<T>(&self, admission: Admission, result: Result<T, Fault>) -> Result<T, Fault> {
+    fn settle<T>(&self, admission: Admission<'_>, result: Result<T, Fault>) -> Result<T, Fault> {
         match &result {
-            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating(_)) => self.breaker.record_success(),
+            Ok(_) | Err(Fault::Server(_) | Fault::SlotMigrating(_)) => self.breaker.record_success(admission),
             Err(_) => {
                 if self.breaker.record_failure(admission) {
                     tracing::warn!(
@@ -259,10 +301,16 @@ impl Connections {
     {
         let broken = conn.broken.clone();
         match tokio::time::timeout(self.deadlines.command, op(conn)).await {
-            Err(_) => Err(Fault::Timeout),
+            Err(_) => {
+                // A socket that stopped answering looks exactly like this:
+                // retire it, or every later call waits on it too.
+                broken.store(true, Relaxed);
+                Err(Fault::Timeout)
+            }
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if e.is_timeout() {
+                    broken.store(true, Relaxed);
                     Err(Fault::Timeout)
                 } else if e.is_unrecoverable_error()
                     || e.is_io_error()
@@ -311,28 +359,109 @@ impl Connections {
     }
 
     /// Fills an empty or broken slot from the pool, within the connect
-    /// deadline. The broken connection goes back to the pool, whose recycle
-    /// check discards it.
+    /// deadline; or, when another caller refilled it meanwhile, uses that.
     async fn checkout(&self, index: usize) -> Result<Conn, Fault> {
-        let pooled = match tokio::time::timeout(self.deadlines.connect, self.pool.get()).await {
-            Err(_) => return Err(Fault::Timeout),
-            Ok(Err(managed::PoolError::Backend(e))) if refused_credentials(&e) => {
+        match tokio::time::timeout(self.deadlines.connect, self.refill(index)).await {
+            Err(_) => Err(Fault::Timeout),
+            Ok(result) => result,
+        }
+    }
+
+    async fn refill(&self, index: usize) -> Result<Conn, Fault> {
+        let _refilling = self.refills[index].lock().await;
+        if let Some(conn) = self.healthy(index) {
+            return Ok(conn);
+        }
+        self.retire(index);
+        let pooled = match self.pool.get().await {
+            Ok(pooled) => pooled,
+            Err(managed::PoolError::Backend(e)) if refused_credentials(&e) => {
                 return Err(Fault::Connection(format!(
                     "Redis refused the credentials: check the password or ACL user in the URL ({e})"
                 )));
             }
-            Ok(Err(e)) => return Err(Fault::Connection(e.to_string())),
-            Ok(Ok(pooled)) => pooled,
+            Err(e) => return Err(Fault::Connection(e.to_string())),
         };
         let conn = Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() };
         if let Ok(mut slot) = self.slots[index].write() {
-            let replace = slot.as_ref().is_none_or(|kept| kept.broken.load(Relaxed));
-            if replace {
-                *slot = Some(pooled);
-            }
+            // Empty: this refill retired what was there, and holds the
+            // slot's refill lock.
+            *slot = Some(pooled);
         }
         Ok(conn)
     }
+
+    /// The slot's connection, if it is there and healthy.
+    fn healthy(&self, index: usize) -> Option<Conn> {
+        let slot = self.slots[index].read().ok()?;
+        let pooled = slot.as_ref().filter(|pooled| !pooled.broken.load(Relaxed))?;
+        Some(Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() })
+    }
+
+    /// Takes the slot's broken connection out of the pool, freeing its
+    /// permit for the replacement. The socket closes as the last call
+    /// still using it lets go.
+    fn retire(&self, index: usize) {
+        let broken = match self.slots[index].write() {
+            Ok(mut slot) => slot.take_if(|kept| kept.broken.load(Relaxed)),
+            Err(_) => None,
+        };
+        if let Some(broken) = broken {
+            drop(managed::Object::take(broken));
+        }
+    }
+}
+
+/// Counts one operation as in flight until dropped, settled or not.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn count(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// How long a connection may sit idle before the kernel checks on its
+/// peer, then how often, and how many times, before it gives up: a dead
+/// peer is noticed in about 25 s instead of hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+const KEEPALIVE_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel closes the
+/// socket (Linux): without it, a peer that vanished mid-request is retried
+/// for about 15 minutes.
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+const UNACKNOWLEDGED_FOR: Duration = Duration::from_secs(30);
+
+/// TCP settings for every connection the cache makes: keepalive on.
+pub(crate) fn tcp_settings(base: &redis::io::tcp::TcpSettings) -> redis::io::tcp::TcpSettings {
+    let keepalive =
+        redis::io::tcp::socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd"
+    ))]
+    let keepalive = keepalive.with_retries(KEEPALIVE_RETRIES);
+    let settings = base.clone().set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(UNACKNOWLEDGED_FOR);
+    settings
+}
+
+fn with_keepalive(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
+    let settings = tcp_settings(info.tcp_settings());
+    info.set_tcp_settings(settings)
 }
 
 /// A wrong password or ACL user. A cluster connection reports it inside

@@ -68,8 +68,8 @@ impl Flights {
         Role::Leader(Leader { flights: self, key: key.to_owned(), sender })
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Keys being computed now.
+    pub(crate) fn len(&self) -> usize {
         self.in_flight.lock().map(|m| m.len()).unwrap_or(0)
     }
 }

@@ -94,7 +94,7 @@ pub use keys::{KeyHash, KeyHasher};
 pub use layer::{CacheBody, CacheLayer, CacheService};
 pub use policy::Policy;
 pub use scope::{forget, refresh, try_refresh};
-pub use stats::{Counts, Stats};
+pub use stats::{Counts, InFlight, Stats};
 
 // The attribute's reference lives here, where docs.rs shows it and its
 // examples run against this crate.
@@ -109,6 +109,18 @@ static GLOBAL: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
 /// Call it once at startup. It does not connect: if Redis is unreachable
 /// the application runs uncached until it is back. A second call is an
 /// [`Error::AlreadyInitialized`] and leaves the first cache in place.
+///
+/// The cache (this one, or any [`Cache`] shared between runtimes) works
+/// from any number of Tokio runtimes, multi-thread or current-thread,
+/// created and dropped while the process runs (a runtime per
+/// `#[tokio::test]`, per thread, per job). Nothing it needs lives on a
+/// caller's runtime: a batch of lookups is flushed by the calls themselves,
+/// and a flush dropped with its runtime gives its place back; connections
+/// whose runtime went away are replaced by the next call that finds them
+/// dead; the local tier's invalidation listener runs on a thread and
+/// runtime of its own. A call dropped at any point (a timeout, a
+/// `select!`, a client that hung up) gives back what it held: its place in
+/// a batch, the circuit breaker's probe, its stampede lock.
 ///
 /// ```
 /// use cache_runtime::{Cache, Error};

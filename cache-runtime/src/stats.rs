@@ -150,6 +150,36 @@ pub struct Stats {
     pub total: Counts,
     /// Per prefix (the `prefix` of `#[cached]` or of a `Policy`).
     pub prefixes: BTreeMap<String, Counts>,
+    /// What was under way when the snapshot was taken.
+    pub in_flight: InFlight,
+}
+
+/// Work under way at the moment of a [`Stats`] snapshot. Once callers are
+/// done (or have given up: a dropped call gives back whatever it held),
+/// everything here is back to zero.
+///
+/// ```
+/// let cache = cache_runtime::Cache::builder().url("redis://127.0.0.1:6379").build()?;
+/// let in_flight = cache.stats().in_flight;
+/// assert_eq!(in_flight, cache_runtime::InFlight::default());
+/// assert!(!in_flight.breaker_probe);
+/// # Ok::<(), cache_runtime::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InFlight {
+    /// Redis operations started and not yet finished.
+    pub redis_operations: u64,
+    /// Lookups on the wire that later lookups may batch behind.
+    pub lookups: u64,
+    /// Lookups queued for the next batched `MGET`.
+    pub queued_lookups: u64,
+    /// Keys being computed by a caller of this process that others wait on
+    /// (stampede protection's in-process part).
+    pub computations: u64,
+    /// Whether the circuit breaker has let one call through to probe Redis
+    /// and is waiting for its outcome.
+    pub breaker_probe: bool,
 }
 
 impl Stats {
@@ -186,7 +216,8 @@ impl Registry {
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
-        let mut stats = Stats { total: self.general.snapshot(), prefixes: BTreeMap::new() };
+        let mut stats =
+            Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), in_flight: InFlight::default() };
         if let Ok(map) = self.by_prefix.read() {
             for (prefix, counters) in map.iter() {
                 let counts = counters.snapshot();

@@ -70,10 +70,9 @@ pub(crate) struct Listener {
     pub running: Arc<AtomicBool>,
 }
 
-/// Ends a listener: whatever the reason (the cache dropped, or the runtime
-/// that ran the task shut down and dropped it), the tier stops trusting
-/// what it holds, and the next call that uses the tier starts a listener
-/// on its own runtime.
+/// Ends a listener: whatever the reason (the cache dropped, its thread
+/// gone), the tier stops trusting what it holds, and the next call that
+/// uses the tier starts another listener.
 struct Running {
     tier: Weak<LocalTier>,
     running: Arc<AtomicBool>,
@@ -89,7 +88,11 @@ impl Drop for Running {
 }
 
 /// Keeps `tier` subscribed to `channel` until `shutdown`'s sender is
-/// dropped (with the cache). Returns at once; the work is a spawned task.
+/// dropped (with the cache). Returns at once; the work runs on a thread and
+/// runtime of its own, not on the caller's runtime: that one may be gone
+/// long before the cache (a `#[tokio::test]`, a runtime per request, a
+/// process-wide cache used from several), and a listener that died with it
+/// would leave the tier trusting entries that other processes invalidated.
 /// After a subscription ends, the next is tried on the next of `nodes`: on
 /// a cluster, a dead node does not keep the tier unused.
 pub(crate) fn listen(
@@ -97,45 +100,66 @@ pub(crate) fn listen(
     nodes: Arc<[redis::Client]>,
     channel: Channel,
     timeout: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<()>,
+    shutdown: tokio::sync::watch::Receiver<()>,
 ) -> bool {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return false };
     let Listener { tier, fence, running } = listener;
     let guard = Running { tier: tier.clone(), running };
-    runtime.spawn(async move {
-        let _guard = guard;
-        let mut retry = FIRST_RETRY;
-        // Warn once per outage, not once per retry.
-        let mut warned = false;
-        for client in nodes.iter().cycle() {
-            let mut was_live = false;
-            let session = subscribe(&tier, &fence, client, &channel, timeout, &mut was_live);
-            let ended = tokio::select! {
-                _ = shutdown.changed() => return,
-                ended = session => ended,
-            };
-            let Some(live) = tier.upgrade() else { return };
-            live.distrust();
-            drop(live);
-            if was_live {
-                (warned, retry) = (false, FIRST_RETRY);
-            }
-            if !warned {
-                tracing::warn!(
-                    target: "cache_runtime",
-                    "the invalidation channel `{}` is down ({ended}): local entries are not used until it is back",
-                    channel.name
-                );
-                warned = true;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(retry) => {}
-            }
-            retry = (retry * 2).min(MAX_RETRY);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::warn!(target: "cache_runtime", "could not start the invalidation listener's runtime: {e}");
+            return false;
         }
+    };
+    let started = std::thread::Builder::new().name("cache-invalidations".to_owned()).spawn(move || {
+        let _guard = guard;
+        runtime.block_on(listen_until_shutdown(tier, fence, nodes, channel, timeout, shutdown));
     });
+    if let Err(e) = started {
+        tracing::warn!(target: "cache_runtime", "could not start the invalidation listener's thread: {e}");
+        return false;
+    }
     true
+}
+
+async fn listen_until_shutdown(
+    tier: Weak<LocalTier>,
+    fence: Arc<AtomicU64>,
+    nodes: Arc<[redis::Client]>,
+    channel: Channel,
+    timeout: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<()>,
+) {
+    let mut retry = FIRST_RETRY;
+    // Warn once per outage, not once per retry.
+    let mut warned = false;
+    for client in nodes.iter().cycle() {
+        let mut was_live = false;
+        let session = subscribe(&tier, &fence, client, &channel, timeout, &mut was_live);
+        let ended = tokio::select! {
+            _ = shutdown.changed() => return,
+            ended = session => ended,
+        };
+        let Some(live) = tier.upgrade() else { return };
+        live.distrust();
+        drop(live);
+        if was_live {
+            (warned, retry) = (false, FIRST_RETRY);
+        }
+        if !warned {
+            tracing::warn!(
+                target: "cache_runtime",
+                "the invalidation channel `{}` is down ({ended}): local entries are not used until it is back",
+                channel.name
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(MAX_RETRY);
+    }
 }
 
 /// One subscription, from connecting to its end; returns why it ended.
