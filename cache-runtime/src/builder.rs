@@ -113,7 +113,10 @@ impl std::fmt::Debug for CacheBuilder {
         #[cfg(feature = "sentinel")]
         out.field(
             "sentinel",
-            &self.sentinel.as_ref().map(|(urls, master)| (urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(), master)),
+            &self
+                .sentinel
+                .as_ref()
+                .map(|(urls, master)| (urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(), master)),
         );
         #[cfg(feature = "cluster")]
         out.field("cluster", &self.cluster.as_ref().map(|urls| urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>()));
@@ -426,7 +429,7 @@ impl CacheBuilder {
             )
             .map_err(|e| Error::InvalidConfig(format!("invalid Sentinel settings: {e}")))?;
             let source = Source::Sentinel(tokio::sync::Mutex::new(client));
-            let connections = Connections::new(source, self.pool_size, deadlines, breaker)?;
+            let connections = Connections::new(source, self.pool_size, deadlines, breaker, self.max_value_bytes)?;
             return Ok(Cache::from_settings(Settings {
                 remote: Some((connections, Vec::new(), self.connect_timeout)),
                 local_capacity: self.local_capacity,
@@ -446,7 +449,8 @@ impl CacheBuilder {
                 return Err(Error::InvalidConfig("give one of a URL, sentinels or cluster nodes".to_owned()));
             }
             let (cluster, channel_nodes) = self.cluster_clients(nodes)?;
-            let connections = Connections::new(Source::Cluster(cluster), self.pool_size, deadlines, breaker)?;
+            let connections =
+                Connections::new(Source::Cluster(cluster), self.pool_size, deadlines, breaker, self.max_value_bytes)?;
             return Ok(Cache::from_settings(Settings {
                 remote: Some((connections, channel_nodes, self.connect_timeout)),
                 local_capacity: self.local_capacity,
@@ -462,7 +466,8 @@ impl CacheBuilder {
                 let client = self.client_for(url, info.clone())?;
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
-                let connections = Connections::new(Source::Direct(info), self.pool_size, deadlines, breaker)?;
+                let connections =
+                    Connections::new(Source::Direct(info), self.pool_size, deadlines, breaker, self.max_value_bytes)?;
                 Some((connections, vec![client], self.connect_timeout))
             }
             None => None,

@@ -52,7 +52,7 @@ impl Channel {
         match kind {
             b"n" => {
                 if let Ok(namespace) = std::str::from_utf8(subject) {
-                    tier.invalidate(namespace);
+                    tier.invalidate_known(namespace);
                 }
             }
             b"e" => {
@@ -166,12 +166,15 @@ mod tests {
     #[test]
     fn messages_from_others_are_applied_and_our_own_skipped() {
         let tier = LocalTier::new(10, false);
+        let _site = tier.site(["products"].into_iter());
         let (ours, theirs) = (Channel::new("app"), Channel::new("app"));
         assert_eq!(ours.name, "app:invalidations");
         ours.apply(&tier, theirs.namespace_message("products").as_bytes());
         assert_eq!(tier.invalidate("products"), 2, "one bump from the message, one here");
         ours.apply(&tier, ours.namespace_message("products").as_bytes());
         assert_eq!(tier.invalidate("products"), 3, "our own message was skipped");
+        ours.apply(&tier, theirs.namespace_message("nobody-here").as_bytes());
+        assert_eq!(tier.epoch_count(), 1, "no epoch for a namespace no site uses");
         ours.apply(&tier, b"garbage");
         ours.apply(&tier, b"x|e|not-hex");
     }

@@ -105,6 +105,9 @@ pub(crate) struct Connections {
     /// its job (hits still work), a server error like any other.
     readonly_means_moved: bool,
     is_cluster: bool,
+    /// The longest string a reply may carry into the cache: an entry of
+    /// `max_value_bytes` plus its header. Longer ones are never decoded.
+    max_reply_string: usize,
 }
 
 impl std::fmt::Debug for Connections {
@@ -121,7 +124,12 @@ impl std::fmt::Debug for Connections {
 pub(crate) struct Conn {
     conn: Handle,
     broken: Arc<AtomicBool>,
+    max_reply_string: usize,
 }
+
+/// What a reply's string longer than the cap is replaced with: no entry
+/// parses from it, so the flow counts a decode error and computes.
+pub(crate) const LONG_REPLY: &[u8] = b"(a reply string over max_value_bytes plus header, not read)";
 
 impl Connections {
     pub(crate) fn new(
@@ -129,6 +137,7 @@ impl Connections {
         pool_size: usize,
         deadlines: Deadlines,
         breaker: Breaker,
+        max_value_bytes: usize,
     ) -> Result<Self, crate::Error> {
         // Commands are bounded by `run`'s own deadline, which does not mistake
         // a slow server for a broken socket.
@@ -164,7 +173,16 @@ impl Connections {
         // two, 1.2x with one).
         let kept = if is_cluster { 1 } else { pool_size.min(cores).max(1) };
         let slots = (0..kept).map(|_| RwLock::new(None)).collect();
-        Ok(Self { pool, slots, next_slot: AtomicUsize::new(0), deadlines, breaker, readonly_means_moved, is_cluster })
+        Ok(Self {
+            pool,
+            slots,
+            next_slot: AtomicUsize::new(0),
+            deadlines,
+            breaker,
+            readonly_means_moved,
+            is_cluster,
+            max_reply_string: max_value_bytes.saturating_add(crate::codec::HEADER_ALLOWANCE),
+        })
     }
 
     /// Whether this is a Redis Cluster, where one script may only touch
@@ -175,7 +193,7 @@ impl Connections {
 
     /// The longest one operation may take: a connection, then a command.
     pub(crate) fn longest_round_trip(&self) -> Duration {
-        self.deadlines.connect + self.deadlines.command
+        self.deadlines.connect.saturating_add(self.deadlines.command)
     }
 
     /// Runs one Redis operation under the breaker and the deadlines.
@@ -303,9 +321,7 @@ impl Connections {
         let index = self.next_slot.fetch_add(1, Relaxed) % self.slots.len();
         let Ok(slot) = self.slots[index].read() else { return Err(index) };
         match slot.as_ref() {
-            Some(pooled) if !pooled.broken.load(Relaxed) => {
-                Ok((Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() }, index))
-            }
+            Some(pooled) if !pooled.broken.load(Relaxed) => Ok((self.handle(pooled), index)),
             _ => Err(index),
         }
     }
@@ -324,7 +340,7 @@ impl Connections {
             Ok(Err(e)) => return Err(Fault::Connection(e.to_string())),
             Ok(Ok(pooled)) => pooled,
         };
-        let conn = Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() };
+        let conn = self.handle(&pooled);
         if let Ok(mut slot) = self.slots[index].write() {
             let replace = slot.as_ref().is_none_or(|kept| kept.broken.load(Relaxed));
             if replace {
@@ -332,6 +348,33 @@ impl Connections {
             }
         }
         Ok(conn)
+    }
+}
+
+impl Connections {
+    fn handle(&self, pooled: &PooledConnection) -> Conn {
+        Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone(), max_reply_string: self.max_reply_string }
+    }
+}
+
+/// `value` with every string longer than `max` replaced by [`LONG_REPLY`],
+/// so that no entry longer than the cache stores is decoded or kept.
+/// redis-rs has read the string by then: Redis's `proto-max-bulk-len`
+/// (512 MB by default) bounds that buffer, and it is freed here.
+fn cap_reply(value: redis::Value, max: usize) -> redis::Value {
+    match value {
+        redis::Value::BulkString(bytes) if bytes.len() > max => {
+            crate::warnings::PROCESS_WARNINGS.warn(
+                crate::warnings::Cause::LongReply,
+                format_args!(
+                    "Redis returned a value of {} bytes, over max_value_bytes plus header ({max}): not decoded",
+                    bytes.len()
+                ),
+            );
+            redis::Value::BulkString(LONG_REPLY.to_vec())
+        }
+        redis::Value::Array(values) => redis::Value::Array(values.into_iter().map(|v| cap_reply(v, max)).collect()),
+        other => other,
     }
 }
 
@@ -364,11 +407,12 @@ impl Source {
 
 impl Conn {
     pub(crate) async fn query<T: FromRedisValue>(self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        match self.conn {
-            Handle::Server(mut conn) => cmd.query_async(&mut conn).await,
+        let value: redis::Value = match self.conn {
+            Handle::Server(mut conn) => cmd.query_async(&mut conn).await?,
             #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await,
-        }
+            Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await?,
+        };
+        Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
     }
 
     /// `cmd` sent to `node` right after `ASKING`, in one write, so that no
@@ -380,9 +424,9 @@ impl Conn {
         cmd: &redis::Cmd,
     ) -> Result<T, RedisError> {
         match self.conn {
-            Handle::Server(mut conn) => {
+            Handle::Server(conn) => {
                 let _ = node;
-                cmd.query_async(&mut conn).await
+                Conn { conn: Handle::Server(conn), ..self }.query(cmd).await
             }
             #[cfg(feature = "cluster")]
             Handle::Cluster(mut conn) => {
@@ -392,7 +436,7 @@ impl Conn {
                     redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
                 let reply = conn.route_pipeline(pipeline, 1, 1, route).await?.pop();
                 let value = reply.ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "no reply")))?;
-                Ok(T::from_redis_value(value.extract_error()?)?)
+                Ok(T::from_redis_value(cap_reply(value.extract_error()?, self.max_reply_string))?)
             }
         }
     }
@@ -401,10 +445,35 @@ impl Conn {
         self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        match self.conn {
-            Handle::Server(mut conn) => invocation.invoke_async(&mut conn).await,
+        let value: redis::Value = match self.conn {
+            Handle::Server(mut conn) => invocation.invoke_async(&mut conn).await?,
             #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => invocation.invoke_async(&mut conn).await,
-        }
+            Handle::Cluster(mut conn) => invocation.invoke_async(&mut conn).await?,
+        };
+        Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    #[test]
+    fn reply_strings_over_the_cap_are_replaced() {
+        let reply = Value::Array(vec![
+            Value::BulkString(vec![b'x'; 11]),
+            Value::Nil,
+            Value::BulkString(vec![b'y'; 10]),
+            Value::Array(vec![Value::BulkString(vec![b'z'; 12])]),
+        ]);
+        let capped = cap_reply(reply, 10);
+        let expected = Value::Array(vec![
+            Value::BulkString(LONG_REPLY.to_vec()),
+            Value::Nil,
+            Value::BulkString(vec![b'y'; 10]),
+            Value::Array(vec![Value::BulkString(LONG_REPLY.to_vec())]),
+        ]);
+        assert_eq!(capped, expected);
     }
 }

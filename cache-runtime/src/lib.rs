@@ -46,6 +46,7 @@
 
 mod batch;
 mod body;
+mod bounded;
 mod breaker;
 mod builder;
 mod cache;

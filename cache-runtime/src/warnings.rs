@@ -14,9 +14,11 @@ pub(crate) enum Cause {
     Oversize,
     Stale,
     NoLocalTier,
+    /// A reply from Redis longer than any entry the cache stores.
+    LongReply,
 }
 
-const CAUSES: usize = 8;
+const CAUSES: usize = 9;
 const INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
