@@ -605,10 +605,26 @@ fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Error> {
         Some("rediss") => {
             return Err(refuse("TLS (`rediss://`) needs cache-runtime's `tls` feature".to_owned()));
         }
-        Some(other) => return Err(refuse(format!("unknown scheme `{other}`, expected redis:// or redis+unix://"))),
+        // Named only when masking would show it: the text before `://`
+        // of a malformed URL can be part of a password.
+        Some(other) if SHOWN_SCHEMES.contains(&other) => {
+            return Err(refuse(format!("unknown scheme `{other}`, expected redis:// or redis+unix://")));
+        }
+        Some(_) => return Err(refuse("unknown scheme, expected redis:// or redis+unix://".to_owned())),
         None => return Err(refuse("expected a URL such as redis://127.0.0.1:6379".to_owned())),
     }
     url.into_connection_info().map_err(|e| refuse(e.to_string()))
+}
+
+/// Where a URL's authority starts: after a known `scheme:` and the
+/// slashes that follow, else at 0; and whether it is a `scheme://` URL.
+fn authority_start(url: &str) -> (usize, bool) {
+    let Some((scheme, rest)) = url.split_once(':') else { return (0, false) };
+    if !SHOWN_SCHEMES.contains(&scheme) {
+        return (0, false);
+    }
+    let slashes = rest.bytes().take_while(|&b| b == b'/').count();
+    (scheme.len() + 1 + slashes, slashes == 2)
 }
 
 fn validate_key_prefix(prefix: &str) -> Result<(), Error> {
@@ -627,23 +643,31 @@ fn validate_key_prefix(prefix: &str) -> Result<(), Error> {
 /// (`pass`, `password`, anything misspelt or percent-encoded) is masked.
 const SHOWN_PARAMETERS: [&str; 4] = ["db", "protocol", "user", "insecure"];
 
+/// Schemes shown in messages. Any other text before a `:` may be part of
+/// a password in a malformed URL (`secret@host`), so it is masked.
+const SHOWN_SCHEMES: [&str; 10] =
+    ["redis", "rediss", "redis+unix", "unix", "valkey", "valkeys", "valkey+unix", "http", "https", "tcp"];
+
 /// The URL with anything that may be a secret replaced by `***`, for
 /// messages. Works on the text, not on a parse, so a malformed URL is
-/// masked as well as a good one: everything between the scheme's `//` (or
-/// the start) and the last `@` except a user name before a `:`, and the
-/// value of every query parameter not known to be harmless. Where the two
-/// readings disagree (a `?` or `@` inside a password), both are masked.
+/// masked as well as a good one: everything between the authority's start
+/// (after a known `scheme:` and its slashes, else the very start) and the
+/// last `@`, except a user name before a `:` in a `scheme://` URL; and the
+/// value of every query parameter not known to be harmless. Where readings
+/// disagree (a `?` or `@` inside a password), both are masked.
 pub(crate) fn redact_url(url: &str) -> String {
+    let (authority, well_formed) = authority_start(url);
     let mut masked: Vec<(usize, usize)> = Vec::new();
-    if let Some(at) = url.rfind('@') {
-        let start = url[..at].find("//").map_or(0, |i| i + 2);
-        let credentials = &url[start..at];
-        let from = credentials.find(':').map_or(start, |colon| start + colon + 1);
+    if let Some(at) = url.rfind('@').filter(|&at| at >= authority) {
+        let credentials = &url[authority..at];
+        let from = match credentials.find(':') {
+            Some(colon) if well_formed => authority + colon + 1,
+            _ => authority,
+        };
         masked.push((from, at));
     }
-    let after_scheme = url.find("//").map_or(0, |i| i + 2);
-    if let Some(question) = url[after_scheme..].find('?') {
-        let mut position = after_scheme + question + 1;
+    if let Some(question) = url[authority..].find('?') {
+        let mut position = authority + question + 1;
         for parameter in url[position..].split('&') {
             let end = position + parameter.len();
             match parameter.split_once('=') {
@@ -750,7 +774,7 @@ mod tests {
         for (url, shown) in [
             ("redis://user:pw@host:6379/0", "redis://user:***@host:6379/0"),
             ("redis://:pw@host", "redis://:***@host"),
-            ("redis//:pw@host:6379/0", "redis//:***@host:6379/0"),
+            ("redis//:pw@host:6379/0", "***@host:6379/0"),
             ("redis:pw@host", "redis:***@host"),
             ("pw@host", "***@host"),
             ("redis://host:6379", "redis://host:6379"),
@@ -759,6 +783,11 @@ mod tests {
             ("redis://host/0?pass=se@cret", "redis://***"),
             ("redis://:pa?ss@host", "redis://:***"),
             ("redis://:p@ss@host", "redis://:***@host"),
+            ("redis:ab//cd@host", "redis:***@host"),
+            ("Q:1Y=Xd:@host", "***@host"),
+            ("redis:/:pw@host", "redis:/***@host"),
+            ("redis://:x?db=1@host", "redis://:***@host"),
+            ("user:pw@host", "***@host"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
