@@ -58,8 +58,15 @@ async fn fetch<T>(cache: &Cache, policy: &Policy, value: T, computed: &AtomicUsi
 where
     T: serde::Serialize + serde::de::DeserializeOwned,
 {
+    fetch_key(cache, policy, 1, value, computed).await
+}
+
+async fn fetch_key<T>(cache: &Cache, policy: &Policy, key: u32, value: T, computed: &AtomicUsize) -> T
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
     let result = cache
-        .get_or_compute(policy, &1u32, async {
+        .get_or_compute(policy, &key, async {
             computed.fetch_add(1, SeqCst);
             Ok::<_, String>(value)
         })
@@ -82,20 +89,27 @@ fn plant_payload(server: &RedisServer, key_prefix: &str, payload: &[u8]) {
 
 // --- settings ------------------------------------------------------------
 
+/// A lock timeout of `Duration::MAX` used to overflow `Instant + Duration`
+/// (a panic); one under a millisecond became `PX 0`, which Redis refuses,
+/// so a miss whose lookup beat the timeout never stored its value.
 #[test]
 fn extreme_policy_lock_timeouts_neither_panic_nor_disable_caching() {
     let server = RedisServer::start();
     run(DEADLINE, async {
         let cache = cache_for(&server.url(), "limits-lock").build().expect("valid settings");
-        for (name, timeout) in [("huge", Duration::MAX), ("tiny", Duration::from_micros(500))] {
+        // A warm connection, so lookups take well under a millisecond.
+        fetch(&cache, &Policy::new("warm").ttl(Duration::from_secs(60)), 0u64, &AtomicUsize::new(0)).await;
+        for (name, timeout) in [("huge", Duration::MAX), ("tiny", Duration::from_micros(999))] {
             let policy = Policy::new(name).ttl(Duration::from_secs(60)).lock_timeout(timeout);
             let computed = AtomicUsize::new(0);
-            for _ in 0..3 {
-                assert_eq!(fetch(&cache, &policy, 7u64, &computed).await, 7);
+            for key in 0..20 {
+                for _ in 0..2 {
+                    assert_eq!(fetch_key(&cache, &policy, key, 7u64, &computed).await, 7);
+                }
             }
-            assert_eq!(computed.load(SeqCst), 1, "{name} lock timeout: stored once, then hits");
             let counts = cache.stats().prefix(name).copied().unwrap_or_default();
-            assert_eq!((counts.hits, counts.server_errors), (2, 0), "{name}: {counts:?}");
+            assert_eq!(computed.load(SeqCst), 20, "{name} lock timeout: each key stored once, then hit: {counts:?}");
+            assert_eq!((counts.hits, counts.server_errors), (20, 0), "{name}: {counts:?}");
         }
     });
 }
