@@ -265,7 +265,7 @@ fn entries_over_max_value_bytes_are_not_decoded() {
 
         let reader = cache_for(&server.url(), "limits-big").max_value_bytes(1024).build().expect("valid settings");
         let got = fetch(&reader, &policy, "small".to_owned(), &computed).await;
-        assert_eq!(got, "small", "a 64 KiB entry is not decoded by a cache of max_value_bytes 1 KiB");
+        assert!(got == "small", "a {}-byte entry was decoded by a cache of max_value_bytes 1 KiB", got.len());
         let counts = reader.stats().prefix("big").copied().unwrap_or_default();
         assert!(counts.decode_errors >= 1 && counts.hits == 0, "{counts:?}");
     });

@@ -415,6 +415,9 @@ mod tests {
         tier.invalidate_known("a");
         let again = tier.site(["a", "b"].into_iter());
         assert!(tier.get(&hash(1), &again).is_none());
+        // Counted up from 0 again, "a" would reach the sum the entry holds.
+        tier.invalidate("a");
+        assert!(tier.get(&hash(1), &again).is_none(), "an old mark came back");
         let versions: Vec<u64> = (0..3).map(|_| tier.invalidate("fresh")).collect();
         assert!(versions.windows(2).all(|w| w[1] == w[0] + 1), "{versions:?}");
     }
