@@ -152,7 +152,7 @@ impl CachedArgs {
     fn accept(&mut self, name: &str, arg: RawArg) -> syn::Result<()> {
         let span = arg.name.span();
         match (name, arg.value) {
-            ("ttl", RawValue::Assign(expr)) => self.ttl_secs = Some(positive_int(&expr, "ttl", "seconds")?),
+            ("ttl", RawValue::Assign(expr)) => self.ttl_secs = Some(seconds(&expr, "ttl")?),
             ("version", RawValue::Assign(expr)) => {
                 self.version = Some(
                     u32::try_from(non_negative_int(&expr, "version")?)
@@ -192,7 +192,7 @@ impl CachedArgs {
                 self.refresh_ahead_span = Some(span);
             }
             ("stale_if_error", RawValue::Assign(expr)) => {
-                self.stale_if_error_secs = Some(positive_int(&expr, "stale_if_error", "seconds")?)
+                self.stale_if_error_secs = Some(seconds(&expr, "stale_if_error")?)
             }
             ("cache", RawValue::Assign(expr)) => self.cache = Some(expr),
             ("crate", RawValue::Assign(expr)) => self.crate_path = Some(crate_path(&expr)?),
@@ -258,6 +258,23 @@ fn non_negative_int(expr: &Expr, name: &str) -> syn::Result<u64> {
         Some((_, true)) => Err(syn::Error::new_spanned(expr, format!("`{name}` must not be negative"))),
         None => Err(syn::Error::new_spanned(expr, format!("`{name}` must be an integer literal"))),
     }
+}
+
+/// Ten years, the longest TTL or stale window the runtime accepts: Redis
+/// refuses expiries past its clock's range, and longer ones overflow
+/// millisecond arithmetic.
+const MAX_SECONDS: u64 = 10 * 365 * 24 * 60 * 60;
+
+/// A number of seconds from 1 to [`MAX_SECONDS`].
+fn seconds(expr: &Expr, name: &str) -> syn::Result<u64> {
+    let value = positive_int(expr, name, "seconds")?;
+    if value > MAX_SECONDS {
+        return Err(syn::Error::new_spanned(
+            expr,
+            format!("`{name}` must be at most {MAX_SECONDS} seconds (ten years)"),
+        ));
+    }
+    Ok(value)
 }
 
 fn positive_int(expr: &Expr, name: &str, unit: &str) -> syn::Result<u64> {

@@ -68,7 +68,14 @@ impl Breaker {
 
     fn now_ms(&self) -> u64 {
         // Never 0, so 0 can mean "closed".
-        self.epoch.elapsed().as_millis() as u64 + 1
+        millis(self.epoch.elapsed()).saturating_add(1)
+    }
+
+    /// When a breaker opened now reopens for a probe. Saturating: a
+    /// cool-down past the clock's range opens it for good rather than
+    /// panicking or wrapping round to "closed".
+    fn reopen_at(&self) -> u64 {
+        self.now_ms().saturating_add(millis(self.cool_down))
     }
 
     pub(crate) fn admit(&self) -> Admission<'_> {
@@ -115,17 +122,22 @@ impl Breaker {
         let mut admission = admission;
         let kind = std::mem::replace(&mut admission.kind, Kind::Allowed);
         if kind == Kind::Probe {
-            self.open_until_ms.store(self.now_ms() + self.cool_down.as_millis() as u64, Relaxed);
+            self.open_until_ms.store(self.reopen_at(), Relaxed);
             self.probe_in_flight.store(false, Relaxed);
             return false;
         }
         let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         if failures >= self.threshold && self.open_until_ms.load(Relaxed) == 0 {
-            self.open_until_ms.store(self.now_ms() + self.cool_down.as_millis() as u64, Relaxed);
+            self.open_until_ms.store(self.reopen_at(), Relaxed);
             return true;
         }
         false
     }
+}
+
+/// Whole milliseconds, saturating at `u64::MAX` (`as` would truncate).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -182,5 +194,15 @@ mod tests {
         drop(b.admit());
         assert!(b.probing());
         drop(probe);
+    }
+
+    #[test]
+    fn a_huge_cool_down_keeps_the_breaker_open_without_overflowing() {
+        let b = Breaker::new(1, Duration::MAX);
+        assert!(b.record_failure(b.admit()));
+        assert_eq!(b.admit().kind(), Kind::Rejected);
+        let b = Breaker::new(1, Duration::from_millis(u64::MAX - 1));
+        assert!(b.record_failure(b.admit()));
+        assert_eq!(b.admit().kind(), Kind::Rejected);
     }
 }

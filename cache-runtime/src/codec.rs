@@ -8,7 +8,8 @@
 //! process tell a fresh entry from a stale copy kept for `stale_if_error`,
 //! and when refresh-ahead is due.
 
-use serde::{Serialize, de::DeserializeOwned};
+use crate::bounded::Bounded;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 const MAGIC: &[u8] = b"RC2|";
@@ -23,19 +24,19 @@ pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
     bytes.starts_with(TOMBSTONE.as_bytes())
 }
 
-/// Decoding refuses to claim more than this much memory, whatever a corrupt
-/// length prefix says. Entries are capped well below it by
-/// `max_value_bytes`.
-const DECODE_LIMIT: usize = 256 << 20;
+/// Bytes an entry may hold beyond `max_value_bytes`: the header, whose
+/// namespace versions grow with the number of tags.
+pub(crate) const HEADER_ALLOWANCE: usize = 16 << 10;
 
-type BincodeConfig = bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Varint,
-    bincode::config::Limit<DECODE_LIMIT>,
->;
+/// No byte limit: nothing decoding does allocates more than the payload
+/// holds (see `bounded`), and callers refuse payloads over
+/// `max_value_bytes` before decoding. (bincode's limit is a constant that
+/// also counts primitives at their in-memory size, so no one constant could
+/// follow `max_value_bytes`.)
+type BincodeConfig = bincode::config::Configuration;
 
 fn bincode_config() -> BincodeConfig {
-    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+    bincode::config::standard()
 }
 
 /// How a cached value is turned into bytes.
@@ -85,17 +86,40 @@ impl Codec {
         }
     }
 
+    /// Decodes a payload no longer than the entry cap (`max_value_bytes`
+    /// plus header) allows: an entry read from Redis is capped before it
+    /// gets here (`connection`). Prefer [`decode_within`](Self::decode_within).
+    #[cfg(test)]
     pub(crate) fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, CodecError> {
+        self.decode_within(payload, usize::MAX)
+    }
+
+    /// Decodes a payload, refusing one longer than `max_bytes` (the
+    /// cache's `max_value_bytes`: nothing longer was stored by a cache with
+    /// this setting). Decoding allocates no more than the payload holds
+    /// and refuses values nested deeper than [`bounded::MAX_DEPTH`].
+    ///
+    /// [`bounded::MAX_DEPTH`]: crate::bounded::MAX_DEPTH
+    pub(crate) fn decode_within<T: DeserializeOwned>(self, payload: &[u8], max_bytes: usize) -> Result<T, CodecError> {
+        if payload.len() > max_bytes {
+            return Err(CodecError(format!(
+                "the payload is {} bytes, over max_value_bytes ({max_bytes})",
+                payload.len()
+            )));
+        }
         match self {
             Codec::Bincode => {
-                let (value, read) = bincode::serde::decode_from_slice(payload, bincode_config())
+                let mut decoder = bincode::serde::BorrowedSerdeDecoder::from_slice(payload, bincode_config(), ());
+                let value = T::deserialize(Bounded::new(decoder.as_deserializer(), payload.len()))
                     .map_err(|e| CodecError(e.to_string()))?;
-                if read != payload.len() {
+                if u8::deserialize(decoder.as_deserializer()).is_ok() {
                     // Left-over bytes mean the value was written for another layout.
-                    return Err(CodecError(format!("{} trailing bytes", payload.len() - read)));
+                    return Err(CodecError("trailing bytes after the value".to_owned()));
                 }
                 Ok(value)
             }
+            // serde_json stops at 128 levels by itself, and allocates
+            // strings from the bytes it reads, never from a claimed length.
             Codec::Json => serde_json::from_slice(payload).map_err(|e| CodecError(e.to_string())),
         }
     }
@@ -221,5 +245,74 @@ mod tests {
         bogus.extend_from_slice(&(u64::MAX / 2).to_le_bytes());
         assert!(Codec::Bincode.decode::<Vec<u64>>(&bogus).is_err());
         assert!(Codec::Bincode.decode::<String>(&bogus).is_err());
+    }
+
+    /// A recursive type: each `Node` is one nesting level, one byte in
+    /// bincode.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Nest {
+        Leaf,
+        Node(Box<Nest>),
+    }
+
+    fn nested(levels: usize) -> Vec<u8> {
+        let mut bytes = vec![1u8; levels];
+        bytes.push(0);
+        bytes
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_a_decode_error() {
+        let within = nested(crate::bounded::MAX_DEPTH - 1);
+        assert!(Codec::Bincode.decode::<Nest>(&within).is_ok());
+        let err = Codec::Bincode.decode::<Nest>(&nested(crate::bounded::MAX_DEPTH + 1)).unwrap_err();
+        assert!(err.to_string().contains("nests deeper than 128 levels"), "{err}");
+    }
+
+    #[test]
+    fn values_of_every_shape_round_trip() {
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct Unit;
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct Wrapper(u64);
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        enum Shape {
+            Unit,
+            Tuple(i128, char),
+            Struct { name: String, bytes: Vec<u8> },
+        }
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct All {
+            text: String,
+            unit: Unit,
+            wrapper: Wrapper,
+            shapes: Vec<Shape>,
+            map: std::collections::BTreeMap<String, Option<(f64, bool)>>,
+            nest: Nest,
+        }
+        let value = All {
+            text: "héllo".to_owned(),
+            unit: Unit,
+            wrapper: Wrapper(u64::MAX),
+            shapes: vec![
+                Shape::Unit,
+                Shape::Tuple(-1, 'λ'),
+                Shape::Struct { name: "n".to_owned(), bytes: vec![0, 255] },
+            ],
+            map: [("a".to_owned(), Some((1.5, true))), ("b".to_owned(), None)].into_iter().collect(),
+            nest: Nest::Node(Box::new(Nest::Leaf)),
+        };
+        for codec in [Codec::Bincode, Codec::Json] {
+            let bytes = codec.encode(&value).unwrap();
+            assert_eq!(codec.decode::<All>(&bytes).unwrap(), value);
+        }
+    }
+
+    #[test]
+    fn payloads_over_the_limit_are_refused_before_decoding() {
+        let bytes = Codec::Bincode.encode(&"x".repeat(100)).unwrap();
+        assert!(Codec::Bincode.decode_within::<String>(&bytes, bytes.len()).is_ok());
+        let err = Codec::Bincode.decode_within::<String>(&bytes, bytes.len() - 1).unwrap_err();
+        assert!(err.to_string().contains("over max_value_bytes"), "{err}");
     }
 }

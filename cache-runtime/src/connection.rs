@@ -118,6 +118,9 @@ pub(crate) struct Connections {
     /// its job (hits still work), a server error like any other.
     readonly_means_moved: bool,
     is_cluster: bool,
+    /// The longest string a reply may carry into the cache: an entry of
+    /// `max_value_bytes` plus its header. Longer ones are never decoded.
+    max_reply_string: usize,
 }
 
 impl std::fmt::Debug for Connections {
@@ -134,7 +137,12 @@ impl std::fmt::Debug for Connections {
 pub(crate) struct Conn {
     conn: Handle,
     broken: Arc<AtomicBool>,
+    max_reply_string: usize,
 }
+
+/// What a reply's string longer than the cap is replaced with: no entry
+/// parses from it, so the flow counts a decode error and computes.
+pub(crate) const LONG_REPLY: &[u8] = b"(a reply string over max_value_bytes plus header, not read)";
 
 impl Connections {
     /// `kept`: how many connections to keep checked out; `None`: one per
@@ -145,6 +153,7 @@ impl Connections {
         kept: Option<usize>,
         deadlines: Deadlines,
         breaker: Breaker,
+        max_value_bytes: usize,
     ) -> Result<Self, crate::Error> {
         // Commands are bounded by `run`'s own deadline, which retires the
         // connection when it passes.
@@ -195,6 +204,7 @@ impl Connections {
             breaker,
             readonly_means_moved,
             is_cluster,
+            max_reply_string: max_value_bytes.saturating_add(crate::codec::HEADER_ALLOWANCE),
         })
     }
 
@@ -211,7 +221,7 @@ impl Connections {
 
     /// The longest one operation may take: a connection, then a command.
     pub(crate) fn longest_round_trip(&self) -> Duration {
-        self.deadlines.connect + self.deadlines.command
+        self.deadlines.connect.saturating_add(self.deadlines.command)
     }
 
     /// Runs one Redis operation under the breaker and the deadlines.
@@ -351,9 +361,7 @@ impl Connections {
         let index = self.next_slot.fetch_add(1, Relaxed) % self.slots.len();
         let Ok(slot) = self.slots[index].read() else { return Err(index) };
         match slot.as_ref() {
-            Some(pooled) if !pooled.broken.load(Relaxed) => {
-                Ok((Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() }, index))
-            }
+            Some(pooled) if !pooled.broken.load(Relaxed) => Ok((self.handle(pooled), index)),
             _ => Err(index),
         }
     }
@@ -382,7 +390,7 @@ impl Connections {
             }
             Err(e) => return Err(Fault::Connection(e.to_string())),
         };
-        let conn = Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() };
+        let conn = self.handle(&pooled);
         if let Ok(mut slot) = self.slots[index].write() {
             // Empty: this refill retired what was there, and holds the
             // slot's refill lock.
@@ -395,7 +403,7 @@ impl Connections {
     fn healthy(&self, index: usize) -> Option<Conn> {
         let slot = self.slots[index].read().ok()?;
         let pooled = slot.as_ref().filter(|pooled| !pooled.broken.load(Relaxed))?;
-        Some(Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone() })
+        Some(self.handle(pooled))
     }
 
     /// Takes the slot's broken connection out of the pool, freeing its
@@ -464,6 +472,33 @@ fn with_keepalive(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
     info.set_tcp_settings(settings)
 }
 
+impl Connections {
+    fn handle(&self, pooled: &PooledConnection) -> Conn {
+        Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone(), max_reply_string: self.max_reply_string }
+    }
+}
+
+/// `value` with every string longer than `max` replaced by [`LONG_REPLY`],
+/// so that no entry longer than the cache stores is decoded or kept.
+/// redis-rs has read the string by then: Redis's `proto-max-bulk-len`
+/// (512 MB by default) bounds that buffer, and it is freed here.
+fn cap_reply(value: redis::Value, max: usize) -> redis::Value {
+    match value {
+        redis::Value::BulkString(bytes) if bytes.len() > max => {
+            crate::warnings::PROCESS_WARNINGS.warn(
+                crate::warnings::Cause::LongReply,
+                format_args!(
+                    "Redis returned a value of {} bytes, over max_value_bytes plus header ({max}): not decoded",
+                    bytes.len()
+                ),
+            );
+            redis::Value::BulkString(LONG_REPLY.to_vec())
+        }
+        redis::Value::Array(values) => redis::Value::Array(values.into_iter().map(|v| cap_reply(v, max)).collect()),
+        other => other,
+    }
+}
+
 /// A wrong password or ACL user. A cluster connection reports it inside
 /// its error for the initial connections, whose kind is I/O.
 fn refused_credentials(e: &RedisError) -> bool {
@@ -493,11 +528,12 @@ impl Source {
 
 impl Conn {
     pub(crate) async fn query<T: FromRedisValue>(self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        match self.conn {
-            Handle::Server(mut conn) => cmd.query_async(&mut conn).await,
+        let value: redis::Value = match self.conn {
+            Handle::Server(mut conn) => cmd.query_async(&mut conn).await?,
             #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await,
-        }
+            Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await?,
+        };
+        Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
     }
 
     /// `cmd` sent to `node` right after `ASKING`, in one write, so that no
@@ -509,9 +545,9 @@ impl Conn {
         cmd: &redis::Cmd,
     ) -> Result<T, RedisError> {
         match self.conn {
-            Handle::Server(mut conn) => {
+            Handle::Server(conn) => {
                 let _ = node;
-                cmd.query_async(&mut conn).await
+                Conn { conn: Handle::Server(conn), ..self }.query(cmd).await
             }
             #[cfg(feature = "cluster")]
             Handle::Cluster(mut conn) => {
@@ -521,7 +557,7 @@ impl Conn {
                     redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
                 let reply = conn.route_pipeline(pipeline, 1, 1, route).await?.pop();
                 let value = reply.ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "no reply")))?;
-                Ok(T::from_redis_value(value.extract_error()?)?)
+                Ok(T::from_redis_value(cap_reply(value.extract_error()?, self.max_reply_string))?)
             }
         }
     }
@@ -530,10 +566,35 @@ impl Conn {
         self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        match self.conn {
-            Handle::Server(mut conn) => invocation.invoke_async(&mut conn).await,
+        let value: redis::Value = match self.conn {
+            Handle::Server(mut conn) => invocation.invoke_async(&mut conn).await?,
             #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => invocation.invoke_async(&mut conn).await,
-        }
+            Handle::Cluster(mut conn) => invocation.invoke_async(&mut conn).await?,
+        };
+        Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    #[test]
+    fn reply_strings_over_the_cap_are_replaced() {
+        let reply = Value::Array(vec![
+            Value::BulkString(vec![b'x'; 11]),
+            Value::Nil,
+            Value::BulkString(vec![b'y'; 10]),
+            Value::Array(vec![Value::BulkString(vec![b'z'; 12])]),
+        ]);
+        let capped = cap_reply(reply, 10);
+        let expected = Value::Array(vec![
+            Value::BulkString(LONG_REPLY.to_vec()),
+            Value::Nil,
+            Value::BulkString(vec![b'y'; 10]),
+            Value::Array(vec![Value::BulkString(LONG_REPLY.to_vec())]),
+        ]);
+        assert_eq!(capped, expected);
     }
 }

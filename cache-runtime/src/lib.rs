@@ -60,6 +60,7 @@ mod policy;
 mod programmatic;
 mod site;
 // Keys, values and the local tier.
+mod bounded;
 mod codec;
 mod keys;
 mod local;

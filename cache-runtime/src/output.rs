@@ -50,7 +50,9 @@ pub(crate) type Encoded = Result<Vec<u8>, CodecError>;
 pub struct Storage<R> {
     /// `None`: this output is not stored (an `Err`).
     pub(crate) encode: fn(&R, Codec) -> Option<Encoded>,
-    pub(crate) decode: fn(&[u8], Codec) -> Result<R, CodecError>,
+    /// The last argument bounds the payload: `max_value_bytes` for what
+    /// was read from a store.
+    pub(crate) decode: fn(&[u8], Codec, usize) -> Result<R, CodecError>,
     /// Whether this output would be stored, without encoding it.
     pub(crate) cacheable: fn(&R) -> bool,
     /// The output type's name, for reports.
@@ -78,12 +80,12 @@ impl<R> Storage<R> {
         {
             K::stored(output).map(|value| codec.encode(value))
         }
-        fn decode<R, K>(payload: &[u8], codec: Codec) -> Result<R, CodecError>
+        fn decode<R, K>(payload: &[u8], codec: Codec, max_bytes: usize) -> Result<R, CodecError>
         where
             K: OutputKind<R>,
             K::Value: DeserializeOwned,
         {
-            codec.decode::<K::Value>(payload).map(K::from_stored)
+            codec.decode_within::<K::Value>(payload, max_bytes).map(K::from_stored)
         }
         fn cacheable<R, K: OutputKind<R>>(output: &R) -> bool {
             K::stored(output).is_some()

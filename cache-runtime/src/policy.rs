@@ -92,9 +92,16 @@ impl Policy {
         }
     }
 
-    /// How long entries live.
+    /// How long entries live; clamped to [1 ms, ten years] (Redis counts
+    /// whole milliseconds, and refuses expiries past its clock's range).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let policy = cache_runtime::Policy::new("rates").ttl(Duration::MAX); // ten years
+    /// ```
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
+        self.ttl = Some(ttl.clamp(crate::builder::MIN_TTL, crate::builder::MAX_TTL));
         self
     }
 
@@ -134,9 +141,17 @@ impl Policy {
         self
     }
 
-    /// How long callers wait for another's computation of the same key.
+    /// How long callers wait for another's computation of the same key;
+    /// clamped to [1 ms, 24 h], the range of
+    /// [`CacheBuilder::lock_timeout`](crate::CacheBuilder::lock_timeout).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let policy = cache_runtime::Policy::new("rates").lock_timeout(Duration::from_millis(300));
+    /// ```
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.lock_timeout = Some(timeout);
+        self.lock_timeout = Some(timeout.clamp(crate::builder::MIN_LOCK_TIMEOUT, crate::builder::MAX_LOCK_TIMEOUT));
         self
     }
 
@@ -144,7 +159,7 @@ impl Policy {
     /// [`CacheBuilder::local`](crate::CacheBuilder::local)), for at most
     /// `local_ttl`: hits then cost no network. Invalidations reach the
     /// local tiers of all processes; `local_ttl` bounds how stale a copy can
-    /// get should one be missed.
+    /// get should one be missed. Clamped to at most ten years.
     ///
     /// ```
     /// use cache_runtime::Policy;
@@ -153,13 +168,14 @@ impl Policy {
     /// let policy = Policy::new("rates").ttl(Duration::from_secs(60)).local_ttl(Duration::from_secs(5));
     /// ```
     pub fn local_ttl(mut self, local_ttl: Duration) -> Self {
-        self.local_ttl = Some(local_ttl);
+        self.local_ttl = Some(local_ttl.min(crate::builder::MAX_TTL));
         self
     }
 
     /// Keep each entry `window` past its TTL, and return that stale copy
     /// when the computation fails (an `Err`), instead of the error. An
     /// entry invalidated through its namespace is never served stale.
+    /// Clamped to at most ten years; zero means none.
     ///
     /// ```
     /// use cache_runtime::Policy;
@@ -168,7 +184,7 @@ impl Policy {
     /// let policy = Policy::new("prices").ttl(Duration::from_secs(60)).stale_if_error(Duration::from_secs(3600));
     /// ```
     pub fn stale_if_error(mut self, window: Duration) -> Self {
-        self.stale_if_error = Some(window).filter(|w| !w.is_zero());
+        self.stale_if_error = Some(window.min(crate::builder::MAX_TTL)).filter(|w| !w.is_zero());
         self
     }
 

@@ -132,6 +132,12 @@ impl Counts {
 
 /// A snapshot of a cache's counters: in total, and per prefix.
 ///
+/// At most [`Stats::MAX_PREFIXES`] prefixes are counted apart (a
+/// [`Policy`](crate::Policy) prefix built from data could otherwise grow
+/// the registry without end); calls of later prefixes are counted together
+/// under [`Stats::OTHER`], a name no namespace can have. The `prefix` label
+/// of the `metrics` feature is capped the same way.
+///
 /// ```
 /// use cache_runtime::Cache;
 ///
@@ -183,6 +189,22 @@ pub struct InFlight {
 }
 
 impl Stats {
+    /// Prefixes counted apart, per cache; later ones go to [`OTHER`](Self::OTHER).
+    ///
+    /// ```
+    /// assert_eq!(cache_runtime::Stats::MAX_PREFIXES, 1000);
+    /// ```
+    pub const MAX_PREFIXES: usize = 1000;
+
+    /// Where the prefixes past [`MAX_PREFIXES`](Self::MAX_PREFIXES) are
+    /// counted: `#` cannot appear in a namespace, so no prefix is named so.
+    ///
+    /// ```
+    /// let stats = cache_runtime::stats();
+    /// assert!(stats.prefix(cache_runtime::Stats::OTHER).is_none());
+    /// ```
+    pub const OTHER: &'static str = "#other";
+
     /// The hit rate of all calls; see [`Counts::hit_rate`].
     pub fn hit_rate(&self) -> f64 {
         self.total.hit_rate()
@@ -209,7 +231,12 @@ impl Registry {
             return counters.clone();
         }
         match self.by_prefix.write() {
-            Ok(mut map) => map.entry(prefix.to_owned()).or_default().clone(),
+            Ok(mut map) => {
+                // One more than the cap: the named prefixes, and `OTHER`.
+                let key =
+                    if map.len() < Stats::MAX_PREFIXES || map.contains_key(prefix) { prefix } else { Stats::OTHER };
+                map.entry(key.to_owned()).or_default().clone()
+            }
             // A poisoned map only loses per-prefix detail.
             Err(_) => Arc::default(),
         }
@@ -244,5 +271,18 @@ mod tests {
         assert_eq!(stats.prefix("a").map(|c| c.hits), Some(2));
         assert_eq!((stats.total.hits, stats.total.misses, stats.total.timeouts), (2, 1, 1));
         assert!((stats.hit_rate() - 2.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn prefixes_past_the_cap_are_counted_together() {
+        let registry = Registry::default();
+        for n in 0..3 * Stats::MAX_PREFIXES {
+            bump(&registry.of(&format!("report-{n}")).misses);
+        }
+        let stats = registry.snapshot();
+        assert!(stats.prefixes.len() <= Stats::MAX_PREFIXES + 1, "{} prefixes", stats.prefixes.len());
+        assert_eq!(stats.total.misses, 3 * Stats::MAX_PREFIXES as u64, "nothing is lost");
+        assert_eq!(stats.prefix(Stats::OTHER).map(|c| c.misses), Some(2 * Stats::MAX_PREFIXES as u64));
+        assert_eq!(stats.prefix("report-0").map(|c| c.misses), Some(1), "early prefixes keep their own");
     }
 }

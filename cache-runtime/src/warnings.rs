@@ -12,9 +12,11 @@ pub(crate) enum Cause {
     Encode,
     Oversize,
     Stale,
+    /// A reply from Redis longer than any entry the cache stores.
+    LongReply,
 }
 
-const CAUSES: usize = 6;
+const CAUSES: usize = 7;
 const INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]

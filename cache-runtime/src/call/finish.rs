@@ -213,7 +213,7 @@ impl<R> Call<'_, R> {
     /// computed again on every call.
     fn round_trips(&self, payload: &[u8]) -> bool {
         let name = (self.storage.type_name)();
-        let check = || (name, (self.storage.decode)(payload, self.plan.codec).err().map(|e| e.to_string()));
+        let check = || (name, (self.storage.decode)(payload, self.plan.codec, usize::MAX).err().map(|e| e.to_string()));
         let (checked, failure) = self.observer.site.round_trip.get_or_init(check);
         let failure = if *checked == name { failure.clone() } else { check().1 };
         match failure {
@@ -245,7 +245,7 @@ impl<R> Call<'_, R> {
     /// in that case.
     fn or_stale(&self, output: R, stale: Option<Arc<Vec<u8>>>) -> (R, Option<Arc<Vec<u8>>>) {
         let Some(stale) = stale.filter(|_| !(self.storage.cacheable)(&output)) else { return (output, None) };
-        match (self.storage.decode)(&stale, self.plan.codec) {
+        match (self.storage.decode)(&stale, self.plan.codec, self.cache.max_value_bytes()) {
             Ok(kept) => {
                 let why = format_args!("prefix `{}`: the function failed; serving the stale copy", self.plan.prefix);
                 self.observer.event(Event::StaleServed(&why));

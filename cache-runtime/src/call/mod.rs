@@ -288,7 +288,8 @@ impl<'c, R> Call<'c, R> {
                 Role::Waiter(mut waiter) => {
                     match Box::pin(self.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
                         Ok(Some(Shared::Value(payload))) => {
-                            if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec) {
+                            // The leader's own encoding: it may be over max_value_bytes.
+                            if let Ok(output) = (self.storage.decode)(&payload, self.plan.codec, usize::MAX) {
                                 self.observer.outcome(Outcome::Coalesced);
                                 return output;
                             }
@@ -328,7 +329,9 @@ impl<'c, R> Call<'c, R> {
                 // Another write got there since this one read the entry:
                 // which of the two read the newer data is unknown, so
                 // neither value stays, and readers compute afresh.
-                (Ok(_), None) if settled.superseded => self.cache.forget_entry(self.plan, Ok(self.hash)).await.map(drop),
+                (Ok(_), None) if settled.superseded => {
+                    self.cache.forget_entry(self.plan, Ok(self.hash)).await.map(drop)
+                }
                 (Ok(_), None) => Ok(()),
             };
             (settled.output, reached)
@@ -463,7 +466,7 @@ impl<'c, R> Call<'c, R> {
     }
 
     fn decode_payload(&self, payload: &[u8]) -> Option<R> {
-        match (self.storage.decode)(payload, self.plan.codec) {
+        match (self.storage.decode)(payload, self.plan.codec, self.cache.max_value_bytes()) {
             Ok(output) => {
                 self.observer.event(Event::Read { bytes: payload.len() });
                 Some(output)

@@ -97,7 +97,7 @@ pub(super) fn hit<R>(
     let Found::Fresh(entry, now) = find(tier, observer.site.local.as_ref()?, plan, hash) else {
         return None;
     };
-    let output = (storage.decode)(&entry.payload, plan.codec).ok()?;
+    let output = (storage.decode)(&entry.payload, plan.codec, cache.max_value_bytes()).ok()?;
     observer.event(Event::Read { bytes: entry.payload.len() });
     observer.key(hash);
     observer.outcome(Outcome::LocalHit);

@@ -53,7 +53,7 @@ impl Channel {
             return false;
         }
         match kind {
-            b"n" => std::str::from_utf8(subject).map(|namespace| tier.invalidate(namespace)).is_ok(),
+            b"n" => std::str::from_utf8(subject).map(|namespace| tier.invalidate_known(namespace)).is_ok(),
             b"e" => KeyHash::from_hex(subject).map(|hash| tier.forget(&hash)).is_some(),
             _ => false,
         }
@@ -218,12 +218,15 @@ mod tests {
     #[test]
     fn messages_from_others_are_applied_and_our_own_skipped() {
         let tier = LocalTier::new(10, false);
+        let _site = tier.site(["products"].into_iter());
         let (ours, theirs) = (Channel::new("app"), Channel::new("app"));
         assert_eq!(ours.name, "app:invalidations");
         ours.apply(&tier, theirs.namespace_message("products").as_bytes());
         assert_eq!(tier.invalidate("products"), 2, "one bump from the message, one here");
         ours.apply(&tier, ours.namespace_message("products").as_bytes());
         assert_eq!(tier.invalidate("products"), 3, "our own message was skipped");
+        ours.apply(&tier, theirs.namespace_message("nobody-here").as_bytes());
+        assert_eq!(tier.epoch_count(), 1, "no epoch for a namespace no site uses");
         ours.apply(&tier, b"garbage");
         ours.apply(&tier, b"x|e|not-hex");
     }

@@ -9,6 +9,13 @@
 //! local hit needs both unchanged. A fill whose read raced with an
 //! invalidation is therefore never served, and entries stored before the
 //! channel dropped are never trusted again.
+//!
+//! Epochs are kept for the namespaces call sites use, and for at most
+//! [`MAX_IDLE_EPOCHS`] others: past that, those no site holds are
+//! dropped. A namespace's epoch made anew starts above the last value of
+//! any dropped one, so a sum an old entry remembers never comes back, and
+//! an invalidation message for a namespace without an epoch is ignored:
+//! nothing trusted depends on it.
 
 pub(crate) mod channel;
 
@@ -61,9 +68,42 @@ pub(crate) struct LocalSite {
     namespaces: u64,
 }
 
+/// Epochs kept although no call site holds them (namespaces invalidated
+/// here or by other processes, sites gone) before they are dropped.
+pub(crate) const MAX_IDLE_EPOCHS: usize = 4096;
+
+#[derive(Default)]
+struct Epochs {
+    map: HashMap<String, Arc<AtomicU64>>,
+    /// Where an epoch made from now on starts: above the last value of
+    /// every epoch dropped so far.
+    floor: u64,
+    /// The map's size that triggers the next sweep.
+    sweep_at: usize,
+}
+
+impl Epochs {
+    /// Drops the epochs no site holds, raising the floor above them.
+    fn sweep(&mut self) {
+        let mut floor = self.floor;
+        self.map.retain(|_, epoch| {
+            // Handles are cloned only under the map's lock, which the caller
+            // holds for writing: a count of 1 cannot grow meanwhile.
+            let held = Arc::strong_count(epoch) > 1;
+            if !held {
+                floor = floor.max(epoch.load(Relaxed).saturating_add(1));
+            }
+            held
+        });
+        self.floor = floor;
+        self.sweep_at = self.map.len().saturating_add(MAX_IDLE_EPOCHS);
+        self.map.shrink_to(self.sweep_at);
+    }
+}
+
 pub(crate) struct LocalTier {
     entries: moka::sync::Cache<KeyHash, Arc<LocalEntry>>,
-    epochs: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    epochs: RwLock<Epochs>,
     /// Even: the invalidation channel is live (or not needed) and every
     /// invalidation since the generation began has been applied. Odd:
     /// nothing here is trusted.
@@ -121,7 +161,7 @@ impl LocalTier {
             .build();
         Self {
             entries,
-            epochs: RwLock::default(),
+            epochs: RwLock::new(Epochs { sweep_at: MAX_IDLE_EPOCHS, ..Epochs::default() }),
             generation: AtomicU64::new(u64::from(needs_channel)),
             forgets: (0..FORGET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             evictions,
@@ -139,18 +179,32 @@ impl LocalTier {
         self.evictions.load(Relaxed)
     }
 
+    /// The epoch of `namespace`, made if there is none.
     fn epoch(&self, namespace: &str) -> Arc<AtomicU64> {
-        if let Ok(map) = self.epochs.read()
-            && let Some(epoch) = map.get(namespace)
-        {
-            return epoch.clone();
+        if let Some(epoch) = self.known_epoch(namespace) {
+            return epoch;
         }
         match self.epochs.write() {
-            Ok(mut map) => map.entry(namespace.to_owned()).or_default().clone(),
+            Ok(mut epochs) => {
+                if let Some(epoch) = epochs.map.get(namespace) {
+                    return epoch.clone();
+                }
+                if epochs.map.len() >= epochs.sweep_at {
+                    epochs.sweep();
+                }
+                let epoch = Arc::new(AtomicU64::new(epochs.floor));
+                epochs.map.insert(namespace.to_owned(), epoch.clone());
+                epoch
+            }
             // Unreachable in practice (nothing panics under this lock); a
             // detached epoch only makes this site miss locally.
             Err(_) => Arc::new(AtomicU64::new(u64::MAX / 2)),
         }
+    }
+
+    /// The epoch of `namespace`, if it has one.
+    fn known_epoch(&self, namespace: &str) -> Option<Arc<AtomicU64>> {
+        self.epochs.read().ok()?.map.get(namespace).cloned()
     }
 
     pub(crate) fn site<'n>(&self, namespaces: impl Iterator<Item = &'n str>) -> LocalSite {
@@ -244,9 +298,18 @@ impl LocalTier {
         self.entries.remove(hash).is_some()
     }
 
-    /// Makes every entry of `namespace` untrusted; returns the new epoch.
+    /// Makes every entry of `namespace` untrusted; returns the new epoch
+    /// (increasing for each namespace: a memory-only cache's version).
     pub(crate) fn invalidate(&self, namespace: &str) -> u64 {
-        self.epoch(namespace).fetch_add(1, Relaxed) + 1
+        self.epoch(namespace).fetch_add(1, Relaxed).wrapping_add(1)
+    }
+
+    /// Another process invalidated `namespace`: only an epoch that exists
+    /// can have entries depending on it, so none is made.
+    pub(crate) fn invalidate_known(&self, namespace: &str) {
+        if let Some(epoch) = self.known_epoch(namespace) {
+            epoch.fetch_add(1, Relaxed);
+        }
     }
 
     /// The channel is live: entries stored from now on may be trusted.
@@ -258,6 +321,12 @@ impl LocalTier {
     /// stored until it is back.
     pub(crate) fn distrust(&self) {
         let _ = self.generation.fetch_update(Relaxed, Relaxed, |g| (g % 2 == 0).then_some(g + 1));
+    }
+
+    /// Epochs kept; for tests.
+    #[cfg(test)]
+    pub(crate) fn epoch_count(&self) -> usize {
+        self.epochs.read().map_or(0, |epochs| epochs.map.len())
     }
 
     /// Removes what moka expired or replaced, so counts are exact; for tests.
@@ -370,5 +439,43 @@ mod tests {
         assert!(tier.get(&hash(1), &site).is_some());
         std::thread::sleep(Duration::from_millis(60));
         assert!(tier.get(&hash(1), &site).is_none());
+    }
+
+    #[test]
+    fn epochs_stay_bounded_whatever_is_invalidated() {
+        let tier = LocalTier::new(100, false);
+        let held = tier.site(["products"].into_iter());
+        for n in 0..3 * MAX_IDLE_EPOCHS {
+            tier.invalidate_known(&format!("theirs-{n}"));
+            tier.invalidate(&format!("ours-{n}"));
+            drop(tier.site([format!("gone-{n}").as_str()].into_iter()));
+        }
+        assert!(tier.epoch_count() <= MAX_IDLE_EPOCHS + 1, "{} epochs", tier.epoch_count());
+        let capture = tier.capture(&held, &hash(1));
+        tier.insert(hash(1), &held, capture, parts(1), LONG);
+        assert!(tier.get(&hash(1), &held).is_some(), "a held epoch survives the sweeps");
+    }
+
+    #[test]
+    fn an_epoch_made_again_never_trusts_what_its_old_one_marked() {
+        let tier = LocalTier::new(100, false);
+        let site = tier.site(["a", "b"].into_iter());
+        tier.invalidate("a");
+        let capture = tier.capture(&site, &hash(1));
+        tier.insert(hash(1), &site, capture, parts(1), LONG);
+        drop(site);
+        for n in 0..2 * MAX_IDLE_EPOCHS {
+            tier.invalidate(&format!("filler-{n}"));
+        }
+        assert!(tier.known_epoch("a").is_none(), "swept");
+        // Missed while nothing held it: ignored, and the entry is stale.
+        tier.invalidate_known("a");
+        let again = tier.site(["a", "b"].into_iter());
+        assert!(tier.get(&hash(1), &again).is_none());
+        // Counted up from 0 again, "a" would reach the sum the entry holds.
+        tier.invalidate("a");
+        assert!(tier.get(&hash(1), &again).is_none(), "an old mark came back");
+        let versions: Vec<u64> = (0..3).map(|_| tier.invalidate("fresh")).collect();
+        assert!(versions.windows(2).all(|w| w[1] == w[0] + 1), "{versions:?}");
     }
 }
