@@ -322,7 +322,10 @@ fn an_older_computation_never_overwrites_a_refresh(server: &Topology) {
         assert_eq!((old, fresh), (11, 12));
         assert_eq!(priced(&cache, &db, slow, 2).await, 12, "the older value did not overwrite the refresh");
         assert_eq!(cache.stats().total.refreshes, 2);
-        assert_eq!(cache.stats().total.writes_skipped, 1);
+        // Once the refresh found the older value stored after it read the
+        // entry (it forgot the entry: which read newer data is unknown), once
+        // the older computation found the refresh.
+        assert_eq!(cache.stats().total.writes_skipped, 2);
     });
 }
 

@@ -501,10 +501,17 @@ pub fn run<F: Future<Output = ()>>(deadline: Duration, body: F) {
     });
 }
 
-/// The keys of the entries (not the version keys) under `pattern`.
+/// The keys of the entries under `pattern`: not the version keys, the
+/// locks, nor the tombstones `forget` leaves.
 pub fn entry_keys(conn: &mut dyn redis::ConnectionLike, pattern: &str) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(conn).expect("KEYS");
-    keys.into_iter().filter(|k| !k.ends_with("#v") && !k.ends_with("#lock")).collect()
+    keys.into_iter()
+        .filter(|k| !k.ends_with("#v") && !k.ends_with("#lock"))
+        .filter(|k| {
+            let value: Option<Vec<u8>> = redis::cmd("GET").arg(k).query(conn).unwrap_or(None);
+            !value.is_some_and(|v| v.starts_with(b"RC2|-|"))
+        })
+        .collect()
 }
 
 /// A private redis-server listening only on a Unix socket, stopped by pid.
