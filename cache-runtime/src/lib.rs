@@ -43,6 +43,9 @@
 //!   moves.
 
 #![warn(missing_docs)]
+// On docs.rs (`--cfg docsrs`, see Cargo.toml) every feature-gated item
+// carries a badge naming the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod batch;
 mod body;
