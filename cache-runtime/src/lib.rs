@@ -45,6 +45,9 @@
 //!   moves.
 
 #![warn(missing_docs)]
+// On docs.rs (`--cfg docsrs`, see Cargo.toml) every feature-gated item
+// carries a badge naming the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The flow of a call and what it runs on.
 mod call;

@@ -35,6 +35,34 @@ fn free_port() -> u16 {
     }
 }
 
+/// The programs the harness runs: why, and the Debian/Ubuntu package that
+/// provides each.
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("redis-server", "redis-server", "the tests start private Redis servers, Sentinels and clusters with it"),
+    ("redis-cli", "redis-tools", "the cluster tests join their nodes with `redis-cli --cluster create`"),
+    ("openssl", "openssl", "the TLS tests make their certificates with it"),
+];
+
+/// `program`, once it is known to be on `PATH`: a newcomer without it gets
+/// the package to install instead of a bare "No such file or directory"
+/// from a spawn deep inside a test.
+fn tool(program: &'static str) -> &'static str {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()));
+    if !on_path {
+        let (why, package) = TOOLS
+            .iter()
+            .find(|(name, ..)| *name == program)
+            .map_or(("the tests need it", program), |(_, package, why)| (*why, *package));
+        panic!(
+            "`{program}` is not on PATH: {why}. Install it (Debian/Ubuntu: `apt-get install {package}`; \
+             macOS: `brew install {}`) and run the tests again.",
+            if program == "openssl" { "openssl" } else { "redis" }
+        );
+    }
+    program
+}
+
 impl RedisServer {
     /// Starts a fresh server on a free port and waits until it answers.
     pub fn start() -> Self {
@@ -54,14 +82,14 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(tool("redis-server"))
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", self.dir.to_str().expect("utf-8 temp dir")])
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be on PATH (apt-get install redis-server)");
+            .expect("start redis-server");
         self.child = Some(child);
         self.wait_ready();
     }
@@ -360,12 +388,7 @@ impl AsyncConn {
 #[cfg(feature = "cluster")]
 fn join_cluster(ports: &[u16], replicas: usize, cli_args: &[&str]) {
     let cli = |args: &[String]| {
-        Command::new("redis-cli")
-            .args(cli_args)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli must be on PATH (it comes with redis-server)")
+        Command::new(tool("redis-cli")).args(cli_args).args(args).stdin(Stdio::null()).output().expect("run redis-cli")
     };
     let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
     create.extend(ports.iter().map(|port| format!("127.0.0.1:{port}")));
@@ -525,13 +548,13 @@ impl UnixRedis {
         let dir = std::env::temp_dir().join(format!("cache-runtime-unix-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let socket = dir.join("redis.sock");
-        let child = Command::new("redis-server")
+        let child = Command::new(tool("redis-server"))
             .args(["--port", "0", "--unixsocket", socket.to_str().expect("utf-8 path"), "--unixsocketperm", "700"])
             .args(["--save", "", "--appendonly", "no", "--dir", dir.to_str().expect("utf-8 path")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be on PATH");
+            .expect("start redis-server");
         let server = Self { child, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
@@ -567,13 +590,13 @@ impl Certificates {
         let dir = std::env::temp_dir().join(format!("cache-runtime-tls-{}-{name}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let openssl = |args: &[&str]| {
-            let status = Command::new("openssl")
+            let status = Command::new(tool("openssl"))
                 .args(args)
                 .current_dir(&dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
-                .expect("openssl must be on PATH (apt-get install openssl)");
+                .expect("run openssl");
             assert!(status.success(), "openssl {args:?} failed");
         };
         let subject = format!("/CN={name}-ca");
@@ -646,7 +669,7 @@ impl TlsRedis {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("cache-runtime-tls-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new("redis-server")
+        let child = Command::new(tool("redis-server"))
             .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--tls-cert-file", &certs.path("server.crt"), "--tls-key-file", &certs.path("server.key")])
             .args(["--tls-ca-cert-file", &certs.path("ca.crt")])
@@ -656,7 +679,7 @@ impl TlsRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be on PATH");
+            .expect("start redis-server");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not open its TLS port");
@@ -741,12 +764,12 @@ impl Sentinel {
             ),
         )
         .expect("write the sentinel config");
-        let child = Command::new("redis-server")
+        let child = Command::new(tool("redis-server"))
             .args([config.to_str().expect("utf-8 path"), "--sentinel"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be on PATH");
+            .expect("start redis-server");
         let sentinel = Self { port, child, dir };
         sentinel.until(Duration::from_secs(10), "the sentinel to answer", |conn| {
             redis::cmd("PING").query::<String>(conn).is_ok()

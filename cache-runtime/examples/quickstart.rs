@@ -1,9 +1,14 @@
 //! Quickstart: a slow function, cached in Redis with one attribute.
 //!
 //! ```text
-//! cargo run --example quickstart
-//! REDIS_URL=redis://127.0.0.1:6380 cargo run --example quickstart
+//! cargo run -p cache-runtime --example quickstart
+//! REDIS_URL=redis://127.0.0.1:6380 cargo run -p cache-runtime --example quickstart
 //! ```
+//!
+//! It lives in cache-runtime, not with the other examples in the root
+//! package, so that it builds with the runtime alone: `-p cache-runtime`
+//! keeps the root package's dev-dependencies (axum, sqlx, reqwest, ...) and
+//! the features they enable out of the build.
 //!
 //! Runs with or without Redis: when it is unreachable the example says so
 //! and caches in memory instead (`Cache::builder().build()` with no URL).
