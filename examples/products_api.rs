@@ -300,7 +300,16 @@ async fn update_product(
         return e.into_response();
     }
     invalidate_lists(&state).await;
-    match cache_runtime::refresh(product_by_id(&state, id)).await {
+    // Write-through, and know whether readers will see it: when the cache
+    // could not take the new value, say so (a real service might retry,
+    // or alert), since other processes may serve the old one until its TTL.
+    let (updated, reached) = cache_runtime::try_refresh(product_by_id(&state, id)).await;
+    if let Err(e) = reached {
+        eprintln!(
+            "product {id} updated, but the cache did not take it ({e}): the old value may be served until its TTL"
+        );
+    }
+    match updated {
         Ok(Some(updated)) => Json(updated).into_response(),
         Ok(None) => AppError::NotFound.into_response(),
         Err(e) => AppError::Db(e).into_response(),

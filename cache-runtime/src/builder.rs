@@ -461,7 +461,10 @@ impl CacheBuilder {
                 breaker,
                 self.max_value_bytes,
             )?;
+            let urls: Vec<String> = sentinels.iter().map(|url| redact_url(url)).collect();
+            let topology = format!("Redis behind Sentinel (master `{master}`, sentinels {})", urls.join(", "));
             return Ok(Cache::from_settings(Settings {
+                topology,
                 remote: Some((connections, Vec::new(), self.connect_timeout)),
                 local_capacity: self.local_capacity,
                 key_prefix: self.key_prefix,
@@ -488,7 +491,10 @@ impl CacheBuilder {
                 breaker,
                 self.max_value_bytes,
             )?;
+            let urls: Vec<String> = nodes.iter().map(|url| redact_url(url)).collect();
+            let topology = format!("Redis Cluster (nodes {})", urls.join(", "));
             return Ok(Cache::from_settings(Settings {
+                topology,
                 remote: Some((connections, channel_nodes, self.connect_timeout)),
                 local_capacity: self.local_capacity,
                 key_prefix: self.key_prefix,
@@ -519,7 +525,12 @@ impl CacheBuilder {
             Some(_) => self.local_capacity,
             None => Some(self.local_capacity.unwrap_or(MEMORY_ONLY_CAPACITY)),
         };
+        let topology = match &self.url {
+            Some(url) => format!("Redis at {}", redact_url(url)),
+            None => "memory-only: entries live in this process alone".to_owned(),
+        };
         Ok(Cache::from_settings(Settings {
+            topology,
             remote,
             local_capacity,
             key_prefix: self.key_prefix,

@@ -43,6 +43,7 @@ pub struct Cache {
 }
 
 struct Inner {
+    topology: String,
     backend: Backend,
     /// The in-process tier: opted into, or the whole cache.
     local: Option<Arc<LocalTier>>,
@@ -68,6 +69,8 @@ struct Inner {
 }
 
 pub(crate) struct Settings {
+    /// What the cache is, for logs: the topology, URLs with passwords masked.
+    pub topology: String,
     /// `None`: memory-only.
     pub remote: Option<(Connections, Vec<redis::Client>, Duration)>,
     /// Entries the local tier holds; `None`: no local tier.
@@ -81,6 +84,7 @@ pub(crate) struct Settings {
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
+            .field("topology", &self.inner.topology)
             .field("key_prefix", &self.inner.key_prefix)
             .field("default_ttl", &self.inner.default_ttl)
             .field("connections", &self.inner.backend.redis().map(|r| &r.connections))
@@ -115,6 +119,7 @@ impl Cache {
         let local = settings.local_capacity.map(|capacity| Arc::new(LocalTier::new(capacity, needs_channel)));
         Self {
             inner: Arc::new(Inner {
+                topology: settings.topology,
                 backend,
                 local,
                 listening: Arc::default(),

@@ -136,7 +136,17 @@ static GLOBAL: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
 /// # Ok::<(), Error>(())
 /// ```
 pub fn init(cache: Cache) -> Result<(), Error> {
-    GLOBAL.set(cache).map_err(|_| Error::AlreadyInitialized)
+    let described = format!("{cache:?}");
+    let memory_only = cache.is_memory_only();
+    GLOBAL.set(cache).map_err(|_| Error::AlreadyInitialized)?;
+    // Once, so that a process running on a cache other than the one meant
+    // (a memory-only one in production, say) says so where it is seen.
+    if memory_only {
+        tracing::warn!(target: "cache_runtime", "process-wide cache: {described}; nothing is shared between processes");
+    } else {
+        tracing::info!(target: "cache_runtime", "process-wide cache: {described}");
+    }
+    Ok(())
 }
 
 /// The process-wide cache, once [`init`] has run.
