@@ -10,7 +10,7 @@
 //!
 //! Group commit rather than a background task: nothing runs when the cache
 //! is idle, and no task outlives the runtime it was started on. A flush
-//! whose runtime shuts down mid-flight gives its slot back as it is
+//! whose runtime shuts down mid-flight gives its turn back as it is
 //! dropped, and a queued caller waits a bounded time whatever happens: a
 //! cache shared by several runtimes is never stuck behind a dead one.
 
@@ -52,17 +52,17 @@ impl std::fmt::Debug for Batcher {
     }
 }
 
-/// Gives back an in-flight slot, and hands the queue to a flush, even when
+/// Gives back an in-flight turn, and hands the queue to a flush, even when
 /// the caller's future is dropped mid-flight.
-struct Slot {
+struct InFlight {
     batcher: Arc<Batcher>,
     connections: Arc<Connections>,
-    /// Set when the slot's own lookup failed: the callers queued behind it
+    /// Set when the turn's own lookup failed: the callers queued behind it
     /// get the same answer at once rather than a second wait on a sick Redis.
     failed: Option<Fault>,
 }
 
-impl Drop for Slot {
+impl Drop for InFlight {
     fn drop(&mut self) {
         let batch = self.batcher.release_or_take();
         if batch.is_empty() {
@@ -73,7 +73,7 @@ impl Drop for Slot {
                 for queued in batch {
                     let _ = queued.reply.send(Err(fault.clone()));
                 }
-                // The slot went on as the flush: free it, failing any
+                // The turn went on as the flush: free it, failing any
                 // callers that queued meanwhile too.
                 while !self.batcher.fail_queue(&fault) {}
             }
@@ -104,12 +104,12 @@ impl Batcher {
         };
         match queued {
             None => {
-                let mut slot = Slot { batcher: self.clone(), connections: connections.clone(), failed: None };
+                let mut turn = InFlight { batcher: self.clone(), connections: connections.clone(), failed: None };
                 // Boxed: under load most lookups queue, and should not carry
                 // the size of a direct round trip.
                 let result = Box::pin(direct(connections, entry, versions)).await;
                 if let Err(fault) = &result {
-                    slot.failed = Some(fault.clone());
+                    turn.failed = Some(fault.clone());
                 }
                 result
             }
@@ -125,12 +125,12 @@ impl Batcher {
         }
     }
 
-    /// Lookups on the wire (slots in use) and lookups queued for a batch.
+    /// Lookups on the wire (turns in use) and lookups queued for a batch.
     pub(crate) fn in_flight(&self) -> (u64, u64) {
         self.state.lock().map(|s| (s.in_flight as u64, s.queue.len() as u64)).unwrap_or((0, 0))
     }
 
-    /// Frees an in-flight slot, unless there is a queue: then the slot
+    /// Frees an in-flight turn, unless there is a queue: then the turn
     /// carries on as its flush.
     fn release_or_take(&self) -> Vec<Queued> {
         let Ok(mut state) = self.state.lock() else { return Vec::new() };
@@ -143,7 +143,7 @@ impl Batcher {
     }
 
     /// Fails everything queued with `fault`; once the queue is empty, frees
-    /// the slot and returns true.
+    /// the turn and returns true.
     fn fail_queue(&self, fault: &Fault) -> bool {
         let batch = self.release_or_take();
         let done = batch.is_empty();
@@ -160,27 +160,27 @@ fn queue_deadline(connections: &Connections) -> std::time::Duration {
     connections.longest_round_trip().saturating_mul(4)
 }
 
-/// The in-flight slot a flush carries on with: freed when the flush is
+/// The in-flight turn a flush carries on with: freed when the flush is
 /// done or dropped (its runtime shut down mid-flight), failing nobody:
 /// callers still queued see their reply dropped and ask alone.
 struct Flush {
     batcher: Arc<Batcher>,
-    holds_slot: bool,
+    holds_turn: bool,
 }
 
 impl Flush {
-    /// The next batch; none once the queue is empty, and then the slot is
+    /// The next batch; none once the queue is empty, and then the turn is
     /// free.
     fn next(&mut self) -> Vec<Queued> {
         let batch = self.batcher.release_or_take();
-        self.holds_slot = !batch.is_empty();
+        self.holds_turn = !batch.is_empty();
         batch
     }
 }
 
 impl Drop for Flush {
     fn drop(&mut self) {
-        if self.holds_slot {
+        if self.holds_turn {
             while !self.next().is_empty() {}
         }
     }
@@ -225,15 +225,15 @@ pub(crate) async fn one_by_one(connections: &Connections, entry: &str, versions:
 fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, batch: Vec<Queued>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // No runtime to run on: the queued callers see their reply dropped
-        // and ask alone, and so do any that queued meanwhile. The slot is
+        // and ask alone, and so do any that queued meanwhile. The turn is
         // free again.
         drop(batch);
-        drop(Flush { batcher, holds_slot: true });
+        drop(Flush { batcher, holds_turn: true });
         return;
     };
     // Made before the task and moved in: dropped with the task even if it
     // never runs.
-    let mut flush = Flush { batcher, holds_slot: true };
+    let mut flush = Flush { batcher, holds_turn: true };
     runtime.spawn(async move {
         let mut batch = batch;
         while !batch.is_empty() {
@@ -297,7 +297,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_released_without_a_queue() {
+    fn turns_are_released_without_a_queue() {
         let batcher = Batcher::default();
         batcher.state.lock().unwrap().in_flight = 2;
         assert!(batcher.release_or_take().is_empty());
@@ -305,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn a_finishing_slot_takes_the_queue() {
+    fn a_finishing_turn_takes_the_queue() {
         let batcher = Batcher::default();
         {
             let mut state = batcher.state.lock().unwrap();
@@ -316,13 +316,13 @@ mod tests {
             }
         }
         assert_eq!(batcher.release_or_take().len(), 3);
-        assert_eq!(batcher.in_flight().0, 2, "the slot carries on as the flush");
+        assert_eq!(batcher.in_flight().0, 2, "the turn carries on as the flush");
         assert!(batcher.release_or_take().is_empty());
         assert_eq!(batcher.in_flight().0, 1);
     }
 
     #[test]
-    fn a_dropped_flush_frees_its_slot_and_drops_the_queue() {
+    fn a_dropped_flush_frees_its_turn_and_drops_the_queue() {
         let batcher = Arc::new(Batcher::default());
         let (reply, mut receiver) = oneshot::channel();
         {
@@ -330,12 +330,12 @@ mod tests {
             state.in_flight = 1;
             state.queue.push(Queued { entry: "k".into(), versions: Arc::new([]), reply });
         }
-        drop(Flush { batcher: batcher.clone(), holds_slot: true });
+        drop(Flush { batcher: batcher.clone(), holds_turn: true });
         assert_eq!(batcher.in_flight(), (0, 0));
         assert!(receiver.try_recv().is_err(), "the queued caller is woken to ask alone");
-        // A flush that finished gave its slot back already.
+        // A flush that finished gave its turn back already.
         batcher.state.lock().unwrap().in_flight = 1;
-        drop(Flush { batcher: batcher.clone(), holds_slot: false });
+        drop(Flush { batcher: batcher.clone(), holds_turn: false });
         assert_eq!(batcher.in_flight(), (1, 0));
     }
 }

@@ -9,7 +9,7 @@
 //! Connections are multiplexed, so they are not checked out per call: a few
 //! (one per core, at most `pool_size`) are kept checked out, and a call
 //! clones a handle to one of them, round robin; concurrent calls pipeline on
-//! the same sockets. A slot whose connection failed is refilled from the
+//! the same sockets. A place whose connection failed is refilled from the
 //! pool, under the connect deadline: the failed connection is taken out of
 //! the pool first, because the kept connections may hold every permit
 //! (`pool_size(1)`, or as many cores as `pool_size`).
@@ -104,11 +104,11 @@ pub(crate) struct Connections {
     pool: managed::Pool<RedisManager>,
     /// Connections checked out of the pool and kept: calls clone a handle
     /// from one of them, round robin, without touching the pool.
-    slots: Box<[RwLock<Option<managed::Object<RedisManager>>>]>,
-    /// One refill per slot at a time: a second caller asking the pool too
+    kept: Box<[RwLock<Option<managed::Object<RedisManager>>>]>,
+    /// One refill per place at a time: a second caller asking the pool too
     /// would wait for the permit the first one's new connection takes.
     refills: Box<[tokio::sync::Mutex<()>]>,
-    next_slot: AtomicUsize,
+    next_kept: AtomicUsize,
     /// Operations admitted and not yet settled or dropped.
     in_flight: AtomicU64,
     deadlines: Deadlines,
@@ -192,13 +192,13 @@ impl Connections {
             None if is_cluster => 1,
             None => pool_size.min(cores).max(1),
         };
-        let slots = (0..kept).map(|_| RwLock::new(None)).collect();
+        let places = (0..kept).map(|_| RwLock::new(None)).collect();
         let refills = (0..kept).map(|_| tokio::sync::Mutex::new(())).collect();
         Ok(Self {
             pool,
-            slots,
+            kept: places,
             refills,
-            next_slot: AtomicUsize::new(0),
+            next_kept: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
             deadlines,
             breaker,
@@ -278,16 +278,16 @@ impl Connections {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let (conn, fresh, slot) = match self.kept_connection() {
-            Ok((conn, slot)) => (conn, false, slot),
-            Err(slot) => (self.checkout_boxed(slot).await?, true, slot),
+        let (conn, fresh, place) = match self.kept_connection() {
+            Ok((conn, place)) => (conn, false, place),
+            Err(place) => (self.checkout_boxed(place).await?, true, place),
         };
         match self.command(&op, conn).await {
             // A kept connection can have died quietly (a server restart, a
             // CLIENT KILL) and only say so now: try once on a fresh one
             // rather than fail the call, or the breaker's probe.
             Err(Fault::Connection(_)) if !fresh => {
-                let conn = self.checkout_boxed(slot).await?;
+                let conn = self.checkout_boxed(place).await?;
                 self.command(&op, conn).await
             }
             result => result,
@@ -299,8 +299,8 @@ impl Connections {
     /// compiler's `Send` checks of every caller's future here, instead of
     /// deep inside the pool's connect path, past the default recursion
     /// limit of the caller's crate.
-    fn checkout_boxed(&self, slot: usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Conn, Fault>> + Send + '_>> {
-        Box::pin(self.checkout(slot))
+    fn checkout_boxed(&self, place: usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Conn, Fault>> + Send + '_>> {
+        Box::pin(self.checkout(place))
     }
 
     /// One command under the command deadline.
@@ -355,18 +355,18 @@ impl Connections {
 }
 
 impl Connections {
-    /// A handle on a kept, healthy connection and its slot, without
-    /// waiting; or the index of the slot to fill.
+    /// A handle on a kept, healthy connection and its place, without
+    /// waiting; or the index of the place to fill.
     fn kept_connection(&self) -> Result<(Conn, usize), usize> {
-        let index = self.next_slot.fetch_add(1, Relaxed) % self.slots.len();
-        let Ok(slot) = self.slots[index].read() else { return Err(index) };
-        match slot.as_ref() {
+        let index = self.next_kept.fetch_add(1, Relaxed) % self.kept.len();
+        let Ok(place) = self.kept[index].read() else { return Err(index) };
+        match place.as_ref() {
             Some(pooled) if !pooled.broken.load(Relaxed) => Ok((self.handle(pooled), index)),
             _ => Err(index),
         }
     }
 
-    /// Fills an empty or broken slot from the pool, within the connect
+    /// Fills an empty or broken place from the pool, within the connect
     /// deadline; or, when another caller refilled it meanwhile, uses that.
     async fn checkout(&self, index: usize) -> Result<Conn, Fault> {
         match tokio::time::timeout(self.deadlines.connect, self.refill(index)).await {
@@ -391,27 +391,27 @@ impl Connections {
             Err(e) => return Err(Fault::Connection(e.to_string())),
         };
         let conn = self.handle(&pooled);
-        if let Ok(mut slot) = self.slots[index].write() {
+        if let Ok(mut place) = self.kept[index].write() {
             // Empty: this refill retired what was there, and holds the
-            // slot's refill lock.
-            *slot = Some(pooled);
+            // place's refill lock.
+            *place = Some(pooled);
         }
         Ok(conn)
     }
 
-    /// The slot's connection, if it is there and healthy.
+    /// The place's connection, if it is there and healthy.
     fn healthy(&self, index: usize) -> Option<Conn> {
-        let slot = self.slots[index].read().ok()?;
-        let pooled = slot.as_ref().filter(|pooled| !pooled.broken.load(Relaxed))?;
+        let place = self.kept[index].read().ok()?;
+        let pooled = place.as_ref().filter(|pooled| !pooled.broken.load(Relaxed))?;
         Some(self.handle(pooled))
     }
 
-    /// Takes the slot's broken connection out of the pool, freeing its
+    /// Takes the place's broken connection out of the pool, freeing its
     /// permit for the replacement. The socket closes as the last call
     /// still using it lets go.
     fn retire(&self, index: usize) {
-        let broken = match self.slots[index].write() {
-            Ok(mut slot) => slot.take_if(|kept| kept.broken.load(Relaxed)),
+        let broken = match self.kept[index].write() {
+            Ok(mut place) => place.take_if(|kept| kept.broken.load(Relaxed)),
             Err(_) => None,
         };
         if let Some(broken) = broken {
@@ -506,7 +506,7 @@ fn refused_credentials(e: &RedisError) -> bool {
         || (e.is_io_error() && e.to_string().contains("AuthenticationFailed"))
 }
 
-/// Errors a cluster connection gives when its slot map points at a node
+/// Errors a cluster connection gives when its place map points at a node
 /// that is gone (a killed master, replaced by its replica): redis-rs drops
 /// the part of a multi-slot command meant for a node it has no connection
 /// to, and reports the mismatch, or finds no connection at all. It does not

@@ -63,9 +63,9 @@ pub(crate) fn report_forget(report: &ForgetReport, outcome: Result<bool, Error>)
 pub(crate) fn report_refresh(outcome: Result<(), Error>) {
     let _ = MODE.try_with(|mode| {
         if let Mode::Refresh(Some(report)) = mode
-            && let Ok(mut slot) = report.lock()
+            && let Ok(mut reported) = report.lock()
         {
-            *slot = Some(outcome);
+            *reported = Some(outcome);
         }
     });
 }
@@ -118,7 +118,7 @@ pub async fn refresh<F: Future>(cached_call: F) -> F::Output {
 pub async fn try_refresh<F: Future>(cached_call: F) -> (F::Output, Result<(), Error>) {
     let report: Report<Result<(), Error>> = Arc::default();
     let output = MODE.scope(Mode::Refresh(Some(report.clone())), cached_call).await;
-    let reached = report.lock().ok().and_then(|mut slot| slot.take()).unwrap_or(Err(Error::NotCached));
+    let reached = report.lock().ok().and_then(|mut reported| reported.take()).unwrap_or(Err(Error::NotCached));
     (output, reached)
 }
 
