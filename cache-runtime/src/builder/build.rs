@@ -247,6 +247,7 @@ fn validate_key_prefix(prefix: &str) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "cluster")]
     #[test]
     fn cluster_settings_are_checked() {
         let nodes = ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"];

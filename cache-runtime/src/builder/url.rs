@@ -115,7 +115,6 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "cluster")]
     #[test]
     fn urls_are_redacted_whatever_their_shape() {
         for (url, shown) in [
