@@ -20,6 +20,7 @@ mod body;
 mod finish;
 mod lead;
 mod lock;
+mod lookup;
 mod renew;
 mod tier;
 
@@ -27,7 +28,7 @@ pub use body::Renewable;
 pub(crate) use body::{Body, Now};
 
 use crate::Cache;
-use crate::codec::{self, EntryTimes, StoredEntry};
+use crate::codec::EntryTimes;
 use crate::error::{Error, Fault};
 use crate::flight::{Role, Shared};
 use crate::keys::canonical::Unencodable;
@@ -36,7 +37,7 @@ use crate::observe::{Event, Observer, Outcome};
 use crate::output::Storage;
 use crate::policy::Plan;
 use crate::scope;
-use crate::store::{Read, StoreMode, digest};
+use crate::store::{StoreMode, digest};
 use finish::Settle;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -385,97 +386,5 @@ impl<'c, R> Call<'c, R> {
     async fn observed(&self, versions: Vec<Option<Vec<u8>>>, entry: String) -> Option<Observed> {
         let seeded = self.cache.backend().seed_missing(self.keys, versions).await;
         Some(Observed { versions: self.absorb(seeded)?, entry })
-    }
-
-    /// One read of the entry and its namespace versions.
-    async fn read(&self) -> Option<Read> {
-        let read = self.cache.backend().read(self.keys).await;
-        self.absorb(read)
-    }
-
-    async fn lookup(&self) -> Lookup<R> {
-        let mut stale = None;
-        if let Some(local) = &self.local {
-            match local.find(self.plan, self.hash) {
-                tier::Found::Fresh(entry, now) => match self.decode_payload(&entry.payload) {
-                    Some(output) => {
-                        self.observer.outcome(Outcome::LocalHit);
-                        return Lookup::Hit { output, renew: tier::due(self.plan, entry.times, now) };
-                    }
-                    None => {
-                        local.forget(self.hash);
-                    }
-                },
-                tier::Found::Stale(payload) => stale = Some(payload),
-                tier::Found::Nothing => {}
-            }
-        }
-        let Some(Read { entry, versions }) = self.read().await else { return Lookup::Unavailable };
-        let observed = digest(entry.as_deref());
-        let Some(bytes) = entry.filter(|bytes| !codec::is_tombstone(bytes)) else {
-            return Lookup::Miss(Seen { versions, entry: observed, stale });
-        };
-        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(Seen { versions, entry: observed, stale }) };
-        if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
-            self.observer.event(Event::StaleVersion);
-            return Lookup::Miss(Seen { versions, entry: observed, stale });
-        }
-        let now = now_ms();
-        if !stored.times.is_fresh(now) {
-            // A copy kept past its TTL for `stale_if_error`.
-            if tier::within_stale_window(self.plan, stored.times, now) {
-                stale = Some(Arc::new(stored.payload.to_vec()));
-            }
-            return Lookup::Miss(Seen { versions, entry: observed, stale });
-        }
-        match self.decode_payload(stored.payload) {
-            Some(output) => {
-                self.observer.outcome(Outcome::Hit);
-                if self.local.is_some() {
-                    self.keep_locally(&Arc::new(stored.payload.to_vec()), stored.times, false);
-                }
-                Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
-            }
-            None => {
-                Box::pin(self.discard_corrupt(&observed)).await;
-                // Gone now, unless another process stored since.
-                Lookup::Miss(Seen { versions, entry: digest(None), stale })
-            }
-        }
-    }
-
-    /// Deletes an entry whose header is current but whose payload does not
-    /// decode (`read`: its digest): left in place, a miss would not
-    /// overwrite it.
-    async fn discard_corrupt(&self, read: &str) {
-        let discarded = self.cache.backend().discard(self.keys, read).await;
-        self.absorb(discarded);
-    }
-
-    /// An entry's parts, if it is one of ours in this call's codec.
-    fn parse<'b>(&self, bytes: &'b [u8]) -> Option<StoredEntry<'b>> {
-        let stored = StoredEntry::parse(bytes).filter(|e| e.is_codec(self.plan.codec));
-        if stored.is_none() {
-            self.observer.event(Event::Undecodable(&format_args!(
-                "`{}` holds no {} entry of this cache; recomputing",
-                self.keys.entry(),
-                self.plan.codec.name()
-            )));
-        }
-        stored
-    }
-
-    fn decode_payload(&self, payload: &[u8]) -> Option<R> {
-        match (self.storage.decode)(payload, self.plan.codec, self.cache.max_value_bytes()) {
-            Ok(output) => {
-                self.observer.event(Event::Read { bytes: payload.len() });
-                Some(output)
-            }
-            Err(e) => {
-                let why = format_args!("`{}` could not be decoded ({e}); recomputing", self.keys.entry());
-                self.observer.event(Event::Undecodable(&why));
-                None
-            }
-        }
     }
 }
