@@ -9,7 +9,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use cache_runtime::{Cache, KeyHasher, cached};
+use cache_runtime::__private::KeyHasher;
+use cache_runtime::{Cache, cached};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::hint::black_box;

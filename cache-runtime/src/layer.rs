@@ -227,7 +227,7 @@ mod tests {
         let request = |uri: &str| Request::get(uri).header("authorization", "Bearer alice").body(()).unwrap();
         let vary = [header::AUTHORIZATION];
         let hash = |r: &Request<()>| {
-            let mut hasher = crate::KeyHasher::new("t", 1);
+            let mut hasher = crate::keys::KeyHasher::new("t", 1);
             hasher.arg(&RequestKey::of(r, &vary)).unwrap();
             hasher.finish()
         };

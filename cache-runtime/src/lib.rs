@@ -93,7 +93,6 @@ pub use cache::Cache;
 pub use codec::Codec;
 pub use error::Error;
 pub use keys::canonical::Unencodable;
-pub use keys::{KeyHash, KeyHasher};
 #[cfg(feature = "tower")]
 pub use layer::{CacheBody, CacheLayer, CacheService};
 pub use policy::Policy;

@@ -6,7 +6,6 @@
 
 use crate::Cache;
 use crate::call::{Body, Intent, Now};
-use crate::keys::KeyHash;
 use crate::keys::canonical::Unencodable;
 use crate::scope::{self, Mode};
 use crate::warnings::{Cause, PROCESS_WARNINGS};
@@ -16,7 +15,7 @@ use std::sync::OnceLock;
 
 pub use crate::call::Renewable;
 pub use crate::codec::Codec;
-pub use crate::keys::KeyHasher;
+pub use crate::keys::{KeyHash, KeyHasher};
 pub use crate::output::{OutputKind, PlainOutput, ResultOutput, Storage};
 pub use crate::policy::Plan;
 pub use crate::site::SiteCell;

@@ -18,7 +18,7 @@ const KEY_SCHEMA: &[u8] = b"cache-runtime/key/v1";
 /// different instantiations of a generic function) never meet.
 ///
 /// ```
-/// use cache_runtime::KeyHasher;
+/// use cache_runtime::__private::KeyHasher;
 ///
 /// let mut a = KeyHasher::new("shop::price", 1);
 /// a.arg(&42u64).unwrap();
@@ -84,7 +84,7 @@ impl fmt::Debug for KeyHash {
 /// arguments give equal keys in every process and on every platform.
 ///
 /// ```
-/// use cache_runtime::KeyHasher;
+/// use cache_runtime::__private::KeyHasher;
 /// use std::collections::HashMap;
 ///
 /// let map_a: HashMap<u32, &str> = [(1, "a"), (2, "b")].into();

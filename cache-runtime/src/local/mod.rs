@@ -346,7 +346,7 @@ mod tests {
     use super::*;
 
     fn hash(n: u8) -> KeyHash {
-        let mut hasher = crate::KeyHasher::new("local-test", 1);
+        let mut hasher = crate::keys::KeyHasher::new("local-test", 1);
         hasher.part(&[n]);
         hasher.finish()
     }
