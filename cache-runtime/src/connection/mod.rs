@@ -20,76 +20,21 @@
 //! kernel gives up on it, many minutes later. TCP keepalive finds the idle
 //! ones.
 
+mod kept;
+mod manager;
+
+#[cfg(feature = "sentinel")]
+pub(crate) use manager::tcp_settings;
+pub(crate) use manager::{Conn, RedisManager, Source};
+use manager::{Creator, refused_credentials, stale_cluster_map, with_keepalive};
+
 use crate::breaker::{Admission, Breaker, Kind};
 use crate::error::{Fault, SlotMove};
-use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use redis::aio::MultiplexedConnection;
-use redis::{FromRedisValue, RedisError};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, RwLock};
+use deadpool::managed;
+use redis::RedisError;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
-
-pub(crate) struct RedisManager {
-    creator: Creator,
-}
-
-/// Where new connections come from.
-pub(crate) enum Source {
-    /// One server's address.
-    Direct(redis::ConnectionInfo),
-    /// Whichever server the sentinels call the master now: asked anew for
-    /// every connection, so replacing a broken one follows a failover.
-    #[cfg(feature = "sentinel")]
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
-    /// A Redis Cluster: each connection maps the slots and follows
-    /// `MOVED` and `ASK` by itself.
-    #[cfg(feature = "cluster")]
-    Cluster(redis::cluster::ClusterClient),
-}
-
-enum Creator {
-    Direct(deadpool_redis::Manager),
-    #[cfg(feature = "sentinel")]
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>, redis::AsyncConnectionConfig),
-    #[cfg(feature = "cluster")]
-    Cluster(redis::cluster::ClusterClient),
-}
-
-/// One server's multiplexed connection, or a cluster connection (itself
-/// multiplexed, with a connection to each node it needs).
-#[derive(Clone)]
-enum Handle {
-    Server(MultiplexedConnection),
-    #[cfg(feature = "cluster")]
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-pub(crate) struct PooledConnection {
-    conn: Handle,
-    broken: Arc<AtomicBool>,
-}
-
-impl managed::Manager for RedisManager {
-    type Type = PooledConnection;
-    type Error = RedisError;
-
-    async fn create(&self) -> Result<PooledConnection, RedisError> {
-        let conn = match &self.creator {
-            Creator::Direct(manager) => Handle::Server(manager.create().await?),
-            #[cfg(feature = "sentinel")]
-            Creator::Sentinel(client, config) => {
-                Handle::Server(client.lock().await.get_async_connection_with_config(config).await?)
-            }
-            #[cfg(feature = "cluster")]
-            Creator::Cluster(client) => Handle::Cluster(client.get_async_connection().await?),
-        };
-        Ok(PooledConnection { conn, broken: Arc::new(AtomicBool::new(false)) })
-    }
-
-    async fn recycle(&self, conn: &mut PooledConnection, _: &Metrics) -> RecycleResult<RedisError> {
-        if conn.broken.load(Relaxed) { Err(RecycleError::message("the connection failed a command")) } else { Ok(()) }
-    }
-}
 
 /// Deadlines applied to Redis work.
 #[derive(Debug, Clone, Copy)]
@@ -132,17 +77,6 @@ impl std::fmt::Debug for Connections {
             .finish()
     }
 }
-
-/// A connection handle for one call; reports failures that break it.
-pub(crate) struct Conn {
-    conn: Handle,
-    broken: Arc<AtomicBool>,
-    max_reply_string: usize,
-}
-
-/// What a reply's string longer than the cap is replaced with: no entry
-/// parses from it, so the flow counts a decode error and computes.
-pub(crate) const LONG_REPLY: &[u8] = b"(a reply string over max_value_bytes plus header, not read)";
 
 impl Connections {
     /// `kept`: how many connections to keep checked out; `None`: one per
@@ -354,72 +288,6 @@ impl Connections {
     }
 }
 
-impl Connections {
-    /// A handle on a kept, healthy connection and its place, without
-    /// waiting; or the index of the place to fill.
-    fn kept_connection(&self) -> Result<(Conn, usize), usize> {
-        let index = self.next_kept.fetch_add(1, Relaxed) % self.kept.len();
-        let Ok(place) = self.kept[index].read() else { return Err(index) };
-        match place.as_ref() {
-            Some(pooled) if !pooled.broken.load(Relaxed) => Ok((self.handle(pooled), index)),
-            _ => Err(index),
-        }
-    }
-
-    /// Fills an empty or broken place from the pool, within the connect
-    /// deadline; or, when another caller refilled it meanwhile, uses that.
-    async fn checkout(&self, index: usize) -> Result<Conn, Fault> {
-        match tokio::time::timeout(self.deadlines.connect, self.refill(index)).await {
-            Err(_) => Err(Fault::Timeout),
-            Ok(result) => result,
-        }
-    }
-
-    async fn refill(&self, index: usize) -> Result<Conn, Fault> {
-        let _refilling = self.refills[index].lock().await;
-        if let Some(conn) = self.healthy(index) {
-            return Ok(conn);
-        }
-        self.retire(index);
-        let pooled = match self.pool.get().await {
-            Ok(pooled) => pooled,
-            Err(managed::PoolError::Backend(e)) if refused_credentials(&e) => {
-                return Err(Fault::Connection(format!(
-                    "Redis refused the credentials: check the password or ACL user in the URL ({e})"
-                )));
-            }
-            Err(e) => return Err(Fault::Connection(e.to_string())),
-        };
-        let conn = self.handle(&pooled);
-        if let Ok(mut place) = self.kept[index].write() {
-            // Empty: this refill retired what was there, and holds the
-            // place's refill lock.
-            *place = Some(pooled);
-        }
-        Ok(conn)
-    }
-
-    /// The place's connection, if it is there and healthy.
-    fn healthy(&self, index: usize) -> Option<Conn> {
-        let place = self.kept[index].read().ok()?;
-        let pooled = place.as_ref().filter(|pooled| !pooled.broken.load(Relaxed))?;
-        Some(self.handle(pooled))
-    }
-
-    /// Takes the place's broken connection out of the pool, freeing its
-    /// permit for the replacement. The socket closes as the last call
-    /// still using it lets go.
-    fn retire(&self, index: usize) {
-        let broken = match self.kept[index].write() {
-            Ok(mut place) => place.take_if(|kept| kept.broken.load(Relaxed)),
-            Err(_) => None,
-        };
-        if let Some(broken) = broken {
-            drop(managed::Object::take(broken));
-        }
-    }
-}
-
 /// Counts one operation as in flight until dropped, settled or not.
 struct InFlight<'a>(&'a AtomicU64);
 
@@ -433,168 +301,5 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// How long a connection may sit idle before the kernel checks on its
-/// peer, then how often, and how many times, before it gives up: a dead
-/// peer is noticed in about 25 s instead of hours.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-#[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios", target_os = "freebsd"))]
-const KEEPALIVE_RETRIES: u32 = 3;
-/// How long sent data may stay unacknowledged before the kernel closes the
-/// socket (Linux): without it, a peer that vanished mid-request is retried
-/// for about 15 minutes.
-#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-const UNACKNOWLEDGED_FOR: Duration = Duration::from_secs(30);
-
-/// TCP settings for every connection the cache makes: keepalive on.
-pub(crate) fn tcp_settings(base: &redis::io::tcp::TcpSettings) -> redis::io::tcp::TcpSettings {
-    let keepalive =
-        redis::io::tcp::socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
-    #[cfg(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd"
-    ))]
-    let keepalive = keepalive.with_retries(KEEPALIVE_RETRIES);
-    let settings = base.clone().set_keepalive(keepalive);
-    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-    let settings = settings.set_user_timeout(UNACKNOWLEDGED_FOR);
-    settings
-}
-
-fn with_keepalive(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
-    let settings = tcp_settings(info.tcp_settings());
-    info.set_tcp_settings(settings)
-}
-
-impl Connections {
-    fn handle(&self, pooled: &PooledConnection) -> Conn {
-        Conn { conn: pooled.conn.clone(), broken: pooled.broken.clone(), max_reply_string: self.max_reply_string }
-    }
-}
-
-/// `value` with every string longer than `max` replaced by [`LONG_REPLY`],
-/// so that no entry longer than the cache stores is decoded or kept.
-/// redis-rs has read the string by then: Redis's `proto-max-bulk-len`
-/// (512 MB by default) bounds that buffer, and it is freed here.
-fn cap_reply(value: redis::Value, max: usize) -> redis::Value {
-    match value {
-        redis::Value::BulkString(bytes) if bytes.len() > max => {
-            crate::warnings::PROCESS_WARNINGS.warn(
-                crate::warnings::Cause::LongReply,
-                format_args!(
-                    "Redis returned a value of {} bytes, over max_value_bytes plus header ({max}): not decoded",
-                    bytes.len()
-                ),
-            );
-            redis::Value::BulkString(LONG_REPLY.to_vec())
-        }
-        redis::Value::Array(values) => redis::Value::Array(values.into_iter().map(|v| cap_reply(v, max)).collect()),
-        other => other,
-    }
-}
-
-/// A wrong password or ACL user. A cluster connection reports it inside
-/// its error for the initial connections, whose kind is I/O.
-fn refused_credentials(e: &RedisError) -> bool {
-    e.kind() == redis::ErrorKind::AuthenticationFailed
-        || (e.is_io_error() && e.to_string().contains("AuthenticationFailed"))
-}
-
-/// Errors a cluster connection gives when its place map points at a node
-/// that is gone (a killed master, replaced by its replica): redis-rs drops
-/// the part of a multi-slot command meant for a node it has no connection
-/// to, and reports the mismatch, or finds no connection at all. It does not
-/// learn the new map from those, so the connection is replaced: a new one
-/// asks the nodes for the current map.
-fn stale_cluster_map(e: &RedisError) -> bool {
-    matches!(e.kind(), redis::ErrorKind::Client | redis::ErrorKind::ClusterConnectionNotFound)
-}
-
-impl Source {
-    fn is_cluster(&self) -> bool {
-        #[cfg(feature = "cluster")]
-        if let Source::Cluster(_) = self {
-            return true;
-        }
-        false
-    }
-}
-
-impl Conn {
-    pub(crate) async fn query<T: FromRedisValue>(self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let value: redis::Value = match self.conn {
-            Handle::Server(mut conn) => cmd.query_async(&mut conn).await?,
-            #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => cmd.query_async(&mut conn).await?,
-        };
-        Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
-    }
-
-    /// `cmd` sent to `node` right after `ASKING`, in one write, so that no
-    /// other command on the shared connection can take the `ASKING` first
-    /// (redis-rs sends the two separately). On a single server, just `cmd`.
-    pub(crate) async fn query_asking<T: FromRedisValue>(
-        self,
-        node: &(String, u16),
-        cmd: &redis::Cmd,
-    ) -> Result<T, RedisError> {
-        match self.conn {
-            Handle::Server(conn) => {
-                let _ = node;
-                Conn { conn: Handle::Server(conn), ..self }.query(cmd).await
-            }
-            #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => {
-                let mut pipeline = redis::pipe();
-                pipeline.cmd("ASKING").add_command(cmd.clone());
-                let route =
-                    redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
-                let reply = conn.route_pipeline(pipeline, 1, 1, route).await?.pop();
-                let value = reply.ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "no reply")))?;
-                Ok(T::from_redis_value(cap_reply(value.extract_error()?, self.max_reply_string))?)
-            }
-        }
-    }
-
-    pub(crate) async fn invoke<T: FromRedisValue>(
-        self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, RedisError> {
-        let value: redis::Value = match self.conn {
-            Handle::Server(mut conn) => invocation.invoke_async(&mut conn).await?,
-            #[cfg(feature = "cluster")]
-            Handle::Cluster(mut conn) => invocation.invoke_async(&mut conn).await?,
-        };
-        Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use redis::Value;
-
-    #[test]
-    fn reply_strings_over_the_cap_are_replaced() {
-        let reply = Value::Array(vec![
-            Value::BulkString(vec![b'x'; 11]),
-            Value::Nil,
-            Value::BulkString(vec![b'y'; 10]),
-            Value::Array(vec![Value::BulkString(vec![b'z'; 12])]),
-        ]);
-        let capped = cap_reply(reply, 10);
-        let expected = Value::Array(vec![
-            Value::BulkString(LONG_REPLY.to_vec()),
-            Value::Nil,
-            Value::BulkString(vec![b'y'; 10]),
-            Value::Array(vec![Value::BulkString(LONG_REPLY.to_vec())]),
-        ]);
-        assert_eq!(capped, expected);
     }
 }
