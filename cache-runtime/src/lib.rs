@@ -83,7 +83,7 @@ pub use codec::Codec;
 pub use error::Error;
 pub use key::{KeyHash, KeyHasher};
 #[cfg(feature = "tower")]
-pub use layer::{CacheBody, CacheLayer, CacheService};
+pub use layer::{CacheBody, CacheLayer, CacheService, Credentials};
 pub use policy::Policy;
 pub use scope::{forget, refresh};
 pub use stats::{Counts, Stats};

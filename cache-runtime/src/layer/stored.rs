@@ -1,0 +1,251 @@
+//! A response as stored, how it is replayed (`Age`, `x-cache`), and the
+//! conditional requests it answers with `304 Not Modified`.
+
+use super::CacheBody;
+use super::rules::split_list;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A response as stored: status, end-to-end headers, body, and when it
+/// was stored and stops being fresh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Bytes,
+    /// Unix time of the store, in ms.
+    pub stored_ms: u64,
+    /// The `Age` it arrived with, in seconds.
+    pub initial_age: u64,
+    /// Unix time in ms when its own freshness ends; `None`: the policy's
+    /// TTL alone bounds it.
+    pub fresh_until_ms: Option<u64>,
+    /// The request headers it was selected by: its `Vary` and the layer's.
+    pub vary: Vec<String>,
+}
+
+pub(super) fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Headers that describe one connection or one encoding of the body, not
+/// the response: recomputed or dropped, never replayed.
+pub(super) fn is_replayable(name: &HeaderName, connection: &HeaderMap) -> bool {
+    const HOP_BY_HOP: [&str; 10] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "age",
+    ];
+    let named_by_connection = connection
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(split_list)
+        .any(|listed| listed.eq_ignore_ascii_case(name.as_str()));
+    !HOP_BY_HOP.contains(&name.as_str()) && *name != header::SET_COOKIE && !named_by_connection
+}
+
+/// A strong validator for a body: its hash.
+pub(super) fn etag_of(body: &[u8]) -> String {
+    let hash = blake3::hash(body);
+    let hex = hash.to_hex();
+    format!("\"{}\"", &hex.as_str()[..32])
+}
+
+impl StoredResponse {
+    fn header(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n == name.as_str()).map(|(_, v)| v.as_slice())
+    }
+
+    /// How old the response is at `now`, in seconds.
+    pub(super) fn age(&self, now: SystemTime) -> u64 {
+        self.initial_age + unix_ms(now).saturating_sub(self.stored_ms) / 1000
+    }
+
+    /// Seconds of freshness left (`None`: bounded by the policy only), or
+    /// `Err` once stale.
+    pub(super) fn remaining(&self, now: SystemTime) -> Result<Option<u64>, ()> {
+        match self.fresh_until_ms {
+            None => Ok(None),
+            Some(until) if until > unix_ms(now) => Ok(Some((until - unix_ms(now)) / 1000)),
+            Some(_) => Err(()),
+        }
+    }
+
+    /// The response to send. `age`: on a hit, the `Age` to add.
+    pub(super) fn respond(&self, outcome: &'static str, age: Option<u64>, conditions: &Conditions) -> Response<CacheBody> {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        let not_modified = status.is_success() && conditions.not_modified(self);
+        let mut response = if not_modified {
+            let mut response = Response::new(Empty::new().map_err(Into::into).boxed_unsync());
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        } else {
+            let mut response = Response::new(Full::new(self.body.clone()).map_err(Into::into).boxed_unsync());
+            *response.status_mut() = status;
+            response
+        };
+        let headers = response.headers_mut();
+        for (name, value) in &self.headers {
+            let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(value)) else {
+                continue;
+            };
+            // RFC 9110 §15.4.5: a 304 carries what a 200 would for caches,
+            // and nothing that describes the body.
+            if not_modified && !is_kept_in_304(&name) {
+                continue;
+            }
+            headers.append(name, value);
+        }
+        if let Some(age) = age.or(Some(self.initial_age).filter(|age| *age > 0)) {
+            headers.insert(header::AGE, HeaderValue::from(age));
+        }
+        headers.insert("x-cache", HeaderValue::from_static(outcome));
+        response
+    }
+}
+
+fn is_kept_in_304(name: &HeaderName) -> bool {
+    [
+        header::CACHE_CONTROL,
+        header::CONTENT_LOCATION,
+        header::DATE,
+        header::ETAG,
+        header::EXPIRES,
+        header::VARY,
+        header::LAST_MODIFIED,
+    ]
+    .contains(name)
+}
+
+/// A request's `If-None-Match` and `If-Modified-Since`, evaluated by the
+/// layer (RFC 9110 §13.2.2) instead of the handler.
+#[derive(Debug, Default)]
+pub(super) struct Conditions {
+    if_none_match: Option<String>,
+    if_modified_since: Option<SystemTime>,
+}
+
+impl Conditions {
+    /// Takes the conditions out of `headers`, so that a miss computes the
+    /// whole response to store.
+    pub(super) fn take(headers: &mut HeaderMap) -> Self {
+        let if_none_match = headers
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let if_modified_since = headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        let had_none_match = headers.remove(header::IF_NONE_MATCH).is_some();
+        headers.remove(header::IF_MODIFIED_SINCE);
+        Self { if_none_match: had_none_match.then_some(if_none_match), if_modified_since }
+    }
+
+    fn not_modified(&self, stored: &StoredResponse) -> bool {
+        if let Some(candidates) = &self.if_none_match {
+            let Some(etag) = stored.header(&header::ETAG).and_then(|v| std::str::from_utf8(v).ok()) else {
+                return false;
+            };
+            return candidates.trim() == "*" || entity_tags(candidates).any(|tag| weak_eq(tag, etag.trim()));
+        }
+        let Some(since) = self.if_modified_since else { return false };
+        let last_modified = stored
+            .header(&header::LAST_MODIFIED)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        last_modified.is_some_and(|modified| modified <= since + Duration::from_millis(999))
+    }
+}
+
+/// The entity tags of an `If-None-Match` list; commas may occur inside one.
+fn entity_tags(list: &str) -> impl Iterator<Item = &str> {
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        rest = rest.trim_start_matches(|c: char| c == ',' || c.is_ascii_whitespace());
+        let start = usize::from(rest.starts_with("W/")) * 2;
+        let body = rest.get(start..)?.strip_prefix('"')?;
+        let end = body.find('"')? + start + 2;
+        let (tag, after) = rest.split_at(end);
+        rest = after;
+        Some(tag)
+    })
+}
+
+/// RFC 9110 §8.8.3.2: equal opaque tags, whether weak or not.
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(headers: &[(&str, &str)]) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            headers: headers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect(),
+            body: Bytes::from_static(b"body"),
+            stored_ms: unix_ms(SystemTime::now()),
+            initial_age: 0,
+            fresh_until_ms: None,
+            vary: vec![],
+        }
+    }
+
+    fn conditions(name: &str, value: &str) -> Conditions {
+        let mut headers = HeaderMap::new();
+        headers.insert(HeaderName::try_from(name).unwrap(), HeaderValue::from_str(value).unwrap());
+        let conditions = Conditions::take(&mut headers);
+        assert!(headers.is_empty(), "taken out of the request");
+        conditions
+    }
+
+    #[test]
+    fn entity_tags_are_compared_weakly() {
+        let tags: Vec<&str> = entity_tags(r#""a", W/"b,c" ,"d""#).collect();
+        assert_eq!(tags, [r#""a""#, r#"W/"b,c""#, r#""d""#]);
+        let page = stored(&[("etag", r#""b,c""#)]);
+        assert!(conditions("if-none-match", r#""x", W/"b,c""#).not_modified(&page));
+        assert!(conditions("if-none-match", "*").not_modified(&page));
+        assert!(!conditions("if-none-match", r#""x""#).not_modified(&page));
+        assert!(!conditions("if-none-match", "*").not_modified(&stored(&[])), "no validator, no 304");
+    }
+
+    #[test]
+    fn if_modified_since_and_its_precedence() {
+        let page = stored(&[("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"), ("etag", "\"v1\"")]);
+        assert!(conditions("if-modified-since", "Tue, 01 Dec 2026 10:00:00 GMT").not_modified(&page));
+        assert!(!conditions("if-modified-since", "Tue, 01 Dec 2026 09:59:59 GMT").not_modified(&page));
+        let mut both = HeaderMap::new();
+        both.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"v0\""));
+        both.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_static("Tue, 01 Dec 2026 10:00:00 GMT"));
+        assert!(!Conditions::take(&mut both).not_modified(&page), "If-None-Match decides when present");
+    }
+
+    #[test]
+    fn a_304_keeps_the_validators_and_drops_the_body() {
+        let page = stored(&[("etag", "\"v1\""), ("content-type", "text/plain"), ("cache-control", "max-age=60")]);
+        let response = page.respond("hit", Some(3), &conditions("if-none-match", "\"v1\""));
+        assert_eq!(response.status(), 304);
+        assert_eq!(response.headers()["etag"], "\"v1\"");
+        assert_eq!(response.headers()["age"], "3");
+        assert!(!response.headers().contains_key("content-type"));
+        let full = page.respond("hit", Some(3), &Conditions::default());
+        assert_eq!((full.status(), &full.headers()["content-type"]), (StatusCode::OK, &HeaderValue::from_static("text/plain")));
+    }
+}
