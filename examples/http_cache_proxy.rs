@@ -62,7 +62,10 @@ async fn forward(State(upstream): State<Upstream>, mut request: Request) -> Resp
             drop_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
-        Err(error) => (StatusCode::BAD_GATEWAY, format!("origin unreachable: {error}")).into_response(),
+        Err(error) => {
+            eprintln!("origin unreachable: {error:?}");
+            (StatusCode::BAD_GATEWAY, format!("origin unreachable: {error}")).into_response()
+        }
     }
 }
 
@@ -77,7 +80,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let upstream = Upstream {
         origin: origin.trim_end_matches('/').to_owned(),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        // A fresh connection per request: a pooled one the origin has just
+        // closed (node's 5 s keep-alive) would fail the request.
+        client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http(),
     };
     let policy = Policy::new("proxy").ttl(Duration::from_secs(ttl));
     let app = Router::new().fallback(forward).with_state(upstream).layer(CacheLayer::new(cache, policy));

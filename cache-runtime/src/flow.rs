@@ -468,7 +468,7 @@ impl<'c, R> Call<'c, R> {
     ) -> Self {
         let local = cache.local_for(plan).and_then(|(tier, keep_for)| {
             let site = observer.site.local.as_ref()?;
-            Some(Local { tier, site, capture: tier.capture(site), keep_for })
+            Some(Local { tier, site, capture: tier.capture(site, &hash), keep_for })
         });
         Call { cache, plan, ttl, storage, hash, keys, observer, local }
     }

@@ -43,7 +43,21 @@ pub(crate) struct Mark {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Capture {
     pub mark: Mark,
+    /// The key's stripe of `LocalTier::forgets`, and its count then.
+    stripe: usize,
     forgets: u64,
+}
+
+/// Forgets are counted per stripe of keys: a forget drops the fills that
+/// raced with it on keys of its stripe, not every fill in the process (a
+/// memory-only cache, whose tier is the store, would otherwise lose every
+/// entry computed while any other key was refreshed).
+const FORGET_STRIPES: usize = 256;
+
+fn stripe(hash: &KeyHash) -> usize {
+    let hex = hash.to_hex();
+    let nibble = |c: u8| (c as char).to_digit(16).unwrap_or(0) as usize;
+    (nibble(hex[0]) << 4 | nibble(hex[1])) % FORGET_STRIPES
 }
 
 /// A call site's handles on its namespaces' epochs, resolved once.
@@ -60,8 +74,9 @@ pub(crate) struct LocalTier {
     /// invalidation since the generation began has been applied. Odd:
     /// nothing here is trusted.
     generation: AtomicU64,
-    /// Bumped by every forgotten entry: a fill that raced with one is dropped.
-    forgets: AtomicU64,
+    /// Bumped by every forgotten entry, per stripe of keys: a fill that
+    /// raced with one of its stripe is dropped.
+    forgets: Box<[AtomicU64]>,
     evictions: Arc<AtomicU64>,
 }
 
@@ -111,7 +126,7 @@ impl LocalTier {
             entries,
             epochs: RwLock::default(),
             generation: AtomicU64::new(u64::from(needs_channel)),
-            forgets: AtomicU64::new(0),
+            forgets: (0..FORGET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             evictions,
         }
     }
@@ -156,12 +171,14 @@ impl LocalTier {
         }
     }
 
-    /// Taken before a read: what a fill from that read is checked against.
-    pub(crate) fn capture(&self, site: &LocalSite) -> Capture {
+    /// Taken before a read of `hash`: what a fill from that read is
+    /// checked against.
+    pub(crate) fn capture(&self, site: &LocalSite, hash: &KeyHash) -> Capture {
         // Forgets first: a forget that lands between the two loads is then
         // seen as a change by `insert`, never missed.
-        let forgets = self.forgets.load(Relaxed);
-        Capture { mark: self.mark(site), forgets }
+        let stripe = stripe(hash);
+        let forgets = self.forgets[stripe].load(Relaxed);
+        Capture { mark: self.mark(site), stripe, forgets }
     }
 
     /// A trusted entry for `hash`, fresh or not.
@@ -184,21 +201,22 @@ impl LocalTier {
         keep_for: Duration,
     ) {
         let (payload, codec, times) = parts;
-        let unchanged = |tier: &Self| tier.mark(site) == capture.mark && tier.forgets.load(Relaxed) == capture.forgets;
+        let forgets = &self.forgets[capture.stripe % FORGET_STRIPES];
+        let unchanged = |tier: &Self| tier.mark(site) == capture.mark && forgets.load(Relaxed) == capture.forgets;
         if capture.mark.generation % 2 == 1 || keep_for.is_zero() || !unchanged(self) {
             return;
         }
         self.entries.insert(hash, Arc::new(LocalEntry { payload, codec, times, keep_for, mark: capture.mark }));
         // A forget applied between the check and the insert would not have
         // seen this entry.
-        if self.forgets.load(Relaxed) != capture.forgets {
+        if forgets.load(Relaxed) != capture.forgets {
             self.entries.invalidate(&hash);
         }
     }
 
     /// Drops one entry, in this process; returns whether there was one.
     pub(crate) fn forget(&self, hash: &KeyHash) -> bool {
-        self.forgets.fetch_add(1, Relaxed);
+        self.forgets[stripe(hash)].fetch_add(1, Relaxed);
         self.entries.remove(hash).is_some()
     }
 
@@ -246,18 +264,18 @@ mod tests {
     fn an_invalidation_after_the_capture_keeps_the_fill_out() {
         let tier = LocalTier::new(100, false);
         let site = tier.site(["products", "catalog"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert_eq!(tier.get(&hash(1), &site).map(|e| e.payload[0]), Some(1));
 
-        let before = tier.capture(&site);
+        let before = tier.capture(&site, &hash(1));
         tier.invalidate("catalog");
         assert!(tier.get(&hash(1), &site).is_none(), "the tag's invalidation hides the entry");
         tier.insert(hash(2), &site, before, parts(2), LONG);
         assert!(tier.get(&hash(2), &site).is_none(), "a fill read before the invalidation is dropped");
 
         let other = tier.site(["orders"].into_iter());
-        let capture = tier.capture(&other);
+        let capture = tier.capture(&other, &hash(3));
         tier.insert(hash(3), &other, capture, parts(3), LONG);
         tier.invalidate("products");
         assert!(tier.get(&hash(3), &other).is_some(), "other namespaces are untouched");
@@ -267,22 +285,33 @@ mod tests {
     fn a_forget_racing_a_fill_wins() {
         let tier = LocalTier::new(100, false);
         let site = tier.site(["p"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.forget(&hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert!(tier.get(&hash(1), &site).is_none());
     }
 
     #[test]
+    fn a_forget_leaves_fills_of_other_stripes_alone() {
+        let tier = LocalTier::new(100, false);
+        let site = tier.site(["p"].into_iter());
+        let other = (2..=255).map(hash).find(|h| stripe(h) != stripe(&hash(1))).expect("another stripe");
+        let capture = tier.capture(&site, &other);
+        tier.forget(&hash(1));
+        tier.insert(other, &site, capture, parts(2), LONG);
+        assert!(tier.get(&other, &site).is_some(), "a refresh of one key does not drop another's fill");
+    }
+
+    #[test]
     fn nothing_is_trusted_while_the_channel_is_down() {
         let tier = LocalTier::new(100, true);
         let site = tier.site(["p"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert!(tier.get(&hash(1), &site).is_none(), "not listening yet");
 
         tier.trust();
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
         assert!(tier.get(&hash(1), &site).is_some());
 
@@ -297,7 +326,7 @@ mod tests {
         let tier = LocalTier::new(10, false);
         let site = tier.site(["p"].into_iter());
         for n in 0..50 {
-            let capture = tier.capture(&site);
+            let capture = tier.capture(&site, &hash(1));
             tier.insert(hash(n), &site, capture, parts(n), LONG);
         }
         assert!(tier.entry_count() <= 10, "{}", tier.entry_count());
@@ -308,7 +337,7 @@ mod tests {
     fn entries_expire_after_their_keep_time() {
         let tier = LocalTier::new(10, false);
         let site = tier.site(["p"].into_iter());
-        let capture = tier.capture(&site);
+        let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), Duration::from_millis(30));
         assert!(tier.get(&hash(1), &site).is_some());
         std::thread::sleep(Duration::from_millis(60));

@@ -47,7 +47,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 use stored::{Conditions, StoredResponse, etag_of, is_replayable, unix_ms};
@@ -78,7 +78,7 @@ pub enum Credentials {
 /// Path namespaces: a write invalidates the cached pages of its path's
 /// bucket, about one in this many of the layer's pages, with a bounded
 /// number of version keys however many paths there are.
-const BUCKETS: usize = 1024;
+const BUCKETS: usize = 65_536;
 
 /// Caches whole `GET` responses of the services it wraps; see the
 /// [module documentation](self) for what is keyed, stored and honoured.
@@ -124,8 +124,8 @@ impl Settings {
 /// What the layer's clones share.
 struct Shared {
     policy: Policy,
-    /// The policy with one path namespace added, per bucket.
-    buckets: Box<[OnceLock<Box<Policy>>]>,
+    /// The policy with one path namespace added, per bucket in use.
+    buckets: moka::sync::Cache<usize, Arc<Policy>>,
     /// The request headers each resource was last seen to vary on, shared
     /// across processes through the cache...
     index: Policy,
@@ -135,13 +135,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn bucket_policy(&self, bucket: usize) -> &Policy {
-        let slot = &self.buckets[bucket % BUCKETS];
-        slot.get_or_init(|| {
+    fn bucket_policy(&self, bucket: usize) -> Arc<Policy> {
+        self.buckets.get_with(bucket % BUCKETS, || {
             // The policy's own tags, then the path's namespace.
             let mut tags: Vec<Cow<'static, str>> = self.policy.plan().tags.to_vec();
             tags.push(bucket_namespace(&self.policy, bucket).into());
-            Box::new(self.policy.clone().tags(tags))
+            Arc::new(self.policy.clone().tags(tags))
         })
     }
 }
@@ -155,7 +154,7 @@ impl CacheLayer {
     pub fn new(cache: Cache, policy: Policy) -> Self {
         let index = Policy::new(format!("{}.vary", policy.prefix())).lock(false).ttl(Duration::from_secs(86_400));
         let learned = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(60)).build();
-        let buckets = (0..BUCKETS).map(|_| OnceLock::new()).collect();
+        let buckets = moka::sync::Cache::new(4096);
         Self {
             cache,
             settings: Arc::new(Settings {
@@ -321,7 +320,7 @@ impl CacheLayer {
         let resource = target.resource();
         let names = self.selecting_names(resource).await;
         let key = EntryKey::new(resource, &names, request.headers());
-        let policy = self.shared.bucket_policy(target.bucket(BUCKETS));
+        let policy = &*self.shared.bucket_policy(target.bucket(BUCKETS));
         let conditions = Conditions::take(request.headers_mut());
 
         let computed = AtomicBool::new(false);

@@ -242,6 +242,64 @@ mod tests {
         assert!(RequestDirectives::of(&pragma).no_cache);
     }
 
+    /// What `http-cache-semantics` costs, printed rather than asserted:
+    /// `cargo test --release -p cache-runtime --features tower --lib
+    /// cost_per -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing, meaningful in release builds"]
+    fn cost_per_hit_and_per_miss() {
+        use http_cache_semantics::BeforeRequest;
+        let request = Request::get("http://shop.example/products?page=2")
+            .header("accept", "application/json")
+            .header("accept-language", "en")
+            .header("cookie", "session=alice")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let response = Response::builder()
+            .header("content-type", "application/json")
+            .header("cache-control", "public, max-age=60")
+            .header("etag", "\"0123456789abcdef\"")
+            .header("vary", "Accept-Language")
+            .header("date", httpdate::fmt_http_date(SystemTime::now()))
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let rounds = 100_000u32;
+        let time = |f: &mut dyn FnMut()| {
+            let started = std::time::Instant::now();
+            for _ in 0..rounds {
+                f();
+            }
+            started.elapsed() / rounds
+        };
+        let now = SystemTime::now();
+        let mut sink = 0u64;
+        let store = time(&mut || {
+            sink += storable(&request, &response, &DEFAULT_STATUSES, now).map_or(0, |f| f.initial_age);
+        });
+        let policy = CachePolicy::new_options(&request, &response, now, CacheOptions::default());
+        let crate_hit = time(&mut || {
+            let policy = CachePolicy::new_options(&request, &response, now, CacheOptions::default());
+            sink += u64::from(matches!(policy.before_request(&request, now), BeforeRequest::Fresh(_)));
+        });
+        let crate_hit_kept = time(&mut || {
+            sink += u64::from(matches!(policy.before_request(&request, now), BeforeRequest::Fresh(_)));
+        });
+        let layer_hit = time(&mut || {
+            let directives = RequestDirectives::of(&request.headers);
+            sink += u64::from(directives.accepts(3, Some(57)));
+        });
+        println!(
+            "per miss, storable() through http-cache-semantics: {store:?}\n\
+             per hit, CachePolicy rebuilt + before_request: {crate_hit:?}\n\
+             per hit, CachePolicy kept + before_request: {crate_hit_kept:?}\n\
+             per hit, the layer's own request checks: {layer_hit:?}  ({sink})"
+        );
+    }
+
     #[test]
     fn vary_in_its_forms() {
         let headers = |values: &[&str]| {
