@@ -31,18 +31,19 @@
 
 mod body;
 mod key;
+mod miss;
 mod rules;
 mod stored;
 
 use crate::{Cache, Policy};
-use body::Read;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use key::{EntryKey, Target, normalized};
-use rules::{DEFAULT_STATUSES, RequestDirectives, storable, vary_names};
+use miss::Miss;
+use rules::{DEFAULT_STATUSES, RequestDirectives};
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
@@ -50,7 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
-use stored::{Conditions, StoredResponse, etag_of, is_replayable, unix_ms};
+use stored::{Conditions, StoredResponse};
 
 /// The body of responses that pass through a [`CacheService`].
 pub type CacheBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -326,19 +327,22 @@ impl CacheLayer {
         let computed = AtomicBool::new(false);
         let mut slot = Some(request);
         let mut outcome = if directives.no_cache {
-            self.cache.refresh(policy, &key, compute(&settings, &mut inner, &mut slot, &names, &computed)).await
+            self.cache.refresh(policy, &key, Miss { settings: &settings, inner: &mut inner, slot: &mut slot, names: &names, computed: &computed, previous: None }.run()).await
         } else {
-            self.cache.get_or_compute(policy, &key, compute(&settings, &mut inner, &mut slot, &names, &computed)).await
+            self.cache.get_or_compute(policy, &key, Miss { settings: &settings, inner: &mut inner, slot: &mut slot, names: &names, computed: &computed, previous: None }.run()).await
         };
         let now = SystemTime::now();
-        if let Ok(stored) = &outcome
-            && !computed.load(Relaxed)
-        {
+        let unusable = outcome.as_ref().is_ok_and(|stored| {
             let selected_alike = stored.vary.iter().all(|name| names.iter().any(|n| n.as_str() == name));
             let acceptable = stored.remaining(now).is_ok_and(|left| directives.accepts(stored.age(now), left));
-            if !selected_alike || !acceptable {
-                outcome = self.cache.refresh(policy, &key, compute(&settings, &mut inner, &mut slot, &names, &computed)).await;
-            }
+            !computed.load(Relaxed) && (!selected_alike || !acceptable)
+        });
+        if unusable {
+            // Stale, or older than the client accepts: revalidated with the
+            // origin's validators, or recomputed.
+            let previous = outcome.ok().filter(StoredResponse::has_validators);
+            let revalidate = Miss { settings: &settings, inner: &mut inner, slot: &mut slot, names: &names, computed: &computed, previous: previous.as_ref() };
+            outcome = self.cache.refresh(policy, &key, revalidate.run()).await;
         }
         let hit = !computed.load(Relaxed);
         match outcome {
@@ -410,71 +414,4 @@ impl CacheLayer {
             }
         }
     }
-}
-
-/// A miss: the service's response, and what of it may be stored.
-async fn compute<S, ReqBody, ResBody>(
-    settings: &Settings,
-    inner: &mut S,
-    slot: &mut Option<Request<ReqBody>>,
-    names: &[HeaderName],
-    computed: &AtomicBool,
-) -> Result<StoredResponse, Uncached<S::Error>>
-where
-    S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    computed.store(true, Relaxed);
-    let request = slot.take().ok_or(Uncached::Spent)?;
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.uri = request.uri().clone();
-    let response = inner.call(request).await.map_err(Uncached::Service)?;
-    let now = SystemTime::now();
-    let (mut parts, body) = response.into_parts();
-    let freshness = match storable(&head, &parts, &settings.statuses, now) {
-        Ok(freshness) => freshness,
-        Err(_) => return Err(Uncached::Response(Response::from_parts(parts, boxed(body)))),
-    };
-    let mut required = settings.base_names();
-    required.extend(vary_names(&parts.headers).unwrap_or_default());
-    let required = normalized(required);
-    if !required.iter().all(|name| names.contains(name)) {
-        return Err(Uncached::Relearn(Response::from_parts(parts, boxed(body)), required));
-    }
-    let declared_length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let event_stream = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-    if event_stream || declared_length.is_some_and(|length| length > settings.max_body_bytes as u64) {
-        return Err(Uncached::Response(Response::from_parts(parts, boxed(body))));
-    }
-    let body = match body::read_within(body, settings.max_body_bytes).await {
-        Ok(Read::Complete(body)) => body,
-        Ok(Read::Streaming(rest)) => return Err(Uncached::Response(Response::from_parts(parts, boxed(rest)))),
-        Err(error) => return Err(Uncached::Body(error.into())),
-    };
-    if settings.etag && !parts.headers.contains_key(header::ETAG) {
-        if let Ok(etag) = HeaderValue::from_str(&etag_of(&body)) {
-            parts.headers.insert(header::ETAG, etag);
-        }
-    }
-    let headers = parts
-        .headers
-        .iter()
-        .filter(|(name, _)| is_replayable(name, &parts.headers))
-        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-        .collect();
-    let stored_ms = unix_ms(now);
-    Ok(StoredResponse {
-        status: parts.status.as_u16(),
-        headers,
-        body,
-        stored_ms,
-        initial_age: freshness.initial_age,
-        fresh_until_ms: freshness.lifetime.map(|lifetime| stored_ms.saturating_add(lifetime.as_millis() as u64)),
-        vary: required.iter().map(|name| name.as_str().to_owned()).collect(),
-    })
 }

@@ -76,6 +76,19 @@ pub(super) fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     Some(names)
 }
 
+/// Whether `Age` is absent, or one field line of digits.
+fn valid_age(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::AGE).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(value), None) => {
+            let value = value.as_bytes();
+            !value.is_empty() && value.iter().all(u8::is_ascii_digit)
+        }
+        (Some(_), Some(_)) => false,
+    }
+}
+
 /// What the client asked of the cache.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct RequestDirectives {
@@ -140,8 +153,13 @@ pub(super) fn storable(
     now: SystemTime,
 ) -> Result<Freshness, NotStored> {
     let status = response.status;
-    if status == StatusCode::PARTIAL_CONTENT || response.headers.contains_key(header::CONTENT_RANGE) {
+    if status == StatusCode::PARTIAL_CONTENT {
         return Err(NotStored::Forbidden);
+    }
+    if !valid_age(&response.headers) {
+        // RFC 9111 §5.1: an Age that is not one non-negative integer cannot
+        // be trusted, so neither can the response's freshness.
+        return Err(NotStored::Expired);
     }
     let cc = directives(&response.headers);
     let pragma_no_cache = !response.headers.contains_key(header::CACHE_CONTROL)
@@ -205,7 +223,6 @@ mod tests {
             ("pragma", "no-cache"),
             ("set-cookie", "session=1"),
             ("vary", "accept, *"),
-            ("content-range", "bytes 0-1/10"),
         ] {
             assert_eq!(check(with(name, value)), Err(NotStored::Forbidden), "{name}: {value}");
         }
@@ -226,6 +243,12 @@ mod tests {
         let aged = Response::builder().header("cache-control", "max-age=60").header("age", "50").body(()).unwrap();
         assert_eq!(lifetime(aged), Some(10));
         assert_eq!(check(with("cache-control", "max-age=0")), Err(NotStored::Expired));
+        for age in ["abc", "-7200", "7200.0", "7200,0", "0, 0", "7200;foo=bar", ""] {
+            let odd = Response::builder().header("cache-control", "max-age=60").header("age", age).body(()).unwrap();
+            assert_eq!(check(odd), Err(NotStored::Expired), "Age: {age}");
+        }
+        let twice = Response::builder().header("age", "0").header("age", "0").body(()).unwrap();
+        assert_eq!(check(twice), Err(NotStored::Expired), "two Age lines");
         assert_eq!(check(with("expires", "Thu, 01 Jan 1970 00:00:00 GMT")), Err(NotStored::Expired));
         let redirect = Response::builder().status(302).header("cache-control", "max-age=9").body(()).unwrap();
         assert_eq!(lifetime(redirect), Some(9), "explicit freshness makes a 302 storable");

@@ -26,6 +26,8 @@ pub(super) struct StoredResponse {
     pub fresh_until_ms: Option<u64>,
     /// The request headers it was selected by: its `Vary` and the layer's.
     pub vary: Vec<String>,
+    /// Its `ETag` is the layer's hash of the body, unknown to the origin.
+    pub computed_etag: bool,
 }
 
 pub(super) fn unix_ms(time: SystemTime) -> u64 {
@@ -66,6 +68,44 @@ pub(super) fn etag_of(body: &[u8]) -> String {
 impl StoredResponse {
     fn header(&self, name: &HeaderName) -> Option<&[u8]> {
         self.headers.iter().find(|(n, _)| n == name.as_str()).map(|(_, v)| v.as_slice())
+    }
+
+    /// Asks the origin to answer `304` if this response is still current
+    /// (RFC 9111 §4.3.1), with the validators the origin gave.
+    pub(super) fn add_validators(&self, headers: &mut HeaderMap) {
+        let validators = [(header::ETAG, header::IF_NONE_MATCH), (header::LAST_MODIFIED, header::IF_MODIFIED_SINCE)];
+        for (validator, condition) in validators {
+            if validator == header::ETAG && self.computed_etag {
+                continue;
+            }
+            if let Some(value) = self.header(&validator).and_then(|v| HeaderValue::from_bytes(v).ok()) {
+                headers.insert(condition, value);
+            }
+        }
+    }
+
+    /// Whether revalidating can save sending the body again.
+    pub(super) fn has_validators(&self) -> bool {
+        (!self.computed_etag && self.header(&header::ETAG).is_some()) || self.header(&header::LAST_MODIFIED).is_some()
+    }
+
+    /// The stored header fields updated from a `304` (RFC 9111 §3.2): each
+    /// field it carries replaces the stored one, except those describing
+    /// the stored body, which it did not send.
+    pub(super) fn updated_by(&self, not_modified: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+        const KEEP: [&str; 6] = ["content-length", "content-encoding", "content-md5", "content-range", "etag", "set-cookie"];
+        let mut headers = self.headers.clone();
+        let replaced: Vec<&HeaderName> = not_modified
+            .keys()
+            .filter(|name| !KEEP.contains(&name.as_str()) && is_replayable(name, not_modified))
+            .collect();
+        headers.retain(|(name, _)| !replaced.iter().any(|r| r.as_str() == name));
+        for name in replaced {
+            for value in not_modified.get_all(name) {
+                headers.push((name.as_str().to_owned(), value.as_bytes().to_vec()));
+            }
+        }
+        headers
     }
 
     /// How old the response is at `now`, in seconds.
@@ -204,6 +244,7 @@ mod tests {
             initial_age: 0,
             fresh_until_ms: None,
             vary: vec![],
+            computed_etag: false,
         }
     }
 
@@ -235,6 +276,25 @@ mod tests {
         both.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"v0\""));
         both.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_static("Tue, 01 Dec 2026 10:00:00 GMT"));
         assert!(!Conditions::take(&mut both).not_modified(&page), "If-None-Match decides when present");
+    }
+
+    #[test]
+    fn a_304_from_the_origin_updates_what_it_carries() {
+        let page = stored(&[("etag", "\"v1\""), ("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")]);
+        let mut origin = HeaderMap::new();
+        for (name, value) in [("x-a", "3"), ("etag", "\"v2\""), ("content-length", "0"), ("cache-control", "max-age=9")] {
+            origin.append(HeaderName::try_from(name).unwrap(), HeaderValue::from_static(value));
+        }
+        let updated = page.updated_by(&origin);
+        let get = |name: &str| updated.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_slice()).collect::<Vec<_>>();
+        assert_eq!(get("x-a"), [b"3"]);
+        assert_eq!(get("etag"), [b"\"v1\""], "the stored body's validator stays");
+        assert_eq!(get("cache-control"), [b"max-age=9"]);
+        assert_eq!(get("content-type"), [b"text/plain"]);
+        assert!(get("content-length").is_empty());
+        let mut request = HeaderMap::new();
+        page.add_validators(&mut request);
+        assert_eq!(request["if-none-match"], "\"v1\"");
     }
 
     #[test]
