@@ -52,12 +52,12 @@ pub(crate) struct Capture {
 /// raced with it on keys of its stripe, not every fill in the process (a
 /// memory-only cache, whose tier is the store, would otherwise lose every
 /// entry computed while any other key was refreshed).
-const FORGET_STRIPES: usize = 256;
+const FORGET_STRIPES: usize = 4096;
 
 fn stripe(hash: &KeyHash) -> usize {
     let hex = hash.to_hex();
     let nibble = |c: u8| (c as char).to_digit(16).unwrap_or(0) as usize;
-    (nibble(hex[0]) << 4 | nibble(hex[1])) % FORGET_STRIPES
+    (nibble(hex[0]) << 8 | nibble(hex[1]) << 4 | nibble(hex[2])) % FORGET_STRIPES
 }
 
 /// A call site's handles on its namespaces' epochs, resolved once.

@@ -115,13 +115,15 @@ impl<'a> EntryKey<'a> {
             .iter()
             .map(|name| {
                 let mut values = headers.get_all(name).iter().peekable();
+                // One field however many lines, without the optional white
+                // space around its commas (RFC 9110 §5.3, §5.6.1).
                 let value = values.peek().is_some().then(|| {
                     let mut joined = Vec::new();
-                    for (i, value) in values.enumerate() {
+                    for (i, item) in values.flat_map(|value| value.as_bytes().split(|b| *b == b',')).enumerate() {
                         if i > 0 {
-                            joined.extend_from_slice(b", ");
+                            joined.push(b',');
                         }
-                        joined.extend_from_slice(value.as_bytes());
+                        joined.extend_from_slice(item.trim_ascii());
                     }
                     joined
                 });
@@ -180,6 +182,7 @@ mod tests {
         };
         assert_ne!(key(&["en", "fr"]), key(&["en", "de"]));
         assert_eq!(key(&["en", "fr"]), key(&["en, fr"]), "one field, however many lines");
+        assert_eq!(key(&[" en ,fr"]), key(&["en, fr"]), "white space around commas");
         assert_ne!(key(&[]), key(&[""]));
     }
 }

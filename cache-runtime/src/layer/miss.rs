@@ -43,6 +43,8 @@ impl<S, ReqBody> Miss<'_, S, ReqBody> {
         }
         let (mut head, ()) = Request::new(()).into_parts();
         head.uri = request.uri().clone();
+        // For the key of a response that varies on more than the key did.
+        let request_headers = request.headers().clone();
         let response = inner.call(request).await.map_err(Uncached::Service)?;
         let now = SystemTime::now();
         let (mut parts, body) = response.into_parts();
@@ -83,9 +85,6 @@ impl<S, ReqBody> Miss<'_, S, ReqBody> {
         let mut required = settings.base_names();
         required.extend(vary_names(&parts.headers).unwrap_or_default());
         let required = normalized(required);
-        if !required.iter().all(|name| names.contains(name)) {
-            return Err(Uncached::Relearn(Response::from_parts(parts, boxed(body)), required));
-        }
         let declared_length =
             parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let event_stream = parts
@@ -112,7 +111,7 @@ impl<S, ReqBody> Miss<'_, S, ReqBody> {
             .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
             .collect();
         let stored_ms = unix_ms(now);
-        Ok(StoredResponse {
+        let stored = StoredResponse {
             status: parts.status.as_u16(),
             headers,
             body,
@@ -121,6 +120,10 @@ impl<S, ReqBody> Miss<'_, S, ReqBody> {
             fresh_until_ms: freshness.lifetime.map(|lifetime| stored_ms.saturating_add(lifetime.as_millis() as u64)),
             vary: required.iter().map(|name| name.as_str().to_owned()).collect(),
             computed_etag,
-        })
+        };
+        if !required.iter().all(|name| names.contains(name)) {
+            return Err(Uncached::Relearn(stored, required, request_headers));
+        }
+        Ok(stored)
     }
 }

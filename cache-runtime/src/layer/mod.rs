@@ -249,9 +249,10 @@ fn plain(status: StatusCode, text: String) -> Response<CacheBody> {
 enum Uncached<E> {
     /// Not cacheable: returned as is.
     Response(Response<CacheBody>),
-    /// It varies on a header the key did not include: returned as is, and
-    /// the resource's selecting headers (the second field) learned.
-    Relearn(Response<CacheBody>, Vec<HeaderName>),
+    /// It varies on a header the key did not include: to be stored under
+    /// the key of all its selecting headers (the second field), with the
+    /// request's headers (the third), which are learned for the resource.
+    Relearn(StoredResponse, Vec<HeaderName>, HeaderMap),
     /// The inner service failed.
     Service(E),
     /// The body failed while it was being read.
@@ -311,9 +312,7 @@ impl CacheLayer {
         };
         let credentialed =
             request.headers().contains_key(header::AUTHORIZATION) || request.headers().contains_key(header::COOKIE);
-        if directives.no_store
-            || request.headers().contains_key(header::RANGE)
-            || (credentialed && settings.credentials == Credentials::Bypass)
+        if directives.no_store || (credentialed && settings.credentials == Credentials::Bypass)
         {
             return inner.call(request).await.map(|response| response.map(boxed));
         }
@@ -322,7 +321,9 @@ impl CacheLayer {
         let names = self.selecting_names(resource).await;
         let key = EntryKey::new(resource, &names, request.headers());
         let policy = &*self.shared.bucket_policy(target.bucket(BUCKETS));
-        let conditions = Conditions::take(request.headers_mut());
+        // A range is served from a stored whole response; on a miss the
+        // service answers it (a `206` is never stored).
+        let conditions = Conditions::take(request.headers_mut()).with_range(request.headers());
 
         let computed = AtomicBool::new(false);
         let mut slot = Some(request);
@@ -355,9 +356,12 @@ impl CacheLayer {
                 Ok(stored.respond(if hit { "hit" } else { "miss" }, age, &conditions))
             }
             Err(Uncached::Response(response)) => Ok(response),
-            Err(Uncached::Relearn(response, varies)) => {
+            Err(Uncached::Relearn(stored, varies, headers)) => {
+                let key = EntryKey::new(resource, &varies, &headers);
+                let fill = async { Ok::<_, std::convert::Infallible>(stored.clone()) };
+                let _ = self.cache.refresh(policy, &key, fill).await;
                 self.learn(resource, varies).await;
-                Ok(response)
+                Ok(stored.respond("miss", None, &conditions))
             }
             Err(Uncached::Service(error)) => Err(error),
             Err(Uncached::Body(error)) => Ok(plain(StatusCode::BAD_GATEWAY, error.to_string())),

@@ -179,12 +179,34 @@ pub(super) fn storable(
         immutable_min_time_to_live: Duration::ZERO,
         ignore_cargo_cult: false,
     };
-    let policy = CachePolicy::new_options(request, response, now, options);
-    if !policy.is_storable() {
-        return Err(NotStored::Status);
-    }
     let explicit = has(&cc, "max-age") || has(&cc, "s-maxage") || response.headers.contains_key(header::EXPIRES);
     if !explicit && !statuses.contains(&status.as_u16()) {
+        return Err(NotStored::Status);
+    }
+    // What the crate is shown: directive names in lower case (it compares
+    // them as sent), and, for a final status with explicit freshness that
+    // it does not list as understood (a 500 with `max-age`), a 200, since
+    // RFC 9111 §3 lets any final status with explicit freshness be stored.
+    let mut shown = response.clone();
+    if explicit && !status.is_informational() && status != StatusCode::NOT_MODIFIED && !has(&cc, "must-understand") {
+        shown.status = StatusCode::OK;
+    }
+    if response.headers.get_all(header::CACHE_CONTROL).iter().any(|v| v.as_bytes().iter().any(u8::is_ascii_uppercase)) {
+        let lowered = cc
+            .iter()
+            .map(|(name, value)| match value {
+                Some(value) => format!("{name}=\"{value}\""),
+                None => name.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        shown.headers.remove(header::CACHE_CONTROL);
+        if let Ok(value) = http::HeaderValue::from_str(&lowered) {
+            shown.headers.insert(header::CACHE_CONTROL, value);
+        }
+    }
+    let policy = CachePolicy::new_options(request, &shown, now, options);
+    if !policy.is_storable() {
         return Err(NotStored::Status);
     }
     let initial_age = policy.age(now).as_secs();
@@ -252,6 +274,8 @@ mod tests {
         assert_eq!(check(with("expires", "Thu, 01 Jan 1970 00:00:00 GMT")), Err(NotStored::Expired));
         let redirect = Response::builder().status(302).header("cache-control", "max-age=9").body(()).unwrap();
         assert_eq!(lifetime(redirect), Some(9), "explicit freshness makes a 302 storable");
+        let error = Response::builder().status(503).header("cache-control", "MAX-AGE=9").body(()).unwrap();
+        assert_eq!(lifetime(error), Some(9), "and a 503, directive names in any case");
     }
 
     #[test]

@@ -127,9 +127,21 @@ impl StoredResponse {
     pub(super) fn respond(&self, outcome: &'static str, age: Option<u64>, conditions: &Conditions) -> Response<CacheBody> {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
         let not_modified = status.is_success() && conditions.not_modified(self);
+        let range = (status == StatusCode::OK && !not_modified)
+            .then(|| conditions.range.as_deref().and_then(|range| byte_range(range, self.body.len())))
+            .flatten();
         let mut response = if not_modified {
             let mut response = Response::new(Empty::new().map_err(Into::into).boxed_unsync());
             *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        } else if let Some((first, last)) = range {
+            let part = self.body.slice(first..=last);
+            let mut response = Response::new(Full::new(part).map_err(Into::into).boxed_unsync());
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let content_range = format!("bytes {first}-{last}/{}", self.body.len());
+            if let Ok(value) = HeaderValue::from_str(&content_range) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
             response
         } else {
             let mut response = Response::new(Full::new(self.body.clone()).map_err(Into::into).boxed_unsync());
@@ -169,12 +181,34 @@ fn is_kept_in_304(name: &HeaderName) -> bool {
     .contains(name)
 }
 
+/// One range of `Range: bytes=...` within a body of `length` bytes, as
+/// first and last offsets; `None` for anything else (several ranges, other
+/// units, unsatisfiable), which is answered with the whole body.
+fn byte_range(range: &str, length: usize) -> Option<(usize, usize)> {
+    let spec = range.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') || length == 0 {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = match (first.trim(), last.trim()) {
+        ("", suffix) => {
+            let suffix: usize = suffix.parse().ok().filter(|n| *n > 0)?;
+            (length.saturating_sub(suffix), length - 1)
+        }
+        (first, "") => (first.parse().ok()?, length - 1),
+        (first, last) => (first.parse().ok()?, last.parse::<usize>().ok()?.min(length - 1)),
+    };
+    (first <= last && first < length).then_some((first, last))
+}
+
 /// A request's `If-None-Match` and `If-Modified-Since`, evaluated by the
-/// layer (RFC 9110 §13.2.2) instead of the handler.
+/// layer (RFC 9110 §13.2.2) instead of the handler, and its `Range`, served
+/// from a stored whole response.
 #[derive(Debug, Default)]
 pub(super) struct Conditions {
     if_none_match: Option<String>,
     if_modified_since: Option<SystemTime>,
+    range: Option<String>,
 }
 
 impl Conditions {
@@ -193,7 +227,16 @@ impl Conditions {
             .and_then(|v| httpdate::parse_http_date(v).ok());
         let had_none_match = headers.remove(header::IF_NONE_MATCH).is_some();
         headers.remove(header::IF_MODIFIED_SINCE);
-        Self { if_none_match: had_none_match.then_some(if_none_match), if_modified_since }
+        Self { if_none_match: had_none_match.then_some(if_none_match), if_modified_since, range: None }
+    }
+
+    /// Serve this request's `Range` from a stored whole response; an
+    /// `If-Range` is not evaluated, so with one the whole body is sent.
+    pub(super) fn with_range(mut self, headers: &HeaderMap) -> Self {
+        if !headers.contains_key(header::IF_RANGE) {
+            self.range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        }
+        self
     }
 
     fn not_modified(&self, stored: &StoredResponse) -> bool {
@@ -204,8 +247,11 @@ impl Conditions {
             return candidates.trim() == "*" || entity_tags(candidates).any(|tag| weak_eq(tag, etag.trim()));
         }
         let Some(since) = self.if_modified_since else { return false };
+        // Without a Last-Modified, the response's Date is when it was
+        // last known current (RFC 9110 §13.1.3).
         let last_modified = stored
             .header(&header::LAST_MODIFIED)
+            .or_else(|| stored.header(&header::DATE))
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| httpdate::parse_http_date(v).ok());
         last_modified.is_some_and(|modified| modified <= since + Duration::from_millis(999))
@@ -254,6 +300,26 @@ mod tests {
         let conditions = Conditions::take(&mut headers);
         assert!(headers.is_empty(), "taken out of the request");
         conditions
+    }
+
+    #[test]
+    fn byte_ranges() {
+        assert_eq!(byte_range("bytes=0-1", 11), Some((0, 1)));
+        assert_eq!(byte_range("bytes=5-", 11), Some((5, 10)));
+        assert_eq!(byte_range("bytes=-3", 11), Some((8, 10)));
+        assert_eq!(byte_range("bytes=5-100", 11), Some((5, 10)));
+        for unserved in ["bytes=0-1,3-4", "items=0-1", "bytes=11-", "bytes=4-2", "bytes=-0", "bytes=x-1"] {
+            assert_eq!(byte_range(unserved, 11), None, "{unserved}");
+        }
+        let mut page = stored(&[]);
+        page.body = Bytes::from_static(b"01234567890");
+        let conditions = Conditions::default().with_range(&{
+            let mut headers = HeaderMap::new();
+            headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-1"));
+            headers
+        });
+        let part = page.respond("hit", Some(0), &conditions);
+        assert_eq!((part.status(), &part.headers()["content-range"]), (StatusCode::PARTIAL_CONTENT, &HeaderValue::from_static("bytes 0-1/11")));
     }
 
     #[test]
