@@ -66,9 +66,9 @@ fn the_key_the_query_order_and_learned_vary() {
 
         // The first French request teaches the layer the resource's Vary.
         assert_eq!(app.get("/text", &[("accept-language", "en")]).await.body, "text in en");
-        for _ in 0..2 {
-            assert_eq!(app.get("/text", &[("accept-language", "fr")]).await.body, "text in fr");
-        }
+        assert_eq!(app.get("/text", &[("accept-language", "fr")]).await.body, "text in fr");
+        let french = app.get("/text", &[("accept-language", "fr")]).await;
+        assert_eq!((french.x_cache(), french.body.as_str()), ("hit", "text in fr"), "stored at once, under its Vary");
         let english = app.get("/text", &[("accept-language", "en")]).await;
         assert_eq!(english.body, "text in en");
         let french = app.get("/text", &[("accept-language", "fr")]).await;
@@ -313,5 +313,73 @@ fn a_successful_write_invalidates_the_path_and_its_location() {
         assert_eq!(app.send(Method::DELETE, "/items/7", &[]).await.status, 204);
         assert_eq!(app.get("/items/7", &[]).await.x_cache(), "miss");
         assert_eq!((items.get(), item.get()), (2, 3));
+    });
+}
+
+#[test]
+fn stale_entries_are_revalidated_and_updated_from_a_304() {
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let calls = Calls::default();
+        let origin = calls.clone();
+        let page = move |headers: HeaderMap| {
+            let n = origin.bump();
+            async move {
+                let current = headers.get(header::IF_NONE_MATCH).is_some_and(|tag| tag == "\"v1\"");
+                let status = if current { StatusCode::NOT_MODIFIED } else { StatusCode::OK };
+                let version = n.to_string();
+                let headers = [("etag", "\"v1\"".to_owned()), ("cache-control", "max-age=1".to_owned()), ("x-version", version)];
+                (status, headers, if current { "" } else { "payload" }).into_response()
+            }
+        };
+        let app = App::serve(Router::new().route("/page", get(page)).route_layer(layer(&cache(&redis)))).await;
+        let first = app.get("/page", &[]).await;
+        assert_eq!((first.body.as_str(), first.header("x-version")), ("payload", "1"));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let revalidated = app.get("/page", &[]).await;
+        assert_eq!((revalidated.status, revalidated.body.as_str()), (200, "payload"), "the stored body, still current");
+        assert_eq!(revalidated.header("x-version"), "2", "headers updated from the 304");
+        let hit = app.get("/page", &[]).await;
+        assert_eq!((hit.x_cache(), hit.header("x-version")), ("hit", "2"), "fresh again for its new max-age");
+        assert_eq!(calls.get(), 2);
+    });
+}
+
+#[test]
+fn an_age_that_is_not_one_integer_makes_a_response_stale() {
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let (odd, fine) = (Calls::default(), Calls::default());
+        let app = App::serve(
+            Router::new()
+                .route("/odd", counting(&odd, 200, &[("cache-control", "max-age=60"), ("age", "7200.0")]))
+                .route("/fine", counting(&fine, 200, &[("cache-control", "max-age=60"), ("age", "30")]))
+                .route_layer(layer(&cache(&redis))),
+        )
+        .await;
+        for _ in 0..2 {
+            app.get("/odd", &[]).await;
+            app.get("/fine", &[]).await;
+        }
+        assert_eq!((odd.get(), fine.get()), (2, 1));
+        let age: u64 = app.get("/fine", &[]).await.header("age").parse().expect("an Age");
+        assert!(age >= 30, "the age it arrived with counts: {age}");
+    });
+}
+
+#[test]
+fn a_range_is_served_from_the_stored_whole_response() {
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let app = App::serve(
+            Router::new().route("/file", get(|| async { "0123456789" })).route_layer(layer(&cache(&redis))),
+        )
+        .await;
+        assert_eq!(app.get("/file", &[]).await.body, "0123456789");
+        let part = app.get("/file", &[("range", "bytes=2-4")]).await;
+        assert_eq!((part.status, part.body.as_str(), part.x_cache()), (206, "234", "hit"));
+        assert_eq!(part.header("content-range"), "bytes 2-4/10");
+        let several = app.get("/file", &[("range", "bytes=0-1,4-5")]).await;
+        assert_eq!((several.status, several.body.as_str()), (200, "0123456789"), "several ranges: the whole");
     });
 }
