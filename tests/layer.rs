@@ -145,13 +145,12 @@ fn the_request_cache_control_bypasses_or_refreshes() {
         let cache = cache(&redis);
         let (honoured, ignored) = (Calls::default(), Calls::default());
         let app = App::serve(
-            Router::new()
-                .route("/page", counting(&honoured, 200, &[]))
-                .route_layer(layer(&cache))
-                .merge(Router::new().route("/strict", counting(&ignored, 200, &[])).route_layer(
+            Router::new().route("/page", counting(&honoured, 200, &[])).route_layer(layer(&cache)).merge(
+                Router::new().route("/strict", counting(&ignored, 200, &[])).route_layer(
                     CacheLayer::new(cache.clone(), Policy::new("strict").ttl(Duration::from_secs(60)))
                         .request_cache_control(false),
-                )),
+                ),
+            ),
         )
         .await;
         assert_eq!(app.get("/page", &[]).await.body, "call 1");
@@ -328,7 +327,8 @@ fn stale_entries_are_revalidated_and_updated_from_a_304() {
                 let current = headers.get(header::IF_NONE_MATCH).is_some_and(|tag| tag == "\"v1\"");
                 let status = if current { StatusCode::NOT_MODIFIED } else { StatusCode::OK };
                 let version = n.to_string();
-                let headers = [("etag", "\"v1\"".to_owned()), ("cache-control", "max-age=1".to_owned()), ("x-version", version)];
+                let headers =
+                    [("etag", "\"v1\"".to_owned()), ("cache-control", "max-age=1".to_owned()), ("x-version", version)];
                 (status, headers, if current { "" } else { "payload" }).into_response()
             }
         };
@@ -371,10 +371,9 @@ fn an_age_that_is_not_one_integer_makes_a_response_stale() {
 fn a_range_is_served_from_the_stored_whole_response() {
     let redis = RedisServer::start();
     run(DEADLINE, async {
-        let app = App::serve(
-            Router::new().route("/file", get(|| async { "0123456789" })).route_layer(layer(&cache(&redis))),
-        )
-        .await;
+        let app =
+            App::serve(Router::new().route("/file", get(|| async { "0123456789" })).route_layer(layer(&cache(&redis))))
+                .await;
         assert_eq!(app.get("/file", &[]).await.body, "0123456789");
         let part = app.get("/file", &[("range", "bytes=2-4")]).await;
         assert_eq!((part.status, part.body.as_str(), part.x_cache()), (206, "234", "hit"));

@@ -30,7 +30,7 @@ fn cookie(headers: &HeaderMap) -> String {
     headers.get(header::COOKIE).and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned()
 }
 
-/// 1. A session page says `Vary: Cookie`, as session middleware does.
+/// Broken case 1: A session page says `Vary: Cookie`, as session middleware does.
 #[test]
 fn a_response_that_varies_on_cookie_is_never_served_to_another_session() {
     let redis = RedisServer::start();
@@ -47,7 +47,7 @@ fn a_response_that_varies_on_cookie_is_never_served_to_another_session() {
     });
 }
 
-/// 2. Cookie sessions without `Vary`; `.vary` adding to the defaults; every
+/// Broken case 2: Cookie sessions without `Vary`; `.vary` adding to the defaults; every
 /// value of a header.
 #[test]
 fn credentials_are_in_the_key_by_default_and_vary_adds_to_them() {
@@ -60,7 +60,8 @@ fn credentials_are_in_the_key_by_default_and_vary_adds_to_them() {
             format!("the orders of {who}")
         };
         let languages = |headers: HeaderMap| async move {
-            let all: Vec<&str> = headers.get_all(header::ACCEPT_LANGUAGE).iter().filter_map(|v| v.to_str().ok()).collect();
+            let all: Vec<&str> =
+                headers.get_all(header::ACCEPT_LANGUAGE).iter().filter_map(|v| v.to_str().ok()).collect();
             format!("in {}", all.join(" then "))
         };
         let app = App::serve(
@@ -85,7 +86,7 @@ fn credentials_are_in_the_key_by_default_and_vary_adds_to_them() {
     });
 }
 
-/// 3. Virtual hosts, and the prefix axum's `nest` strips.
+/// Broken case 3: Virtual hosts, and the prefix axum's `nest` strips.
 #[test]
 fn the_host_and_the_original_path_are_in_the_key() {
     let redis = RedisServer::start();
@@ -107,7 +108,7 @@ fn the_host_and_the_original_path_are_in_the_key() {
     });
 }
 
-/// 4. A `206 Partial Content` is not the resource.
+/// Broken case 4: A `206 Partial Content` is not the resource.
 #[test]
 fn a_partial_response_is_never_served_as_the_whole() {
     let redis = RedisServer::start();
@@ -128,7 +129,7 @@ fn a_partial_response_is_never_served_as_the_whole() {
     });
 }
 
-/// 5. Repeated query parameters are an ordered list to many frameworks.
+/// Broken case 5: Repeated query parameters are an ordered list to many frameworks.
 #[test]
 fn repeated_query_parameters_keep_their_order_in_the_key() {
     let redis = RedisServer::start();
@@ -161,7 +162,7 @@ fn held_body(before: usize, after: usize, release: tokio::sync::oneshot::Receive
     Body::from_stream(stream)
 }
 
-/// 6. Large downloads and event streams go through as they are produced.
+/// Broken case 6: Large downloads and event streams go through as they are produced.
 #[test]
 fn large_bodies_and_event_streams_are_streamed_not_buffered() {
     let redis = RedisServer::start();

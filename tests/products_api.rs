@@ -211,7 +211,10 @@ fn the_response_cache_layer_answers_conditional_requests() {
         let etag = first.headers()["etag"].to_str().unwrap().to_owned();
         let again = service.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
         assert_eq!(again.status(), 304);
-        assert_eq!((&again.headers()["etag"], &again.headers()["x-cache"]), (&first.headers()["etag"], &"hit".parse().unwrap()));
+        assert_eq!(
+            (&again.headers()["etag"], &again.headers()["x-cache"]),
+            (&first.headers()["etag"], &"hit".parse().unwrap())
+        );
         assert_eq!(again.text().await.unwrap(), "");
 
         service

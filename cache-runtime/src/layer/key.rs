@@ -19,7 +19,8 @@ impl Target {
     pub(super) fn of<B>(request: &Request<B>) -> Self {
         // Under axum's `nest` the router strips the prefix from the URI it
         // passes on: the original one tells `/v1/items` from `/v2/items`.
-        let uri = request.extensions().get::<axum::extract::OriginalUri>().map_or(request.uri(), |original| &original.0);
+        let uri =
+            request.extensions().get::<axum::extract::OriginalUri>().map_or(request.uri(), |original| &original.0);
         let authority = match request.uri().authority().or(uri.authority()) {
             Some(authority) => authority.as_str().to_ascii_lowercase(),
             None => request

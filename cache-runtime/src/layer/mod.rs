@@ -20,8 +20,10 @@
 //!   ([`CacheLayer::request_cache_control`]).
 //! - `If-None-Match` and `If-Modified-Since` are answered with `304` from
 //!   the stored response, which has an `ETag` (the body's hash when the
-//!   handler gave none, [`CacheLayer::etag`]); hits carry `Age` and
-//!   `x-cache: hit`.
+//!   handler gave none, [`CacheLayer::etag`]); a single byte `Range` with
+//!   `206` from it; hits carry `Age` and `x-cache: hit`.
+//! - A stale entry with the service's own validators is revalidated: a
+//!   `304` updates its headers and freshness and keeps its body.
 //! - A successful unsafe request (`POST`, `PUT`, `DELETE`, ...) through the
 //!   layer invalidates the cached `GET`s of its path, and of the paths its
 //!   `Location` and `Content-Location` name.
@@ -150,6 +152,13 @@ fn bucket_namespace(policy: &Policy, bucket: usize) -> String {
 
 impl CacheLayer {
     /// Caches responses under `policy` (its prefix, tags, TTL, jitter).
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// let layer = CacheLayer::new(cache, Policy::new("pages").ttl(std::time::Duration::from_secs(60)));
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn new(cache: Cache, policy: Policy) -> Self {
         let index = Policy::new(format!("{}.vary", policy.prefix())).lock(false).ttl(Duration::from_secs(86_400));
         let learned = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(60)).build();
@@ -170,6 +179,13 @@ impl CacheLayer {
 
     /// More request headers whose values are part of every key, in
     /// addition to `Authorization`, `Cookie` and each response's `Vary`.
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// let layer = CacheLayer::new(cache, Policy::new("pages")).vary([http::header::ACCEPT_LANGUAGE]);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn vary(mut self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         Arc::make_mut(&mut self.settings).vary.extend(headers);
         self
@@ -177,6 +193,13 @@ impl CacheLayer {
 
     /// What to do with requests that carry `Authorization` or `Cookie`
     /// (default: [`Credentials::PerValue`]).
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// let layer = CacheLayer::new(cache, Policy::new("pages")).credentials(cache_runtime::Credentials::Bypass);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn credentials(mut self, credentials: Credentials) -> Self {
         Arc::make_mut(&mut self.settings).credentials = credentials;
         self
@@ -184,6 +207,14 @@ impl CacheLayer {
 
     /// The statuses stored without explicit freshness (default: 200, 203,
     /// 204, 300, 301, 404, 405, 410, 414, 501). `206` is never stored.
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// // Only successes: a 404 goes to the handler every time.
+    /// let layer = CacheLayer::new(cache, Policy::new("pages")).statuses([200, 203, 204]);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
         Arc::make_mut(&mut self.settings).statuses = statuses.into_iter().filter(|s| *s != 206).collect();
         self
@@ -193,6 +224,13 @@ impl CacheLayer {
     /// honoured: `no-store` bypasses, `no-cache` or `max-age=0` recomputes
     /// (default: true). Turn off where clients are not trusted to cost a
     /// computation.
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// let layer = CacheLayer::new(cache, Policy::new("pages")).request_cache_control(false);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn request_cache_control(mut self, honour: bool) -> Self {
         Arc::make_mut(&mut self.settings).request_cache_control = honour;
         self
@@ -200,6 +238,13 @@ impl CacheLayer {
 
     /// Whether a stored response without an `ETag` gets one, the hash of
     /// its body (default: true).
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// let layer = CacheLayer::new(cache, Policy::new("pages")).etag(false);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn etag(mut self, etag: bool) -> Self {
         Arc::make_mut(&mut self.settings).etag = etag;
         self
@@ -208,6 +253,13 @@ impl CacheLayer {
     /// The largest body stored (default: 1 MiB, the cache's default
     /// `max_value_bytes`); larger ones stream through, and so do bodies of
     /// unknown length once they pass it.
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CacheLayer, Policy};
+    /// # let cache = Cache::builder().build()?;
+    /// let layer = CacheLayer::new(cache, Policy::new("pages")).max_body_bytes(256 << 10);
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         Arc::make_mut(&mut self.settings).max_body_bytes = bytes;
         self
@@ -223,6 +275,15 @@ impl<S> tower_layer::Layer<S> for CacheLayer {
 }
 
 /// The service [`CacheLayer`] wraps around another.
+///
+/// ```
+/// use cache_runtime::{Cache, CacheLayer, CacheService, Policy};
+/// use tower_layer::Layer;
+///
+/// let layer = CacheLayer::new(Cache::builder().build()?, Policy::new("pages"));
+/// let service: CacheService<()> = layer.layer(());
+/// # Ok::<(), cache_runtime::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct CacheService<S> {
     inner: S,

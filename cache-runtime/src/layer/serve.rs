@@ -6,7 +6,7 @@ use super::key::{EntryKey, Target, normalized};
 use super::miss::Miss;
 use super::rules::RequestDirectives;
 use super::stored::{Conditions, StoredResponse};
-use super::{BUCKETS, CacheBody, CacheLayer, Credentials, Uncached, bucket_namespace, boxed, plain};
+use super::{BUCKETS, CacheBody, CacheLayer, Credentials, Uncached, boxed, bucket_namespace, plain};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode};
@@ -15,7 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::SystemTime;
 
 impl CacheLayer {
-    pub(super) async fn serve<S, ReqBody, ResBody>(self, mut inner: S, mut request: Request<ReqBody>) -> Result<Response<CacheBody>, S::Error>
+    pub(super) async fn serve<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        mut request: Request<ReqBody>,
+    ) -> Result<Response<CacheBody>, S::Error>
     where
         S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: http_body::Body<Data = Bytes> + Send + 'static,
@@ -40,8 +44,7 @@ impl CacheLayer {
         };
         let credentialed =
             request.headers().contains_key(header::AUTHORIZATION) || request.headers().contains_key(header::COOKIE);
-        if directives.no_store || (credentialed && settings.credentials == Credentials::Bypass)
-        {
+        if directives.no_store || (credentialed && settings.credentials == Credentials::Bypass) {
             return inner.call(request).await.map(|response| response.map(boxed));
         }
         let target = Target::of(&request);
@@ -56,9 +59,37 @@ impl CacheLayer {
         let computed = AtomicBool::new(false);
         let mut slot = Some(request);
         let mut outcome = if directives.no_cache {
-            self.cache.refresh(policy, &key, Miss { settings: &settings, inner: &mut inner, slot: &mut slot, names: &names, computed: &computed, previous: None }.run()).await
+            self.cache
+                .refresh(
+                    policy,
+                    &key,
+                    Miss {
+                        settings: &settings,
+                        inner: &mut inner,
+                        slot: &mut slot,
+                        names: &names,
+                        computed: &computed,
+                        previous: None,
+                    }
+                    .run(),
+                )
+                .await
         } else {
-            self.cache.get_or_compute(policy, &key, Miss { settings: &settings, inner: &mut inner, slot: &mut slot, names: &names, computed: &computed, previous: None }.run()).await
+            self.cache
+                .get_or_compute(
+                    policy,
+                    &key,
+                    Miss {
+                        settings: &settings,
+                        inner: &mut inner,
+                        slot: &mut slot,
+                        names: &names,
+                        computed: &computed,
+                        previous: None,
+                    }
+                    .run(),
+                )
+                .await
         };
         let now = SystemTime::now();
         let unusable = outcome.as_ref().is_ok_and(|stored| {
@@ -70,7 +101,14 @@ impl CacheLayer {
             // Stale, or older than the client accepts: revalidated with the
             // origin's validators, or recomputed.
             let previous = outcome.ok().filter(StoredResponse::has_validators);
-            let revalidate = Miss { settings: &settings, inner: &mut inner, slot: &mut slot, names: &names, computed: &computed, previous: previous.as_ref() };
+            let revalidate = Miss {
+                settings: &settings,
+                inner: &mut inner,
+                slot: &mut slot,
+                names: &names,
+                computed: &computed,
+                previous: previous.as_ref(),
+            };
             outcome = self.cache.refresh(policy, &key, revalidate.run()).await;
         }
         let hit = !computed.load(Relaxed);

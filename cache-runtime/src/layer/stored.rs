@@ -93,7 +93,8 @@ impl StoredResponse {
     /// field it carries replaces the stored one, except those describing
     /// the stored body, which it did not send.
     pub(super) fn updated_by(&self, not_modified: &HeaderMap) -> Vec<(String, Vec<u8>)> {
-        const KEEP: [&str; 6] = ["content-length", "content-encoding", "content-md5", "content-range", "etag", "set-cookie"];
+        const KEEP: [&str; 6] =
+            ["content-length", "content-encoding", "content-md5", "content-range", "etag", "set-cookie"];
         let mut headers = self.headers.clone();
         let replaced: Vec<&HeaderName> = not_modified
             .keys()
@@ -124,7 +125,12 @@ impl StoredResponse {
     }
 
     /// The response to send. `age`: on a hit, the `Age` to add.
-    pub(super) fn respond(&self, outcome: &'static str, age: Option<u64>, conditions: &Conditions) -> Response<CacheBody> {
+    pub(super) fn respond(
+        &self,
+        outcome: &'static str,
+        age: Option<u64>,
+        conditions: &Conditions,
+    ) -> Response<CacheBody> {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
         let not_modified = status.is_success() && conditions.not_modified(self);
         let range = (status == StatusCode::OK && !not_modified)
@@ -319,7 +325,10 @@ mod tests {
             headers
         });
         let part = page.respond("hit", Some(0), &conditions);
-        assert_eq!((part.status(), &part.headers()["content-range"]), (StatusCode::PARTIAL_CONTENT, &HeaderValue::from_static("bytes 0-1/11")));
+        assert_eq!(
+            (part.status(), &part.headers()["content-range"]),
+            (StatusCode::PARTIAL_CONTENT, &HeaderValue::from_static("bytes 0-1/11"))
+        );
     }
 
     #[test]
@@ -348,7 +357,8 @@ mod tests {
     fn a_304_from_the_origin_updates_what_it_carries() {
         let page = stored(&[("etag", "\"v1\""), ("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")]);
         let mut origin = HeaderMap::new();
-        for (name, value) in [("x-a", "3"), ("etag", "\"v2\""), ("content-length", "0"), ("cache-control", "max-age=9")] {
+        for (name, value) in [("x-a", "3"), ("etag", "\"v2\""), ("content-length", "0"), ("cache-control", "max-age=9")]
+        {
             origin.append(HeaderName::try_from(name).unwrap(), HeaderValue::from_static(value));
         }
         let updated = page.updated_by(&origin);
@@ -372,6 +382,9 @@ mod tests {
         assert_eq!(response.headers()["age"], "3");
         assert!(!response.headers().contains_key("content-type"));
         let full = page.respond("hit", Some(3), &Conditions::default());
-        assert_eq!((full.status(), &full.headers()["content-type"]), (StatusCode::OK, &HeaderValue::from_static("text/plain")));
+        assert_eq!(
+            (full.status(), &full.headers()["content-type"]),
+            (StatusCode::OK, &HeaderValue::from_static("text/plain"))
+        );
     }
 }
