@@ -39,3 +39,10 @@ for (const [who, s] of rows) {
 }
 console.log(`\nRequired tests ${name} fails:`)
 for (const [id, why] of rows[0][1].failing) console.log(`- ${id}: ${why}`)
+
+const [minRequired, minOptimal] = [process.env.MIN_REQUIRED, process.env.MIN_OPTIMAL].map(n => Number(n || 0))
+const ourScore = rows[0][1]
+if (ourScore.requiredPassed < minRequired || ourScore.optimalPassed < minOptimal) {
+  console.log(`\nBelow the floor: required ${ourScore.requiredPassed} < ${minRequired} or optimal ${ourScore.optimalPassed} < ${minOptimal}`)
+  process.exit(1)
+}
