@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run --example products_api
 //! curl -s localhost:3000/products?category=kitchen
+//! curl -si localhost:3000/categories               # x-cache: miss, then hit; an ETag
+//! curl -si -H 'If-None-Match: "<that etag>"' localhost:3000/categories   # 304 Not Modified
 //! ```
 //!
 //! Configuration from the environment: `BIND` (default `127.0.0.1:3000`),

@@ -202,6 +202,31 @@ fn the_response_cache_layer_serves_and_invalidates_whole_responses() {
 }
 
 #[test]
+fn the_response_cache_layer_answers_conditional_requests() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis.url());
+    run(DEADLINE, async {
+        let url = format!("{}/categories", service.base);
+        let first = service.http.get(&url).send().await.unwrap();
+        let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+        let again = service.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+        assert_eq!(again.status(), 304);
+        assert_eq!(
+            (&again.headers()["etag"], &again.headers()["x-cache"]),
+            (&first.headers()["etag"], &"hit".parse().unwrap())
+        );
+        assert_eq!(again.text().await.unwrap(), "");
+
+        service
+            .send(reqwest::Method::POST, "/products", r#"{"name": "Rake", "price": 12, "category": "garden"}"#)
+            .await;
+        let changed = service.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+        assert_eq!(changed.status(), 200, "a new product changes the counts, and the ETag");
+        assert_ne!(changed.headers()["etag"].to_str().unwrap(), etag);
+    });
+}
+
+#[test]
 fn the_api_answers_with_redis_down_and_caches_again_after() {
     let mut redis = RedisServer::start();
     let service = Service::start(&redis.url());

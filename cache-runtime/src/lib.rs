@@ -94,7 +94,7 @@ pub use codec::Codec;
 pub use error::Error;
 pub use keys::canonical::Unencodable;
 #[cfg(feature = "tower")]
-pub use layer::{CacheBody, CacheLayer, CacheService};
+pub use layer::{CacheBody, CacheLayer, CacheService, Credentials};
 pub use policy::Policy;
 pub use scope::{forget, refresh, try_refresh};
 pub use stats::{Counts, InFlight, Stats};
