@@ -8,6 +8,7 @@
 
 use crate::keys::KeyHash;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -48,6 +49,8 @@ pub(crate) struct Leader<'a> {
     flights: &'a Flights,
     key: String,
     sender: watch::Sender<Progress>,
+    /// The map no longer holds a receiver of this flight.
+    closed: AtomicBool,
 }
 
 impl Flights {
@@ -56,7 +59,7 @@ impl Flights {
         let Ok(mut in_flight) = self.in_flight.lock() else {
             // A poisoned map only loses coalescing, never correctness.
             let (sender, _) = watch::channel(Progress::Waiting);
-            return Role::Leader(Leader { flights: self, key: String::new(), sender });
+            return Role::Leader(Leader { flights: self, key: String::new(), sender, closed: AtomicBool::new(true) });
         };
         if let Some(receiver) = in_flight.get(key)
             && receiver.has_changed().is_ok()
@@ -65,7 +68,7 @@ impl Flights {
         }
         let (sender, receiver) = watch::channel(Progress::Waiting);
         in_flight.insert(key.to_owned(), receiver);
-        Role::Leader(Leader { flights: self, key: key.to_owned(), sender })
+        Role::Leader(Leader { flights: self, key: key.to_owned(), sender, closed: AtomicBool::new(false) })
     }
 
     /// Keys being computed now.
@@ -81,9 +84,10 @@ impl Leader<'_> {
         self.sender.send_replace(Progress::Computing);
     }
 
-    /// Whether anyone is waiting for this flight (the map holds one receiver).
+    /// Whether anyone is waiting for this flight (the map holds one
+    /// receiver until the flight is closed).
     pub(crate) fn has_waiters(&self) -> bool {
-        self.sender.receiver_count() > 1
+        self.sender.receiver_count() > usize::from(!self.closed.load(Relaxed))
     }
 
     /// Hands `shared` to every waiter.
@@ -92,13 +96,27 @@ impl Leader<'_> {
     }
 }
 
-impl Drop for Leader<'_> {
-    fn drop(&mut self) {
+impl Leader<'_> {
+    /// Takes no more waiters: later callers of the key start a flight of
+    /// their own. A leader closes its flight as soon as it has a result and
+    /// before it checks whether that result may be shared, so that every
+    /// waiter it hands a value to joined before the check (a caller that
+    /// came after a write must not get a value computed before it).
+    pub(crate) fn close(&self) {
+        if self.closed.swap(true, Relaxed) {
+            return;
+        }
         if let Ok(mut in_flight) = self.flights.in_flight.lock()
             && in_flight.get(&self.key).is_some_and(|r| r.same_channel(&self.sender.subscribe()))
         {
             in_flight.remove(&self.key);
         }
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

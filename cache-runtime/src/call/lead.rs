@@ -59,7 +59,12 @@ impl<R> Call<'_, R> {
                             self.observer.outcome(Outcome::Hit);
                             let payload = Arc::new(stored.payload.to_vec());
                             self.keep_locally(&payload, stored.times, false);
-                            leader.finish(Shared::Value(payload));
+                            // Current when the lock script read it: shared
+                            // with those who joined before, unless a write
+                            // in this process came since.
+                            leader.close();
+                            let fresh = self.cache.fence() == self.fence;
+                            leader.finish(if fresh { Shared::Value(payload) } else { Shared::Stale });
                             guard.disarm();
                             return output;
                         }
@@ -105,6 +110,7 @@ impl<R> Call<'_, R> {
         // releases it through the guard, and the waiters through `leader`.
         leader.computing();
         let output = self.compute(Outcome::Miss, body.run()).await;
+        leader.close();
         let settle = Settle { observed, guard, stale, mode: StoreMode::Fill, share: leader.has_waiters() };
         let settled = self.settle(output, settle).await;
         // Nothing to share (an `Err`): dropping the leader lets a waiter
@@ -126,6 +132,7 @@ impl<R> Call<'_, R> {
     ) -> R {
         leader.computing();
         let output = self.compute(outcome, body.run()).await;
+        leader.close();
         // Encoded only when someone is waiting for it.
         let settle = Settle { observed: None, guard: None, stale, mode: StoreMode::Fill, share: leader.has_waiters() };
         let settled = self.settle(output, settle).await;

@@ -116,6 +116,7 @@ impl<R> Call<'_, R> {
         };
         leader.computing();
         let output = self.compute(Outcome::Renewal, compute).await;
+        leader.close();
         let cacheable = (self.storage.cacheable)(&output);
         // Replaces only the entry it saw: a write-through since then wins.
         let settle = Settle {

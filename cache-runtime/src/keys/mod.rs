@@ -42,9 +42,10 @@ impl KeyHash {
         out
     }
 
-    /// The hash's first byte: uniform, for spreading keys over stripes.
-    pub(crate) fn first_byte(&self) -> u8 {
-        self.0[0]
+    /// The hash's first two bytes: uniform, for spreading keys over
+    /// stripes.
+    pub(crate) fn first_bytes(&self) -> [u8; 2] {
+        [self.0[0], self.0[1]]
     }
 
     /// Parses [`to_hex`](Self::to_hex)'s output.

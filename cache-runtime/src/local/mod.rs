@@ -36,6 +36,10 @@ pub(crate) struct LocalEntry {
     /// How long moka keeps it, from insertion.
     keep_for: Duration,
     mark: Mark,
+    /// Its stripe's forget count when it was stored: any forget of the
+    /// stripe since hides it at once, before the forget's remove and the
+    /// insert's own re-check settle which of them came last.
+    forgets: u64,
 }
 
 /// What must be unchanged for an entry to be trusted.
@@ -58,8 +62,9 @@ pub(crate) struct Capture {
 }
 
 /// Forgets are counted per stripe of keys, so that forgetting one entry
-/// drops only the in-flight fills of keys in its stripe, not every fill.
-const FORGET_STRIPES: usize = 256;
+/// (or writing it through) drops the in-flight fills and hides the entries
+/// of its stripe only: one key in 4096, not every one.
+const FORGET_STRIPES: usize = 4096;
 
 /// A call site's handles on its namespaces' epochs, resolved once.
 #[derive(Debug)]
@@ -243,7 +248,8 @@ impl LocalTier {
         if mark.generation % 2 == 1 {
             return None;
         }
-        self.entries.get(hash).filter(|entry| entry.mark == mark)
+        let forgets = self.forgets[stripe(hash)].load(SeqCst);
+        self.entries.get(hash).filter(|entry| entry.mark == mark && entry.forgets == forgets)
     }
 
     /// Stores an entry read or computed after `capture`, unless an
@@ -262,7 +268,8 @@ impl LocalTier {
         if capture.mark.generation % 2 == 1 || keep_for.is_zero() || !unchanged(self) {
             return false;
         }
-        self.entries.insert(hash, Arc::new(LocalEntry { payload, codec, times, keep_for, mark: capture.mark }));
+        let entry = LocalEntry { payload, codec, times, keep_for, mark: capture.mark, forgets: capture.forgets };
+        self.entries.insert(hash, Arc::new(entry));
         // A forget applied between the check and the insert would not have
         // seen this entry.
         if forgets.load(SeqCst) != capture.forgets {
@@ -338,7 +345,7 @@ impl LocalTier {
 }
 
 fn stripe(hash: &KeyHash) -> usize {
-    usize::from(hash.first_byte()) % FORGET_STRIPES
+    usize::from(u16::from_le_bytes(hash.first_bytes())) % FORGET_STRIPES
 }
 
 #[cfg(test)]
