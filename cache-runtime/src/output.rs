@@ -55,8 +55,6 @@ pub struct Storage<R> {
     pub(crate) decode: fn(&[u8], Codec, usize) -> Result<R, CodecError>,
     /// Whether this output would be stored, without encoding it.
     pub(crate) cacheable: fn(&R) -> bool,
-    /// The output type's name, for reports.
-    pub(crate) type_name: fn() -> &'static str,
 }
 
 impl<R> Clone for Storage<R> {
@@ -94,7 +92,6 @@ impl<R> Storage<R> {
             encode: encode::<R, K>,
             decode: decode::<R, K>,
             cacheable: cacheable::<R, K>,
-            type_name: std::any::type_name::<R>,
         }
     }
 }

@@ -212,7 +212,7 @@ impl<R> Call<'_, R> {
     /// codec cannot read back would be stored, fail to decode, and be
     /// computed again on every call.
     fn round_trips(&self, payload: &[u8]) -> bool {
-        let name = (self.storage.type_name)();
+        let name = std::any::type_name::<R>();
         let check = || (name, (self.storage.decode)(payload, self.plan.codec, usize::MAX).err().map(|e| e.to_string()));
         let (checked, failure) = self.observer.site.round_trip.get_or_init(check);
         let failure = if *checked == name { failure.clone() } else { check().1 };

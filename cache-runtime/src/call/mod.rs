@@ -147,7 +147,7 @@ impl Cache {
         B: Body<R>,
     {
         let ttl = plan.ttl.or(self.default_ttl());
-        if let Some(why) = misconfiguration(plan, ttl, storage, observer) {
+        if let Some(why) = misconfiguration::<R>(plan, ttl, observer) {
             observer.outcome(Outcome::Bypass);
             observer.misconfigured(&why);
             if intent == Intent::Refresh {
@@ -197,7 +197,6 @@ impl Cache {
 fn misconfiguration<R>(
     plan: &Plan<'_>,
     ttl: Option<Duration>,
-    storage: Storage<R>,
     observer: &Observer<'_>,
 ) -> Option<String> {
     if ttl.is_none() {
@@ -211,7 +210,7 @@ fn misconfiguration<R>(
         return Some(format!("{invalid}, so its calls are never cached"));
     }
     if let Some((name, Some(why))) = observer.site.round_trip.get()
-        && *name == (storage.type_name)()
+        && *name == std::any::type_name::<R>()
     {
         return Some(format!(
             "prefix `{}`: `{name}` does not decode what {} encoded ({why}), so its calls are no longer cached: \

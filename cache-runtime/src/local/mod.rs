@@ -56,8 +56,7 @@ pub(crate) struct Mark {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Capture {
     pub mark: Mark,
-    /// Which forget stripe the key is in, and its count then.
-    stripe: usize,
+    /// The count of the key's forget stripe then.
     forgets: u64,
 }
 
@@ -237,9 +236,8 @@ impl LocalTier {
     pub(crate) fn capture(&self, site: &LocalSite, hash: &KeyHash) -> Capture {
         // Forgets first: a forget that lands between the two loads is then
         // seen as a change by `insert`, never missed.
-        let stripe = stripe(hash);
-        let forgets = self.forgets[stripe].load(SeqCst);
-        Capture { mark: self.mark(site), stripe, forgets }
+        let forgets = self.forgets[stripe(hash)].load(SeqCst);
+        Capture { mark: self.mark(site), forgets }
     }
 
     /// A trusted entry for `hash`, fresh or not.
@@ -263,7 +261,7 @@ impl LocalTier {
         keep_for: Duration,
     ) -> bool {
         let (payload, codec, times) = parts;
-        let forgets = &self.forgets[capture.stripe];
+        let forgets = &self.forgets[stripe(&hash)];
         let unchanged = |tier: &Self| tier.mark(site) == capture.mark && forgets.load(SeqCst) == capture.forgets;
         if capture.mark.generation % 2 == 1 || keep_for.is_zero() || !unchanged(self) {
             return false;
@@ -292,7 +290,7 @@ impl LocalTier {
         parts: (Arc<Vec<u8>>, Codec, EntryTimes),
         keep_for: Duration,
     ) -> bool {
-        let forgets = &self.forgets[capture.stripe];
+        let forgets = &self.forgets[stripe(&hash)];
         if forgets.compare_exchange(capture.forgets, capture.forgets + 1, SeqCst, SeqCst).is_err() {
             return false;
         }
