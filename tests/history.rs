@@ -26,7 +26,8 @@
 //! - *stale read*: a read returned a version below its floor. The local tier
 //!   may be late only within [`LOCAL_LATENESS`] of a channel fault (the
 //!   subscription's connection killed, Redis frozen, or the reading
-//!   process's runtime rebuilt). `stale_if_error` gets no allowance: a stale
+//!   process's runtime rebuilt), and, in a process other than the writer's,
+//!   within [`LOCAL_HOP`] of the telling (the invalidation message's trip). `stale_if_error` gets no allowance: a stale
 //!   copy is only served from an entry no invalidation has passed (the
 //!   README), and `forget`/`refresh` replace the entry, so any served value
 //!   must still meet the floor;
@@ -95,6 +96,12 @@ const PING_EVERY_MS: u64 = 1_000;
 /// How late the local tier may be after a fault of its channel: the bound
 /// the runtime documents for noticing a dead subscription.
 const LOCAL_LATENESS: Duration = Duration::from_millis(PING_EVERY_MS + COMMAND_TIMEOUT_MS);
+/// How late another process's local tier may be after a write's telling
+/// returned with its channel up: one pub/sub hop (the message is published
+/// inside the script that changes Redis, and applied when it arrives;
+/// measured at about 1.4 ms between two processes), with room for a loaded
+/// machine. docs/CONSISTENCY.md states it.
+const LOCAL_HOP: Duration = Duration::from_millis(100);
 /// The tag shared by the tagged functions: one `invalidate` covers them all.
 const TAG: &str = "h_rows";
 /// Rounds of the soak.
@@ -1038,7 +1045,10 @@ impl Totals {
         println!("  cache counters (to each process's last runtime rebuild): {:?}", self.counts);
         let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!("  faults injected: {}", if faults.is_empty() { "none".into() } else { faults.join(", ") });
-        println!("  local reads late within the channel-fault bound ({LOCAL_LATENESS:?}): {}", self.late_local_allowed);
+        println!(
+            "  local reads late within the channel-fault bound ({LOCAL_LATENESS:?}) or one pub/sub hop ({LOCAL_HOP:?}): {}",
+            self.late_local_allowed
+        );
         println!("  violations: {}", self.violation_count());
         for (group, n) in &self.violations {
             println!("    {n:6}  {group}");
@@ -1087,6 +1097,16 @@ fn check(history: &History) -> (Vec<Violation>, u64) {
                 }
                 let w = writes.get(&(r.key, r.floor)).copied();
                 let tell = w.and_then(|w| w.tells.iter().rev().find(|t| t.ok && t.how.covers().contains(&r.f)));
+                // Another process's local tier, within one pub/sub hop of
+                // the telling: allowed.
+                if r.f == Fun::Local
+                    && let (Some(w), Some(t)) = (w, tell)
+                    && w.p != r.p
+                    && r.start <= t.end + LOCAL_HOP.as_micros() as u64
+                {
+                    late_allowed += 1;
+                    continue;
+                }
                 let how = tell.map_or("?", |t| t.how.kind());
                 // A telling that returned Ok while Redis was failing: did its
                 // change land (a `refresh` returns the body's value either way)?
