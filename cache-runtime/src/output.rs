@@ -88,10 +88,6 @@ impl<R> Storage<R> {
         fn cacheable<R, K: OutputKind<R>>(output: &R) -> bool {
             K::stored(output).is_some()
         }
-        Self {
-            encode: encode::<R, K>,
-            decode: decode::<R, K>,
-            cacheable: cacheable::<R, K>,
-        }
+        Self { encode: encode::<R, K>, decode: decode::<R, K>, cacheable: cacheable::<R, K> }
     }
 }

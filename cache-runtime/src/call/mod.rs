@@ -194,11 +194,7 @@ impl Cache {
 
 /// Why a call site cannot use the cache at all, whatever its arguments.
 /// Checked on every call; the checks cost a few loads when all is well.
-fn misconfiguration<R>(
-    plan: &Plan<'_>,
-    ttl: Option<Duration>,
-    observer: &Observer<'_>,
-) -> Option<String> {
+fn misconfiguration<R>(plan: &Plan<'_>, ttl: Option<Duration>, observer: &Observer<'_>) -> Option<String> {
     if ttl.is_none() {
         return Some(format!(
             "prefix `{}` has no ttl and the cache no default_ttl, so its calls are never cached: add `ttl = ...` \
