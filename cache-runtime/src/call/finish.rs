@@ -219,13 +219,7 @@ impl<R> Call<'_, R> {
         match failure {
             None => true,
             Some(why) => {
-                self.observer.misconfigured(&format_args!(
-                    "prefix `{}`: `{name}` does not decode what {} encoded ({why}), so its calls are no longer \
-                     cached: serde attributes such as `flatten`, `skip_serializing_if`, `untagged` or internally \
-                     tagged enums, and `serde_json::Value`, need `codec = \"json\"`",
-                    self.plan.prefix,
-                    self.plan.codec.name()
-                ));
+                self.observer.misconfigured(&no_round_trip(self.plan, name, &why));
                 false
             }
         }
@@ -254,6 +248,17 @@ impl<R> Call<'_, R> {
             Err(_) => (output, None),
         }
     }
+}
+
+/// Why a call site whose type does not round-trip stops caching, and the fix.
+pub(super) fn no_round_trip(plan: &crate::policy::Plan<'_>, name: &str, why: &str) -> String {
+    format!(
+        "prefix `{}`: `{name}` does not decode what {} encoded ({why}), so its calls are no longer cached: serde \
+         attributes such as `flatten`, `skip_serializing_if`, `untagged` or internally tagged enums, and \
+         `serde_json::Value`, need `codec = \"json\"`",
+        plan.prefix,
+        plan.codec.name()
+    )
 }
 
 /// The stored TTL: uniform in `[ttl*(1-jitter), ttl*(1+jitter)]`, in ms.

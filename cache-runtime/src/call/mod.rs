@@ -208,13 +208,7 @@ fn misconfiguration<R>(plan: &Plan<'_>, ttl: Option<Duration>, observer: &Observ
     if let Some((name, Some(why))) = observer.site.round_trip.get()
         && *name == std::any::type_name::<R>()
     {
-        return Some(format!(
-            "prefix `{}`: `{name}` does not decode what {} encoded ({why}), so its calls are no longer cached: \
-             serde attributes such as `flatten`, `skip_serializing_if`, `untagged` or internally tagged enums, and \
-             `serde_json::Value`, need `codec = \"json\"`",
-            plan.prefix,
-            plan.codec.name()
-        ));
+        return Some(finish::no_round_trip(plan, name, why));
     }
     None
 }
