@@ -38,25 +38,11 @@ impl CacheBuilder {
             )
             .map_err(|e| Error::InvalidConfig(format!("invalid Sentinel settings: {e}")))?;
             let source = Source::Sentinel(tokio::sync::Mutex::new(client));
-            let connections = Connections::new(
-                source,
-                self.pool_size,
-                self.kept_connections,
-                deadlines,
-                breaker,
-                self.max_value_bytes,
-            )?;
+            let connections = self.connections(source, deadlines, breaker)?;
             let urls: Vec<String> = sentinels.iter().map(|url| redact_url(url)).collect();
             let topology = format!("Redis behind Sentinel (master `{master}`, sentinels {})", urls.join(", "));
-            return Ok(Cache::from_settings(Settings {
-                topology,
-                remote: Some((connections, Vec::new(), self.connect_timeout)),
-                local_capacity: self.local_capacity,
-                key_prefix: self.key_prefix,
-                default_ttl: self.default_ttl,
-                lock_timeout: self.lock_timeout,
-                max_value_bytes: self.max_value_bytes,
-            }));
+            let (local_capacity, remote) = (self.local_capacity, Some((connections, Vec::new(), self.connect_timeout)));
+            return Ok(self.into_cache(topology, remote, local_capacity));
         }
         #[cfg(feature = "cluster")]
         if let Some(nodes) = &self.cluster {
@@ -68,25 +54,12 @@ impl CacheBuilder {
                 return Err(Error::InvalidConfig("give one of a URL, sentinels or cluster nodes".to_owned()));
             }
             let (cluster, channel_nodes) = self.cluster_clients(nodes)?;
-            let connections = Connections::new(
-                Source::Cluster(cluster),
-                self.pool_size,
-                self.kept_connections,
-                deadlines,
-                breaker,
-                self.max_value_bytes,
-            )?;
+            let connections = self.connections(Source::Cluster(cluster), deadlines, breaker)?;
             let urls: Vec<String> = nodes.iter().map(|url| redact_url(url)).collect();
             let topology = format!("Redis Cluster (nodes {})", urls.join(", "));
-            return Ok(Cache::from_settings(Settings {
-                topology,
-                remote: Some((connections, channel_nodes, self.connect_timeout)),
-                local_capacity: self.local_capacity,
-                key_prefix: self.key_prefix,
-                default_ttl: self.default_ttl,
-                lock_timeout: self.lock_timeout,
-                max_value_bytes: self.max_value_bytes,
-            }));
+            let (local_capacity, remote) =
+                (self.local_capacity, Some((connections, channel_nodes, self.connect_timeout)));
+            return Ok(self.into_cache(topology, remote, local_capacity));
         }
         let remote = match &self.url {
             Some(url) => {
@@ -94,14 +67,7 @@ impl CacheBuilder {
                 let client = self.client_for(url, info.clone())?;
                 // With TLS, the client's settings carry the certificates.
                 let info = client.get_connection_info().clone();
-                let connections = Connections::new(
-                    Source::Direct(info),
-                    self.pool_size,
-                    self.kept_connections,
-                    deadlines,
-                    breaker,
-                    self.max_value_bytes,
-                )?;
+                let connections = self.connections(Source::Direct(info), deadlines, breaker)?;
                 Some((connections, vec![client], self.connect_timeout))
             }
             None => None,
@@ -114,7 +80,21 @@ impl CacheBuilder {
             Some(url) => format!("Redis at {}", redact_url(url)),
             None => "memory-only: entries live in this process alone".to_owned(),
         };
-        Ok(Cache::from_settings(Settings {
+        Ok(self.into_cache(topology, remote, local_capacity))
+    }
+    /// The connections to `source`, with this builder's pool settings.
+    fn connections(&self, source: Source, deadlines: Deadlines, breaker: Breaker) -> Result<Connections, Error> {
+        Connections::new(source, self.pool_size, self.kept_connections, deadlines, breaker, self.max_value_bytes)
+    }
+
+    /// The cache, once its topology and connections are settled.
+    fn into_cache(
+        self,
+        topology: String,
+        remote: Option<(Connections, Vec<redis::Client>, std::time::Duration)>,
+        local_capacity: Option<u64>,
+    ) -> Cache {
+        Cache::from_settings(Settings {
             topology,
             remote,
             local_capacity,
@@ -122,8 +102,9 @@ impl CacheBuilder {
             default_ttl: self.default_ttl,
             lock_timeout: self.lock_timeout,
             max_value_bytes: self.max_value_bytes,
-        }))
+        })
     }
+
     /// Refuses settings out of range; clamps timeouts that are merely
     /// extreme.
     fn validate(&mut self) -> Result<(), Error> {

@@ -23,7 +23,7 @@
 mod kept;
 mod manager;
 
-#[cfg(feature = "sentinel")]
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
 pub(crate) use manager::tcp_settings;
 pub(crate) use manager::{Conn, RedisManager, Source};
 use manager::{Creator, refused_credentials, stale_cluster_map, with_keepalive};
