@@ -179,6 +179,9 @@ impl CacheBuilder {
             .min_retry_wait(0)
             .max_retry_wait(1)
             .tcp_settings(crate::connection::tcp_settings(&Default::default()));
+        // The first node's scheme decides TLS for the whole cluster.
+        #[cfg(not(feature = "tls"))]
+        let _ = first;
         #[cfg(feature = "tls")]
         let cluster = match self.tls.certificates_for(first)? {
             Some(certificates) => cluster.certs(certificates),
