@@ -7,7 +7,7 @@ use crate::connection::Connections;
 use crate::error::Error;
 use crate::flight::{Flights, Renewals};
 use crate::keys::canonical::Unencodable;
-use crate::keys::{KeyHash, check_namespace, entry_key, version_key};
+use crate::keys::{CACHE_WIDE, KeyHash, check_namespace, entry_key, version_key};
 use crate::local::{LocalTier, channel};
 use crate::observe::{Event, note};
 use crate::policy::Plan;
@@ -73,8 +73,8 @@ pub(crate) struct Settings {
     pub topology: String,
     /// `None`: memory-only.
     pub remote: Option<(Connections, Vec<redis::Client>, Duration)>,
-    /// Entries the local tier holds; `None`: no local tier.
-    pub local_capacity: Option<u64>,
+    /// How the local tier is bounded; `None`: no local tier.
+    pub local: Option<crate::local::Bounds>,
     pub key_prefix: String,
     pub default_ttl: Option<Duration>,
     pub lock_timeout: Duration,
@@ -116,7 +116,7 @@ impl Cache {
             None => Backend::Memory,
         };
         let needs_channel = matches!(backend, Backend::Redis(_));
-        let local = settings.local_capacity.map(|capacity| Arc::new(LocalTier::new(capacity, needs_channel)));
+        let local = settings.local.map(|bounds| Arc::new(LocalTier::new(bounds, needs_channel)));
         Self {
             inner: Arc::new(Inner {
                 topology: settings.topology,
@@ -154,6 +154,7 @@ impl Cache {
         let mut stats = self.inner.registry.snapshot();
         if let Some(local) = &self.inner.local {
             stats.total.local_evictions += local.evictions();
+            (stats.local.entries, stats.local.bytes) = local.size();
         }
         stats.in_flight.computations = self.inner.flights.len() as u64;
         if let Backend::Redis(remote) = &self.inner.backend {
@@ -198,6 +199,35 @@ impl Cache {
     /// ```
     pub async fn invalidate(&self, namespace: &str) -> Result<u64, Error> {
         check_namespace(namespace).map_err(Error::InvalidConfig)?;
+        self.bump_version(namespace).await
+    }
+
+    /// Makes every entry of this cache stale (every prefix, every tag,
+    /// and the pages of a [`CacheLayer`](crate::CacheLayer) on it), in this
+    /// process and every other one using the same Redis and key prefix:
+    /// one atomic command, no scan, whatever the number of entries. Every
+    /// entry is bound to a cache-wide namespace besides its own, and this
+    /// bumps its version, as [`invalidate`](Self::invalidate) does a
+    /// namespace's, with the same promise: once it returns `Ok`, no caller
+    /// in any process gets an entry stored before it, and a computation
+    /// that began before it is not stored.
+    ///
+    /// Old entries stay in Redis until their TTL ends;
+    /// [`purge`](Self::purge) deletes them sooner. A memory-only cache
+    /// empties its tier.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cache_runtime::Error> {
+    /// let cache = cache_runtime::Cache::builder().build()?; // memory-only
+    /// cache.clear().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn clear(&self) -> Result<(), Error> {
+        self.bump_version(CACHE_WIDE).await.map(drop)
+    }
+
+    async fn bump_version(&self, namespace: &str) -> Result<u64, Error> {
         let Backend::Redis(redis) = &self.inner.backend else {
             let epoch = self.inner.local.as_ref().map_or(0, |local| local.invalidate(namespace));
             self.bump_fence();

@@ -29,7 +29,7 @@
 //!
 //! Beyond the attribute: [`Cache::get_or_compute`] with a [`Policy`] for
 //! dynamic keys, [`forget`] and [`refresh`] for one entry named by a call,
-//! [`invalidate`] for a namespace.
+//! [`invalidate`] for a namespace, [`clear`] for the whole cache.
 //!
 //! Cargo features:
 //! - `metrics`: the counters and a latency histogram through the `metrics`
@@ -97,7 +97,7 @@ pub use keys::canonical::Unencodable;
 pub use layer::{CacheBody, CacheLayer, CacheService, Credentials};
 pub use policy::Policy;
 pub use scope::{forget, refresh, try_refresh};
-pub use stats::{Counts, InFlight, Stats};
+pub use stats::{Counts, InFlight, Stats, TierSize};
 
 // The attribute's reference lives here, where docs.rs shows it and its
 // examples run against this crate.
@@ -167,6 +167,19 @@ pub fn global() -> Option<&'static Cache> {
 /// ```
 pub async fn invalidate(namespace: &str) -> Result<u64, Error> {
     global().ok_or(Error::NotInitialized)?.invalidate(namespace).await
+}
+
+/// [`Cache::clear`] on the process-wide cache: every entry of every
+/// prefix goes stale, in every process.
+///
+/// ```no_run
+/// # async fn after_migration() -> Result<(), cache_runtime::Error> {
+/// // after a data migration that touched everything:
+/// cache_runtime::clear().await?;
+/// # Ok(()) }
+/// ```
+pub async fn clear() -> Result<(), Error> {
+    global().ok_or(Error::NotInitialized)?.clear().await
 }
 
 /// [`Cache::stats`] of the process-wide cache; all zero before [`init`].

@@ -2,7 +2,7 @@
 //! is the same every time: its prefix's counters, the Redis keys of its
 //! namespaces' versions, and their local epochs.
 
-use crate::keys::{check_namespace, version_key};
+use crate::keys::{CACHE_WIDE, check_namespace, version_key};
 use crate::local::{LocalSite, LocalTier};
 use crate::stats::{Counters, Registry};
 use std::sync::{Arc, OnceLock};
@@ -11,8 +11,8 @@ use std::sync::{Arc, OnceLock};
 #[derive(Debug)]
 pub(crate) struct Site {
     pub counters: Arc<Counters>,
-    /// One version key per namespace, the prefix's first; shared with
-    /// batched lookups.
+    /// One version key per namespace, the prefix's first, the cache-wide
+    /// namespace's last (`keys::CACHE_WIDE`); shared with batched lookups.
     pub version_keys: Arc<[String]>,
     /// Why the site's namespace names cannot be used, checked once.
     pub invalid: Option<String>,
@@ -27,11 +27,15 @@ pub(crate) struct Site {
 
 impl Site {
     fn new<'n>(cache: CacheView<'_>, prefix: &str, namespaces: impl Iterator<Item = &'n str>) -> Self {
-        let namespaces: Vec<&str> = namespaces.collect();
+        let mut namespaces: Vec<&str> = namespaces.collect();
+        // The user's names are checked; the cache-wide one is ours, and
+        // made of a character they may not use.
+        let invalid = namespaces.iter().try_for_each(|ns| check_namespace(ns)).err();
+        namespaces.push(CACHE_WIDE);
         Site {
             counters: cache.registry.of(prefix),
             version_keys: namespaces.iter().map(|ns| version_key(cache.key_prefix, ns)).collect::<Vec<_>>().into(),
-            invalid: namespaces.iter().try_for_each(|ns| check_namespace(ns)).err(),
+            invalid,
             local: cache.local.map(|tier| tier.site(namespaces.iter().copied())),
             round_trip: OnceLock::new(),
             reported: OnceLock::new(),
@@ -120,7 +124,7 @@ mod tests {
         bump(&again.counters.hits);
         let elsewhere = cell.get(other_view, "p", namespaces());
         bump(&elsewhere.counters.hits);
-        assert_eq!(&*elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v"]);
+        assert_eq!(&*elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v", "other:#all:{#all}#v"]);
         assert!(elsewhere.invalid.is_none());
         assert!(SiteCell::new().get(view, "bad name", ["bad name"].into_iter()).invalid.is_some());
         assert_eq!(registry.snapshot().total.hits, 2);

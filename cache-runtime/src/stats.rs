@@ -158,6 +158,30 @@ pub struct Stats {
     pub prefixes: BTreeMap<String, Counts>,
     /// What was under way when the snapshot was taken.
     pub in_flight: InFlight,
+    /// What the local tier holds (zero without one).
+    pub local: TierSize,
+}
+
+/// What a cache's local tier holds at the moment of a [`Stats`] snapshot:
+/// entries, and their weight in bytes as
+/// [`CacheBuilder::local_bytes`](crate::CacheBuilder::local_bytes) counts
+/// it (each payload plus a fixed overhead), whether or not the tier is
+/// bounded in bytes. Taking the snapshot applies the evictions the tier
+/// had pending, so the figures are exact at that moment.
+///
+/// ```
+/// let cache = cache_runtime::Cache::builder().local_bytes(1 << 20).build()?;
+/// let size = cache.stats().local;
+/// assert_eq!((size.entries, size.bytes), (0, 0));
+/// # Ok::<(), cache_runtime::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TierSize {
+    /// Entries held.
+    pub entries: u64,
+    /// What they weigh: payloads plus the per-entry overhead.
+    pub bytes: u64,
 }
 
 /// Work under way at the moment of a [`Stats`] snapshot. Once callers are
@@ -244,7 +268,7 @@ impl Registry {
 
     pub(crate) fn snapshot(&self) -> Stats {
         let mut stats =
-            Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), in_flight: InFlight::default() };
+            Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), ..Stats::default() };
         if let Ok(map) = self.by_prefix.read() {
             for (prefix, counters) in map.iter() {
                 let counts = counters.snapshot();

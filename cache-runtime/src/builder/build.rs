@@ -41,8 +41,8 @@ impl CacheBuilder {
             let connections = self.connections(source, deadlines, breaker)?;
             let urls: Vec<String> = sentinels.iter().map(|url| redact_url(url)).collect();
             let topology = format!("Redis behind Sentinel (master `{master}`, sentinels {})", urls.join(", "));
-            let (local_capacity, remote) = (self.local_capacity, Some((connections, Vec::new(), self.connect_timeout)));
-            return Ok(self.into_cache(topology, remote, local_capacity));
+            let (local, remote) = (self.local_bounds(false), Some((connections, Vec::new(), self.connect_timeout)));
+            return Ok(self.into_cache(topology, remote, local));
         }
         #[cfg(feature = "cluster")]
         if let Some(nodes) = &self.cluster {
@@ -57,9 +57,8 @@ impl CacheBuilder {
             let connections = self.connections(Source::Cluster(cluster), deadlines, breaker)?;
             let urls: Vec<String> = nodes.iter().map(|url| redact_url(url)).collect();
             let topology = format!("Redis Cluster (nodes {})", urls.join(", "));
-            let (local_capacity, remote) =
-                (self.local_capacity, Some((connections, channel_nodes, self.connect_timeout)));
-            return Ok(self.into_cache(topology, remote, local_capacity));
+            let (local, remote) = (self.local_bounds(false), Some((connections, channel_nodes, self.connect_timeout)));
+            return Ok(self.into_cache(topology, remote, local));
         }
         let remote = match &self.url {
             Some(url) => {
@@ -72,15 +71,12 @@ impl CacheBuilder {
             }
             None => None,
         };
-        let local_capacity = match remote {
-            Some(_) => self.local_capacity,
-            None => Some(self.local_capacity.unwrap_or(MEMORY_ONLY_CAPACITY)),
-        };
+        let local = self.local_bounds(remote.is_none());
         let topology = match &self.url {
             Some(url) => format!("Redis at {}", redact_url(url)),
             None => "memory-only: entries live in this process alone".to_owned(),
         };
-        Ok(self.into_cache(topology, remote, local_capacity))
+        Ok(self.into_cache(topology, remote, local))
     }
     /// The connections to `source`, with this builder's pool settings.
     fn connections(&self, source: Source, deadlines: Deadlines, breaker: Breaker) -> Result<Connections, Error> {
@@ -92,12 +88,12 @@ impl CacheBuilder {
         self,
         topology: String,
         remote: Option<(Connections, Vec<redis::Client>, std::time::Duration)>,
-        local_capacity: Option<u64>,
+        local: Option<crate::local::Bounds>,
     ) -> Cache {
         Cache::from_settings(Settings {
             topology,
             remote,
-            local_capacity,
+            local,
             key_prefix: self.key_prefix,
             default_ttl: self.default_ttl,
             lock_timeout: self.lock_timeout,
@@ -114,6 +110,11 @@ impl CacheBuilder {
         validate_key_prefix(&self.key_prefix)?;
         if self.local_capacity == Some(0) {
             return refuse("local capacity", "at least 1 entry", &0);
+        }
+        if let Some(bytes) = self.local_bytes
+            && !(MIN_LOCAL_BYTES..=MAX_LOCAL_BYTES).contains(&bytes)
+        {
+            return refuse("local_bytes", "from 1 KiB to 1 TiB", &bytes);
         }
         if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
             return refuse("pool_size", "from 1 to 1024", &self.pool_size);
@@ -269,6 +270,10 @@ mod tests {
             (url().command_timeout(Duration::ZERO), "command_timeout must be longer than zero"),
             (url().connect_timeout(Duration::ZERO), "connect_timeout must be longer than zero"),
             (url().local(0), "local capacity must be at least 1"),
+            (url().local_bytes(0), "local_bytes must be from 1 KiB to 1 TiB, got 0"),
+            (url().local_bytes(1023), "local_bytes must be from 1 KiB to 1 TiB"),
+            (url().local_bytes(u64::MAX), "local_bytes must be from 1 KiB to 1 TiB"),
+            (CacheBuilder::default().local_bytes(2 << 40), "local_bytes must be"),
         ];
         for (builder, needle) in cases {
             let shown = format!("{builder:?}");

@@ -40,6 +40,7 @@ pub struct CacheBuilder {
     lock_timeout: Duration,
     max_value_bytes: usize,
     local_capacity: Option<u64>,
+    local_bytes: Option<u64>,
     #[cfg(feature = "tls")]
     tls: Tls,
     #[cfg(feature = "sentinel")]
@@ -91,6 +92,12 @@ pub(crate) const MAX_COOL_DOWN: Duration = Duration::from_secs(60 * 60);
 /// The largest pool: a pool pre-allocates its slots, and Redis's default
 /// `maxclients` is 10,000 for all clients together.
 pub(crate) const MAX_POOL_SIZE: usize = 1024;
+/// The smallest byte budget of the local tier: a few entries' overhead.
+pub(crate) const MIN_LOCAL_BYTES: u64 = 1 << 10;
+/// The largest byte budget of the local tier: 1 TiB, past any machine the
+/// tier would run on; more is a unit mistake (bits, or a size in KiB
+/// multiplied twice).
+pub(crate) const MAX_LOCAL_BYTES: u64 = 1 << 40;
 /// The largest value: Redis's own limit on a string (`proto-max-bulk-len`).
 pub(crate) const MAX_VALUE_BYTES: usize = 512 << 20;
 
@@ -109,7 +116,8 @@ impl std::fmt::Debug for CacheBuilder {
             .field("breaker_cool_down", &self.breaker_cool_down)
             .field("lock_timeout", &self.lock_timeout)
             .field("max_value_bytes", &self.max_value_bytes)
-            .field("local_capacity", &self.local_capacity);
+            .field("local_capacity", &self.local_capacity)
+            .field("local_bytes", &self.local_bytes);
         #[cfg(feature = "tls")]
         out.field("tls", &self.tls);
         #[cfg(feature = "sentinel")]
@@ -141,6 +149,7 @@ impl Default for CacheBuilder {
             lock_timeout: Duration::from_secs(5),
             max_value_bytes: 1 << 20,
             local_capacity: None,
+            local_bytes: None,
             #[cfg(feature = "tls")]
             tls: Tls::default(),
             #[cfg(feature = "sentinel")]
@@ -339,6 +348,50 @@ impl CacheBuilder {
     pub fn local(mut self, capacity: u64) -> Self {
         self.local_capacity = Some(capacity);
         self
+    }
+
+    /// An in-process tier (as [`local`](Self::local)) bounded by what its
+    /// entries weigh: each counts its encoded payload plus a fixed
+    /// overhead for its key and bookkeeping (about 250 bytes). Least
+    /// recently used entries go first when an insert would exceed the
+    /// budget; a single entry larger than the budget is not kept. The
+    /// size in entries and bytes is in [`Stats::local`](crate::Stats::local).
+    ///
+    /// With [`local`](Self::local) too, both bounds hold: every entry
+    /// weighs at least `bytes / capacity`, so the tier never holds more
+    /// than `capacity` entries nor more than `bytes` bytes (with entries
+    /// of mixed sizes it may hold fewer than either alone would allow).
+    /// For a memory-only cache, this bounds the cache itself (the default
+    /// 10,000 entries then no longer applies unless `local` says so).
+    ///
+    /// From 1 KiB to 1 TiB, else `build` returns [`Error::InvalidConfig`].
+    ///
+    /// ```
+    /// let cache = cache_runtime::Cache::builder()
+    ///     .url("redis://127.0.0.1:6379")
+    ///     .local_bytes(64 << 20) // 64 MiB
+    ///     .build()?;
+    /// assert!(cache_runtime::Cache::builder().local_bytes(0).build().is_err());
+    /// # Ok::<(), cache_runtime::Error>(())
+    /// ```
+    ///
+    /// [`Error::InvalidConfig`]: crate::Error::InvalidConfig
+    pub fn local_bytes(mut self, bytes: u64) -> Self {
+        self.local_bytes = Some(bytes);
+        self
+    }
+
+    /// The local tier's bounds, if it has one; `memory_only`: the tier is
+    /// the cache, and has one whatever was asked.
+    pub(crate) fn local_bounds(&self, memory_only: bool) -> Option<crate::local::Bounds> {
+        let bounds = crate::local::Bounds { entries: self.local_capacity, bytes: self.local_bytes };
+        match bounds {
+            crate::local::Bounds { entries: None, bytes: None } if memory_only => {
+                Some(crate::local::Bounds { entries: Some(MEMORY_ONLY_CAPACITY), bytes: None })
+            }
+            crate::local::Bounds { entries: None, bytes: None } => None,
+            bounds => Some(bounds),
+        }
     }
 
     /// With `rediss://`: trust the server certificates this CA (PEM) signed,

@@ -217,6 +217,13 @@ fn namespace_head(app: &str, namespace: &str, extra: usize) -> String {
     key
 }
 
+/// The namespace every entry belongs to, after its prefix and tags:
+/// [`Cache::clear`](crate::Cache::clear) invalidates it, one version for
+/// the whole cache. `#` is refused in user namespaces, so no prefix or tag
+/// can be it, and `redis-cli --scan` still finds its version key under the
+/// key prefix: `<key_prefix>:#all:{#all}#v`.
+pub(crate) const CACHE_WIDE: &str = "#all";
+
 /// A namespace name must keep keys unambiguous and easy to type in
 /// `redis-cli`; `#[cached]` checks the same rules at compile time.
 pub(crate) fn check_namespace(name: &str) -> Result<(), String> {

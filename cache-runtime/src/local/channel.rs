@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn messages_from_others_are_applied_and_our_own_skipped() {
-        let tier = LocalTier::new(10, false);
+        let tier = LocalTier::new(crate::local::Bounds::entries(10), false);
         let _site = tier.site(["products"].into_iter());
         let (ours, theirs) = (Channel::new("app"), Channel::new("app"));
         assert_eq!(ours.name, "app:invalidations");

@@ -20,10 +20,10 @@
 pub(crate) mod channel;
 
 use crate::codec::{Codec, EntryTimes};
-use crate::keys::KeyHash;
+use crate::keys::{CACHE_WIDE, KeyHash};
 use moka::notification::RemovalCause;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -116,6 +116,9 @@ pub(crate) struct LocalTier {
     /// with one is dropped.
     forgets: Box<[AtomicU64]>,
     evictions: Arc<AtomicU64>,
+    /// What the entries held weigh ([`weight`]): added on insert,
+    /// taken off as moka removes them, whatever the cause.
+    bytes: Arc<AtomicI64>,
     /// No Redis behind it: this tier is the whole cache, and keeps stale
     /// copies for `stale_if_error` itself.
     whole_cache: bool,
@@ -148,23 +151,68 @@ impl moka::Expiry<KeyHash, Arc<LocalEntry>> for KeepFor {
     }
 }
 
+/// What an entry costs besides its payload: the entry itself, its key,
+/// the `Arc`s' counts and moka's node for it (about 100 bytes, from
+/// moka's source). A budget in bytes counts this too, so a tier of tiny
+/// values cannot hold millions of entries within a small budget.
+pub(crate) const ENTRY_OVERHEAD: usize = std::mem::size_of::<LocalEntry>() + std::mem::size_of::<KeyHash>() + 32 + 100;
+
+/// What an entry weighs against a budget in bytes.
+fn weight(entry: &LocalEntry) -> u64 {
+    (entry.payload.len() + ENTRY_OVERHEAD) as u64
+}
+
+/// How the tier is bounded: in entries, in bytes, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    pub entries: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+impl Bounds {
+    /// At most `capacity` entries; for tests.
+    #[cfg(test)]
+    pub(crate) fn entries(capacity: u64) -> Self {
+        Bounds { entries: Some(capacity), bytes: None }
+    }
+}
+
 impl LocalTier {
-    /// A tier of at most `capacity` entries. `needs_channel`: it sits in
-    /// front of Redis and trusts nothing until the channel is live.
-    pub(crate) fn new(capacity: u64, needs_channel: bool) -> Self {
+    /// A tier within `bounds` (at least one of them is set).
+    /// `needs_channel`: it sits in front of Redis and trusts nothing until
+    /// the channel is live.
+    pub(crate) fn new(bounds: Bounds, needs_channel: bool) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
-        let counter = evictions.clone();
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(capacity)
+        let bytes = Arc::new(AtomicI64::new(0));
+        let (counter, removed) = (evictions.clone(), bytes.clone());
+        let builder = moka::sync::Cache::builder()
             .expire_after(KeepFor)
-            .eviction_listener(move |_, _, cause| {
+            .eviction_listener(move |_, entry: Arc<LocalEntry>, cause| {
+                removed.fetch_sub(weight(&entry) as i64, Relaxed);
                 if cause == RemovalCause::Size {
                     counter.fetch_add(1, Relaxed);
                 }
-            })
-            .build();
+            });
+        let entries = match bounds {
+            Bounds { entries: Some(capacity), bytes: None } => builder.max_capacity(capacity).build(),
+            // With both bounds, an entry weighs at least its share of the
+            // budget, `bytes / entries`: weights within the budget then
+            // mean both at most `entries` entries and at most `bytes`
+            // bytes. moka has one capacity, and this keeps both.
+            Bounds { entries, bytes: budget } => {
+                let budget = budget.unwrap_or(u64::MAX);
+                let least = entries.map_or(0, |entries| budget.div_ceil(entries.max(1)));
+                builder
+                    .max_capacity(budget)
+                    .weigher(move |_, entry: &Arc<LocalEntry>| {
+                        u32::try_from(weight(entry).max(least)).unwrap_or(u32::MAX)
+                    })
+                    .build()
+            }
+        };
         Self {
             entries,
+            bytes,
             epochs: RwLock::new(Epochs { sweep_at: MAX_IDLE_EPOCHS, ..Epochs::default() }),
             generation: AtomicU64::new(u64::from(needs_channel)),
             forgets: (0..FORGET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
@@ -181,6 +229,14 @@ impl LocalTier {
     /// Entries dropped to stay within capacity.
     pub(crate) fn evictions(&self) -> u64 {
         self.evictions.load(Relaxed)
+    }
+
+    /// Entries held, and what they weigh ([`ENTRY_OVERHEAD`] included),
+    /// after applying what moka had pending (it applies inserts and
+    /// evictions in batches): for a snapshot, not for the hit path.
+    pub(crate) fn size(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks();
+        (self.entries.entry_count(), u64::try_from(self.bytes.load(Relaxed)).unwrap_or(0))
     }
 
     /// The epoch of `namespace`, made if there is none.
@@ -267,6 +323,9 @@ impl LocalTier {
             return false;
         }
         let entry = LocalEntry { payload, codec, times, keep_for, mark: capture.mark, forgets: capture.forgets };
+        // Before the insert: its removal (a replacement, an eviction) may
+        // be applied at once, and the count must not go below zero.
+        self.bytes.fetch_add(weight(&entry) as i64, Relaxed);
         self.entries.insert(hash, Arc::new(entry));
         // A forget applied between the check and the insert would not have
         // seen this entry.
@@ -306,7 +365,9 @@ impl LocalTier {
     /// Makes every entry of `namespace` untrusted; returns the new epoch
     /// (increasing for each namespace: a memory-only cache's version).
     pub(crate) fn invalidate(&self, namespace: &str) -> u64 {
-        self.epoch(namespace).fetch_add(1, Relaxed).wrapping_add(1)
+        let epoch = self.epoch(namespace).fetch_add(1, Relaxed).wrapping_add(1);
+        self.drop_all_if_cleared(namespace);
+        epoch
     }
 
     /// Another process invalidated `namespace`: only an epoch that exists
@@ -314,6 +375,16 @@ impl LocalTier {
     pub(crate) fn invalidate_known(&self, namespace: &str) {
         if let Some(epoch) = self.known_epoch(namespace) {
             epoch.fetch_add(1, Relaxed);
+        }
+        self.drop_all_if_cleared(namespace);
+    }
+
+    /// After a clear (the cache-wide namespace's epoch moved, so nothing
+    /// here is trusted any more), gives the memory back too. moka drops
+    /// the entries lazily; no lock is held meanwhile.
+    fn drop_all_if_cleared(&self, namespace: &str) {
+        if namespace == CACHE_WIDE {
+            self.entries.invalidate_all();
         }
     }
 
@@ -364,7 +435,7 @@ mod tests {
 
     #[test]
     fn an_invalidation_after_the_capture_keeps_the_fill_out() {
-        let tier = LocalTier::new(100, false);
+        let tier = LocalTier::new(Bounds::entries(100), false);
         let site = tier.site(["products", "catalog"].into_iter());
         let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
@@ -385,7 +456,7 @@ mod tests {
 
     #[test]
     fn a_forget_racing_a_fill_wins() {
-        let tier = LocalTier::new(100, false);
+        let tier = LocalTier::new(Bounds::entries(100), false);
         let site = tier.site(["p"].into_iter());
         let capture = tier.capture(&site, &hash(1));
         tier.forget(&hash(1));
@@ -395,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_forget_drops_only_fills_of_its_own_stripe() {
-        let tier = LocalTier::new(100, false);
+        let tier = LocalTier::new(Bounds::entries(100), false);
         let site = tier.site(["p"].into_iter());
         let (forgotten, other) = (hash(1), (2..=255u8).map(hash).find(|h| stripe(h) != stripe(&hash(1))).unwrap());
         let capture = tier.capture(&site, &other);
@@ -406,7 +477,7 @@ mod tests {
 
     #[test]
     fn nothing_is_trusted_while_the_channel_is_down() {
-        let tier = LocalTier::new(100, true);
+        let tier = LocalTier::new(Bounds::entries(100), true);
         let site = tier.site(["p"].into_iter());
         let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), LONG);
@@ -425,7 +496,7 @@ mod tests {
 
     #[test]
     fn capacity_is_enforced_and_evictions_counted() {
-        let tier = LocalTier::new(10, false);
+        let tier = LocalTier::new(Bounds::entries(10), false);
         let site = tier.site(["p"].into_iter());
         for n in 0..50 {
             let capture = tier.capture(&site, &hash(n));
@@ -435,9 +506,51 @@ mod tests {
         assert!(tier.evictions() >= 40, "{}", tier.evictions());
     }
 
+    fn sized(len: usize) -> (Arc<Vec<u8>>, Codec, EntryTimes) {
+        (Arc::new(vec![7; len]), Codec::Bincode, EntryTimes { stored_ms: 1, fresh_until_ms: u64::MAX })
+    }
+
+    fn fill(tier: &LocalTier, sizes: impl Iterator<Item = usize>) {
+        let site = tier.site(["p"].into_iter());
+        let mut hasher = crate::keys::KeyHasher::new("bytes", 1);
+        for (n, len) in sizes.enumerate() {
+            let hash = hasher.part(&n.to_le_bytes()).finish();
+            let capture = tier.capture(&site, &hash);
+            tier.insert(hash, &site, capture, sized(len), LONG);
+        }
+    }
+
+    #[test]
+    fn a_byte_budget_holds_whatever_the_sizes() {
+        let budget = 64 << 10;
+        let tier = LocalTier::new(Bounds { entries: None, bytes: Some(budget) }, false);
+        // 1 byte to 16 KiB, and one larger than the whole budget.
+        fill(&tier, (0..2000).map(|n| (n * 7919) % (16 << 10) + 1).chain([budget as usize * 2]));
+        let (entries, bytes) = tier.size();
+        assert!(bytes <= budget, "{bytes} bytes in {entries} entries over a budget of {budget}");
+        assert!(bytes > budget / 2, "the budget is used: {bytes}");
+        assert!(tier.evictions() > 1000, "{}", tier.evictions());
+        tier.invalidate(CACHE_WIDE);
+        assert_eq!(tier.size(), (0, 0), "a clear gives everything back, bytes counted down to zero");
+    }
+
+    #[test]
+    fn with_both_bounds_both_hold() {
+        let (capacity, budget) = (10, 100 << 10);
+        let tier = LocalTier::new(Bounds { entries: Some(capacity), bytes: Some(budget) }, false);
+        fill(&tier, std::iter::repeat_n(10, 100));
+        assert!(tier.size().0 <= capacity, "small entries: the count binds, {:?}", tier.size());
+        fill(&tier, std::iter::repeat_n(40 << 10, 100));
+        let (entries, bytes) = tier.size();
+        assert!(bytes <= budget && entries <= 2, "large entries: the bytes bind, {entries} entries {bytes} bytes");
+        let counted = LocalTier::new(Bounds::entries(1000), false);
+        fill(&counted, [100, 200].into_iter());
+        assert_eq!(counted.size(), (2, 300 + 2 * ENTRY_OVERHEAD as u64), "bytes are counted without a budget too");
+    }
+
     #[test]
     fn entries_expire_after_their_keep_time() {
-        let tier = LocalTier::new(10, false);
+        let tier = LocalTier::new(Bounds::entries(10), false);
         let site = tier.site(["p"].into_iter());
         let capture = tier.capture(&site, &hash(1));
         tier.insert(hash(1), &site, capture, parts(1), Duration::from_millis(30));
@@ -448,7 +561,7 @@ mod tests {
 
     #[test]
     fn epochs_stay_bounded_whatever_is_invalidated() {
-        let tier = LocalTier::new(100, false);
+        let tier = LocalTier::new(Bounds::entries(100), false);
         let held = tier.site(["products"].into_iter());
         for n in 0..3 * MAX_IDLE_EPOCHS {
             tier.invalidate_known(&format!("theirs-{n}"));
@@ -463,7 +576,7 @@ mod tests {
 
     #[test]
     fn an_epoch_made_again_never_trusts_what_its_old_one_marked() {
-        let tier = LocalTier::new(100, false);
+        let tier = LocalTier::new(Bounds::entries(100), false);
         let site = tier.site(["a", "b"].into_iter());
         tier.invalidate("a");
         let capture = tier.capture(&site, &hash(1));
