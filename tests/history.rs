@@ -1,8 +1,8 @@
 //! A seeded, randomized, model-based history test, in the spirit of
 //! Jepsen's Elle: real processes read rows through `#[cached]` functions and
-//! write them through the write paths (`invalidate`, `forget`, `refresh`)
-//! while faults are injected; every operation is recorded, and a checker
-//! over the whole history looks for a stale answer.
+//! write them through the write paths (`invalidate`, `forget`, `refresh`,
+//! `clear`) while faults are injected; every operation is recorded, and a
+//! checker over the whole history looks for a stale answer.
 //!
 //! **The model.** A small key space of rows whose source of truth is a
 //! version number that only grows (`src:<k>` on a *truth* redis-server of
@@ -11,8 +11,8 @@
 //! execution that produced it, so every value served can be traced back to
 //! the computation, process and moment it came from. A write increments the
 //! row, then tells the cache (one or more of `invalidate(prefix)`,
-//! `invalidate(tag)`, `forget(f(k))`, `refresh(f(k))`); each time a telling
-//! returns `Ok`, the writer raises `done:<f>:<k>` (a max) on the truth
+//! `invalidate(tag)`, `forget(f(k))`, `refresh(f(k))`, now and then
+//! `clear()`); each time a telling returns `Ok`, the writer raises `done:<f>:<k>` (a max) on the truth
 //! server for each function it covered.
 //!
 //! **Why the check is sound without a shared clock.** A read first fetches
@@ -63,7 +63,7 @@
 //! - `HISTORY_CHECK_DIR=/tmp/cache-history-…`: checks a round's history
 //!   that a failing run kept (it prints where) again, with its excerpts;
 //! - `HISTORY_TELLS=prefix,tag,refresh`: writes tell the cache only in those
-//!   ways (of `prefix`, `tag`, `forget`, `refresh`), to look at one write
+//!   ways (of `prefix`, `tag`, `forget`, `refresh`, `clear`), to look at one write
 //!   path at a time; a seed replays only with the same list.
 
 mod support;
@@ -430,6 +430,8 @@ enum How {
     Tag,
     Forget(Fun),
     Refresh(Fun),
+    /// `clear()`: every function's entries, every key.
+    Clear,
 }
 
 impl How {
@@ -437,6 +439,7 @@ impl How {
         match self {
             How::Prefix(f) | How::Forget(f) | How::Refresh(f) => vec![f],
             How::Tag => Fun::ALL.into_iter().filter(|f| f.in_tag()).collect(),
+            How::Clear => Fun::ALL.to_vec(),
         }
     }
 
@@ -444,6 +447,7 @@ impl How {
         match self {
             How::Prefix(f) => format!("invalidate(\"{}\")", f.prefix()),
             How::Tag => format!("invalidate(\"{TAG}\")"),
+            How::Clear => "clear()".to_owned(),
             How::Forget(f) => format!("forget({}(k))", f.prefix()),
             How::Refresh(f) => format!("refresh({}(k))", f.prefix()),
         }
@@ -453,6 +457,7 @@ impl How {
         match self {
             How::Prefix(_) => "invalidate(prefix)",
             How::Tag => "invalidate(tag)",
+            How::Clear => "clear",
             How::Forget(_) => "forget",
             How::Refresh(_) => "refresh",
         }
@@ -700,7 +705,10 @@ impl Op {
                 return how;
             }
         };
-        let tells = if rng.random_bool(0.3) {
+        let tells = if rng.random_bool(0.02) && allowed.contains(&How::Clear.kind()) {
+            // The whole cache at once: rarer still.
+            vec![How::Clear]
+        } else if rng.random_bool(0.3) {
             // Tell every function, as a careful write path would.
             let mut tells = Vec::new();
             let by_tag = rng.random_bool(0.1) && allowed.contains(&How::Tag.kind());
@@ -726,18 +734,19 @@ impl Op {
 }
 
 /// The kinds of telling writes use: all, or those `HISTORY_TELLS` lists
-/// (comma-separated: `prefix`, `tag`, `forget`, `refresh`), to look at one
+/// (comma-separated: `prefix`, `tag`, `forget`, `refresh`, `clear`), to look at one
 /// write path at a time. A seed replays the same schedule only with the
 /// same list.
 fn allowed_tells() -> &'static [&'static str] {
     static ALLOWED: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
     ALLOWED.get_or_init(|| {
-        let all = [How::Prefix(Fun::Plain), How::Tag, How::Forget(Fun::Plain), How::Refresh(Fun::Plain)];
+        let all =
+            [How::Prefix(Fun::Plain), How::Tag, How::Forget(Fun::Plain), How::Refresh(Fun::Plain), How::Clear];
         let Ok(list) = std::env::var("HISTORY_TELLS") else { return all.iter().map(|h| h.kind()).collect() };
         let names: Vec<&str> = list.split(',').map(str::trim).collect();
         let allowed: Vec<&'static str> =
             all.iter().filter(|h| names.iter().any(|n| h.kind().contains(n))).map(|h| h.kind()).collect();
-        let individual = allowed.iter().any(|k| *k != How::Tag.kind());
+        let individual = allowed.iter().any(|k| *k != How::Tag.kind() && *k != How::Clear.kind());
         assert!(individual, "HISTORY_TELLS={list}: name at least one of prefix, forget, refresh");
         allowed
     })
@@ -785,6 +794,13 @@ async fn write(ctx: Ctx, task: u32, key: u32, hows: Vec<How>) {
         let ok = match how {
             How::Prefix(f) => invalidate(&ctx, f.prefix()).await,
             How::Tag => invalidate(&ctx, TAG).await,
+            How::Clear => {
+                if ctx.env.global {
+                    cache_runtime::clear().await.is_ok()
+                } else {
+                    ctx.cache.clear().await.is_ok()
+                }
+            }
             How::Forget(f) => on_fun!(f, ctx.clone(), key, |call| cache_runtime::forget(call).await.is_ok()),
             // Told only when the new value (or, for a failed body, the
             // forget that replaces it) reached the cache.

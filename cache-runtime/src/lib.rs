@@ -61,6 +61,7 @@ mod builder;
 mod cache;
 mod policy;
 mod programmatic;
+mod purge;
 mod site;
 // Keys, values and the local tier.
 mod bounded;
@@ -96,6 +97,7 @@ pub use keys::canonical::Unencodable;
 #[cfg(feature = "tower")]
 pub use layer::{CacheBody, CacheLayer, CacheService, Credentials};
 pub use policy::Policy;
+pub use purge::{Purge, PurgeRate};
 pub use scope::{forget, refresh, try_refresh};
 pub use stats::{Counts, InFlight, Stats, TierSize};
 

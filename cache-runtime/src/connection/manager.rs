@@ -208,6 +208,26 @@ impl Conn {
         }
     }
 
+    /// `cmd` on one node of a cluster, by address (`SCAN` walks one
+    /// node's keys); on a single server, or with no node, as `query`.
+    pub(crate) async fn query_on<T: FromRedisValue>(
+        self,
+        node: Option<&(String, u16)>,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        match (self.conn, node) {
+            #[cfg(feature = "cluster")]
+            (Handle::Cluster(mut conn), Some((host, port))) => {
+                let route = redis::cluster_routing::RoutingInfo::SingleNode(
+                    redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port },
+                );
+                let value = conn.route_command(cmd.clone(), route).await?;
+                Ok(T::from_redis_value(cap_reply(value, self.max_reply_string))?)
+            }
+            (conn, _) => Conn { conn, ..self }.query(cmd).await,
+        }
+    }
+
     pub(crate) async fn invoke<T: FromRedisValue>(
         self,
         invocation: &redis::ScriptInvocation<'_>,

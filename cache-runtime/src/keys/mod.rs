@@ -224,6 +224,34 @@ fn namespace_head(app: &str, namespace: &str, extra: usize) -> String {
 /// key prefix: `<key_prefix>:#all:{#all}#v`.
 pub(crate) const CACHE_WIDE: &str = "#all";
 
+/// The namespace of `key` if it is an entry's key of this `key_prefix`
+/// (`<key_prefix>:<ns>:{<ns>}<hash>`); `None` for any other key: a
+/// version, a lock, another cache's key (`app2:…`, or `app:x:…` of a cache
+/// whose key prefix is `app:x`), or anything else. For purging, which must
+/// never touch what is not ours.
+pub(crate) fn entry_namespace<'k>(key_prefix: &str, key: &'k str) -> Option<&'k str> {
+    let rest = key.strip_prefix(key_prefix)?.strip_prefix(':')?;
+    let open = rest.find('{')?;
+    let namespace = rest[..open].strip_suffix(':')?;
+    let hash = rest[open + 1..].strip_prefix(namespace)?.strip_prefix('}')?;
+    let is_hash = !hash.is_empty() && hash.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (is_hash && check_namespace(namespace).is_ok()).then_some(namespace)
+}
+
+/// A `SCAN MATCH` pattern for every key of `key_prefix`: glob characters
+/// in the prefix are escaped, so `app*` matches only `app*:…`.
+pub(crate) fn scan_pattern(key_prefix: &str) -> String {
+    let mut pattern = String::with_capacity(key_prefix.len() + 2);
+    for c in key_prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push_str(":*");
+    pattern
+}
+
 /// A namespace name must keep keys unambiguous and easy to type in
 /// `redis-cli`; `#[cached]` checks the same rules at compile time.
 pub(crate) fn check_namespace(name: &str) -> Result<(), String> {
@@ -283,6 +311,31 @@ mod tests {
             assert_eq!(hash_tag(key), hash_tag(keys.entry()));
         }
         assert_eq!(hash_tag(keys.entry()), "products");
+    }
+
+    #[test]
+    fn only_our_entry_keys_are_recognised() {
+        let entry = entry_key("app", "products", key("f", 1, &[]));
+        assert_eq!(entry_namespace("app", &entry), Some("products"));
+        let tagged = entry_key("app", "a:b", key("f", 1, &[]));
+        assert_eq!(entry_namespace("app", &tagged), Some("a:b"));
+        for other in [
+            format!("{entry}#lock"),
+            version_key("app", "products"),
+            version_key("app", CACHE_WIDE),
+            entry_key("app2", "products", key("f", 1, &[])),
+            entry_key("app:x", "products", key("f", 1, &[])),
+            "app:invalidations".to_owned(),
+            "app:products:{other}0123".to_owned(),
+            "app:products:{products}".to_owned(),
+            "app:products:{products}ab cd".to_owned(),
+            "application:products:{products}00".to_owned(),
+        ] {
+            assert_eq!(entry_namespace("app", &other), None, "{other}");
+        }
+        assert_eq!(entry_namespace("app:x", &entry_key("app:x", "p", key("f", 1, &[]))), Some("p"));
+        assert_eq!(scan_pattern("app"), "app:*");
+        assert_eq!(scan_pattern("a*p?[x]"), "a\\*p\\?\\[x\\]:*");
     }
 
     #[test]

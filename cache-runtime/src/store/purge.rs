@@ -1,0 +1,162 @@
+//! Redis's side of `Cache::purge`: which nodes hold keys, one `SCAN` step
+//! on one of them, and the script that deletes the entries of one
+//! namespace that no reader can be served any more.
+//!
+//! Only entries bound to a version that is no longer current are deleted:
+//! after `Cache::clear` that is every entry. A live entry is never
+//! deleted: a computation that observed the key empty before a
+//! write-through stored there could then store its older value over the
+//! gap. A dead entry is safe to delete: any computation that may still
+//! store observed the current versions, and so observed the dead entry
+//! itself (its store then expects that entry, and is refused). Version
+//! keys, locks and tombstones are never deleted: a version key deleted and
+//! seeded again, a lock taken twice, a forgotten value stored again.
+
+use super::Redis;
+use crate::error::Fault;
+use crate::keys::{CACHE_WIDE, version_key};
+use std::sync::LazyLock;
+
+/// A node to scan: a cluster master's address, or `None` for the server.
+pub(crate) type Node = Option<(String, u16)>;
+
+impl Redis {
+    /// Every node that holds keys: each master of a cluster, or the server.
+    pub(crate) async fn nodes_to_scan(&self) -> Result<Vec<Node>, Fault> {
+        if !self.connections.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let mut slots = redis::cmd("CLUSTER");
+        slots.arg("SLOTS");
+        let reply = self.connections.run(|conn| conn.query::<redis::Value>(&slots)).await?;
+        let masters = masters(&reply);
+        if masters.is_empty() {
+            return Err(Fault::Server("CLUSTER SLOTS named no master".to_owned()));
+        }
+        Ok(masters.into_iter().map(Some).collect())
+    }
+
+    /// One `SCAN` step on `node`: the next cursor (0 when done) and the
+    /// keys matching `pattern`. `count` bounds the work of the step.
+    pub(crate) async fn scan(
+        &self,
+        node: &Node,
+        cursor: u64,
+        pattern: &str,
+        count: u32,
+    ) -> Result<(u64, Vec<String>), Fault> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count);
+        let (next, keys) =
+            self.connections.run(|conn| conn.query_on::<(u64, Vec<Vec<u8>>)>(node.as_ref(), &scan)).await?;
+        // A key that is not UTF-8 is not one of ours.
+        Ok((next, keys.into_iter().filter_map(|key| String::from_utf8(key).ok()).collect()))
+    }
+
+    /// Deletes (`UNLINK`) those of `entries`, keys of `namespace`'s
+    /// entries, that are bound to a version no longer current; returns how
+    /// many. On a cluster the cache-wide version lives in another slot: it
+    /// is read first and passed in, and only entries bound to an older one
+    /// (versions grow) are deleted, so that a clear during the batch does
+    /// not make entries stored after it look dead.
+    pub(crate) async fn delete_dead(&self, key_prefix: &str, namespace: &str, entries: &[String]) -> Result<u64, Fault> {
+        let prefix_version = version_key(key_prefix, namespace);
+        let cache_wide = version_key(key_prefix, CACHE_WIDE);
+        let mut invocation = PURGE.prepare_invoke();
+        invocation.key(&prefix_version);
+        if self.connections.is_cluster() {
+            let mut get = redis::cmd("GET");
+            get.arg(&cache_wide);
+            let pinned = self.connections.run(|conn| conn.query::<Option<String>>(&get)).await?;
+            invocation.arg(1).arg(pinned.unwrap_or_default());
+        } else {
+            invocation.key(&cache_wide).arg(2).arg("");
+        }
+        invocation.key(entries);
+        self.connections.run(|conn| conn.invoke::<u64>(&invocation)).await
+    }
+}
+
+/// KEYS: the namespace's version key, the cache-wide version key (not on
+/// a cluster), then entries. ARGV: how many version keys come first (1 or
+/// 2), the cache-wide version read by the caller ('' for none; on a
+/// cluster). Reads only the head of each value: a header is short, a value
+/// may not be. Deletes an entry whose first version (its prefix's) is not
+/// the current one, or whose last (the cache-wide one) is not current
+/// (read here) or is older than the one passed in. Anything that does not
+/// parse as an entry (a tombstone, another program's value) is kept.
+/// Versions are below 2^53 (see `fresh_seed`), so Lua compares them
+/// exactly as numbers. Returns the count deleted.
+static PURGE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local reads, pinned = tonumber(ARGV[1]), tonumber(ARGV[2])
+local prefix_version = redis.call('GET', KEYS[1])
+local cache_wide = reads == 2 and redis.call('GET', KEYS[2])
+local deleted = 0
+for i = reads + 1, #KEYS do
+  local head = redis.pcall('GETRANGE', KEYS[i], 0, 1023)
+  local versions = type(head) == 'string' and string.match(head, '^RC%d+|[^|]*|([^|]*)|')
+  if versions then
+    local first, last = string.match(versions, '^[^,]*'), string.match(versions, '[^,]*$')
+    local dead = first ~= prefix_version
+    if reads == 2 then
+      dead = dead or last ~= cache_wide
+    elseif pinned and tonumber(last) then
+      dead = dead or tonumber(last) < pinned
+    end
+    if dead then
+      redis.call('UNLINK', KEYS[i])
+      deleted = deleted + 1
+    end
+  end
+end
+return deleted
+",
+    )
+});
+
+/// The masters' addresses in a `CLUSTER SLOTS` reply: each range is
+/// `[start, end, [host, port, id], replicas...]`.
+fn masters(reply: &redis::Value) -> Vec<(String, u16)> {
+    use redis::Value;
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    let Value::Array(ranges) = reply else { return masters };
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let Some(Value::Array(master)) = parts.get(2) else { continue };
+        let host = match master.first() {
+            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+            Some(Value::SimpleString(host)) => host.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else { continue };
+        let Ok(port) = u16::try_from(*port) else { continue };
+        if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+            masters.push((host, port));
+        }
+    }
+    masters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    #[test]
+    fn masters_are_read_from_cluster_slots() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::BulkString(b"id".to_vec())])
+        };
+        let range = |start, end, master, replica| Value::Array(vec![Value::Int(start), Value::Int(end), master, replica]);
+        let reply = Value::Array(vec![
+            range(0, 5000, node("10.0.0.1", 7000), node("10.0.0.4", 7003)),
+            range(5001, 10000, node("10.0.0.2", 7001), node("10.0.0.5", 7004)),
+            range(10001, 16383, node("10.0.0.1", 7000), node("10.0.0.6", 7005)),
+            Value::Nil,
+        ]);
+        assert_eq!(masters(&reply), [("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]);
+        assert!(masters(&Value::Nil).is_empty());
+    }
+}
