@@ -316,6 +316,32 @@ fn a_successful_write_invalidates_the_path_and_its_location() {
 }
 
 #[test]
+fn clearing_the_cache_clears_the_layers_pages() {
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let (items, item) = (Calls::default(), Calls::default());
+        let cache = cache(&redis);
+        let app = App::serve(
+            Router::new()
+                .route("/items", counting(&items, 200, &[]))
+                .route("/items/7", counting(&item, 200, &[]))
+                .route_layer(layer(&cache)),
+        )
+        .await;
+        for path in ["/items", "/items/7"] {
+            assert_eq!(app.get(path, &[]).await.x_cache(), "miss");
+            assert_eq!(app.get(path, &[]).await.x_cache(), "hit");
+        }
+        cache.clear().await.expect("clear");
+        for path in ["/items", "/items/7"] {
+            let page = app.get(path, &[]).await;
+            assert_eq!((page.x_cache(), page.body.as_str()), ("miss", "call 2"), "{path} after the clear");
+        }
+        assert_eq!(app.get("/items", &[]).await.x_cache(), "hit");
+    });
+}
+
+#[test]
 fn stale_entries_are_revalidated_and_updated_from_a_304() {
     let redis = RedisServer::start();
     run(DEADLINE, async {
