@@ -740,8 +740,7 @@ impl Op {
 fn allowed_tells() -> &'static [&'static str] {
     static ALLOWED: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
     ALLOWED.get_or_init(|| {
-        let all =
-            [How::Prefix(Fun::Plain), How::Tag, How::Forget(Fun::Plain), How::Refresh(Fun::Plain), How::Clear];
+        let all = [How::Prefix(Fun::Plain), How::Tag, How::Forget(Fun::Plain), How::Refresh(Fun::Plain), How::Clear];
         let Ok(list) = std::env::var("HISTORY_TELLS") else { return all.iter().map(|h| h.kind()).collect() };
         let names: Vec<&str> = list.split(',').map(str::trim).collect();
         let allowed: Vec<&'static str> =

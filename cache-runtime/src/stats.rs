@@ -267,8 +267,7 @@ impl Registry {
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
-        let mut stats =
-            Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), ..Stats::default() };
+        let mut stats = Stats { total: self.general.snapshot(), prefixes: BTreeMap::new(), ..Stats::default() };
         if let Ok(map) = self.by_prefix.read() {
             for (prefix, counters) in map.iter() {
                 let counts = counters.snapshot();

@@ -116,6 +116,11 @@ impl CacheBuilder {
         {
             return refuse("local_bytes", "from 1 KiB to 1 TiB", &bytes);
         }
+        if let (Some(bytes), Some(capacity)) = (self.local_bytes, self.local_capacity)
+            && bytes.div_ceil(capacity) > u64::from(u32::MAX)
+        {
+            return refuse("local_bytes", "at most 4 GiB per entry of the local capacity", &(bytes, capacity));
+        }
         if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
             return refuse("pool_size", "from 1 to 1024", &self.pool_size);
         }
@@ -274,6 +279,7 @@ mod tests {
             (url().local_bytes(1023), "local_bytes must be from 1 KiB to 1 TiB"),
             (url().local_bytes(u64::MAX), "local_bytes must be from 1 KiB to 1 TiB"),
             (CacheBuilder::default().local_bytes(2 << 40), "local_bytes must be"),
+            (url().local(1).local_bytes(8 << 30), "local_bytes must be at most 4 GiB per entry of the local capacity"),
         ];
         for (builder, needle) in cases {
             let shown = format!("{builder:?}");

@@ -17,11 +17,13 @@
 //! an invalidation message for a namespace without an epoch is ignored:
 //! nothing trusted depends on it.
 
+mod bounds;
 pub(crate) mod channel;
+
+pub(crate) use bounds::Bounds;
 
 use crate::codec::{Codec, EntryTimes};
 use crate::keys::{CACHE_WIDE, KeyHash};
-use moka::notification::RemovalCause;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
@@ -116,7 +118,7 @@ pub(crate) struct LocalTier {
     /// with one is dropped.
     forgets: Box<[AtomicU64]>,
     evictions: Arc<AtomicU64>,
-    /// What the entries held weigh ([`weight`]): added on insert,
+    /// What the entries held weigh (`bounds::weight`): added on insert,
     /// taken off as moka removes them, whatever the cause.
     bytes: Arc<AtomicI64>,
     /// No Redis behind it: this tier is the whole cache, and keeps stale
@@ -151,32 +153,6 @@ impl moka::Expiry<KeyHash, Arc<LocalEntry>> for KeepFor {
     }
 }
 
-/// What an entry costs besides its payload: the entry itself, its key,
-/// the `Arc`s' counts and moka's node for it (about 100 bytes, from
-/// moka's source). A budget in bytes counts this too, so a tier of tiny
-/// values cannot hold millions of entries within a small budget.
-pub(crate) const ENTRY_OVERHEAD: usize = std::mem::size_of::<LocalEntry>() + std::mem::size_of::<KeyHash>() + 32 + 100;
-
-/// What an entry weighs against a budget in bytes.
-fn weight(entry: &LocalEntry) -> u64 {
-    (entry.payload.len() + ENTRY_OVERHEAD) as u64
-}
-
-/// How the tier is bounded: in entries, in bytes, or both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Bounds {
-    pub entries: Option<u64>,
-    pub bytes: Option<u64>,
-}
-
-impl Bounds {
-    /// At most `capacity` entries; for tests.
-    #[cfg(test)]
-    pub(crate) fn entries(capacity: u64) -> Self {
-        Bounds { entries: Some(capacity), bytes: None }
-    }
-}
-
 impl LocalTier {
     /// A tier within `bounds` (at least one of them is set).
     /// `needs_channel`: it sits in front of Redis and trusts nothing until
@@ -184,32 +160,7 @@ impl LocalTier {
     pub(crate) fn new(bounds: Bounds, needs_channel: bool) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicI64::new(0));
-        let (counter, removed) = (evictions.clone(), bytes.clone());
-        let builder = moka::sync::Cache::builder()
-            .expire_after(KeepFor)
-            .eviction_listener(move |_, entry: Arc<LocalEntry>, cause| {
-                removed.fetch_sub(weight(&entry) as i64, Relaxed);
-                if cause == RemovalCause::Size {
-                    counter.fetch_add(1, Relaxed);
-                }
-            });
-        let entries = match bounds {
-            Bounds { entries: Some(capacity), bytes: None } => builder.max_capacity(capacity).build(),
-            // With both bounds, an entry weighs at least its share of the
-            // budget, `bytes / entries`: weights within the budget then
-            // mean both at most `entries` entries and at most `bytes`
-            // bytes. moka has one capacity, and this keeps both.
-            Bounds { entries, bytes: budget } => {
-                let budget = budget.unwrap_or(u64::MAX);
-                let least = entries.map_or(0, |entries| budget.div_ceil(entries.max(1)));
-                builder
-                    .max_capacity(budget)
-                    .weigher(move |_, entry: &Arc<LocalEntry>| {
-                        u32::try_from(weight(entry).max(least)).unwrap_or(u32::MAX)
-                    })
-                    .build()
-            }
-        };
+        let entries = bounds::entries(bounds, evictions.clone(), bytes.clone(), KeepFor);
         Self {
             entries,
             bytes,
@@ -231,7 +182,7 @@ impl LocalTier {
         self.evictions.load(Relaxed)
     }
 
-    /// Entries held, and what they weigh ([`ENTRY_OVERHEAD`] included),
+    /// Entries held, and what they weigh (`bounds::weight`),
     /// after applying what moka had pending (it applies inserts and
     /// evictions in batches): for a snapshot, not for the hit path.
     pub(crate) fn size(&self) -> (u64, u64) {
@@ -325,7 +276,7 @@ impl LocalTier {
         let entry = LocalEntry { payload, codec, times, keep_for, mark: capture.mark, forgets: capture.forgets };
         // Before the insert: its removal (a replacement, an eviction) may
         // be applied at once, and the count must not go below zero.
-        self.bytes.fetch_add(weight(&entry) as i64, Relaxed);
+        self.bytes.fetch_add(bounds::weight(&entry) as i64, Relaxed);
         self.entries.insert(hash, Arc::new(entry));
         // A forget applied between the check and the insert would not have
         // seen this entry.
@@ -504,48 +455,6 @@ mod tests {
         }
         assert!(tier.entry_count() <= 10, "{}", tier.entry_count());
         assert!(tier.evictions() >= 40, "{}", tier.evictions());
-    }
-
-    fn sized(len: usize) -> (Arc<Vec<u8>>, Codec, EntryTimes) {
-        (Arc::new(vec![7; len]), Codec::Bincode, EntryTimes { stored_ms: 1, fresh_until_ms: u64::MAX })
-    }
-
-    fn fill(tier: &LocalTier, sizes: impl Iterator<Item = usize>) {
-        let site = tier.site(["p"].into_iter());
-        let mut hasher = crate::keys::KeyHasher::new("bytes", 1);
-        for (n, len) in sizes.enumerate() {
-            let hash = hasher.part(&n.to_le_bytes()).finish();
-            let capture = tier.capture(&site, &hash);
-            tier.insert(hash, &site, capture, sized(len), LONG);
-        }
-    }
-
-    #[test]
-    fn a_byte_budget_holds_whatever_the_sizes() {
-        let budget = 64 << 10;
-        let tier = LocalTier::new(Bounds { entries: None, bytes: Some(budget) }, false);
-        // 1 byte to 16 KiB, and one larger than the whole budget.
-        fill(&tier, (0..2000).map(|n| (n * 7919) % (16 << 10) + 1).chain([budget as usize * 2]));
-        let (entries, bytes) = tier.size();
-        assert!(bytes <= budget, "{bytes} bytes in {entries} entries over a budget of {budget}");
-        assert!(bytes > budget / 2, "the budget is used: {bytes}");
-        assert!(tier.evictions() > 1000, "{}", tier.evictions());
-        tier.invalidate(CACHE_WIDE);
-        assert_eq!(tier.size(), (0, 0), "a clear gives everything back, bytes counted down to zero");
-    }
-
-    #[test]
-    fn with_both_bounds_both_hold() {
-        let (capacity, budget) = (10, 100 << 10);
-        let tier = LocalTier::new(Bounds { entries: Some(capacity), bytes: Some(budget) }, false);
-        fill(&tier, std::iter::repeat_n(10, 100));
-        assert!(tier.size().0 <= capacity, "small entries: the count binds, {:?}", tier.size());
-        fill(&tier, std::iter::repeat_n(40 << 10, 100));
-        let (entries, bytes) = tier.size();
-        assert!(bytes <= budget && entries <= 2, "large entries: the bytes bind, {entries} entries {bytes} bytes");
-        let counted = LocalTier::new(Bounds::entries(1000), false);
-        fill(&counted, [100, 200].into_iter());
-        assert_eq!(counted.size(), (2, 300 + 2 * ENTRY_OVERHEAD as u64), "bytes are counted without a budget too");
     }
 
     #[test]

@@ -59,7 +59,12 @@ impl Redis {
     /// is read first and passed in, and only entries bound to an older one
     /// (versions grow) are deleted, so that a clear during the batch does
     /// not make entries stored after it look dead.
-    pub(crate) async fn delete_dead(&self, key_prefix: &str, namespace: &str, entries: &[String]) -> Result<u64, Fault> {
+    pub(crate) async fn delete_dead(
+        &self,
+        key_prefix: &str,
+        namespace: &str,
+        entries: &[String],
+    ) -> Result<u64, Fault> {
         let prefix_version = version_key(key_prefix, namespace);
         let cache_wide = version_key(key_prefix, CACHE_WIDE);
         let mut invocation = PURGE.prepare_invoke();
@@ -149,7 +154,8 @@ mod tests {
         let node = |host: &str, port: i64| {
             Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::BulkString(b"id".to_vec())])
         };
-        let range = |start, end, master, replica| Value::Array(vec![Value::Int(start), Value::Int(end), master, replica]);
+        let range =
+            |start, end, master, replica| Value::Array(vec![Value::Int(start), Value::Int(end), master, replica]);
         let reply = Value::Array(vec![
             range(0, 5000, node("10.0.0.1", 7000), node("10.0.0.4", 7003)),
             range(5001, 10000, node("10.0.0.2", 7001), node("10.0.0.5", 7004)),
