@@ -197,6 +197,17 @@ fn purge_is_paced_and_outlives_its_handle(topology: &Topology) {
         let least = Duration::from_millis(3 * 1000 * u64::from(batch) / u64::from(rate));
         assert!(started.elapsed() >= least, "{:?} for 200 keys at {rate}/s", started.elapsed());
         assert!(examined_early < 200, "it was under way, not done, when dropped: {examined_early}");
+
+        fill(&app, &calls, 100).await;
+        app.clear().await.expect("clear");
+        let slow = app.purge(PurgeRate::keys_per_second(100).batch(10)).expect("a runtime");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        slow.abort();
+        assert!(slow.await.is_err(), "an aborted purge says so");
+        let left = ours(topology).len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ours(topology).len(), left, "and deletes nothing more");
+        assert!(left > 150, "{left} of 200 entries left after 50 ms at 100 keys a second");
     });
 }
 

@@ -75,6 +75,8 @@ struct Progress {
 #[must_use = "a purge runs on without its handle; await it to learn whether it finished"]
 pub struct Purge {
     progress: Arc<Progress>,
+    /// The task while it runs; `None` once it has been awaited to its end
+    /// (or for a memory-only cache, which has nothing to purge).
     task: Option<tokio::task::JoinHandle<Result<u64, Error>>>,
 }
 
@@ -104,8 +106,9 @@ impl Purge {
         self.task.as_ref().is_none_or(tokio::task::JoinHandle::is_finished)
     }
 
-    /// Stops the purge after its current step; awaiting it then returns
-    /// an error.
+    /// Stops the purge at its next pause or command (a batch Redis is
+    /// running completes there: each is one atomic script); awaiting it
+    /// then returns an error.
     pub fn abort(&self) {
         if let Some(task) = &self.task {
             task.abort();
@@ -119,11 +122,12 @@ impl Future for Purge {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let deleted = self.deleted();
         let Some(task) = self.task.as_mut() else { return Poll::Ready(Ok(deleted)) };
-        Pin::new(task).poll(cx).map(|joined| {
-            joined.unwrap_or_else(|e| {
-                Err(Error::Connection(format!("the purge stopped after deleting {deleted} entries: {e}")))
-            })
-        })
+        let outcome = std::task::ready!(Pin::new(task).poll(cx));
+        // A join handle must not be polled again once it has answered.
+        self.task = None;
+        Poll::Ready(outcome.unwrap_or_else(|e| {
+            Err(Error::Connection(format!("the purge stopped after deleting {deleted} entries: {e}")))
+        }))
     }
 }
 
