@@ -16,8 +16,6 @@
 //! `GROW_PROC_TASKS` (64), `GROW_COLD_KEYS` (10000), `GROW_COLD_TASKS` (64),
 //! `GROW_ZIPF` the skewed run's exponent (0.99), `GROW_COLD_MAX_MS` (20000).
 
-use std::time::Duration;
-
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -63,10 +61,7 @@ fn main() {
         harness::task_counts()
     );
     runtime.block_on(async {
-        let client = redis::Client::open(url.as_str()).expect("client");
-        // 64 callers of 1 MB values queue for longer than the default 500 ms.
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
-        let raw = client.get_multiplexed_async_connection_with_config(&config).await.expect("raw connection");
+        let raw = harness::raw_connection(&url).await;
         if wants("cold") {
             cold::cold_start(&server).await;
         }

@@ -9,7 +9,9 @@
 //! first ran the body at most 50 times (1,000 calls were too few: at a 1%
 //! miss rate, a window of 1,000 is under 1% by chance half the time).
 
-use crate::harness::{BenchError, Product, bincode_config, cpu_time, redis_cpu_time, setting};
+use crate::harness::{
+    BenchError, Product, bincode_config, builder, cpu_time, raw_connection, redis_cpu_time, report_errors, setting,
+};
 use cache_runtime::{Cache, cached};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use redis::AsyncCommands;
@@ -199,9 +201,8 @@ pub async fn cold_start(server: &crate::support::RedisServer) {
     let keys: u32 = setting("GROW_COLD_KEYS", 10_000);
     let tasks: usize = setting("GROW_COLD_TASKS", 64);
     let s: f64 = setting("GROW_ZIPF", 0.99);
-    let cache = Cache::builder().url(server.url()).key_prefix("grow").build().expect("cache");
-    let raw = redis::Client::open(server.url()).expect("raw client");
-    let mut admin = raw.get_multiplexed_async_connection().await.expect("raw connection");
+    let cache = builder(&server.url()).build().expect("cache");
+    let mut admin = raw_connection(&server.url()).await;
     println!(
         "\nCold start: {tasks} tasks over {keys} cold keys, body = 1 ms tokio sleep; a sliding window of {WINDOW} calls \
          by completion time; a miss = a call that ran the body"
@@ -268,4 +269,5 @@ pub async fn cold_start(server: &crate::support::RedisServer) {
         }
     }
     let _: () = redis::cmd("FLUSHDB").query_async(&mut admin).await.expect("FLUSHDB");
+    report_errors("cold start", &cache);
 }

@@ -4,7 +4,8 @@
 //! a `GET` of nothing then an encode and `SET PX` (a miss).
 
 use crate::harness::{
-    Pair, Product, bincode_config, measure, measure_for, pair, print_pairs, print_pairs_as, run_time, setting, task_counts,
+    Pair, Product, bincode_config, builder, measure, measure_for, pair, print_pairs, print_pairs_as, report_errors, run_time,
+    setting, task_counts,
 };
 use cache_runtime::{Cache, cached};
 use redis::AsyncCommands;
@@ -64,13 +65,7 @@ fn sizes() -> Vec<usize> {
 /// to `GROW_MISS_MB` (128) written per side of a row, then the codec and the bytes
 /// alone, to tell where the time goes.
 pub async fn value_size(url: &str, raw: &MultiplexedConnection) {
-    let cache = Cache::builder()
-        .url(url)
-        .key_prefix("grow")
-        .max_value_bytes(4 << 20)
-        .command_timeout(Duration::from_secs(10))
-        .build()
-        .expect("cache");
+    let cache = builder(url).max_value_bytes(4 << 20).build().expect("cache");
     let memory = Cache::builder().key_prefix("grow_mem").max_value_bytes(4 << 20).build().expect("memory cache");
     let miss_budget: usize = setting::<usize>("GROW_MISS_MB", 128) << 20;
     let (mut hits, mut misses, mut why) = (Vec::new(), Vec::new(), Vec::new());
@@ -130,10 +125,7 @@ pub async fn value_size(url: &str, raw: &MultiplexedConnection) {
         }
         why.push(where_time_goes(&cache, &memory, raw, size, value).await);
     }
-    let errors = cache.stats().total.errors();
-    if errors > 0 {
-        println!("\n(our cache counted {errors} errors in this section: its rows include fallbacks)");
-    }
+    report_errors("value size", &cache);
     print_pairs("Value size, hits (raw: GET + bincode decode of the same bytes)", "value", &hits);
     print_pairs("Value size, misses, body clones the value (raw: GET nil, encode, SET PX)", "value", &misses);
     println!("\nValue size, where a call's time goes (p50 at 1 task; encode, decode and SHA-1 without Redis)");
@@ -293,7 +285,7 @@ async fn tagged(cache: &Cache, tags: usize, id: u32) -> Product {
 /// raw `MGET` of the entry and one version key per namespace (what a
 /// hand-written tagged cache reads).
 pub async fn tags(url: &str, raw: &MultiplexedConnection) {
-    let cache = Cache::builder().url(url).key_prefix("grow").build().expect("cache");
+    let cache = builder(url).build().expect("cache");
     let mut conn = raw.clone();
     let bytes = bincode::serde::encode_to_vec(Product::new(7), bincode_config()).expect("encode");
     for id in 0..HIT_KEYS {
@@ -341,6 +333,7 @@ pub async fn tags(url: &str, raw: &MultiplexedConnection) {
             against_mget.push(Pair { what: format!("{tags} tags"), tasks, ours, raw: mget });
         }
     }
+    report_errors("tags", &cache);
     print_pairs("Tags per entry, hits (raw: GET + decode of the same 75 bytes)", "entry", &against_get);
     print_pairs_as(
         "Tags per entry, hits (raw: MGET of the entry and 1 + tags version keys, + decode)",
@@ -360,7 +353,7 @@ async fn keyed(cache: &Cache, id: u32) -> Product {
 /// strings, and both sides hit the same 1,000 warm keys; a third row reads
 /// the filled keys themselves, spread over all of them (no decode).
 pub async fn keyspace(url: &str, raw: &MultiplexedConnection) {
-    let cache = Cache::builder().url(url).key_prefix("grow").build().expect("cache");
+    let cache = builder(url).build().expect("cache");
     let mut conn = raw.clone();
     let bytes = bincode::serde::encode_to_vec(Product::new(7), bincode_config()).expect("encode");
     for id in 0..HIT_KEYS {
@@ -416,6 +409,7 @@ pub async fn keyspace(url: &str, raw: &MultiplexedConnection) {
             spread.push(Pair { what, tasks, ours: filled_get, raw: raw_hit });
         }
     }
+    report_errors("keys in Redis", &cache);
     print_pairs(
         "Keys in Redis, hits on 1,000 warm keys (raw: GET + decode); filled keys (DBSIZE, with both working sets)",
         "filled (DBSIZE)",

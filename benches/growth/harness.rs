@@ -21,6 +21,29 @@ pub fn task_counts() -> Vec<usize> {
     text.split(',').filter_map(|t| t.trim().parse().ok()).filter(|&t| t > 0).collect()
 }
 
+/// Every cache of this benchmark: the raw client's connections wait up to
+/// 10 s too. (The default 50 ms command timeout is for production: on a
+/// loaded 2-core machine a few calls would time out and, with the breaker
+/// open, answer from the body without Redis, flattering ours.)
+pub fn builder(url: &str) -> cache_runtime::CacheBuilder {
+    cache_runtime::Cache::builder().url(url).key_prefix("grow").command_timeout(Duration::from_secs(10))
+}
+
+/// A raw multiplexed connection with the same 10 s bound.
+pub async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    let client = redis::Client::open(url).expect("redis url");
+    client.get_multiplexed_async_connection_with_config(&config).await.expect("raw connection")
+}
+
+/// Says so when `cache` counted failures: its rows are then not all Redis.
+pub fn report_errors(section: &str, cache: &cache_runtime::Cache) {
+    let counts = cache.stats().total;
+    if counts.errors() > 0 {
+        println!("({section}: our cache counted {} errors, {counts:?})", counts.errors());
+    }
+}
+
 pub fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
