@@ -25,6 +25,8 @@ mod cold;
 mod cost;
 #[path = "growth/harness.rs"]
 mod harness;
+#[path = "growth/keys.rs"]
+mod keys;
 #[path = "growth/procs.rs"]
 mod procs;
 
@@ -69,10 +71,10 @@ fn main() {
             cost::value_size(&url, &raw).await;
         }
         if wants("tags") {
-            cost::tags(&url, &raw).await;
+            keys::tags(&url, &raw).await;
         }
         if wants("keys") {
-            cost::keyspace(&url, &raw).await;
+            keys::keyspace(&url, &raw).await;
         }
         if wants("procs") {
             procs::warm(&url).await;

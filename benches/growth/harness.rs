@@ -1,8 +1,8 @@
 //! What every section of the growth benchmark shares: its settings (read
 //! from the environment), one timed row, and the ratio tables.
 
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A setting from the environment, or its default when unset or unreadable.

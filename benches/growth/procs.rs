@@ -7,7 +7,8 @@
 //! subscription of their own), so each invalidation is fanned out to all.
 
 use crate::harness::{
-    Pair, Product, Row, bincode_config, builder, measure, print_pairs, raw_connection, redis_cpu_time, run_time, setting,
+    Pair, Product, Row, bincode_config, builder, measure, print_pairs, raw_connection, redis_cpu_time, run_time,
+    setting,
 };
 use cache_runtime::{Cache, cached};
 use redis::AsyncCommands;
@@ -79,7 +80,9 @@ pub fn worker(mode: &str) {
                     let mut c = conn.clone();
                     async move {
                         let bytes: Vec<u8> = c.get(format!("raw-proc:{}", n % u64::from(KEYS))).await.expect("GET");
-                        black_box(bincode::serde::decode_from_slice::<Product, _>(&bytes, bincode_config()).expect("x"));
+                        black_box(
+                            bincode::serde::decode_from_slice::<Product, _>(&bytes, bincode_config()).expect("x"),
+                        );
                     }
                 })
                 .await
