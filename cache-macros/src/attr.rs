@@ -9,7 +9,7 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
-const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, cache, version, tags, lock, lock_timeout, local, local_ttl, \
+const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, compress, cache, version, tags, lock, lock_timeout, local, local_ttl, \
                     refresh_ahead, stale_if_error, crate";
 pub(crate) const MAX_JITTER: f64 = 0.5;
 
@@ -22,6 +22,9 @@ pub(crate) struct CachedArgs {
     pub skip: Vec<Ident>,
     pub key: Option<Expr>,
     pub codec: Option<Codec>,
+    /// The algorithm, and where it was named (a `zstd` the runtime was
+    /// built without is an error there).
+    pub compress: Option<(Compress, Span)>,
     pub cache: Option<Expr>,
     pub version: Option<u32>,
     pub tags: Vec<LitStr>,
@@ -45,6 +48,13 @@ pub(crate) struct CachedArgs {
 pub(crate) enum Codec {
     Bincode,
     Json,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Compress {
+    None,
+    Lz4,
+    Zstd,
 }
 
 /// One `name = value` or `name(list)` before validation.
@@ -174,6 +184,21 @@ impl CachedArgs {
                     }
                 })
             }
+            ("compress", RawValue::Assign(expr)) => {
+                let lit = string(&expr, "compress")?;
+                let compress = match lit.value().as_str() {
+                    "none" => Compress::None,
+                    "lz4" => Compress::Lz4,
+                    "zstd" => Compress::Zstd,
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            lit,
+                            format!("unknown compression `{other}`: expected \"lz4\", \"zstd\" or \"none\""),
+                        ));
+                    }
+                };
+                self.compress = Some((compress, lit.span()));
+            }
             ("key", RawValue::Assign(expr)) => self.key = Some(expr),
             ("lock", RawValue::Assign(expr)) => match &expr {
                 Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => self.lock = Some(b.value),
@@ -221,7 +246,7 @@ impl CachedArgs {
                 errors.finish()?;
             }
             (
-                "ttl" | "version" | "jitter" | "prefix" | "codec" | "key" | "cache" | "lock" | "lock_timeout" | "local"
+                "ttl" | "version" | "jitter" | "prefix" | "codec" | "compress" | "key" | "cache" | "lock" | "lock_timeout" | "local"
                 | "local_ttl" | "refresh_ahead" | "stale_if_error" | "crate",
                 _,
             ) => {

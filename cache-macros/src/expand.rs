@@ -6,7 +6,7 @@
 //! its locals use mixed-site hygiene, so nothing in the user's body can see
 //! or shadow them.
 
-use crate::attr::{CachedArgs, Codec, Errors};
+use crate::attr::{CachedArgs, Codec, Compress, Errors};
 use crate::item::CachedFn;
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
@@ -234,6 +234,20 @@ fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> Toke
         Codec::Bincode => quote! { #krate::Codec::Bincode },
         Codec::Json => quote! { #krate::Codec::Json },
     };
+    let compress = match args.compress {
+        None => quote! { ::core::option::Option::None },
+        Some((compress, span)) => {
+            // Spanned on the name: `zstd` without the runtime's feature
+            // `zstd` is an error there.
+            let krate = args.crate_path(span);
+            let variant = match compress {
+                Compress::None => quote_spanned! {span=> None },
+                Compress::Lz4 => quote_spanned! {span=> Lz4 },
+                Compress::Zstd => quote_spanned! {span=> Zstd },
+            };
+            quote_spanned! {span=> ::core::option::Option::Some(#krate::Compression::#variant) }
+        }
+    };
     let (bind_cache, cache_ref) = match &args.cache {
         Some(expr) => (
             {
@@ -301,6 +315,7 @@ fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> Toke
                 ttl: #ttl,
                 jitter: #jitter,
                 codec: #codec,
+                compress: #compress,
                 lock: #lock,
                 lock_timeout: #lock_timeout,
                 local_ttl: #local_ttl,

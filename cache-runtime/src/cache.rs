@@ -3,6 +3,7 @@
 //! one cached call lives in `call/`.
 
 use crate::builder::CacheBuilder;
+use crate::compress::Compression;
 use crate::connection::Connections;
 use crate::error::Error;
 use crate::flight::{Flights, Renewals};
@@ -61,6 +62,8 @@ struct Inner {
     default_ttl: Option<Duration>,
     lock_timeout: Duration,
     max_value_bytes: usize,
+    compression: Compression,
+    compress_threshold: usize,
     /// Tells caches apart in call sites' counter slots.
     id: u64,
     registry: Registry,
@@ -79,6 +82,9 @@ pub(crate) struct Settings {
     pub default_ttl: Option<Duration>,
     pub lock_timeout: Duration,
     pub max_value_bytes: usize,
+    /// How payloads of at least `compress_threshold` bytes are stored.
+    pub compression: Compression,
+    pub compress_threshold: usize,
 }
 
 impl std::fmt::Debug for Cache {
@@ -130,6 +136,8 @@ impl Cache {
                 default_ttl: settings.default_ttl,
                 lock_timeout: settings.lock_timeout,
                 max_value_bytes: settings.max_value_bytes,
+                compression: settings.compression,
+                compress_threshold: settings.compress_threshold,
                 id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 registry: Registry::default(),
                 warnings: Warnings::default(),
@@ -359,5 +367,11 @@ impl Cache {
 
     pub(crate) fn max_value_bytes(&self) -> usize {
         self.inner.max_value_bytes
+    }
+
+    /// How a payload is stored: `plan`'s compression, else the cache's;
+    /// and from how many bytes on.
+    pub(crate) fn compression(&self, plan: Option<Compression>) -> (Compression, usize) {
+        (plan.unwrap_or(self.inner.compression), self.inner.compress_threshold)
     }
 }

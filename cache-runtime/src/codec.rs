@@ -1,14 +1,16 @@
 //! How values are stored: the codec, and the small header that binds an
 //! entry to the namespace versions it was computed under.
 //!
-//! An entry is `RC2|<codec>|<v1>,<v2>,…|<stored>,<fresh until>|<payload>`,
-//! the times in Unix milliseconds. The header is ASCII so a JSON entry stays
+//! An entry is `RC2|<codec>[<packing>]|<v1>,<v2>,…|<stored>,<fresh until>|<payload>`,
+//! the times in Unix milliseconds; `<packing>` is absent for a payload
+//! stored as encoded, else the letter of its compression (`compress.rs`). The header is ASCII so a JSON entry stays
 //! readable with `redis-cli GET`; anything that does not parse (foreign
 //! data, another codec, a truncated value) is a miss. The times let every
 //! process tell a fresh entry from a stale copy kept for `stale_if_error`,
 //! and when refresh-ahead is due.
 
 use crate::bounded::Bounded;
+pub(crate) use crate::compress::Packing;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
@@ -72,9 +74,23 @@ impl Codec {
         }
     }
 
-    /// The header up to and excluding the versions: `RC2|b|`.
-    pub(crate) fn head(self) -> [u8; 6] {
-        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], self.tag(), b'|']
+    /// The header up to and excluding the versions: `RC2|b|`, or with the
+    /// packing's letter, `RC2|bl|`.
+    pub(crate) fn head(self, packing: Packing) -> &'static [u8] {
+        match (self, packing) {
+            (Codec::Bincode, Packing::Raw) => b"RC2|b|",
+            (Codec::Bincode, Packing::Lz4) => b"RC2|bl|",
+            (Codec::Bincode, Packing::Zstd) => b"RC2|bz|",
+            (Codec::Json, Packing::Raw) => b"RC2|j|",
+            (Codec::Json, Packing::Lz4) => b"RC2|jl|",
+            (Codec::Json, Packing::Zstd) => b"RC2|jz|",
+        }
+    }
+
+    /// What every entry of this codec starts with, however it is packed:
+    /// `RC2|b` (the lock script allows one packing letter after it).
+    pub(crate) fn lock_head(self) -> [u8; 5] {
+        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], self.tag()]
     }
 
     pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, CodecError> {
@@ -129,6 +145,12 @@ impl Codec {
 #[derive(Debug, Clone)]
 pub struct CodecError(String);
 
+impl CodecError {
+    pub(crate) fn new(why: String) -> Self {
+        CodecError(why)
+    }
+}
+
 impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -139,6 +161,8 @@ impl fmt::Display for CodecError {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct StoredEntry<'a> {
     pub codec_tag: u8,
+    /// How the payload is packed; `payload` is as stored.
+    pub packing: Packing,
     pub versions: &'a [u8],
     pub times: EntryTimes,
     pub payload: &'a [u8],
@@ -179,13 +203,16 @@ impl<'a> StoredEntry<'a> {
     pub(crate) fn parse(bytes: &'a [u8]) -> Option<Self> {
         let rest = bytes.strip_prefix(MAGIC)?;
         let (&codec_tag, rest) = rest.split_first()?;
-        let rest = rest.strip_prefix(b"|")?;
+        let (packing, rest) = match rest.split_first()? {
+            (b'|', rest) => (Packing::Raw, rest),
+            (&letter, rest) => (Packing::from_letter(letter)?, rest.strip_prefix(b"|")?),
+        };
         let end = rest.iter().position(|&b| b == b'|')?;
         let (versions, rest) = (&rest[..end], &rest[end + 1..]);
         let end = rest.iter().position(|&b| b == b'|')?;
         let (stored, fresh_until) = rest[..end].split_at(rest[..end].iter().position(|&b| b == b',')?);
         let times = EntryTimes { stored_ms: parse_ms(stored)?, fresh_until_ms: parse_ms(&fresh_until[1..])? };
-        Some(Self { codec_tag, versions, times, payload: &rest[end + 1..] })
+        Some(Self { codec_tag, packing, versions, times, payload: &rest[end + 1..] })
     }
 
     pub(crate) fn is_codec(&self, codec: Codec) -> bool {
@@ -221,6 +248,19 @@ mod tests {
         assert!(!e.is_bound_to([Some(&b"13"[..]), Some(&b"7"[..])]));
         assert!(!e.is_bound_to([Some(&b"12"[..])]));
         assert!(!e.is_bound_to([Some(&b"12"[..]), None]));
+        let e = StoredEntry::parse(b"RC2|bl|12|1000,2000|xyz").unwrap();
+        assert!(e.is_codec(Codec::Bincode) && e.packing == Packing::Lz4 && e.payload == b"xyz");
+        assert_eq!(StoredEntry::parse(b"RC2|bz|12|1000,2000|xyz").unwrap().packing, Packing::Zstd);
+        assert_eq!(StoredEntry::parse(b"RC2|b|12|1000,2000|xyz").unwrap().packing, Packing::Raw);
+        // An unknown packing letter, or more than one, is not an entry.
+        assert_eq!(StoredEntry::parse(b"RC2|bq|12|1000,2000|xyz"), None);
+        assert_eq!(StoredEntry::parse(b"RC2|blz|12|1000,2000|xyz"), None);
+        for packing in [Packing::Raw, Packing::Lz4, Packing::Zstd] {
+            let head = Codec::Json.head(packing);
+            assert!(head.starts_with(&Codec::Json.lock_head()));
+            let entry = [head, b"1|1,2|{}"].concat();
+            assert_eq!(StoredEntry::parse(&entry).map(|e| e.packing), Some(packing));
+        }
         assert_eq!(StoredEntry::parse(b"garbage"), None);
         assert_eq!(StoredEntry::parse(b"RC2|b"), None);
         for bad in [&b"RC1|j|12|{}"[..], b"RC2|j|12|{}", b"RC2|j|12|1,|{}", b"RC2|j|12|x,2|{}", b"RC2|j|12|1000|{}"] {

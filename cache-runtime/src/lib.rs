@@ -66,6 +66,7 @@ mod site;
 // Keys, values and the local tier.
 mod bounded;
 mod codec;
+mod compress;
 mod keys;
 mod local;
 // Connections and what guards them.
@@ -92,6 +93,7 @@ pub mod __private {
 pub use builder::CacheBuilder;
 pub use cache::Cache;
 pub use codec::Codec;
+pub use compress::Compression;
 pub use error::Error;
 pub use keys::canonical::Unencodable;
 #[cfg(feature = "tower")]

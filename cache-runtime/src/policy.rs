@@ -3,6 +3,7 @@
 //! `#[cached]` emits directly as a `static`.
 
 use crate::codec::Codec;
+use crate::compress::Compression;
 use crate::site::SiteCell;
 use std::borrow::Cow;
 use std::time::Duration;
@@ -18,6 +19,9 @@ pub struct Plan<'a> {
     pub ttl: Option<Duration>,
     pub jitter: f64,
     pub codec: Codec,
+    /// How payloads over the cache's threshold are compressed in Redis;
+    /// `None`: the cache's choice.
+    pub compress: Option<Compression>,
     /// Stampede protection: one computation per key at a time.
     pub lock: bool,
     /// How long callers wait for another's computation; `None`: the cache's.
@@ -64,6 +68,7 @@ pub struct Policy {
     ttl: Option<Duration>,
     jitter: f64,
     codec: Codec,
+    compress: Option<Compression>,
     version: u32,
     lock: bool,
     lock_timeout: Option<Duration>,
@@ -83,6 +88,7 @@ impl Policy {
             ttl: None,
             jitter: 0.0,
             codec: Codec::Bincode,
+            compress: None,
             version: 1,
             lock: true,
             lock_timeout: None,
@@ -125,6 +131,22 @@ impl Policy {
     /// How values are stored.
     pub fn codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
+        self
+    }
+
+    /// How values at least the cache's threshold long are compressed in
+    /// Redis, instead of the cache's
+    /// [`compression`](crate::CacheBuilder::compression). Entries stored
+    /// otherwise (uncompressed, or by another algorithm) still read.
+    ///
+    /// ```
+    /// use cache_runtime::{Compression, Policy};
+    ///
+    /// // Already-compressed images: not worth another pass.
+    /// let policy = Policy::new("thumbnails").compress(Compression::None);
+    /// ```
+    pub fn compress(mut self, compression: Compression) -> Self {
+        self.compress = Some(compression);
         self
     }
 
@@ -204,6 +226,7 @@ impl Policy {
             ttl: self.ttl,
             jitter: self.jitter,
             codec: self.codec,
+            compress: self.compress,
             lock: self.lock,
             lock_timeout: self.lock_timeout,
             site: &self.site,

@@ -98,6 +98,8 @@ impl CacheBuilder {
             default_ttl: self.default_ttl,
             lock_timeout: self.lock_timeout,
             max_value_bytes: self.max_value_bytes,
+            compression: self.compression,
+            compress_threshold: self.compress_threshold,
         })
     }
 

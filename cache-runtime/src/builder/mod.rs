@@ -2,6 +2,7 @@
 //! checking them is in `build.rs`, URLs in `url.rs`.
 
 mod build;
+mod storage;
 mod url;
 
 pub(crate) use url::redact_url;
@@ -39,6 +40,8 @@ pub struct CacheBuilder {
     breaker_cool_down: Duration,
     lock_timeout: Duration,
     max_value_bytes: usize,
+    compression: crate::Compression,
+    compress_threshold: usize,
     local_capacity: Option<u64>,
     local_bytes: Option<u64>,
     #[cfg(feature = "tls")]
@@ -116,6 +119,8 @@ impl std::fmt::Debug for CacheBuilder {
             .field("breaker_cool_down", &self.breaker_cool_down)
             .field("lock_timeout", &self.lock_timeout)
             .field("max_value_bytes", &self.max_value_bytes)
+            .field("compression", &self.compression)
+            .field("compress_threshold", &self.compress_threshold)
             .field("local_capacity", &self.local_capacity)
             .field("local_bytes", &self.local_bytes);
         #[cfg(feature = "tls")]
@@ -148,6 +153,8 @@ impl Default for CacheBuilder {
             breaker_cool_down: Duration::from_secs(1),
             lock_timeout: Duration::from_secs(5),
             max_value_bytes: 1 << 20,
+            compression: crate::Compression::default(),
+            compress_threshold: crate::compress::DEFAULT_THRESHOLD,
             local_capacity: None,
             local_bytes: None,
             #[cfg(feature = "tls")]

@@ -7,12 +7,14 @@
 
 use super::lock::LockGuard;
 use super::{Call, Observed, now_ms};
-use crate::codec::EntryTimes;
+use crate::codec::{EntryTimes, Packing};
+use crate::compress;
 use crate::error::Fault;
 use crate::flight::Shared;
 use crate::observe::Event;
 use crate::output::Encoded;
 use crate::store::{StoreMode, StoreReply, StoreRequest};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// How a computed output is settled.
@@ -163,10 +165,19 @@ impl<R> Call<'_, R> {
         let fresh_ms = jittered_ttl_ms(self.ttl, self.plan.jitter);
         let times = EntryTimes { stored_ms: now, fresh_until_ms: now.saturating_add(fresh_ms) };
         let stale_ms = self.plan.stale_if_error.map_or(0, |window| window.as_millis() as u64);
+        // The one place a payload is compressed; only Redis holds the
+        // compressed bytes (`compress.rs`).
+        let (packing, packed) = match self.cache.backend().redis() {
+            Some(_) => {
+                let (compression, threshold) = self.cache.compression(self.plan.compress);
+                compress::pack(&payload, compression, threshold)
+            }
+            None => (Packing::Raw, Cow::Borrowed(&payload[..])),
+        };
         let request = StoreRequest {
             hash: self.hash,
-            head: &self.plan.codec.head(),
-            payload: &payload,
+            head: self.plan.codec.head(packing),
+            payload: &packed,
             ttl_ms: fresh_ms.saturating_add(stale_ms),
             times: &times.field(),
             now_ms: now,

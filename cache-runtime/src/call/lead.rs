@@ -55,9 +55,9 @@ impl<R> Call<'_, R> {
                 }
                 Some(LockReply::Hit(entry)) => {
                     if let Some(stored) = self.parse(&entry) {
-                        if let Some(output) = self.decode_payload(stored.payload) {
+                        if let Some((output, payload)) = self.open(&stored) {
                             self.observer.outcome(Outcome::Hit);
-                            let payload = Arc::new(stored.payload.to_vec());
+                            let payload = Arc::new(payload.into_owned());
                             self.keep_locally(&payload, stored.times, false);
                             // Current when the lock script read it: shared
                             // with those who joined before, unless a write
@@ -146,7 +146,7 @@ impl<R> Call<'_, R> {
     /// `min_fresh_ms`: an entry fresh past this time answers as a hit.
     pub(super) async fn lock(&self, lock: &str, token: &str, min_fresh_ms: u64) -> Option<LockReply> {
         let request = LockRequest { lock, token, ttl: self.lock_timeout(), min_fresh_ms };
-        let reply = self.cache.backend().lock(self.keys, &self.plan.codec.head(), request).await;
+        let reply = self.cache.backend().lock(self.keys, &self.plan.codec.lock_head(), request).await;
         self.absorb(reply)
     }
 

@@ -3,8 +3,10 @@
 
 use super::{Call, Lookup, Seen, now_ms, tier};
 use crate::codec::{self, StoredEntry};
+use crate::compress;
 use crate::observe::{Event, Outcome};
 use crate::store::{Read, digest};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 impl<R> Call<'_, R> {
@@ -44,16 +46,18 @@ impl<R> Call<'_, R> {
         let now = now_ms();
         if !stored.times.is_fresh(now) {
             // A copy kept past its TTL for `stale_if_error`.
-            if tier::within_stale_window(self.plan, stored.times, now) {
-                stale = Some(Arc::new(stored.payload.to_vec()));
+            if tier::within_stale_window(self.plan, stored.times, now)
+                && let Some(payload) = self.unpack(&stored)
+            {
+                stale = Some(Arc::new(payload.into_owned()));
             }
             return Lookup::Miss(Seen { versions, entry: observed, stale });
         }
-        match self.decode_payload(stored.payload) {
-            Some(output) => {
+        match self.open(&stored) {
+            Some((output, payload)) => {
                 self.observer.outcome(Outcome::Hit);
                 if self.local.is_some() {
-                    self.keep_locally(&Arc::new(stored.payload.to_vec()), stored.times, false);
+                    self.keep_locally(&Arc::new(payload.into_owned()), stored.times, false);
                 }
                 Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
             }
@@ -84,6 +88,27 @@ impl<R> Call<'_, R> {
             )));
         }
         stored
+    }
+
+    /// An entry's payload, decompressed and decoded; `None` after counting
+    /// why not.
+    pub(super) fn open<'b>(&self, stored: &StoredEntry<'b>) -> Option<(R, Cow<'b, [u8]>)> {
+        let payload = self.unpack(stored)?;
+        Some((self.decode_payload(&payload)?, payload))
+    }
+
+    /// An entry's payload as its codec wrote it: the one place a payload
+    /// read from Redis is decompressed, never past `max_value_bytes`.
+    /// `None` after counting a corrupt or oversized one.
+    pub(super) fn unpack<'b>(&self, stored: &StoredEntry<'b>) -> Option<Cow<'b, [u8]>> {
+        match compress::unpack(stored.payload, stored.packing, self.cache.max_value_bytes()) {
+            Ok(payload) => Some(payload),
+            Err(e) => {
+                let why = format_args!("`{}` could not be decompressed ({e}); recomputing", self.keys.entry());
+                self.observer.event(Event::Undecodable(&why));
+                None
+            }
+        }
     }
 
     pub(super) fn decode_payload(&self, payload: &[u8]) -> Option<R> {

@@ -18,13 +18,19 @@
 
 use std::sync::LazyLock;
 
-/// Reads the fresh-until time from an entry whose header up to the
-/// versions is `head`; `nil` for an entry without one.
+/// Reads the fresh-until time from an entry of the codec whose head is
+/// `head` (`RC2|b`: any packing letter may follow, `codec.rs`) bound to
+/// exactly `bound` (the versions joined by ',' then '|'); `nil` for any
+/// other entry.
 /// And the digest of what a key holds: the SHA-1 of a string, '' for
 /// anything else, as [`digest`] computes it from what `MGET` returned.
 const HELPERS: &str = r"
-local function fresh_until(entry, head)
-  return tonumber(string.match(entry, '^%d+,(%d+)|', #head + 1))
+local function fresh_until(entry, head, bound)
+  if string.sub(entry, 1, #head) ~= head then return nil end
+  local at = #head + 1
+  if string.sub(entry, at, at) ~= '|' then at = at + 1 end
+  if string.sub(entry, at, at + #bound) ~= '|' .. bound then return nil end
+  return tonumber(string.match(entry, '^%d+,(%d+)|', at + #bound + 1))
 end
 local function digest(key)
   local value = redis.pcall('GET', key)
@@ -148,6 +154,7 @@ pub(crate) struct LockArgs<'a> {
     pub lock: &'a str,
     /// As for [`StoreArgs::version_keys`].
     pub version_keys: &'a [String],
+    /// The codec's head (`Codec::lock_head`): an entry of any packing hits.
     pub head: &'a [u8],
     pub token: &'a str,
     pub lock_ttl_ms: u64,
@@ -234,10 +241,9 @@ for i = 3, #KEYS do
   versions[i - 2] = v
 end
 for i = #KEYS + 3, #ARGV do versions[#versions + 1] = ARGV[i] end
-head = head .. table.concat(versions, ',') .. '|'
 local entry = redis.pcall('GET', KEYS[1])
-if type(entry) == 'string' and string.sub(entry, 1, #head) == head then
-  local until_ms = fresh_until(entry, head)
+if type(entry) == 'string' then
+  local until_ms = fresh_until(entry, head, table.concat(versions, ',') .. '|')
   if until_ms and until_ms > tonumber(min_fresh_ms) then return {'hit', entry} end
 end
 if redis.call('SET', KEYS[2], token, 'NX', 'PX', lock_ttl_ms) then
