@@ -246,8 +246,8 @@ impl CachedArgs {
                 errors.finish()?;
             }
             (
-                "ttl" | "version" | "jitter" | "prefix" | "codec" | "compress" | "key" | "cache" | "lock" | "lock_timeout" | "local"
-                | "local_ttl" | "refresh_ahead" | "stale_if_error" | "crate",
+                "ttl" | "version" | "jitter" | "prefix" | "codec" | "compress" | "key" | "cache" | "lock"
+                | "lock_timeout" | "local" | "local_ttl" | "refresh_ahead" | "stale_if_error" | "crate",
                 _,
             ) => {
                 return Err(syn::Error::new(span, format!("expected `{name} = ...`")));

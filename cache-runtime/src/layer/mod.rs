@@ -28,8 +28,13 @@
 //!   layer invalidates the cached `GET`s of its path, and of the paths its
 //!   `Location` and `Content-Location` name.
 //!
-//! Namespace versions, tags, TTL and jitter, stampede protection and the
-//! failure handling are those of [`Cache::get_or_compute`].
+//! Namespace versions, tags, TTL and jitter, stampede protection, the
+//! failure handling and compression are those of [`Cache::get_or_compute`]:
+//! a stored response (its headers and body, encoded) is compressed like any
+//! value, by the cache's [`compression`](crate::CacheBuilder::compression)
+//! or the policy's [`compress`](crate::Policy::compress). A body that is
+//! already compressed (`gzip`, images) does not shrink and is stored as is,
+//! so it costs one failed attempt on the miss and nothing on a hit.
 
 mod body;
 mod key;
