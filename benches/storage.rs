@@ -190,7 +190,7 @@ fn cache(server: &support::RedisServer, compression: Compression, threshold: usi
 
 /// Rounds of hit measurements, each configuration in turn, so that what
 /// else the machine does falls on all of them alike; medians are reported.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// 100,000 entries of one shape under each compression, each on its own
 /// fresh server; then their hits, interleaved.

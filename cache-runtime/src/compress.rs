@@ -79,7 +79,7 @@ impl Packing {
 
 /// Payloads shorter than this are stored as encoded, unless the builder
 /// says otherwise (`CacheBuilder::compress_threshold`).
-pub(crate) const DEFAULT_THRESHOLD: usize = 1024;
+pub(crate) const DEFAULT_THRESHOLD: usize = 512;
 
 /// The most LZ4 can expand: a run of one byte encodes at most 255 bytes of
 /// output per byte of input. A claimed size past this for the bytes given

@@ -32,7 +32,7 @@ impl CacheBuilder {
 
     /// Values shorter than this (as encoded, in bytes) are stored
     /// uncompressed: below it, compressing saves less memory than it costs
-    /// time (docs/PERFORMANCE.md). Default 1 KiB; 0 compresses everything.
+    /// time (docs/PERFORMANCE.md). Default 512 bytes; 0 compresses everything.
     ///
     /// ```
     /// let builder = cache_runtime::Cache::builder().compress_threshold(4096);
