@@ -204,7 +204,7 @@ where
         move |id: u32| {
             let (cache, policy) = (cache.clone(), policy.clone());
             async move {
-                let value = cache.get_or_compute(&*policy, &id, async move { Ok::<_, String>(make(id)) }).await;
+                let value = cache.get_or_compute(&policy, &id, async move { Ok::<_, String>(make(id)) }).await;
                 std::hint::black_box(value.expect("computed"));
             }
         }
@@ -297,7 +297,7 @@ async fn threshold_sweep() {
                             text.truncate(size.saturating_sub(2));
                             text
                         };
-                        let value = cache.get_or_compute(&*policy, &id, async move { Ok::<_, String>(text()) }).await;
+                        let value = cache.get_or_compute(&policy, &id, async move { Ok::<_, String>(text()) }).await;
                         std::hint::black_box(value.expect("computed"));
                     }
                 }
@@ -346,10 +346,10 @@ async fn overhead() {
             let (cache, policy) = (cache.clone(), policy.clone());
             async move {
                 if big {
-                    let value = cache.get_or_compute(&*policy, &id, async move { Ok::<_, String>(listing(id)) }).await;
+                    let value = cache.get_or_compute(&policy, &id, async move { Ok::<_, String>(listing(id)) }).await;
                     std::hint::black_box(value.expect("computed"));
                 } else {
-                    let value = cache.get_or_compute(&*policy, &id, async move { Ok::<_, String>(Row::new(id)) }).await;
+                    let value = cache.get_or_compute(&policy, &id, async move { Ok::<_, String>(Row::new(id)) }).await;
                     std::hint::black_box(value.expect("computed"));
                 }
             }
