@@ -90,9 +90,9 @@ counters! {
     misconfigured,
     /// Entries the local tier dropped to stay within its capacity.
     local_evictions,
-    /// Payload bytes read on hits.
+    /// Payload bytes read on hits, as encoded (after decompression).
     bytes_read,
-    /// Payload bytes written on misses.
+    /// Payload bytes written on misses, as encoded (before compression).
     bytes_written,
 }
 
