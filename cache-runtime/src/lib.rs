@@ -91,6 +91,7 @@ pub mod __private {
 }
 
 pub use builder::CacheBuilder;
+pub use call::Absent;
 pub use cache::Cache;
 pub use codec::Codec;
 pub use compress::Compression;

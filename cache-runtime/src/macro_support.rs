@@ -15,8 +15,9 @@ use std::sync::OnceLock;
 
 pub use crate::call::Renewable;
 pub use crate::codec::Codec;
-pub use crate::keys::{KeyHash, KeyHasher};
-pub use crate::output::{OutputKind, PlainOutput, ResultOutput, Storage};
+pub use crate::keys::{KeyHash, KeyHasher, KeyTail};
+pub use crate::output::{ManyKind, ManyPlain, ManyResult, OutputKind, PlainOutput, ResultOutput, Storage};
+pub use crate::Absent;
 pub use crate::policy::Plan;
 pub use crate::site::SiteCell;
 
@@ -89,6 +90,127 @@ async fn run<R, B: Body<R>>(
             );
             body.run().await
         }
+    }
+}
+
+/// Runs one bulk call (`#[cached(batch(..))]`): each of `items` cached in
+/// an entry keyed as a single call would be, the arguments before the
+/// items hashed in `head`, those after in `tail`. `body` gets the items to
+/// compute; it runs once, and again only for items whose computation by
+/// another caller failed.
+#[allow(clippy::too_many_arguments)]
+pub async fn call_many<R, M, I, F, Fut>(
+    cache: Option<&Cache>,
+    plan: &'static Plan<'static>,
+    head: Result<KeyHasher, Unencodable>,
+    tail: Result<KeyTail, Unencodable>,
+    items: I,
+    _kind: M,
+    absent: Absent,
+    mut body: F,
+) -> R
+where
+    M: ManyKind<R>,
+    M::Item: Serialize,
+    M::Value: Serialize + DeserializeOwned,
+    I: IntoIterator<Item = M::Item>,
+    F: FnMut(Vec<M::Item>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    let key_of = |item: &M::Item| -> Result<KeyHash, Unencodable> {
+        let mut hasher = head.clone()?;
+        hasher.arg(item)?.tail(tail.as_ref().map_err(Clone::clone)?);
+        Ok(hasher.finish())
+    };
+    #[allow(clippy::redundant_closure)]
+    let cache = cache.or_else(|| crate::global());
+    let Some(cache) = cache else {
+        PROCESS_WARNINGS.warn(
+            Cause::NotInitialized,
+            format_args!("cached call before cache_runtime::init: computing without the cache"),
+        );
+        return body(items.into_iter().collect()).await;
+    };
+    let items: Vec<crate::call::Item<M::Item>> =
+        items.into_iter().map(|item| crate::call::Item { key: key_of(&item), item }).collect();
+    let compute = |missing: Vec<M::Item>| {
+        let output = body(missing);
+        async move { M::split(output.await).map(|map| map.into_iter().collect::<Vec<_>>()) }
+    };
+    match scope::current() {
+        Mode::Forget(report) if scope::claim_forget(&report) => {
+            let mut outcome = Ok(false);
+            for item in &items {
+                match Box::pin(cache.forget_entry(plan, item.key.clone())).await {
+                    Ok(existed) => outcome = outcome.map(|any| any || existed),
+                    Err(e) => outcome = Err(e),
+                }
+            }
+            scope::report_forget(&report, outcome);
+            std::future::pending().await
+        }
+        Mode::Refresh(_) => {
+            // Write-through for many items: each entry is forgotten, then
+            // computed and stored as a miss would be. A computation that
+            // read before the forget never stores over it.
+            let mut reached = Ok(());
+            for item in &items {
+                if let Err(e) = Box::pin(cache.forget_entry(plan, item.key.clone())).await {
+                    reached = Err(e);
+                }
+            }
+            let found = cache.fetch_or_compute_many(plan, items, absent, &key_of, compute).await;
+            scope::report_refresh(reached);
+            M::join(found.map(|found| found.into_iter().collect()))
+        }
+        _ => {
+            let found = cache.fetch_or_compute_many(plan, items, absent, &key_of, compute).await;
+            M::join(found.map(|found| found.into_iter().collect()))
+        }
+    }
+}
+
+/// How a bulk call's output holds its values, checked at the return
+/// type's span: the output must be a map (or `Result` of one) whose items
+/// are those of the batch parameter and whose values are storable.
+pub fn many_kind<R, M, I>(kind: M, _items: &I) -> M
+where
+    M: ManyKind<R>,
+    M::Value: Serialize + DeserializeOwned,
+    I: IntoIterator<Item = M::Item>,
+{
+    kind
+}
+
+/// A non-batch argument of a bulk call, for the body's next run: the body
+/// may run again for items another caller failed to compute.
+pub fn again<T: Clone>(value: &T) -> T {
+    value.clone()
+}
+
+/// Picks the bulk output kind, as [`ResultTag`] and [`PlainTag`] do for
+/// single calls.
+pub trait ManyResultTag {
+    type Kind;
+    fn many_kind(&self) -> Self::Kind;
+}
+
+impl<M, E> ManyResultTag for Tag<Result<M, E>> {
+    type Kind = ManyResult<M, E>;
+    fn many_kind(&self) -> Self::Kind {
+        ManyResult(PhantomData)
+    }
+}
+
+pub trait ManyPlainTag {
+    type Kind;
+    fn many_kind(&self) -> Self::Kind;
+}
+
+impl<R> ManyPlainTag for &Tag<R> {
+    type Kind = ManyPlain<R>;
+    fn many_kind(&self) -> Self::Kind {
+        ManyPlain(PhantomData)
     }
 }
 

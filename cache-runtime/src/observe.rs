@@ -147,6 +147,22 @@ impl<'c> Observer<'c> {
         }
     }
 
+    /// The observer of a bulk call (`#[cached(batch(..))]`,
+    /// `get_or_compute_many`): its span shows how many distinct items were
+    /// asked for and, at the end, how many hit; its counters count per item.
+    pub(crate) fn many(site: SiteRef<'c>, prefix: &'c str, warnings: &'c Warnings, items: usize) -> Self {
+        let span = tracing::debug_span!(target: "cache_runtime", "cached_many", prefix, items, hits = tracing::field::Empty);
+        Self {
+            site,
+            span,
+            warnings,
+            #[cfg(feature = "metrics")]
+            prefix,
+            #[cfg(feature = "metrics")]
+            started: Instant::now(),
+        }
+    }
+
     pub(crate) fn key(&self, hash: KeyHash) {
         if !self.span.is_disabled() {
             let hex = hash.to_hex();

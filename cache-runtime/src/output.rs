@@ -91,3 +91,62 @@ impl<R> Storage<R> {
         Self { encode: encode::<R, K>, decode: decode::<R, K>, cacheable: cacheable::<R, K> }
     }
 }
+
+/// How a bulk call's output (`#[cached(batch(..))]`) holds its items'
+/// values: a map from item to value (`HashMap`, `BTreeMap`, `Vec<(K, V)>`,
+/// anything that collects from and iterates over pairs), optionally in a
+/// `Result` whose `Err` is never stored.
+pub trait ManyKind<R> {
+    /// The map of items to values.
+    type Map: IntoIterator<Item = (Self::Item, Self::Value)> + FromIterator<(Self::Item, Self::Value)>;
+    /// What each value is cached for: the batch parameter's item type.
+    type Item;
+    /// What is cached per item.
+    type Value;
+    /// The output's error, never stored.
+    type Error;
+    /// The map, or the error.
+    fn split(output: R) -> Result<Self::Map, Self::Error>;
+    /// Back to the output type.
+    fn join(result: Result<Self::Map, Self::Error>) -> R;
+}
+
+/// `Result<M, E>`: the map of an `Ok`; an `Err` is returned, never stored.
+pub struct ManyResult<M, E>(pub(crate) PhantomData<fn() -> (M, E)>);
+/// A bare map.
+pub struct ManyPlain<M>(pub(crate) PhantomData<fn() -> M>);
+
+impl<M, E, K, V> ManyKind<Result<M, E>> for ManyResult<M, E>
+where
+    M: IntoIterator<Item = (K, V)> + FromIterator<(K, V)>,
+{
+    type Map = M;
+    type Item = K;
+    type Value = V;
+    type Error = E;
+    fn split(output: Result<M, E>) -> Result<M, E> {
+        output
+    }
+    fn join(result: Result<M, E>) -> Result<M, E> {
+        result
+    }
+}
+
+impl<M, K, V> ManyKind<M> for ManyPlain<M>
+where
+    M: IntoIterator<Item = (K, V)> + FromIterator<(K, V)>,
+{
+    type Map = M;
+    type Item = K;
+    type Value = V;
+    type Error = std::convert::Infallible;
+    fn split(output: M) -> Result<M, std::convert::Infallible> {
+        Ok(output)
+    }
+    fn join(result: Result<M, std::convert::Infallible>) -> M {
+        match result {
+            Ok(map) => map,
+            Err(never) => match never {},
+        }
+    }
+}

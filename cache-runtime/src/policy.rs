@@ -74,6 +74,7 @@ pub struct Policy {
     lock_timeout: Option<Duration>,
     local_ttl: Option<Duration>,
     stale_if_error: Option<Duration>,
+    absent: crate::Absent,
     site: SiteCell,
 }
 
@@ -94,6 +95,7 @@ impl Policy {
             lock_timeout: None,
             local_ttl: None,
             stale_if_error: None,
+            absent: crate::Absent::Cache,
             site: SiteCell::new(),
         }
     }
@@ -208,6 +210,24 @@ impl Policy {
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = Some(window.min(crate::builder::MAX_TTL)).filter(|w| !w.is_zero());
         self
+    }
+
+    /// What [`Cache::get_or_compute_many`](crate::Cache::get_or_compute_many)
+    /// does with an item its computation did not return: cache that it is
+    /// absent (the default), or nothing.
+    ///
+    /// ```
+    /// use cache_runtime::{Absent, Policy};
+    ///
+    /// let policy = Policy::new("users").absent(Absent::Skip);
+    /// ```
+    pub fn absent(mut self, absent: crate::Absent) -> Self {
+        self.absent = absent;
+        self
+    }
+
+    pub(crate) fn absent_items(&self) -> crate::Absent {
+        self.absent
     }
 
     /// The namespace.

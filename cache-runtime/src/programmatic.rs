@@ -2,7 +2,7 @@
 //! same flow as `#[cached]`, for a `Result` computed under a [`Policy`].
 
 use crate::Cache;
-use crate::call::{Intent, Now};
+use crate::call::{Intent, Item, Now};
 use crate::error::Error;
 use crate::keys::canonical::Unencodable;
 use crate::keys::{KeyHash, KeyHasher};
@@ -38,6 +38,57 @@ impl Cache {
         F: Future<Output = Result<T, E>>,
     {
         self.programmatic(policy, key, Intent::Read, compute).await
+    }
+
+    /// Cache-aside for many keys at once: each key's value is cached in an
+    /// entry of its own, exactly the entry
+    /// [`get_or_compute`](Self::get_or_compute) of that key would use for
+    /// an `Option<V>` (`None`: the key was not found). One round trip reads
+    /// all of them; `compute` gets only the missing keys (each once), and
+    /// what it returns is stored in one more round trip. A key it does not
+    /// return is cached as absent, unless the policy says
+    /// [`Absent::Skip`](crate::Absent::Skip); an `Err` is returned and
+    /// nothing is stored. Keys another caller is computing are awaited, not
+    /// computed again; `compute` runs a second time only for keys whose
+    /// other caller failed. The result holds the keys found, each once, in
+    /// the order first asked for when the map keeps an order (a `Vec`).
+    /// When Redis is unavailable, `compute` gets every key.
+    ///
+    /// ```no_run
+    /// use cache_runtime::{Cache, Policy};
+    /// use std::collections::HashMap;
+    ///
+    /// # async fn names_where_id_in(ids: &[u64]) -> Result<HashMap<u64, String>, std::io::Error> { Ok(HashMap::new()) }
+    /// # async fn demo(cache: Cache) -> Result<(), std::io::Error> {
+    /// let policy = Policy::new("user_names");
+    /// let names: HashMap<u64, String> =
+    ///     cache.get_or_compute_many(&policy, [1, 2, 3], |missing| async move { names_where_id_in(&missing).await }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_compute_many<K, V, E, I, M, F, Fut, Out>(
+        &self,
+        policy: &Policy,
+        keys: I,
+        mut compute: F,
+    ) -> Result<Out, E>
+    where
+        I: IntoIterator<Item = K>,
+        K: Serialize,
+        V: Serialize + DeserializeOwned,
+        M: IntoIterator<Item = (K, V)>,
+        F: FnMut(Vec<K>) -> Fut,
+        Fut: Future<Output = Result<M, E>>,
+        Out: FromIterator<(K, V)>,
+    {
+        let key_of = |key: &K| programmatic_key::<K, Option<V>>(policy, key);
+        let items = keys.into_iter().map(|item| Item { key: key_of(&item), item }).collect();
+        let compute = |missing: Vec<K>| {
+            let found = compute(missing);
+            async move { found.await.map(|map| map.into_iter().collect::<Vec<_>>()) }
+        };
+        let found =
+            self.fetch_or_compute_many(&policy.plan(), items, policy.absent_items(), &key_of, compute).await?;
+        Ok(found.into_iter().collect())
     }
 
     /// Write-through for [`get_or_compute`](Self::get_or_compute) entries:

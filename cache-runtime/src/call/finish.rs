@@ -42,7 +42,7 @@ pub(super) struct Settle {
 // get what was computed before it. Those callers look again instead.
 
 /// How a store ended, for those who must know.
-enum Stored {
+pub(super) enum Stored {
     /// Stored, refused for a namespace's version, or nothing to store.
     Done,
     /// The entry was written by someone else since it was observed.
@@ -60,6 +60,82 @@ pub(super) struct Settled<R> {
     pub fault: Option<Fault>,
     /// The entry was written by someone else since it was observed.
     pub superseded: bool,
+}
+
+/// What may become of an encoded output.
+pub(super) enum Storable {
+    /// Store it.
+    Payload(Arc<Vec<u8>>),
+    /// Return it, but do not store it (over `max_value_bytes`).
+    Unstored(Arc<Vec<u8>>),
+    /// Not cacheable, or it could not be encoded.
+    Nothing,
+}
+
+/// An entry about to be stored: its payload, as Redis keeps it, and times.
+pub(super) struct Entry {
+    pub payload: Arc<Vec<u8>>,
+    /// The payload compressed, when it is.
+    packed: Option<Vec<u8>>,
+    pub times: EntryTimes,
+    /// `<stored>,<fresh until>`.
+    times_field: String,
+    head: &'static [u8],
+    /// How long Redis keeps it: its fresh life plus any stale window.
+    ttl_ms: u64,
+}
+
+impl Entry {
+    /// Times the entry now, with the plan's jittered TTL, and packs it.
+    pub(super) fn new<R>(call: &Call<'_, R>, payload: &Arc<Vec<u8>>) -> Self {
+        let now = now_ms();
+        let fresh_ms = jittered_ttl_ms(call.ttl, call.plan.jitter);
+        let times = EntryTimes { stored_ms: now, fresh_until_ms: now.saturating_add(fresh_ms) };
+        let stale_ms = call.plan.stale_if_error.map_or(0, |window| window.as_millis() as u64);
+        // The one place a payload is compressed; only Redis holds the
+        // compressed bytes (`compress.rs`).
+        let (packing, packed) = match call.cache.backend().redis() {
+            Some(_) => {
+                let (compression, threshold) = call.cache.compression(call.plan.compress);
+                compress::pack(payload, compression, threshold)
+            }
+            None => (Packing::Raw, Cow::Borrowed(&payload[..])),
+        };
+        let packed = match packed {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(bytes) => Some(bytes),
+        };
+        Entry {
+            payload: payload.clone(),
+            packed,
+            times,
+            times_field: times.field(),
+            head: call.plan.codec.head(packing),
+            ttl_ms: fresh_ms.saturating_add(stale_ms),
+        }
+    }
+
+    /// The store of this entry, bound to what was observed.
+    pub(super) fn request<'a, R>(
+        &'a self,
+        call: &Call<'_, R>,
+        mode: StoreMode,
+        observed: &'a Observed,
+        held: Option<(&'a str, &'a str)>,
+    ) -> StoreRequest<'a> {
+        StoreRequest {
+            hash: call.hash,
+            head: self.head,
+            payload: self.packed.as_deref().unwrap_or(&self.payload),
+            ttl_ms: self.ttl_ms,
+            times: &self.times_field,
+            now_ms: self.times.stored_ms,
+            mode,
+            observed_entry: &observed.entry,
+            held,
+            observed: &observed.versions,
+        }
+    }
 }
 
 impl<R> Call<'_, R> {
@@ -137,56 +213,33 @@ impl<R> Call<'_, R> {
         encoded: Option<Encoded>,
         share: bool,
     ) -> (bool, Option<Shared>, Stored) {
-        let payload = match encoded {
-            None => return (false, None, Stored::Done),
-            Some(Ok(payload)) => Arc::new(payload),
-            Some(Err(e)) => {
-                let why = format_args!("a value of prefix `{}` could not be encoded: {e}", self.plan.prefix);
-                self.observer.event(Event::Unencodable(&why));
-                return (false, None, Stored::Done);
+        let payload = match self.storable(encoded) {
+            Storable::Payload(payload) => payload,
+            Storable::Nothing => return (false, None, Stored::Done),
+            Storable::Unstored(payload) => {
+                return (false, self.share_unverified(share, payload, observed.as_ref()).await, Stored::Done);
             }
         };
-        if !self.round_trips(&payload) {
-            return (false, None, Stored::Done);
-        }
-        let max = self.cache.max_value_bytes();
-        if payload.len() > max {
-            self.observer.event(Event::Oversize(&format_args!(
-                "a value of prefix `{}` is {} bytes, over max_value_bytes ({max}): returned but not stored",
-                self.plan.prefix,
-                payload.len(),
-            )));
-            return (false, self.share_unverified(share, payload, observed.as_ref()).await, Stored::Done);
-        }
         let Some(observed) = observed else {
             return (false, self.share_unverified(share, payload, None).await, Stored::Done);
         };
-        let now = now_ms();
-        let fresh_ms = jittered_ttl_ms(self.ttl, self.plan.jitter);
-        let times = EntryTimes { stored_ms: now, fresh_until_ms: now.saturating_add(fresh_ms) };
-        let stale_ms = self.plan.stale_if_error.map_or(0, |window| window.as_millis() as u64);
-        // The one place a payload is compressed; only Redis holds the
-        // compressed bytes (`compress.rs`).
-        let (packing, packed) = match self.cache.backend().redis() {
-            Some(_) => {
-                let (compression, threshold) = self.cache.compression(self.plan.compress);
-                compress::pack(&payload, compression, threshold)
-            }
-            None => (Packing::Raw, Cow::Borrowed(&payload[..])),
-        };
-        let request = StoreRequest {
-            hash: self.hash,
-            head: self.plan.codec.head(packing),
-            payload: &packed,
-            ttl_ms: fresh_ms.saturating_add(stale_ms),
-            times: &times.field(),
-            now_ms: now,
-            mode,
-            observed_entry: &observed.entry,
-            held,
-            observed: &observed.versions,
-        };
-        match self.cache.backend().store(self.keys, request).await {
+        let entry = Entry::new(self, &payload);
+        let request = entry.request(self, mode, &observed, held);
+        let reply = self.cache.backend().store(self.keys, request).await;
+        self.stored(reply, entry, mode, &observed, share).await
+    }
+
+    /// What `store` does with the store's reply; see there.
+    pub(super) async fn stored(
+        &self,
+        reply: Result<StoreReply, Fault>,
+        entry: Entry,
+        mode: StoreMode,
+        observed: &Observed,
+        share: bool,
+    ) -> (bool, Option<Shared>, Stored) {
+        let Entry { payload, times, .. } = entry;
+        match reply {
             Ok(StoreReply::Stored) => {
                 let kept = self.keep_locally(&payload, times, mode != StoreMode::Fill);
                 if self.cache.backend().checks_stores() {
@@ -195,7 +248,7 @@ impl<R> Call<'_, R> {
                 } else if kept {
                     // Memory-only: the local tier is the store.
                     self.observer.event(Event::Written { bytes: payload.len() });
-                    (true, self.share_unverified(share, payload, Some(&observed)).await, Stored::Done)
+                    (true, self.share_unverified(share, payload, Some(observed)).await, Stored::Done)
                 } else {
                     // Memory-only, and the key was forgotten, replaced or
                     // invalidated since it was read.
@@ -218,6 +271,34 @@ impl<R> Call<'_, R> {
         }
     }
 
+    /// Whether an encoded output may be stored: it encoded, its type
+    /// round-trips, and it is within `max_value_bytes`. Each failure is
+    /// counted here.
+    pub(super) fn storable(&self, encoded: Option<Encoded>) -> Storable {
+        let payload = match encoded {
+            None => return Storable::Nothing,
+            Some(Ok(payload)) => Arc::new(payload),
+            Some(Err(e)) => {
+                let why = format_args!("a value of prefix `{}` could not be encoded: {e}", self.plan.prefix);
+                self.observer.event(Event::Unencodable(&why));
+                return Storable::Nothing;
+            }
+        };
+        if !self.round_trips(&payload) {
+            return Storable::Nothing;
+        }
+        let max = self.cache.max_value_bytes();
+        if payload.len() > max {
+            self.observer.event(Event::Oversize(&format_args!(
+                "a value of prefix `{}` is {} bytes, over max_value_bytes ({max}): returned but not stored",
+                self.plan.prefix,
+                payload.len(),
+            )));
+            return Storable::Unstored(payload);
+        }
+        Storable::Payload(payload)
+    }
+
     /// Whether the output type decodes what its codec encoded: checked on
     /// a call site's first store, since a type whose serde attributes the
     /// codec cannot read back would be stored, fail to decode, and be
@@ -236,7 +317,7 @@ impl<R> Call<'_, R> {
         }
     }
 
-    async fn share_unverified(
+    pub(super) async fn share_unverified(
         &self,
         share: bool,
         payload: Arc<Vec<u8>>,

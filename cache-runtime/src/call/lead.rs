@@ -168,6 +168,6 @@ impl<R> Call<'_, R> {
 }
 
 /// `base` plus up to a quarter more, so pollers in many processes spread out.
-fn jittered(base: Duration) -> Duration {
+pub(super) fn jittered(base: Duration) -> Duration {
     base + base.mul_f64(rand::random_range(0.0..0.25))
 }

@@ -17,23 +17,37 @@ impl<R> Call<'_, R> {
     }
 
     pub(super) async fn lookup(&self) -> Lookup<R> {
-        let mut stale = None;
-        if let Some(local) = &self.local {
-            match local.find(self.plan, self.hash) {
-                tier::Found::Fresh(entry, now) => match self.decode_payload(&entry.payload) {
-                    Some(output) => {
-                        self.observer.outcome(Outcome::LocalHit);
-                        return Lookup::Hit { output, renew: tier::due(self.plan, entry.times, now) };
-                    }
-                    None => {
-                        local.forget(self.hash);
-                    }
-                },
-                tier::Found::Stale(payload) => stale = Some(payload),
-                tier::Found::Nothing => {}
-            }
+        let stale = match self.look_locally() {
+            Ok(hit) => return hit,
+            Err(stale) => stale,
+        };
+        let Some(read) = self.read().await else { return Lookup::Unavailable };
+        self.judge(read, stale).await
+    }
+
+    /// The local tier's answer: a hit, or else the stale copy it keeps
+    /// for `stale_if_error`, if any.
+    pub(super) fn look_locally(&self) -> Result<Lookup<R>, Option<Arc<Vec<u8>>>> {
+        let Some(local) = &self.local else { return Err(None) };
+        match local.find(self.plan, self.hash) {
+            tier::Found::Fresh(entry, now) => match self.decode_payload(&entry.payload) {
+                Some(output) => {
+                    self.observer.outcome(Outcome::LocalHit);
+                    Ok(Lookup::Hit { output, renew: tier::due(self.plan, entry.times, now) })
+                }
+                None => {
+                    local.forget(self.hash);
+                    Err(None)
+                }
+            },
+            tier::Found::Stale(payload) => Err(Some(payload)),
+            tier::Found::Nothing => Err(None),
         }
-        let Some(Read { entry, versions }) = self.read().await else { return Lookup::Unavailable };
+    }
+
+    /// What the entry read turns out to be.
+    pub(super) async fn judge(&self, read: Read, mut stale: Option<Arc<Vec<u8>>>) -> Lookup<R> {
+        let Read { entry, versions } = read;
         let observed = digest(entry.as_deref());
         let Some(bytes) = entry.filter(|bytes| !codec::is_tombstone(bytes)) else {
             return Lookup::Miss(Seen { versions, entry: observed, stale });

@@ -17,6 +17,7 @@
 //! What happens on the way is reported as events (`observe.rs`).
 
 mod body;
+mod bulk;
 mod finish;
 mod lead;
 mod lock;
@@ -25,6 +26,8 @@ mod renew;
 mod tier;
 
 pub use body::Renewable;
+pub use bulk::Absent;
+pub(crate) use bulk::Item;
 pub(crate) use body::{Body, Now};
 
 use crate::Cache;

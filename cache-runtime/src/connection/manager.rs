@@ -228,6 +228,18 @@ impl Conn {
         }
     }
 
+    /// Sends `pipeline` in one write and reads its replies. Built with
+    /// `ignore_errors`, a command's error is its reply
+    /// (`Value::ServerError`) and does not hide the others'.
+    pub(crate) async fn pipeline(self, pipeline: &redis::Pipeline) -> Result<Vec<redis::Value>, RedisError> {
+        let values: Vec<redis::Value> = match self.conn {
+            Handle::Server(mut conn) => pipeline.query_async(&mut conn).await?,
+            #[cfg(feature = "cluster")]
+            Handle::Cluster(mut conn) => pipeline.query_async(&mut conn).await?,
+        };
+        Ok(values.into_iter().map(|value| cap_reply(value, self.max_reply_string)).collect())
+    }
+
     pub(crate) async fn invoke<T: FromRedisValue>(
         self,
         invocation: &redis::ScriptInvocation<'_>,

@@ -74,7 +74,7 @@ pub(crate) fn encode<S: Sink, T: Serialize + ?Sized>(sink: &mut S, value: &T) ->
 }
 
 /// A value whose `Serialize` impl reported an error (serde's custom errors).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Unencodable(String);
 
 impl fmt::Display for Unencodable {

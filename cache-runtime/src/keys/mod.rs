@@ -131,6 +131,13 @@ impl KeyHasher {
         Ok(self)
     }
 
+    /// Folds in the arguments a [`KeyTail`] encoded.
+    #[doc(hidden)]
+    pub fn tail(&mut self, tail: &KeyTail) -> &mut Self {
+        self.hasher.update(&tail.0);
+        self
+    }
+
     /// The identity hashed so far, sealed into 32 bytes, for
     /// [`keyed`](Self::keyed): a call site hashes its identity once.
     pub(crate) fn seal(&self) -> [u8; 32] {
@@ -149,6 +156,39 @@ impl KeyHasher {
         let mut out = [0u8; 16];
         out.copy_from_slice(&digest.as_bytes()[..16]);
         KeyHash(out)
+    }
+}
+
+/// The arguments after a bulk call's items, encoded once: each item's key
+/// hashes the arguments before the items, the item, then these, exactly
+/// as a single call with the item in place of the items would. Not a
+/// public API: `#[cached(batch(..))]` builds it.
+///
+/// ```
+/// use cache_runtime::__private::{KeyHasher, KeyTail};
+///
+/// let mut single = KeyHasher::new("f", 1);
+/// single.arg(&"eu").unwrap().arg(&7u64).unwrap().arg(&true).unwrap();
+/// let mut tail = KeyTail::new();
+/// tail.arg(&true).unwrap();
+/// let mut item = KeyHasher::new("f", 1);
+/// item.arg(&"eu").unwrap().arg(&7u64).unwrap().tail(&tail);
+/// assert_eq!(item.finish(), single.finish());
+/// ```
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct KeyTail(Vec<u8>);
+
+impl KeyTail {
+    /// No arguments after the items.
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Encodes one more argument, as [`KeyHasher::arg`] would.
+    pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<&mut Self, Unencodable> {
+        canonical::encode(&mut self.0, value)?;
+        Ok(self)
     }
 }
 
@@ -173,6 +213,11 @@ pub(crate) struct EntryKeys<'v> {
 impl<'v> EntryKeys<'v> {
     pub(crate) fn new(app: &'v str, prefix: &'v str, versions: &'v Arc<[String]>, hash: KeyHash) -> Self {
         Self { app, prefix, hash, entry: std::sync::OnceLock::new(), versions }
+    }
+
+    /// The hash the keys are made of.
+    pub(crate) fn hash(&self) -> KeyHash {
+        self.hash
     }
 
     /// The entry's key.

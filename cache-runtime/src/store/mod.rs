@@ -8,10 +8,12 @@
 //! flight in `flight.rs` is the whole of the coordination within one
 //! process), and its store succeeds for the flow to keep the value locally.
 
+mod many;
 mod purge;
 mod remote;
 pub(crate) mod scripts;
 
+pub(crate) use many::ReadMany;
 pub(crate) use remote::Redis;
 pub(crate) use scripts::{LockReply, StoreReply, digest};
 
@@ -123,6 +125,40 @@ impl Backend {
         match self {
             Backend::Redis(redis) => redis.store(keys, request).await,
             Backend::Memory => Ok(StoreReply::Stored),
+        }
+    }
+
+    /// A bulk call's read: every entry, then the versions they share.
+    pub(crate) async fn read_many(&self, entries: &[&str], versions: &[String]) -> Result<ReadMany, Fault> {
+        match self {
+            Backend::Redis(redis) => redis.read_many(entries, versions).await,
+            Backend::Memory => Ok(ReadMany { entries: vec![None; entries.len()], versions: Vec::new() }),
+        }
+    }
+
+    /// A bulk call's locks, one per item, in one round trip.
+    pub(crate) async fn lock_many(
+        &self,
+        items: &[(&EntryKeys<'_>, LockRequest<'_>)],
+        head: &[u8],
+    ) -> Result<Vec<Result<LockReply, Fault>>, Fault> {
+        match self {
+            Backend::Redis(redis) => redis.lock_many(items, head).await,
+            Backend::Memory => {
+                Ok(items.iter().map(|_| Ok(LockReply::Lead { observed: String::new(), versions: Vec::new() })).collect())
+            }
+        }
+    }
+
+    /// A bulk call's stores, one per item, in one round trip; each
+    /// releases the lock its request holds.
+    pub(crate) async fn store_many(
+        &self,
+        items: &[(&EntryKeys<'_>, StoreRequest<'_>)],
+    ) -> Result<Vec<Result<StoreReply, Fault>>, Fault> {
+        match self {
+            Backend::Redis(redis) => redis.store_many(items).await,
+            Backend::Memory => Ok(items.iter().map(|_| Ok(StoreReply::Stored)).collect()),
         }
     }
 

@@ -131,7 +131,7 @@ impl Redis {
         Ok(reply)
     }
 
-    async fn still_current(&self, keys: &[String], pinned: &[Vec<u8>]) -> Result<bool, Fault> {
+    pub(super) async fn still_current(&self, keys: &[String], pinned: &[Vec<u8>]) -> Result<bool, Fault> {
         let mut mget = ::redis::cmd("MGET");
         mget.arg(keys);
         let current = self.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await?;
@@ -173,12 +173,12 @@ impl Redis {
     /// The version keys the scripts read themselves: all of them, or on a
     /// cluster only the prefix's, which shares the entry's slot. The others
     /// are pinned (see `scripts`).
-    fn versions_in_script<'k>(&self, keys: &'k EntryKeys<'_>) -> &'k [String] {
+    pub(super) fn versions_in_script<'k>(&self, keys: &'k EntryKeys<'_>) -> &'k [String] {
         let versions = &keys.versions[..];
         if self.connections.is_cluster() { &versions[..versions.len().min(1)] } else { versions }
     }
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

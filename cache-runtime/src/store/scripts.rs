@@ -89,8 +89,22 @@ pub(crate) enum StoreReply {
 
 impl StoreArgs<'_> {
     pub(crate) fn invocation(&self) -> redis::ScriptInvocation<'static> {
-        let mut invocation = STORE.key(self.entry);
+        let mut invocation = STORE.prepare_invoke();
+        self.write(&mut invocation);
         invocation
+    }
+
+    /// The same call as one command of a pipeline (`EVALSHA`).
+    pub(crate) fn command(&self) -> redis::Cmd {
+        let mut parts = Parts::default();
+        self.write(&mut parts);
+        parts.evalsha(&STORE)
+    }
+
+    /// The keys and arguments, in the script's order: written once for
+    /// both ways of sending it.
+    fn write(&self, to: &mut impl ScriptCall) {
+        to.key(self.entry)
             .key(self.lock)
             .key(self.version_keys)
             .arg(self.ttl_ms)
@@ -103,9 +117,8 @@ impl StoreArgs<'_> {
             .arg(self.channel)
             .arg(self.message);
         for version in self.observed {
-            invocation.arg(&version[..]);
+            to.arg(&version[..]);
         }
-        invocation
     }
 }
 
@@ -127,9 +140,8 @@ impl StoreReply {
 ///
 /// KEYS: entry, lock, version keys. ARGV: [`StoreArgs`].
 /// Returns 1 stored, 0 a version changed, 2 the entry changed.
-static STORE: LazyLock<redis::Script> = LazyLock::new(|| {
-    with_helpers(
-        r"
+static STORE: LazyLock<redis::Script> = LazyLock::new(|| with_helpers(STORE_BODY));
+const STORE_BODY: &str = r"
 local ttl_ms, head, payload, expect, token, times, now_ms, channel, message = unpack(ARGV, 1, 9)
 if token ~= '' and redis.call('GET', KEYS[2]) == token then redis.call('DEL', KEYS[2]) end
 local versions = {}
@@ -144,9 +156,7 @@ if digest(KEYS[1]) ~= expect then return 2 end
 redis.call('SET', KEYS[1], head .. times .. '|' .. payload, 'PX', ttl_ms)
 if channel ~= '' then redis.pcall('PUBLISH', channel, message) end
 return 1
-",
-    )
-});
+";
 
 /// [`LOCK`]'s arguments.
 pub(crate) struct LockArgs<'a> {
@@ -178,8 +188,20 @@ pub(crate) enum LockReply {
 
 impl LockArgs<'_> {
     pub(crate) fn invocation(&self) -> redis::ScriptInvocation<'static> {
-        let mut invocation = LOCK.key(self.entry);
+        let mut invocation = LOCK.prepare_invoke();
+        self.write(&mut invocation);
         invocation
+    }
+
+    /// The same call as one command of a pipeline (`EVALSHA`).
+    pub(crate) fn command(&self) -> redis::Cmd {
+        let mut parts = Parts::default();
+        self.write(&mut parts);
+        parts.evalsha(&LOCK)
+    }
+
+    fn write(&self, to: &mut impl ScriptCall) {
+        to.key(self.entry)
             .key(self.lock)
             .key(self.version_keys)
             .arg(self.head)
@@ -187,12 +209,11 @@ impl LockArgs<'_> {
             .arg(self.lock_ttl_ms)
             .arg(self.min_fresh_ms);
         for _ in self.version_keys {
-            invocation.arg(fresh_seed());
+            to.arg(fresh_seed());
         }
         for version in self.pinned {
-            invocation.arg(&version[..]);
+            to.arg(&version[..]);
         }
-        invocation
     }
 }
 
@@ -227,9 +248,8 @@ impl LockReply {
 ///
 /// KEYS: entry, lock, version keys. ARGV: [`LockArgs`]: head, token, lock
 /// ttl, min fresh, one fresh seed per version key, then the pinned versions.
-static LOCK: LazyLock<redis::Script> = LazyLock::new(|| {
-    with_helpers(
-        r"
+static LOCK: LazyLock<redis::Script> = LazyLock::new(|| with_helpers(LOCK_BODY));
+const LOCK_BODY: &str = r"
 local head, token, lock_ttl_ms, min_fresh_ms = unpack(ARGV, 1, 4)
 local versions = {}
 for i = 3, #KEYS do
@@ -250,9 +270,7 @@ if redis.call('SET', KEYS[2], token, 'NX', 'PX', lock_ttl_ms) then
   return {'lead', digest(KEYS[1]), unpack(versions)}
 end
 return {'wait'}
-",
-    )
-});
+";
 
 /// Gives namespaces that have no version yet a random one, and returns the
 /// versions of all keys. A namespace gets its version before anything is
@@ -357,6 +375,60 @@ return 0
     let mut invocation = DISCARD.key(entry);
     invocation.arg(expect);
     invocation
+}
+
+/// Where a script call's keys and arguments are written: an invocation
+/// (sent alone, `EVALSHA` then `EVAL` after `NOSCRIPT`), or the [`Parts`]
+/// of a pipelined `EVALSHA`.
+trait ScriptCall {
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self;
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self;
+}
+
+impl ScriptCall for redis::ScriptInvocation<'_> {
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        redis::ScriptInvocation::key(self, key)
+    }
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        redis::ScriptInvocation::arg(self, arg)
+    }
+}
+
+/// A script call's keys and arguments, for a pipeline: redis-rs sends an
+/// invocation only on its own.
+#[derive(Default)]
+struct Parts {
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall for Parts {
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+}
+
+impl Parts {
+    fn evalsha(self, script: &redis::Script) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(self.keys.len()).arg(self.keys).arg(self.args);
+        cmd
+    }
+}
+
+/// `SCRIPT LOAD` for the scripts a pipeline sends, after a `NOSCRIPT`
+/// (a restarted or flushed server).
+pub(crate) fn load_pipelined() -> [redis::Cmd; 2] {
+    [STORE_BODY, LOCK_BODY].map(|body| {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(format!("{HELPERS}{body}"));
+        cmd
+    })
 }
 
 /// A random starting version: far from 0, and below 2^52 so that no tool

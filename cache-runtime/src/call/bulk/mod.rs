@@ -1,0 +1,421 @@
+//! A bulk call: one call for many items (`#[cached(batch(ids))]`,
+//! `Cache::get_or_compute_many`), each item cached in an entry of its own,
+//! keyed as a single call with that item would be.
+//!
+//! A round looks up every item still wanted: the local tier, then one
+//! `MGET` of all entries and the shared version keys. Each missing item
+//! joins its flight in this process (`flight.rs`); the items this call
+//! leads take their stampede locks in one pipeline of `LOCK` scripts. The
+//! body then runs once, with the items this call holds the lock of (and,
+//! in the first round, those that cannot be cached), and their entries are
+//! stored in one pipeline of `STORE` scripts (`settle.rs`). Only then does
+//! the call wait for items that another caller is computing: it never
+//! waits while holding flights others wait for, so bulk calls with
+//! overlapping items cannot wait for each other in a circle. An item whose
+//! other caller failed, or whose lock another process holds, is looked up
+//! again in the next round; past the lock timeout the rest are computed
+//! without the lock. Usually there is one round and one body run.
+//!
+//! Each per-item step is the single call's own (`Call::judge`, the scripts,
+//! `Call::stored`), so entries, versions, digests and what waiters may be
+//! handed follow docs/CONSISTENCY.md exactly as for single calls.
+
+mod settle;
+
+use super::lock::{LockGuard, token};
+use super::{Call, Lookup, Observed, Seen, misconfiguration, now_ms};
+use crate::Cache;
+use crate::flight::{Leader, Role, Shared};
+use crate::keys::canonical::Unencodable;
+use crate::keys::{EntryKeys, KeyHash};
+use crate::observe::{Event, Observer, Outcome};
+use crate::output::{PlainOutput, Storage};
+use crate::policy::Plan;
+use crate::store::{LockRequest, Read};
+use serde::{Serialize, de::DeserializeOwned};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// What becomes of an item the body did not return.
+///
+/// ```
+/// use cache_runtime::{Absent, Policy};
+///
+/// // Unknown ids are asked for again on every call.
+/// let policy = Policy::new("users").absent(Absent::Skip);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Absent {
+    /// Cache that it is absent, like a value (the default): an id that
+    /// does not exist does not reach the body again until its entry
+    /// expires, is forgotten or invalidated.
+    #[default]
+    Cache,
+    /// Cache nothing for it: the next call asks the body again.
+    Skip,
+}
+
+/// One item of a bulk call and its key: the key a single call with this
+/// item in place of the items would have.
+pub(crate) struct Item<K> {
+    pub item: K,
+    pub key: Result<KeyHash, Unencodable>,
+}
+
+/// What a bulk call's body returned: the items it found, with their values.
+pub(crate) type Found<K, V, E> = Result<Vec<(K, V)>, E>;
+
+/// An item of the call, once duplicates are gone.
+struct Want<K, V> {
+    /// Ours until it is handed to the body.
+    item: Option<K>,
+    /// `None`: the item could not be encoded, so it is always computed.
+    hash: Option<KeyHash>,
+    /// `Some(None)`: known to be absent.
+    answer: Option<Option<V>>,
+}
+
+/// What one round decided for an item it led.
+pub(super) struct Led<'f> {
+    pub want: usize,
+    pub leader: Option<Leader<'f>>,
+    pub guard: Option<LockGuard>,
+    /// What the store is bound to; `None`: do not store.
+    pub observed: Option<Observed>,
+}
+
+const FIRST_POLL: Duration = Duration::from_millis(4);
+const MAX_POLL: Duration = Duration::from_millis(50);
+
+impl Cache {
+    /// The flow of a bulk call; see the module docs. Returns the distinct
+    /// items found, in the order first asked for.
+    pub(crate) async fn fetch_or_compute_many<K, V, E, F, Fut>(
+        &self,
+        plan: &Plan<'_>,
+        items: Vec<Item<K>>,
+        absent: Absent,
+        key_of: &(dyn Fn(&K) -> Result<KeyHash, Unencodable> + Sync),
+        body: F,
+    ) -> Found<K, V, E>
+    where
+        V: Serialize + DeserializeOwned,
+        F: FnMut(Vec<K>) -> Fut,
+        Fut: Future<Output = Found<K, V, E>>,
+    {
+        let mut wants: Vec<Want<K, V>> = Vec::with_capacity(items.len());
+        let mut seen: HashMap<KeyHash, usize> = HashMap::with_capacity(items.len());
+        let site = plan.site.get(self.view(), plan.prefix, plan.namespaces());
+        let mut unencodable = Vec::new();
+        for Item { item, key } in items {
+            match key {
+                Ok(hash) if seen.contains_key(&hash) => {}
+                Ok(hash) => {
+                    seen.insert(hash, wants.len());
+                    wants.push(Want { item: Some(item), hash: Some(hash), answer: None });
+                }
+                Err(e) => {
+                    unencodable.push(e.to_string());
+                    wants.push(Want { item: Some(item), hash: None, answer: None });
+                }
+            }
+        }
+        let observer = Observer::many(site, plan.prefix, self.warnings(), wants.len());
+        for why in unencodable {
+            let why = format!("prefix `{}`: {why}; computing this item without the cache", plan.prefix);
+            observer.event(Event::Unencodable(&why));
+        }
+        let span = observer.span.clone();
+        let flow = Bulk { cache: self, plan, observer: &observer, seen, absent, key_of };
+        let found = if span.is_disabled() {
+            Box::pin(flow.run(wants, body)).await
+        } else {
+            tracing::Instrument::instrument(Box::pin(flow.run(wants, body)), span).await
+        };
+        found.map(|wants| {
+            let hits = wants.len();
+            observer.span.record("hits", hits);
+            wants
+        })
+    }
+}
+
+/// A bulk call's context.
+struct Bulk<'c, K> {
+    cache: &'c Cache,
+    plan: &'c Plan<'c>,
+    observer: &'c Observer<'c>,
+    /// Where each distinct key's item is.
+    seen: HashMap<KeyHash, usize>,
+    absent: Absent,
+    key_of: &'c (dyn Fn(&K) -> Result<KeyHash, Unencodable> + Sync),
+}
+
+impl<K> Bulk<'_, K> {
+    async fn run<V, E, F, Fut>(self, mut wants: Vec<Want<K, V>>, mut body: F) -> Found<K, V, E>
+    where
+        V: Serialize + DeserializeOwned,
+        F: FnMut(Vec<K>) -> Fut,
+        Fut: Future<Output = Found<K, V, E>>,
+    {
+        let ttl = self.plan.ttl.or(self.cache.default_ttl());
+        let why = misconfiguration::<Option<V>>(self.plan, ttl, self.observer);
+        let (Some(ttl), None) = (ttl, &why) else {
+            if let Some(why) = why {
+                self.observer.misconfigured(&why);
+            }
+            let all: Vec<usize> = (0..wants.len()).collect();
+            self.compute(&mut wants, &all, Outcome::Bypass, &mut body).await?;
+            return Ok(self.merge(wants));
+        };
+        let storage = Storage::<Option<V>>::of::<PlainOutput<Option<V>>>();
+        let (keyed, hashes): (Vec<usize>, Vec<KeyHash>) =
+            wants.iter().enumerate().filter_map(|(i, want)| Some((i, want.hash?))).unzip();
+        let loose: Vec<usize> = (0..wants.len()).filter(|&i| wants[i].hash.is_none()).collect();
+        let version_keys = &self.observer.site.version_keys;
+        let keys: Vec<EntryKeys<'_>> = hashes
+            .into_iter()
+            .map(|hash| EntryKeys::new(self.cache.key_prefix(), self.plan.prefix, version_keys, hash))
+            .collect();
+        let calls: Vec<Call<'_, Option<V>>> = keys
+            .iter()
+            .map(|keys| Call::new(self.cache, self.plan, ttl, storage, keys.hash(), keys, self.observer))
+            .collect();
+        let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
+        let deadline = Instant::now() + lock_timeout;
+        let mut pending: Vec<usize> = (0..keyed.len()).collect();
+        let mut first = true;
+        let mut poll = FIRST_POLL;
+        while !pending.is_empty() || first {
+            // This round's lookup: the local tier, then one read of the rest.
+            let mut missed: Vec<(usize, Seen)> = Vec::new();
+            let mut unread = Vec::new();
+            for &c in &pending {
+                match calls[c].look_locally() {
+                    Ok(Lookup::Hit { output, .. }) => wants[keyed[c]].answer = Some(output),
+                    _ => unread.push(c),
+                }
+            }
+            let entries: Vec<&str> = unread.iter().map(|&c| keys[c].entry()).collect();
+            let read = if entries.is_empty() {
+                Ok(None)
+            } else {
+                self.cache.backend().read_many(&entries, version_keys).await.map(Some)
+            };
+            let read = match read {
+                Ok(read) => read,
+                Err(fault) => {
+                    // Redis is unavailable: everything left is computed,
+                    // and nothing is stored.
+                    self.observer.event(Event::Fault(&fault));
+                    let rest: Vec<usize> =
+                        unread.iter().map(|&c| keyed[c]).chain(if first { loose.clone() } else { Vec::new() }).collect();
+                    self.compute(&mut wants, &rest, Outcome::Bypass, &mut body).await?;
+                    return Ok(self.merge(wants));
+                }
+            };
+            if let Some(read) = read {
+                for (&c, entry) in unread.iter().zip(read.entries) {
+                    let read = Read { entry, versions: read.versions.clone() };
+                    match calls[c].judge(read, None).await {
+                        Lookup::Hit { output, .. } => wants[keyed[c]].answer = Some(output),
+                        Lookup::Miss(seen) => missed.push((c, seen)),
+                        Lookup::Unavailable => {}
+                    }
+                }
+            }
+            let past_deadline = Instant::now() >= deadline;
+            if past_deadline && !missed.is_empty() {
+                for _ in &missed {
+                    self.observer.event(Event::LockTimeout);
+                }
+            }
+            let mut led: Vec<Led<'_>> = Vec::new();
+            let mut waiting = Vec::new();
+            let mut retry = Vec::new();
+            if !self.plan.lock || past_deadline {
+                let observed = self.observed_all(&calls, &missed).await;
+                for ((c, _), observed) in missed.into_iter().zip(observed) {
+                    led.push(Led { want: c, leader: None, guard: None, observed });
+                }
+            } else {
+                let mut leaders = Vec::new();
+                for (c, _) in missed {
+                    match self.cache.flights().join(keys[c].entry()) {
+                        Role::Leader(leader) => leaders.push((c, leader)),
+                        Role::Waiter(waiter) => waiting.push((c, waiter)),
+                    }
+                }
+                let locked = self.lock_all(&calls, &keys, leaders).await;
+                for outcome in locked {
+                    match outcome {
+                        settle::Locked::Compute(item) => led.push(item),
+                        settle::Locked::Hit(c, output) => wants[keyed[c]].answer = Some(output),
+                        settle::Locked::Retry(c) => retry.push(c),
+                    }
+                }
+            }
+            // The body, once, for everything this round computes.
+            let mut run: Vec<usize> = led.iter().map(|item| keyed[item.want]).collect();
+            if first {
+                run.extend(&loose);
+            }
+            if !run.is_empty() {
+                for item in &led {
+                    if let Some(leader) = &item.leader {
+                        leader.computing();
+                    }
+                }
+                self.compute(&mut wants, &run, Outcome::Miss, &mut body).await?;
+                self.settle(&calls, &keyed, &mut wants, led).await;
+            }
+            first = false;
+            // Only now, holding nothing anyone waits for: the items other
+            // callers in this process are computing.
+            for (c, mut waiter) in waiting {
+                let call = &calls[c];
+                match Box::pin(call.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
+                    Ok(Some(Shared::Value(payload))) => {
+                        // The leader's own encoding: it may be over max_value_bytes.
+                        match (storage.decode)(&payload, self.plan.codec, usize::MAX) {
+                            Ok(output) => {
+                                self.observer.outcome(Outcome::Coalesced);
+                                wants[keyed[c]].answer = Some(output);
+                            }
+                            Err(_) => retry.push(c),
+                        }
+                    }
+                    Ok(Some(Shared::Stale) | None) => retry.push(c),
+                    Err(_) => {
+                        self.observer.event(Event::LockTimeout);
+                        retry.push(c);
+                    }
+                }
+            }
+            pending = retry.into_iter().filter(|&c| wants[keyed[c]].answer.is_none()).collect();
+            if !pending.is_empty() && Instant::now() < deadline {
+                // Another process holds some locks: give it time to store.
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(super::lead::jittered(poll).min(left)).await;
+                poll = (poll * 2).min(MAX_POLL);
+            }
+        }
+        Ok(self.merge(wants))
+    }
+
+    /// Runs the body with the items at `run` (indices into `wants`), and
+    /// records what it returned for each; an item it did not return is
+    /// absent.
+    async fn compute<V, E, F, Fut>(
+        &self,
+        wants: &mut [Want<K, V>],
+        run: &[usize],
+        outcome: Outcome,
+        body: &mut F,
+    ) -> Result<(), E>
+    where
+        F: FnMut(Vec<K>) -> Fut,
+        Fut: Future<Output = Found<K, V, E>>,
+    {
+        let items: Vec<K> = run.iter().filter_map(|&i| wants[i].item.take()).collect();
+        for _ in run {
+            self.observer.outcome(outcome);
+        }
+        let found = crate::scope::normally(body(items)).await?;
+        for &i in run {
+            wants[i].answer = Some(None);
+        }
+        for (item, value) in found {
+            // Matched by key, the item's identity: the body may return
+            // items in any order, and `K` need not be `Eq` or `Hash`.
+            let at = match (self.key_of)(&item) {
+                Ok(hash) => self.seen.get(&hash).copied(),
+                Err(_) => run.iter().copied().find(|&i| wants[i].hash.is_none() && wants[i].item.is_none()),
+            };
+            if let Some(at) = at.filter(|at| run.contains(at)) {
+                wants[at].item = Some(item);
+                wants[at].answer = Some(Some(value));
+            }
+        }
+        Ok(())
+    }
+
+    /// The items found, in the order first asked for.
+    fn merge<V>(&self, wants: Vec<Want<K, V>>) -> Vec<(K, V)> {
+        wants
+            .into_iter()
+            .filter_map(|want| match (want.item, want.answer) {
+                (Some(item), Some(Some(value))) => Some((item, value)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl LockGuard {
+    /// A guard for an item's lock, armed before the lock is asked for.
+    fn for_item<R>(call: &Call<'_, R>) -> Self {
+        LockGuard::new(call.cache, call.keys.lock(), token())
+    }
+}
+
+impl LockRequest<'_> {
+    fn for_guard<'g>(guard: &'g LockGuard, ttl: Duration) -> LockRequest<'g> {
+        LockRequest { lock: &guard.lock, token: &guard.token, ttl, min_fresh_ms: now_ms() }
+    }
+}
+
+impl<K> Bulk<'_, K> {
+    /// What each unlocked computation is bound to: the versions seen,
+    /// seeded once for all items.
+    async fn observed_all<R>(&self, calls: &[Call<'_, R>], missed: &[(usize, Seen)]) -> Vec<Option<Observed>> {
+        let Some((c, seen)) = missed.first() else { return Vec::new() };
+        let seeded = self.cache.backend().seed_missing(calls[*c].keys, seen.versions.clone()).await;
+        let versions = match seeded {
+            Ok(versions) => Some(versions),
+            Err(fault) => {
+                self.observer.event(Event::Fault(&fault));
+                None
+            }
+        };
+        missed
+            .iter()
+            .map(|(_, seen)| versions.clone().map(|versions| Observed { versions, entry: seen.entry.clone() }))
+            .collect()
+    }
+
+    /// Takes the lock of every item this call leads, in one round trip.
+    async fn lock_all<'f, R>(
+        &self,
+        calls: &[Call<'_, R>],
+        keys: &[EntryKeys<'_>],
+        leaders: Vec<(usize, Leader<'f>)>,
+    ) -> Vec<settle::Locked<'f, R>> {
+        if leaders.is_empty() {
+            return Vec::new();
+        }
+        let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
+        // Armed before asking: a call dropped while the scripts run may
+        // hold locks without having heard so.
+        let guards: Vec<LockGuard> = leaders.iter().map(|(c, _)| LockGuard::for_item(&calls[*c])).collect();
+        let requests: Vec<(&EntryKeys<'_>, LockRequest<'_>)> = leaders
+            .iter()
+            .zip(&guards)
+            .map(|((c, _), guard)| (&keys[*c], LockRequest::for_guard(guard, lock_timeout)))
+            .collect();
+        let replies = self.cache.backend().lock_many(&requests, &self.plan.codec.lock_head()).await;
+        drop(requests);
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(fault) => {
+                self.observer.event(Event::Fault(&fault));
+                leaders.iter().map(|_| Err(fault.clone())).collect()
+            }
+        };
+        let mut locked = Vec::with_capacity(leaders.len());
+        for (((c, leader), guard), reply) in leaders.into_iter().zip(guards).zip(replies) {
+            locked.push(settle::locked(&calls[c], c, leader, guard, reply).await);
+        }
+        locked
+    }
+}

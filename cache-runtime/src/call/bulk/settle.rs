@@ -1,0 +1,175 @@
+//! A bulk call's items from their lock to their stored entries: what each
+//! item's `LOCK` reply means for it, and one pipeline of `STORE` scripts
+//! for everything the body computed, each settled as a single call's
+//! store is (`Call::stored`): kept locally, shared with waiters only when
+//! a store checked it or nothing changed since.
+
+use super::super::finish::{Entry, Storable};
+use super::super::lock::LockGuard;
+use super::super::{Call, Observed};
+use super::{Absent, Bulk, Led, Want};
+use crate::error::Fault;
+use crate::flight::{Leader, Shared};
+use crate::keys::EntryKeys;
+use crate::observe::{Event, Outcome};
+use crate::store::{LockReply, StoreMode, StoreRequest, digest};
+use std::sync::Arc;
+
+/// What an item's lock came to.
+pub(super) enum Locked<'f, R> {
+    /// This call computes it.
+    Compute(Led<'f>),
+    /// Stored by someone else since the read.
+    Hit(usize, R),
+    /// Someone else holds the lock, or the entry needs another look.
+    Retry(usize),
+}
+
+/// What the lock reply `reply` means for the item `c` this call leads.
+pub(super) async fn locked<'f, R>(
+    call: &Call<'_, R>,
+    c: usize,
+    leader: Leader<'f>,
+    mut guard: LockGuard,
+    reply: Result<LockReply, Fault>,
+) -> Locked<'f, R> {
+    match reply {
+        Ok(LockReply::Lead { observed, versions }) => Locked::Compute(Led {
+            want: c,
+            leader: Some(leader),
+            guard: Some(guard),
+            observed: Some(Observed { versions, entry: observed }),
+        }),
+        Ok(LockReply::Hit(entry)) => {
+            guard.disarm();
+            let Some(stored) = call.parse(&entry) else { return Locked::Retry(c) };
+            let Some((output, payload)) = call.open(&stored) else {
+                // Current header, undecodable payload: remove it, so the
+                // next round's lock can replace it.
+                Box::pin(call.discard_corrupt(&digest(Some(&entry)))).await;
+                return Locked::Retry(c);
+            };
+            call.observer.outcome(Outcome::Hit);
+            let payload = Arc::new(payload.into_owned());
+            call.keep_locally(&payload, stored.times, false);
+            // Current when the lock script read it: shared with those who
+            // joined before, unless a write in this process came since.
+            leader.close();
+            let fresh = call.cache.fence() == call.fence;
+            leader.finish(if fresh { Shared::Value(payload) } else { Shared::Stale });
+            Locked::Hit(c, output)
+        }
+        Ok(LockReply::Wait) => {
+            guard.disarm();
+            call.observer.event(Event::LockWait);
+            // Dropping the leader lets this process's waiters look again
+            // too; the next round reads what the holder stored.
+            Locked::Retry(c)
+        }
+        // The script may have run: the guard, dropped armed, releases a
+        // lock we may hold. Computed without storing, shared in-process.
+        Err(_) => Locked::Compute(Led { want: c, leader: Some(leader), guard: None, observed: None }),
+    }
+}
+
+/// One item's store, ready for the pipeline.
+struct Ready<'f> {
+    c: usize,
+    entry: Entry,
+    observed: Observed,
+    leader: Option<Leader<'f>>,
+    guard: Option<LockGuard>,
+    share: bool,
+}
+
+impl<K> Bulk<'_, K> {
+    /// Stores what the body computed for the items in `led`, in one round
+    /// trip, releases their locks and hands waiters what they may have.
+    pub(super) async fn settle<V>(
+        &self,
+        calls: &[Call<'_, Option<V>>],
+        keyed: &[usize],
+        wants: &mut [Want<K, V>],
+        led: Vec<Led<'_>>,
+    ) {
+        let mut ready = Vec::with_capacity(led.len());
+        for Led { want: c, leader, mut guard, observed } in led {
+            let call = &calls[c];
+            // Nothing more joins: every waiter handed a value joined before
+            // the check below.
+            if let Some(leader) = &leader {
+                leader.close();
+            }
+            let share = leader.as_ref().is_some_and(Leader::has_waiters);
+            let answer = wants[keyed[c]].answer.as_ref();
+            let encoded = match answer {
+                Some(None) if self.absent == Absent::Skip => None,
+                Some(answer) => (call.storage.encode)(answer, self.plan.codec),
+                None => None,
+            };
+            let payload = match call.storable(encoded) {
+                Storable::Payload(payload) => payload,
+                Storable::Unstored(payload) => {
+                    release(call, guard.as_mut()).await;
+                    let shared = call.share_unverified(share, payload, observed.as_ref()).await;
+                    finish(leader, shared);
+                    continue;
+                }
+                // Not stored: its waiters look again (dropping the leader).
+                Storable::Nothing => {
+                    release(call, guard.as_mut()).await;
+                    continue;
+                }
+            };
+            let Some(observed) = observed else {
+                let shared = call.share_unverified(share, payload, None).await;
+                finish(leader, shared);
+                continue;
+            };
+            ready.push(Ready { c, entry: Entry::new(call, &payload), observed, leader, guard, share });
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let requests: Vec<(&EntryKeys<'_>, StoreRequest<'_>)> = ready
+            .iter()
+            .map(|r| {
+                let held = r.guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
+                (calls[r.c].keys, r.entry.request(&calls[r.c], StoreMode::Fill, &r.observed, held))
+            })
+            .collect();
+        let replies = match self.cache.backend().store_many(&requests).await {
+            Ok(replies) => replies,
+            Err(fault) => requests.iter().map(|_| Err(fault.clone())).collect(),
+        };
+        drop(requests);
+        for (Ready { c, entry, observed, leader, mut guard, share }, reply) in ready.into_iter().zip(replies) {
+            let call = &calls[c];
+            let (released, shared, _) = call.stored(reply, entry, StoreMode::Fill, &observed, share).await;
+            if let Some(guard) = guard.as_mut() {
+                if released {
+                    guard.disarm();
+                } else {
+                    release(call, Some(guard)).await;
+                }
+            }
+            finish(leader, shared);
+        }
+    }
+}
+
+/// Releases a lock that no store released.
+async fn release<R>(call: &Call<'_, R>, guard: Option<&mut LockGuard>) {
+    if let Some(guard) = guard {
+        call.cache.release_lock(&guard.lock, &guard.token).await;
+        guard.disarm();
+    }
+}
+
+/// Hands waiters what they may have; with nothing, dropping the leader
+/// lets one of them take over.
+fn finish(leader: Option<Leader<'_>>, shared: Option<Shared>) {
+    if let (Some(leader), Some(shared)) = (leader, shared) {
+        leader.finish(shared);
+    }
+}

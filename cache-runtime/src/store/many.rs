@@ -1,0 +1,183 @@
+//! Redis for a bulk call (many items, one entry each): one `MGET` of every
+//! entry and the shared version keys, the stampede locks of the missing
+//! items as one pipeline of `LOCK` scripts, and their stores as one
+//! pipeline of `STORE` scripts. Each script is the one a single call runs,
+//! so every lock and store keeps its checks (docs/CONSISTENCY.md); only the
+//! round trips are shared. An entry and its lock share their prefix's hash
+//! tag, so on a cluster a pipeline goes to one slot.
+
+use super::Redis;
+use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreReply};
+use super::{LockRequest, StoreMode, StoreRequest};
+use crate::error::Fault;
+use crate::keys::EntryKeys;
+use redis::Value;
+
+/// What one `MGET` of a bulk call found: each entry's bytes, in the order
+/// asked, and the versions of the namespaces they share.
+pub(crate) struct ReadMany {
+    pub entries: Vec<Option<Vec<u8>>>,
+    pub versions: Vec<Option<Vec<u8>>>,
+}
+
+impl Redis {
+    /// One `MGET` of `entries` and then `versions`.
+    pub(crate) async fn read_many(&self, entries: &[&str], versions: &[String]) -> Result<ReadMany, Fault> {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(entries).arg(versions);
+        let mut values = self.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await?;
+        if values.len() != entries.len() + versions.len() {
+            return Err(Fault::Server("MGET replied with the wrong count".to_owned()));
+        }
+        let versions = values.split_off(entries.len());
+        Ok(ReadMany { entries: values, versions })
+    }
+
+    /// The lock of each item, one `LOCK` script each, in one pipeline; on a
+    /// cluster the tag versions are read (and pinned) once for all.
+    pub(crate) async fn lock_many(
+        &self,
+        items: &[(&EntryKeys<'_>, LockRequest<'_>)],
+        head: &[u8],
+    ) -> Result<Vec<Result<LockReply, Fault>>, Fault> {
+        let Some((first, _)) = items.first() else { return Ok(Vec::new()) };
+        let in_script = self.versions_in_script(first).len();
+        let pinned = match &first.versions[in_script..] {
+            [] => Vec::new(),
+            others => self.seed_versions(others).await?,
+        };
+        let commands = items.iter().map(|(keys, request)| {
+            LockArgs {
+                entry: keys.entry(),
+                lock: request.lock,
+                version_keys: &keys.versions[..in_script],
+                head,
+                token: request.token,
+                lock_ttl_ms: super::remote::millis(request.ttl),
+                min_fresh_ms: request.min_fresh_ms,
+                pinned: &pinned,
+            }
+            .command()
+        });
+        let replies = self.pipelined(commands.collect()).await?;
+        let versions = first.versions.len();
+        Ok(replies
+            .into_iter()
+            .map(|reply| {
+                let reply = reply?;
+                let parsed = redis::FromRedisValue::from_redis_value(reply).ok();
+                parsed
+                    .and_then(|reply| LockReply::parse(reply, versions))
+                    .ok_or_else(|| Fault::Server("the lock script replied in an unexpected shape".to_owned()))
+            })
+            .collect())
+    }
+
+    /// Stores each item's entry with its own `STORE` script, in one
+    /// pipeline; on a cluster, then checks the pinned tag versions once.
+    pub(crate) async fn store_many(
+        &self,
+        items: &[(&EntryKeys<'_>, StoreRequest<'_>)],
+    ) -> Result<Vec<Result<StoreReply, Fault>>, Fault> {
+        let Some(first) = items.first() else { return Ok(Vec::new()) };
+        let in_script = self.versions_in_script(first.0).len();
+        let messages: Vec<String> = items
+            .iter()
+            .map(|(_, request)| match request.mode {
+                StoreMode::Replace => self.channel.entry_message(request.hash),
+                StoreMode::Fill => String::new(),
+            })
+            .collect();
+        let commands = items.iter().zip(&messages).map(|((keys, request), message)| {
+            let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
+            let channel = if request.mode == StoreMode::Replace { self.channel.name.as_str() } else { "" };
+            StoreArgs {
+                entry: keys.entry(),
+                lock,
+                version_keys: &keys.versions[..in_script],
+                ttl_ms: request.ttl_ms,
+                head: request.head,
+                payload: request.payload,
+                expect: request.observed_entry,
+                token,
+                times: request.times,
+                now_ms: request.now_ms,
+                channel,
+                message,
+                observed: request.observed,
+            }
+            .command()
+        });
+        let replies = self.pipelined(commands.collect()).await?;
+        let mut replies: Vec<Result<StoreReply, Fault>> = replies
+            .into_iter()
+            .map(|reply| {
+                let reply = reply?;
+                redis::FromRedisValue::from_redis_value(reply)
+                    .map(StoreReply::parse)
+                    .map_err(|_| Fault::Server("the store script replied in an unexpected shape".to_owned()))
+            })
+            .collect();
+        let pinned_keys = &first.0.versions[in_script..];
+        if !pinned_keys.is_empty() && replies.iter().any(|r| matches!(r, Ok(StoreReply::Stored))) {
+            // Every item of a call pins the tag versions it read once.
+            let pinned = first.1.observed.get(in_script..).unwrap_or_default();
+            let current = self.still_current(pinned_keys, pinned).await?;
+            for (reply, (_, request)) in replies.iter_mut().zip(items) {
+                let same = request.observed.get(in_script..).unwrap_or_default() == pinned;
+                if matches!(reply, Ok(StoreReply::Stored)) && !(current && same) {
+                    *reply = Ok(StoreReply::VersionChanged);
+                }
+            }
+        }
+        Ok(replies)
+    }
+
+    /// Sends `commands` as one pipeline. A server that lost the scripts
+    /// (restarted, flushed) answers `NOSCRIPT` to each: those are sent
+    /// again after loading the scripts, in one more round trip. The
+    /// commands it answered otherwise ran, and are not sent again.
+    async fn pipelined(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Result<Value, Fault>>, Fault> {
+        let mut pipeline = redis::pipe();
+        pipeline.ignore_errors();
+        for command in &commands {
+            pipeline.add_command(command.clone());
+        }
+        let mut replies = self.pipeline(&pipeline, commands.len()).await?;
+        let missing: Vec<usize> = (0..replies.len()).filter(|&i| no_script(&replies[i])).collect();
+        if !missing.is_empty() {
+            let mut again = redis::pipe();
+            again.ignore_errors();
+            let loads = scripts::load_pipelined();
+            for load in &loads {
+                again.add_command(load.clone());
+            }
+            for &i in &missing {
+                again.add_command(commands[i].clone());
+            }
+            let retried = self.pipeline(&again, loads.len() + missing.len()).await?;
+            for (&i, reply) in missing.iter().zip(retried.into_iter().skip(loads.len())) {
+                replies[i] = reply;
+            }
+        }
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::ServerError(e) => Err(Fault::Server(format!("{e:?}"))),
+                other => Ok(other),
+            })
+            .collect())
+    }
+
+    async fn pipeline(&self, pipeline: &redis::Pipeline, count: usize) -> Result<Vec<Value>, Fault> {
+        let replies = self.connections.run(|conn| conn.pipeline(pipeline)).await?;
+        if replies.len() != count {
+            return Err(Fault::Server("a pipeline replied with the wrong count".to_owned()));
+        }
+        Ok(replies)
+    }
+}
+
+fn no_script(reply: &Value) -> bool {
+    matches!(reply, Value::ServerError(e) if e.code() == "NOSCRIPT")
+}
