@@ -9,8 +9,8 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
-const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, compress, cache, version, tags, lock, lock_timeout, local, local_ttl, \
-                    refresh_ahead, stale_if_error, crate";
+const ARGS: &str = "ttl, prefix, jitter, skip, key, codec, compress, cache, version, tags, lock, lock_timeout, local, \
+                    local_ttl, refresh_ahead, stale_if_error, batch, absent, crate";
 pub(crate) const MAX_JITTER: f64 = 0.5;
 
 /// The validated arguments.
@@ -42,6 +42,13 @@ pub(crate) struct CachedArgs {
     /// `crate = "path"`: where the runtime is, when it is renamed or
     /// re-exported.
     pub crate_path: Option<syn::Path>,
+    /// `batch(param)`: the parameter holding the items of a bulk call.
+    pub batch: Option<Ident>,
+    /// `absent = "cache" | "skip"`: whether an item the body did not
+    /// return is cached as absent; `true` for "skip".
+    pub skip_absent: Option<bool>,
+    /// Where `absent` was written.
+    pub absent_span: Option<Span>,
 }
 
 #[derive(Clone, Copy)]
@@ -136,6 +143,23 @@ impl Parse for CachedArgs {
         {
             errors.at(span, "`local_ttl` is longer than `ttl`: an entry leaves the local tier when it expires");
         }
+        if let Some(batch) = &args.batch {
+            let why = "cannot be combined with `batch`";
+            if let Some(key) = &args.key {
+                errors.push(syn::Error::new_spanned(
+                    key,
+                    format!("`key` {why}: each item's key is the other arguments plus the item"),
+                ));
+            }
+            if let Some(span) = args.refresh_ahead_span {
+                errors.at(span, format!("`refresh_ahead` {why} (not supported for bulk calls yet)"));
+            }
+            if args.stale_if_error_secs.is_some() {
+                errors.at(batch.span(), format!("`stale_if_error` {why} (not supported for bulk calls yet)"));
+            }
+        } else if let Some(span) = args.absent_span {
+            errors.at(span, "`absent` only applies to `batch(...)` functions");
+        }
         if let (Some(key), Some(span)) = (&args.key, args.skip_span) {
             let mut e =
                 syn::Error::new(span, "`skip` has no effect together with `key`: `key` alone decides what is hashed");
@@ -221,6 +245,33 @@ impl CachedArgs {
             }
             ("cache", RawValue::Assign(expr)) => self.cache = Some(expr),
             ("crate", RawValue::Assign(expr)) => self.crate_path = Some(crate_path(&expr)?),
+            ("absent", RawValue::Assign(expr)) => {
+                let lit = string(&expr, "absent")?;
+                self.absent_span = Some(span);
+                self.skip_absent = Some(match lit.value().as_str() {
+                    "cache" => false,
+                    "skip" => true,
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            lit,
+                            format!("unknown `absent` choice `{other}`: expected \"cache\" or \"skip\""),
+                        ));
+                    }
+                });
+            }
+            ("batch", RawValue::List(list)) => {
+                let mut names = list.iter();
+                match (names.next().map(parameter_name), names.next()) {
+                    (Some(Some(ident)), None) => self.batch = Some(ident),
+                    (Some(None), _) => {
+                        return Err(syn::Error::new_spanned(&list[0], "expected the name of the items' parameter"));
+                    }
+                    (None, _) => return Err(syn::Error::new(span, "`batch` names one parameter: `batch(ids)`")),
+                    (_, Some(extra)) => {
+                        return Err(syn::Error::new_spanned(extra, "`batch` names one parameter: `batch(ids)`"));
+                    }
+                }
+            }
             ("skip", RawValue::List(list)) => {
                 self.skip_span = Some(span);
                 let mut errors = Errors::default();
@@ -247,12 +298,12 @@ impl CachedArgs {
             }
             (
                 "ttl" | "version" | "jitter" | "prefix" | "codec" | "compress" | "key" | "cache" | "lock"
-                | "lock_timeout" | "local" | "local_ttl" | "refresh_ahead" | "stale_if_error" | "crate",
+                | "lock_timeout" | "local" | "local_ttl" | "refresh_ahead" | "stale_if_error" | "crate" | "absent",
                 _,
             ) => {
                 return Err(syn::Error::new(span, format!("expected `{name} = ...`")));
             }
-            ("skip" | "tags", _) => return Err(syn::Error::new(span, format!("expected `{name}(...)`"))),
+            ("skip" | "tags" | "batch", _) => return Err(syn::Error::new(span, format!("expected `{name}(...)`"))),
             _ => return Err(syn::Error::new(span, format!("unknown argument `{name}`; expected one of: {ARGS}"))),
         }
         Ok(())

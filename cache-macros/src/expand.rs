@@ -40,8 +40,9 @@ pub(crate) fn expand(args: CachedArgs, function: &CachedFn) -> syn::Result<Token
     if args.refresh_ahead.is_some() {
         check_owned_inputs(function, &mut errors);
     }
+    let batch = crate::bulk::find(&args, function, &mut errors);
     errors.finish()?;
-    Ok(emit(&args, function, key_parts))
+    Ok(emit(&args, function, key_parts, batch.as_ref()))
 }
 
 /// What to hash; mistakes are recorded in `errors`.
@@ -150,7 +151,12 @@ fn as_ident(expr: &syn::Expr) -> Option<&Ident> {
     }
 }
 
-fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> TokenStream {
+fn emit(
+    args: &CachedArgs,
+    function: &CachedFn,
+    key_parts: KeyParts<'_>,
+    batch: Option<&crate::bulk::Batch<'_>>,
+) -> TokenStream {
     let CachedFn { outer_attrs, vis, sig, inner_attrs, body: stmts, .. } = function;
     let krate = args.crate_path(Span::call_site());
     let hygienic = |name: &str| Ident::new(name, Span::mixed_site());
@@ -192,14 +198,21 @@ fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> Toke
         }
         _ => None,
     });
-    let args_chain: Vec<TokenStream> = match key_parts {
-        KeyParts::Expr(expr) => {
+    let chain = |parts: Vec<(Ident, Span)>| -> Vec<TokenStream> {
+        parts.into_iter().map(|(ident, span)| quote_spanned! {span=> .and_then(|#h| #h.arg(&#ident)) }).collect()
+    };
+    // A bulk call hashes the arguments before its items here, and those
+    // after them into a tail: each item's key goes in between.
+    let (args_chain, tail_chain) = match (key_parts, batch) {
+        (KeyParts::Expr(expr), _) => {
             let span = expr.span();
-            vec![quote_spanned! {span=> .and_then(|#h| #h.arg(&(#expr))) }]
+            (vec![quote_spanned! {span=> .and_then(|#h| #h.arg(&(#expr))) }], Vec::new())
         }
-        KeyParts::Params(parts) => {
-            parts.into_iter().map(|(ident, span)| quote_spanned! {span=> .and_then(|#h| #h.arg(&#ident)) }).collect()
+        (KeyParts::Params(parts), Some(batch)) => {
+            let (before, after) = crate::bulk::around(parts, batch.ident);
+            (chain(before), chain(after))
         }
+        (KeyParts::Params(parts), None) => (chain(parts), Vec::new()),
     };
 
     let prefix = match &args.prefix {
@@ -268,19 +281,32 @@ fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> Toke
             })
         }
     };
-    let body = quote! {
-        async move {
-            // Pins the block's output type, so `?` and `return` in the
-            // body infer exactly as they did in the function.
-            #[allow(unreachable_code, clippy::diverging_sub_expression)]
-            if false {
-                let __cache_unreachable: #output = loop {};
-                return __cache_unreachable;
-            }
-            #stmts
+    let statements = quote! {
+        // Pins the block's output type, so `?` and `return` in the
+        // body infer exactly as they did in the function.
+        #[allow(unreachable_code, clippy::diverging_sub_expression)]
+        if false {
+            let __cache_unreachable: #output = loop {};
+            return __cache_unreachable;
         }
+        #stmts
     };
-    let call = if args.refresh_ahead.is_some() {
+    let body = quote! { async move { #statements } };
+    let tail = hygienic("__cache_tail");
+    let call = if let Some(batch) = batch {
+        let emit = crate::bulk::Emit {
+            krate: &krate,
+            output: &output,
+            output_span,
+            cache_ref: &cache_ref,
+            site: &site,
+            head: &key,
+            tail: &tail,
+            skip_absent: args.skip_absent.unwrap_or(false),
+            body: &statements,
+        };
+        crate::bulk::call(batch, emit)
+    } else if args.refresh_ahead.is_some() {
         // The closure owns the arguments, so the body can run again in a
         // background task after this call has returned.
         quote! { #krate::__private::call_renewable(#cache_ref, &#site, #key, #kind, move || #body).await }
@@ -288,6 +314,22 @@ fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> Toke
         quote! { #krate::__private::call(#cache_ref, &#site, #key, #kind, #body).await }
     };
 
+    // A single call's key, or a bulk call's hasher before its items.
+    let (finish, bind_tail, bind_kind) = match batch {
+        Some(_) => (
+            quote! { .map(|#h| #h.clone()) },
+            quote! {
+                let #tail = {
+                    let mut #hasher = #krate::__private::KeyTail::new();
+                    ::core::result::Result::Ok::<_, #krate::Unencodable>(&mut #hasher)
+                        #(#tail_chain)*
+                        .map(|#h| #h.clone())
+                };
+            },
+            quote! {},
+        ),
+        None => (quote! { .map(|#h| #h.finish()) }, quote! {}, quote! { let #kind = #select_kind; }),
+    };
     quote! {
         #(#outer_attrs)*
         #vis #sig {
@@ -305,9 +347,10 @@ fn emit(args: &CachedArgs, function: &CachedFn, key_parts: KeyParts<'_>) -> Toke
                 ::core::result::Result::Ok::<_, #krate::Unencodable>(&mut #hasher)
                     #(#const_params)*
                     #(#args_chain)*
-                    .map(|#h| #h.finish())
+                    #finish
             };
-            let #kind = #select_kind;
+            #bind_tail
+            #bind_kind
             static #cell: #krate::__private::SiteCell = #krate::__private::SiteCell::new();
             static #site: #krate::__private::Plan<'static> = #krate::__private::Plan {
                 prefix: #prefix,

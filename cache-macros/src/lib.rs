@@ -9,6 +9,7 @@
 //! version.
 
 mod attr;
+mod bulk;
 mod expand;
 mod item;
 

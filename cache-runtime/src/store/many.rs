@@ -133,6 +133,16 @@ impl Redis {
         Ok(replies)
     }
 
+    /// Releases the locks a failed bulk call holds, in one round trip.
+    pub(crate) async fn release_many(&self, held: &[(&str, &str)]) -> Result<(), Fault> {
+        let mut pipeline = redis::pipe();
+        pipeline.ignore_errors();
+        for (lock, token) in held {
+            pipeline.add_command(scripts::release_command(lock, token));
+        }
+        self.pipeline(&pipeline, held.len()).await.map(drop)
+    }
+
     /// Sends `commands` as one pipeline. A server that lost the scripts
     /// (restarted, flushed) answers `NOSCRIPT` to each: those are sent
     /// again after loading the scripts, in one more round trip. The

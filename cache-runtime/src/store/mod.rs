@@ -162,6 +162,14 @@ impl Backend {
         }
     }
 
+    /// Releases locks a bulk call holds, when no store did.
+    pub(crate) async fn release_many(&self, held: &[(&str, &str)]) -> Result<(), Fault> {
+        match self {
+            Backend::Redis(redis) if !held.is_empty() => redis.release_many(held).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Releases a lock we hold, when no store did.
     pub(crate) async fn release(&self, lock: &str, token: &str) -> Result<(), Fault> {
         match self {

@@ -297,18 +297,24 @@ return redis.call('MGET', unpack(KEYS))
 /// Releases a stampede lock only if the caller still holds it: a plain DEL
 /// could delete a lock that expired and was taken by someone else.
 pub(crate) fn release(lock: &str, token: &str) -> redis::ScriptInvocation<'static> {
-    static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-        redis::Script::new(
-            r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-",
-        )
-    });
+    static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE_BODY));
     let mut invocation = RELEASE.key(lock);
     invocation.arg(token);
     invocation
 }
+
+/// [`release`] as one command of a pipeline: `EVAL`, since a failed bulk
+/// call releasing its locks should not depend on the script being loaded.
+pub(crate) fn release_command(lock: &str, token: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(RELEASE_BODY).arg(1).arg(lock).arg(token);
+    cmd
+}
+
+const RELEASE_BODY: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
 
 /// Bumps a namespace's version and announces it to local tiers; a missing
 /// version starts from a random seed rather than from 1, which an evicted

@@ -266,7 +266,12 @@ impl<K> Bulk<'_, K> {
                         leader.computing();
                     }
                 }
-                self.compute(&mut wants, &run, Outcome::Miss, &mut body).await?;
+                if let Err(e) = self.compute(&mut wants, &run, Outcome::Miss, &mut body).await {
+                    // Nothing to store: the locks go now, and dropping the
+                    // leaders lets their waiters take over.
+                    self.release(led).await;
+                    return Err(e);
+                }
                 self.settle(&calls, &keyed, &mut wants, led).await;
             }
             first = false;
@@ -338,6 +343,19 @@ impl<K> Bulk<'_, K> {
             }
         }
         Ok(())
+    }
+
+    /// Releases the locks of items that will not be stored.
+    async fn release(&self, led: Vec<Led<'_>>) {
+        let mut guards: Vec<LockGuard> = led.into_iter().filter_map(|item| item.guard).collect();
+        let held: Vec<(&str, &str)> = guards.iter().map(|g| (g.lock.as_str(), g.token.as_str())).collect();
+        let released = self.cache.backend().release_many(&held).await;
+        drop(held);
+        match released {
+            Ok(()) => guards.iter_mut().for_each(LockGuard::disarm),
+            // Dropped armed, the guards try again from a task.
+            Err(fault) => self.observer.event(Event::Fault(&fault)),
+        }
     }
 
     /// The items found, in the order first asked for.
