@@ -90,10 +90,13 @@ pub(crate) fn call(batch: &Batch<'_>, emit: Emit<'_>) -> TokenStream {
                     let #mutable #ident = &#owned;
                 },
             };
-            (quote_spanned! {ty_span=> ::core::iter::Iterator::cloned(::core::iter::IntoIterator::into_iter(#ident)) }, rebuild)
+            let read = quote_spanned! {ty_span=>
+                ::core::iter::Iterator::collect(::core::iter::Iterator::cloned(::core::iter::IntoIterator::into_iter(#ident)))
+            };
+            (read, rebuild)
         }
         _ => (
-            quote_spanned! {ty_span=> ::core::iter::IntoIterator::into_iter(#ident) },
+            quote_spanned! {ty_span=> ::core::iter::Iterator::collect(::core::iter::IntoIterator::into_iter(#ident)) },
             quote_spanned! {ty_span=> let #mutable #ident: #ty = ::core::iter::FromIterator::from_iter(#missing); },
         ),
     };
@@ -109,14 +112,14 @@ pub(crate) fn call(batch: &Batch<'_>, emit: Emit<'_>) -> TokenStream {
             #[allow(unused_imports)]
             use #krate::__private::{ManyPlainTag as _, ManyResultTag as _};
             (&#krate::__private::Tag::<#output>::new()).many_kind()
-        }, &#items)
+        }, #items)
     };
     let absent = if skip_absent { quote! { Skip } } else { quote! { Cache } };
     quote! {
-        let #items = #read;
+        let #items: ::std::vec::Vec<_> = #read;
         let #kind = #select_kind;
         #krate::__private::call_many(
-            #cache_ref, &#site, #head, #tail, #items, #kind, #krate::__private::Absent::#absent,
+            #cache_ref, &#site, #head, #tail, #kind, #krate::__private::Absent::#absent,
             move |#missing| {
                 #(#copies)*
                 async move {

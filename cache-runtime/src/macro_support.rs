@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use crate::Cache;
-use crate::call::{Body, Intent, Now};
+use crate::call::{Body, Intent, Item, Now};
 use crate::keys::canonical::Unencodable;
 use crate::scope::{self, Mode};
 use crate::warnings::{Cause, PROCESS_WARNINGS};
@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 pub use crate::call::Renewable;
 pub use crate::codec::Codec;
 pub use crate::keys::{KeyHash, KeyHasher, KeyTail};
-pub use crate::output::{ManyKind, ManyPlain, ManyResult, OutputKind, PlainOutput, ResultOutput, Storage};
+pub use crate::output::{ItemMap, ManyKind, ManyPlain, ManyResult, OutputKind, PlainOutput, ResultOutput, Storage};
 pub use crate::Absent;
 pub use crate::policy::Plan;
 pub use crate::site::SiteCell;
@@ -93,33 +93,54 @@ async fn run<R, B: Body<R>>(
     }
 }
 
-/// Runs one bulk call (`#[cached(batch(..))]`): each of `items` cached in
-/// an entry keyed as a single call would be, the arguments before the
-/// items hashed in `head`, those after in `tail`. `body` gets the items to
+/// A bulk call's items and how its output is taken apart and rebuilt,
+/// resolved at the return type's span by [`many_kind`].
+pub struct Many<R, K, V> {
+    items: Vec<K>,
+    storage: Storage<Option<V>>,
+    split: fn(R) -> Result<Vec<(K, V)>, R>,
+    join: fn(Vec<(K, V)>) -> R,
+    hash: fn(&mut KeyHasher, &K) -> Result<(), Unencodable>,
+}
+
+/// Checks a bulk call's output at the return type's span: a map (or
+/// `Result` of one) from the batch parameter's items to storable values.
+/// Every bound of a bulk call lives here, so a mistake is reported once.
+pub fn many_kind<R, M, K>(_kind: M, items: Vec<K>) -> Many<R, K, M::Value>
+where
+    M: ManyKind<R, Item = K>,
+    K: Serialize,
+    M::Value: Serialize + DeserializeOwned,
+{
+    fn hash<K: Serialize>(hasher: &mut KeyHasher, item: &K) -> Result<(), Unencodable> {
+        hasher.arg(item).map(drop)
+    }
+    Many { items, storage: Storage::of::<PlainOutput<Option<M::Value>>>(), split: M::split, join: M::join, hash: hash::<K> }
+}
+
+/// Runs one bulk call (`#[cached(batch(..))]`): each item cached in an
+/// entry keyed as a single call would be, the arguments before the items
+/// hashed in `head`, those after in `tail`. `body` gets the items to
 /// compute; it runs once, and again only for items whose computation by
 /// another caller failed.
-#[allow(clippy::too_many_arguments)]
-pub async fn call_many<R, M, I, F, Fut>(
+pub async fn call_many<R, K, V, F, Fut>(
     cache: Option<&Cache>,
     plan: &'static Plan<'static>,
     head: Result<KeyHasher, Unencodable>,
     tail: Result<KeyTail, Unencodable>,
-    items: I,
-    _kind: M,
+    many: Many<R, K, V>,
     absent: Absent,
     mut body: F,
 ) -> R
 where
-    M: ManyKind<R>,
-    M::Item: Serialize,
-    M::Value: Serialize + DeserializeOwned,
-    I: IntoIterator<Item = M::Item>,
-    F: FnMut(Vec<M::Item>) -> Fut,
+    F: FnMut(Vec<K>) -> Fut,
     Fut: Future<Output = R>,
 {
-    let key_of = |item: &M::Item| -> Result<KeyHash, Unencodable> {
+    let Many { items, storage, split, join, hash } = many;
+    let key_of = |item: &K| -> Result<KeyHash, Unencodable> {
         let mut hasher = head.clone()?;
-        hasher.arg(item)?.tail(tail.as_ref().map_err(Clone::clone)?);
+        hash(&mut hasher, item)?;
+        hasher.tail(tail.as_ref().map_err(Clone::clone)?);
         Ok(hasher.finish())
     };
     #[allow(clippy::redundant_closure)]
@@ -129,13 +150,12 @@ where
             Cause::NotInitialized,
             format_args!("cached call before cache_runtime::init: computing without the cache"),
         );
-        return body(items.into_iter().collect()).await;
+        return body(items).await;
     };
-    let items: Vec<crate::call::Item<M::Item>> =
-        items.into_iter().map(|item| crate::call::Item { key: key_of(&item), item }).collect();
-    let compute = |missing: Vec<M::Item>| {
+    let items: Vec<Item<K>> = items.into_iter().map(|item| Item { key: key_of(&item), item }).collect();
+    let compute = |missing: Vec<K>| {
         let output = body(missing);
-        async move { M::split(output.await).map(|map| map.into_iter().collect::<Vec<_>>()) }
+        async move { split(output.await) }
     };
     match scope::current() {
         Mode::Forget(report) if scope::claim_forget(&report) => {
@@ -159,27 +179,15 @@ where
                     reached = Err(e);
                 }
             }
-            let found = cache.fetch_or_compute_many(plan, items, absent, &key_of, compute).await;
+            let found = cache.fetch_or_compute_many(plan, items, storage, absent, &key_of, compute).await;
             scope::report_refresh(reached);
-            M::join(found.map(|found| found.into_iter().collect()))
+            found.map_or_else(|output| output, join)
         }
         _ => {
-            let found = cache.fetch_or_compute_many(plan, items, absent, &key_of, compute).await;
-            M::join(found.map(|found| found.into_iter().collect()))
+            let found = cache.fetch_or_compute_many(plan, items, storage, absent, &key_of, compute).await;
+            found.map_or_else(|output| output, join)
         }
     }
-}
-
-/// How a bulk call's output holds its values, checked at the return
-/// type's span: the output must be a map (or `Result` of one) whose items
-/// are those of the batch parameter and whose values are storable.
-pub fn many_kind<R, M, I>(kind: M, _items: &I) -> M
-where
-    M: ManyKind<R>,
-    M::Value: Serialize + DeserializeOwned,
-    I: IntoIterator<Item = M::Item>,
-{
-    kind
 }
 
 /// A non-batch argument of a bulk call, for the body's next run: the body

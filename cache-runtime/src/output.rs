@@ -92,23 +92,69 @@ impl<R> Storage<R> {
     }
 }
 
-/// How a bulk call's output (`#[cached(batch(..))]`) holds its items'
-/// values: a map from item to value (`HashMap`, `BTreeMap`, `Vec<(K, V)>`,
-/// anything that collects from and iterates over pairs), optionally in a
-/// `Result` whose `Err` is never stored.
-pub trait ManyKind<R> {
-    /// The map of items to values.
-    type Map: IntoIterator<Item = (Self::Item, Self::Value)> + FromIterator<(Self::Item, Self::Value)>;
-    /// What each value is cached for: the batch parameter's item type.
+/// A map from a bulk call's items to their values: `HashMap`,
+/// `BTreeMap`, or `Vec<(item, value)>` (which keeps the caller's order).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a map from items to values",
+    label = "a `batch(..)` function returns a `HashMap`, `BTreeMap` or `Vec<(item, value)>` of its items, optionally \
+             in a `Result`"
+)]
+pub trait ItemMap {
+    /// The batch parameter's item type.
     type Item;
     /// What is cached per item.
     type Value;
-    /// The output's error, never stored.
-    type Error;
-    /// The map, or the error.
-    fn split(output: R) -> Result<Self::Map, Self::Error>;
-    /// Back to the output type.
-    fn join(result: Result<Self::Map, Self::Error>) -> R;
+    /// The pairs, in the map's order.
+    fn into_pairs(self) -> Vec<(Self::Item, Self::Value)>;
+    /// The map of these pairs.
+    fn from_pairs(pairs: Vec<(Self::Item, Self::Value)>) -> Self;
+}
+
+impl<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher + Default> ItemMap for std::collections::HashMap<K, V, S> {
+    type Item = K;
+    type Value = V;
+    fn into_pairs(self) -> Vec<(K, V)> {
+        self.into_iter().collect()
+    }
+    fn from_pairs(pairs: Vec<(K, V)>) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl<K: Ord, V> ItemMap for std::collections::BTreeMap<K, V> {
+    type Item = K;
+    type Value = V;
+    fn into_pairs(self) -> Vec<(K, V)> {
+        self.into_iter().collect()
+    }
+    fn from_pairs(pairs: Vec<(K, V)>) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl<K, V> ItemMap for Vec<(K, V)> {
+    type Item = K;
+    type Value = V;
+    fn into_pairs(self) -> Vec<(K, V)> {
+        self
+    }
+    fn from_pairs(pairs: Vec<(K, V)>) -> Self {
+        pairs
+    }
+}
+
+/// How a bulk call's output (`#[cached(batch(..))]`) holds its items'
+/// values: an [`ItemMap`], optionally in a `Result` whose `Err` is never
+/// stored.
+pub trait ManyKind<R> {
+    /// The batch parameter's item type.
+    type Item;
+    /// What is cached per item.
+    type Value;
+    /// The pairs of the output, or the output itself when it is an error.
+    fn split(output: R) -> Result<Vec<(Self::Item, Self::Value)>, R>;
+    /// The output of these pairs.
+    fn join(pairs: Vec<(Self::Item, Self::Value)>) -> R;
 }
 
 /// `Result<M, E>`: the map of an `Ok`; an `Err` is returned, never stored.
@@ -116,37 +162,27 @@ pub struct ManyResult<M, E>(pub(crate) PhantomData<fn() -> (M, E)>);
 /// A bare map.
 pub struct ManyPlain<M>(pub(crate) PhantomData<fn() -> M>);
 
-impl<M, E, K, V> ManyKind<Result<M, E>> for ManyResult<M, E>
-where
-    M: IntoIterator<Item = (K, V)> + FromIterator<(K, V)>,
-{
-    type Map = M;
-    type Item = K;
-    type Value = V;
-    type Error = E;
-    fn split(output: Result<M, E>) -> Result<M, E> {
-        output
+impl<M: ItemMap, E> ManyKind<Result<M, E>> for ManyResult<M, E> {
+    type Item = M::Item;
+    type Value = M::Value;
+    fn split(output: Result<M, E>) -> Result<Vec<(M::Item, M::Value)>, Result<M, E>> {
+        match output {
+            Ok(map) => Ok(map.into_pairs()),
+            Err(e) => Err(Err(e)),
+        }
     }
-    fn join(result: Result<M, E>) -> Result<M, E> {
-        result
+    fn join(pairs: Vec<(M::Item, M::Value)>) -> Result<M, E> {
+        Ok(M::from_pairs(pairs))
     }
 }
 
-impl<M, K, V> ManyKind<M> for ManyPlain<M>
-where
-    M: IntoIterator<Item = (K, V)> + FromIterator<(K, V)>,
-{
-    type Map = M;
-    type Item = K;
-    type Value = V;
-    type Error = std::convert::Infallible;
-    fn split(output: M) -> Result<M, std::convert::Infallible> {
-        Ok(output)
+impl<M: ItemMap> ManyKind<M> for ManyPlain<M> {
+    type Item = M::Item;
+    type Value = M::Value;
+    fn split(output: M) -> Result<Vec<(M::Item, M::Value)>, M> {
+        Ok(output.into_pairs())
     }
-    fn join(result: Result<M, std::convert::Infallible>) -> M {
-        match result {
-            Ok(map) => map,
-            Err(never) => match never {},
-        }
+    fn join(pairs: Vec<(M::Item, M::Value)>) -> M {
+        M::from_pairs(pairs)
     }
 }

@@ -6,7 +6,7 @@ use crate::call::{Intent, Item, Now};
 use crate::error::Error;
 use crate::keys::canonical::Unencodable;
 use crate::keys::{KeyHash, KeyHasher};
-use crate::output::{ResultOutput, Storage};
+use crate::output::{PlainOutput, ResultOutput, Storage};
 use crate::policy::Policy;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -86,8 +86,10 @@ impl Cache {
             let found = compute(missing);
             async move { found.await.map(|map| map.into_iter().collect::<Vec<_>>()) }
         };
-        let found =
-            self.fetch_or_compute_many(&policy.plan(), items, policy.absent_items(), &key_of, compute).await?;
+        let storage = Storage::of::<PlainOutput<Option<V>>>();
+        let found = self
+            .fetch_or_compute_many(&policy.plan(), items, storage, policy.absent_items(), &key_of, compute)
+            .await?;
         Ok(found.into_iter().collect())
     }
 

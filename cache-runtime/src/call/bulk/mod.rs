@@ -29,10 +29,9 @@ use crate::flight::{Leader, Role, Shared};
 use crate::keys::canonical::Unencodable;
 use crate::keys::{EntryKeys, KeyHash};
 use crate::observe::{Event, Observer, Outcome};
-use crate::output::{PlainOutput, Storage};
+use crate::output::Storage;
 use crate::policy::Plan;
 use crate::store::{LockRequest, Read};
-use serde::{Serialize, de::DeserializeOwned};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -94,12 +93,12 @@ impl Cache {
         &self,
         plan: &Plan<'_>,
         items: Vec<Item<K>>,
+        storage: Storage<Option<V>>,
         absent: Absent,
         key_of: &(dyn Fn(&K) -> Result<KeyHash, Unencodable> + Sync),
         body: F,
     ) -> Found<K, V, E>
     where
-        V: Serialize + DeserializeOwned,
         F: FnMut(Vec<K>) -> Fut,
         Fut: Future<Output = Found<K, V, E>>,
     {
@@ -126,7 +125,7 @@ impl Cache {
             observer.event(Event::Unencodable(&why));
         }
         let span = observer.span.clone();
-        let flow = Bulk { cache: self, plan, observer: &observer, seen, absent, key_of };
+        let flow = Bulk { cache: self, plan, observer: &observer, seen, absent, key_of, storage };
         let found = if span.is_disabled() {
             Box::pin(flow.run(wants, body)).await
         } else {
@@ -141,7 +140,7 @@ impl Cache {
 }
 
 /// A bulk call's context.
-struct Bulk<'c, K> {
+struct Bulk<'c, K, V> {
     cache: &'c Cache,
     plan: &'c Plan<'c>,
     observer: &'c Observer<'c>,
@@ -149,12 +148,12 @@ struct Bulk<'c, K> {
     seen: HashMap<KeyHash, usize>,
     absent: Absent,
     key_of: &'c (dyn Fn(&K) -> Result<KeyHash, Unencodable> + Sync),
+    storage: Storage<Option<V>>,
 }
 
-impl<K> Bulk<'_, K> {
-    async fn run<V, E, F, Fut>(self, mut wants: Vec<Want<K, V>>, mut body: F) -> Found<K, V, E>
+impl<K, V> Bulk<'_, K, V> {
+    async fn run<E, F, Fut>(self, mut wants: Vec<Want<K, V>>, mut body: F) -> Found<K, V, E>
     where
-        V: Serialize + DeserializeOwned,
         F: FnMut(Vec<K>) -> Fut,
         Fut: Future<Output = Found<K, V, E>>,
     {
@@ -168,7 +167,7 @@ impl<K> Bulk<'_, K> {
             self.compute(&mut wants, &all, Outcome::Bypass, &mut body).await?;
             return Ok(self.merge(wants));
         };
-        let storage = Storage::<Option<V>>::of::<PlainOutput<Option<V>>>();
+        let storage = self.storage;
         let (keyed, hashes): (Vec<usize>, Vec<KeyHash>) =
             wants.iter().enumerate().filter_map(|(i, want)| Some((i, want.hash?))).unzip();
         let loose: Vec<usize> = (0..wants.len()).filter(|&i| wants[i].hash.is_none()).collect();
@@ -311,7 +310,7 @@ impl<K> Bulk<'_, K> {
     /// Runs the body with the items at `run` (indices into `wants`), and
     /// records what it returned for each; an item it did not return is
     /// absent.
-    async fn compute<V, E, F, Fut>(
+    async fn compute<E, F, Fut>(
         &self,
         wants: &mut [Want<K, V>],
         run: &[usize],
@@ -359,7 +358,7 @@ impl<K> Bulk<'_, K> {
     }
 
     /// The items found, in the order first asked for.
-    fn merge<V>(&self, wants: Vec<Want<K, V>>) -> Vec<(K, V)> {
+    fn merge(&self, wants: Vec<Want<K, V>>) -> Vec<(K, V)> {
         wants
             .into_iter()
             .filter_map(|want| match (want.item, want.answer) {
@@ -383,7 +382,7 @@ impl LockRequest<'_> {
     }
 }
 
-impl<K> Bulk<'_, K> {
+impl<K, V> Bulk<'_, K, V> {
     /// What each unlocked computation is bound to: the versions seen,
     /// seeded once for all items.
     async fn observed_all<R>(&self, calls: &[Call<'_, R>], missed: &[(usize, Seen)]) -> Vec<Option<Observed>> {

@@ -82,10 +82,10 @@ struct Ready<'f> {
     share: bool,
 }
 
-impl<K> Bulk<'_, K> {
+impl<K, V> Bulk<'_, K, V> {
     /// Stores what the body computed for the items in `led`, in one round
     /// trip, releases their locks and hands waiters what they may have.
-    pub(super) async fn settle<V>(
+    pub(super) async fn settle(
         &self,
         calls: &[Call<'_, Option<V>>],
         keyed: &[usize],
