@@ -57,6 +57,8 @@ pub(crate) fn around(parts: Vec<(Ident, Span)>, batch: &Ident) -> (Vec<(Ident, S
 /// What the expansion needs to emit a bulk call.
 pub(crate) struct Emit<'a> {
     pub krate: &'a TokenStream,
+    /// The runtime's path spanned at the return type, for the checks made there.
+    pub krate_at_output: &'a TokenStream,
     pub output: &'a TokenStream,
     pub output_span: Span,
     pub cache_ref: &'a TokenStream,
@@ -72,7 +74,7 @@ pub(crate) struct Emit<'a> {
 /// checked at the return type, and a body that rebuilds the parameter from
 /// the missing items.
 pub(crate) fn call(batch: &Batch<'_>, emit: Emit<'_>) -> TokenStream {
-    let Emit { krate, output, output_span, cache_ref, site, head, tail, skip_absent, body } = emit;
+    let Emit { krate, krate_at_output, output, output_span, cache_ref, site, head, tail, skip_absent, body } = emit;
     let hygienic = |name: &str| Ident::new(name, Span::mixed_site());
     let (items, kind, missing, owned) =
         (hygienic("__cache_items"), hygienic("__cache_kind"), hygienic("__cache_missing"), hygienic("__cache_owned"));
@@ -107,12 +109,15 @@ pub(crate) fn call(batch: &Batch<'_>, emit: Emit<'_>) -> TokenStream {
             let #mutable #other = #krate::__private::again(&#other);
         }
     });
+    // The items' name, as the return type's tokens: a mismatch between the
+    // two is reported there.
+    let items_at_output = Ident::new("__cache_items", Span::mixed_site().located_at(output_span));
     let select_kind = quote_spanned! {output_span=>
-        #krate::__private::many_kind::<#output, _, _>({
+        #krate_at_output::__private::many_kind::<#output, _, _>({
             #[allow(unused_imports)]
-            use #krate::__private::{ManyPlainTag as _, ManyResultTag as _};
-            (&#krate::__private::Tag::<#output>::new()).many_kind()
-        }, #items)
+            use #krate_at_output::__private::{ManyPlainTag as _, ManyResultTag as _};
+            (&#krate_at_output::__private::Tag::<#output>::new()).many_kind()
+        }, #items_at_output)
     };
     let absent = if skip_absent { quote! { Skip } } else { quote! { Cache } };
     quote! {

@@ -294,8 +294,10 @@ fn emit(
     let body = quote! { async move { #statements } };
     let tail = hygienic("__cache_tail");
     let call = if let Some(batch) = batch {
+        let krate_at_output = args.crate_path(output_span);
         let emit = crate::bulk::Emit {
             krate: &krate,
+            krate_at_output: &krate_at_output,
             output: &output,
             output_span,
             cache_ref: &cache_ref,
