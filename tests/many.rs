@@ -203,3 +203,209 @@ fn a_thousand_overlapping_callers_compute_each_id_once() {
         assert_eq!(computed.iter().sum::<usize>(), asked.len(), "every id asked for was computed");
     });
 }
+
+/// The truth behind the cache in the randomized test: each item's
+/// generation, which writes move forward before they forget or invalidate.
+struct Truth {
+    generations: Mutex<Vec<u64>>,
+    /// The generation of each item that a completed forget or invalidate
+    /// guarantees: no read that starts later may answer older.
+    floor: Mutex<Vec<u64>>,
+    /// Writes of each item under way (locked after `generations`).
+    writing: Mutex<Vec<u32>>,
+    /// Each completed computation: item, generation, the call's number, and
+    /// whether no write of the item began since the call did, nor was under
+    /// way (otherwise the cache may rightly refuse to store what was read,
+    /// as bound to versions older than the data, and compute it again).
+    computed: Mutex<Vec<(u64, u64, u64, bool)>>,
+    /// The calls dropped mid-flight: each may have computed items without
+    /// storing them.
+    cancelled: Mutex<std::collections::HashSet<u64>>,
+}
+
+const ITEMS: u64 = 24;
+
+impl Truth {
+    fn new() -> Self {
+        let zeros = vec![0; ITEMS as usize];
+        Truth {
+            generations: Mutex::new(zeros.clone()),
+            floor: Mutex::new(zeros),
+            writing: Mutex::new(vec![0; ITEMS as usize]),
+            computed: Mutex::default(),
+            cancelled: Mutex::default(),
+        }
+    }
+
+    /// The body of every call: the current generation of each item asked for.
+    async fn load(&self, call: u64, began: &[u64], ids: Vec<u64>, delay_us: u64) -> Result<Vec<(u64, u64)>, String> {
+        tokio::time::sleep(Duration::from_micros(delay_us)).await;
+        let (generations, writing) = {
+            let generations = self.generations.lock().unwrap();
+            (generations.clone(), self.writing.lock().unwrap().clone())
+        };
+        let found: Vec<(u64, u64)> = ids.iter().map(|&id| (id, generations[id as usize])).collect();
+        let mut computed = self.computed.lock().unwrap();
+        let settled = |id: u64, g: u64| writing[id as usize] == 0 && began[id as usize] == g;
+        computed.extend(found.iter().map(|&(id, g)| (id, g, call, settled(id, g))));
+        Ok(found)
+    }
+}
+
+/// splitmix64: the seed's stream for one task.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Bulk calls, single calls, forgets, invalidates and calls dropped at
+/// random points, from a seed: no answer is older than the last forget or
+/// invalidate of its item that completed before the call began, and with
+/// the lock on an item is computed once per generation, except where a
+/// dropped call may have computed it without storing it.
+/// `MANY_SEED=<seed>` replays a seed's schedule.
+#[test]
+fn randomized_history_keeps_the_guarantees() {
+    let seed = std::env::var("MANY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    println!("randomized history seed {seed}: replay with MANY_SEED={seed} cargo test --test many randomized");
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "app")
+            .lock_timeout(Duration::from_secs(10))
+            .build()
+            .expect("valid cache settings");
+        let policy: &'static Policy = Box::leak(Box::new(Policy::new("history").ttl(Duration::from_secs(60))));
+        let truth: &'static Truth = Box::leak(Box::new(Truth::new()));
+        let violations: &'static Mutex<Vec<String>> = Box::leak(Box::default());
+        let tasks: Vec<_> = (0..16u64)
+            .map(|task| {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    let mut state = seed ^ task.wrapping_mul(0xA24B_AED4_963E_E407);
+                    for index in 0..150 {
+                        let number = task << 32 | index;
+                        let op = next(&mut state) % 100;
+                        let delay = next(&mut state) % 2_000;
+                        if op < 8 {
+                            // A write: the item changes, then its entry is forgotten.
+                            let id = next(&mut state) % ITEMS;
+                            let generation = {
+                                let mut generations = truth.generations.lock().unwrap();
+                                truth.writing.lock().unwrap()[id as usize] += 1;
+                                generations[id as usize] += 1;
+                                generations[id as usize]
+                            };
+                            cache.forget::<_, Option<u64>>(policy, &id).await.expect("forget");
+                            let mut floor = truth.floor.lock().unwrap();
+                            floor[id as usize] = floor[id as usize].max(generation);
+                            truth.writing.lock().unwrap()[id as usize] -= 1;
+                            continue;
+                        }
+                        if op < 10 {
+                            let reached: Vec<u64> = {
+                                let mut generations = truth.generations.lock().unwrap();
+                                truth.writing.lock().unwrap().iter_mut().for_each(|w| *w += 1);
+                                generations.iter_mut().for_each(|g| *g += 1);
+                                generations.clone()
+                            };
+                            cache.invalidate("history").await.expect("invalidate");
+                            let mut floor = truth.floor.lock().unwrap();
+                            floor.iter_mut().zip(reached).for_each(|(f, g)| *f = (*f).max(g));
+                            truth.writing.lock().unwrap().iter_mut().for_each(|w| *w -= 1);
+                            continue;
+                        }
+                        let count = 1 + next(&mut state) % 8;
+                        let mut ids: Vec<u64> = (0..count).map(|_| next(&mut state) % ITEMS).collect();
+                        if op < 30 {
+                            ids.truncate(1);
+                        }
+                        let floor = truth.floor.lock().unwrap().clone();
+                        // Each item's generation as the call begins; `u64::MAX`
+                        // for one a write is under way for.
+                        let began: &[u64] = {
+                            let generations = truth.generations.lock().unwrap();
+                            let writing = truth.writing.lock().unwrap();
+                            let began = generations.iter().zip(writing.iter());
+                            began.map(|(&g, &w)| if w == 0 { g } else { u64::MAX }).collect::<Vec<_>>().leak()
+                        };
+                        let answered: Vec<(u64, u64)> = if op < 30 {
+                            let id = ids[0];
+                            let load = truth.load(number, began, vec![id], delay);
+                            let value = async move { load.await.map(|found| found.first().map(|(_, g)| *g)) };
+                            match cache.get_or_compute(policy, &id, value).await {
+                                Ok(Some(generation)) => vec![(id, generation)],
+                                other => panic!("item {id} answered {other:?}"),
+                            }
+                        } else {
+                            let call = cache.get_or_compute_many::<_, u64, String, _, _, _, _, Vec<(u64, u64)>>(
+                                policy,
+                                ids.clone(),
+                                |missing| truth.load(number, began, missing, delay),
+                            );
+                            if op < 38 {
+                                // Dropped at a random point of its flow.
+                                let after = Duration::from_micros(next(&mut state) % 3_000);
+                                if let Ok(found) = tokio::time::timeout(after, call).await {
+                                    found.expect("no error")
+                                } else {
+                                    truth.cancelled.lock().unwrap().insert(number);
+                                    continue;
+                                }
+                            } else {
+                                call.await.expect("no error")
+                            }
+                        };
+                        let mut distinct = ids.clone();
+                        distinct.sort_unstable();
+                        distinct.dedup();
+                        if answered.len() != distinct.len() {
+                            violations.lock().unwrap().push(format!("asked {ids:?}, answered {answered:?}"));
+                        }
+                        for (id, generation) in answered {
+                            if generation < floor[id as usize] {
+                                violations.lock().unwrap().push(format!(
+                                    "item {id} answered generation {generation} after generation {} was forgotten",
+                                    floor[id as usize]
+                                ));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("a task panicked");
+        }
+        let violations = violations.lock().unwrap();
+        assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
+        let cancelled = truth.cancelled.lock().unwrap();
+        let computed = truth.computed.lock().unwrap();
+        // Per (item, generation): computations by calls that completed, and
+        // by calls dropped after computing (maybe before storing).
+        let mut counts: HashMap<(u64, u64), (usize, usize)> = HashMap::new();
+        for &(id, generation, call, _) in computed.iter().filter(|c| c.3) {
+            let count = counts.entry((id, generation)).or_default();
+            if cancelled.contains(&call) { count.1 += 1 } else { count.0 += 1 }
+        }
+        for (&(id, generation), &(completed, dropped)) in &counts {
+            assert!(
+                completed <= 1 + dropped,
+                "seed {seed}: item {id} generation {generation} computed {completed} times by completed calls, \
+                 {dropped} by dropped ones"
+            );
+        }
+        let stats = cache.stats().total;
+        println!(
+            "{} computations, {} dropped calls, {} lock timeouts",
+            computed.len(),
+            cancelled.len(),
+            stats.lock_timeouts
+        );
+    });
+}

@@ -4,6 +4,9 @@
 use crate::Cache;
 use crate::observe::{Event, note};
 
+/// How long after a dropped holder's release the lock is released again.
+const RELEASE_AGAIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Releases the stampede lock if its holder never got to store (an `Err`,
 /// a panic, its future dropped): from a spawned task, since `Drop` cannot
 /// wait. Should that fail, the lock expires by its TTL.
@@ -33,7 +36,16 @@ impl Drop for LockGuard {
         let (cache, lock, token) =
             (self.cache.clone(), std::mem::take(&mut self.lock), std::mem::take(&mut self.token));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { cache.release_lock(&lock, &token).await });
+            runtime.spawn(async move {
+                cache.release_lock(&lock, &token).await;
+                // A holder dropped while its lock request was on the wire:
+                // that request may still run after the release above (the
+                // two can take different connections), taking a lock that
+                // nobody would release before it expires. Once more, when
+                // the request has surely run; our token alone is deleted.
+                tokio::time::sleep(RELEASE_AGAIN).await;
+                cache.release_lock(&lock, &token).await;
+            });
         }
     }
 }
