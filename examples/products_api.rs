@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --example products_api
 //! curl -s localhost:3000/products?category=kitchen
+//! curl -s 'localhost:3000/products?ids=3,1,99'     # many by id: one query for the ones not cached
 //! curl -si localhost:3000/categories               # x-cache: miss, then hit; an ETag
 //! curl -si -H 'If-None-Match: "<that etag>"' localhost:3000/categories   # 304 Not Modified
 //! ```
@@ -127,6 +128,33 @@ async fn product_by_id(state: &AppState, id: i64) -> Result<Option<Product>, sql
     row.as_ref().map(product_from).transpose()
 }
 
+/// The most ids one `GET /products?ids=...` may ask for.
+const MAX_IDS: usize = 100;
+
+/// Many products by id, each cached in an entry of its own: one `MGET`
+/// for all of them, and one query for those not cached (each asked once).
+/// An id that does not exist is cached as absent, so it does not reach the
+/// database on every call. Writes forget the entry of the id they change.
+#[cached(ttl = 300, prefix = "product_many", jitter = 0.1, batch(ids), skip(state))]
+async fn products_by_ids(state: &AppState, ids: Vec<i64>) -> Result<Vec<(i64, Product)>, sqlx::Error> {
+    state.queries.fetch_add(1, Relaxed);
+    let placeholders = (1..=ids.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(",");
+    let sql = format!("{PRODUCT_SELECT} WHERE p.id IN ({placeholders}) GROUP BY p.id");
+    let mut query = sqlx::query(&sql);
+    for id in &ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(&state.db).await?;
+    rows.iter().map(|row| product_from(row).map(|product| (product.id, product))).collect()
+}
+
+/// Forgets the per-id entries of a product that was written.
+async fn forget_by_id(state: &AppState, id: i64) {
+    if let Err(e) = cache_runtime::forget(products_by_ids(state, vec![id])).await {
+        eprintln!("could not forget product {id} in `product_many` ({e}): it may be served until its TTL");
+    }
+}
+
 /// Per-user data: the principal is an argument, so it is part of the key
 /// and one user never sees another's answer.
 #[cached(ttl = 120, prefix = "recommendations", tags("products"), skip(state))]
@@ -151,13 +179,31 @@ async fn recommendations(state: &AppState, user: String) -> Result<Vec<Product>,
 struct ListQuery {
     category: Option<String>,
     page: Option<u32>,
+    /// `1,2,3`: these products, in this order (those that exist).
+    ids: Option<String>,
 }
 
 async fn list_products(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Product>>, AppError> {
+    if let Some(ids) = q.ids {
+        let ids = parse_ids(&ids)?;
+        let found = products_by_ids(&state, ids).await?;
+        return Ok(Json(found.into_iter().map(|(_, product)| product).collect()));
+    }
     Ok(Json(product_list(&state, q.category, q.page.unwrap_or(1).max(1)).await?))
+}
+
+/// `1,2,3`: at most [`MAX_IDS`] ids, checked before anything is allocated
+/// for them.
+fn parse_ids(ids: &str) -> Result<Vec<i64>, AppError> {
+    if ids.split(',').count() > MAX_IDS {
+        return Err(AppError::Invalid(format!("at most {MAX_IDS} ids at once")));
+    }
+    ids.split(',')
+        .map(|id| id.trim().parse().map_err(|_| AppError::Invalid(format!("`{id}` is not a product id"))))
+        .collect()
 }
 
 async fn get_product(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Json<Product>, AppError> {
@@ -271,6 +317,8 @@ async fn create_product(State(state): State<AppState>, body: Result<Json<NewProd
     match result {
         Ok(id) => {
             invalidate_lists(&state).await;
+            // The id may have been asked for, and cached as absent.
+            forget_by_id(&state, id).await;
             // Write-through: the new product is cached (and a cached 404 replaced).
             match cache_runtime::refresh(product_by_id(&state, id)).await {
                 Ok(Some(created)) => (StatusCode::CREATED, Json(created)).into_response(),
@@ -302,6 +350,7 @@ async fn update_product(
         return e.into_response();
     }
     invalidate_lists(&state).await;
+    forget_by_id(&state, id).await;
     // Write-through, and know whether readers will see it: when the cache
     // could not take the new value, say so (a real service might retry,
     // or alert), since other processes may serve the old one until its TTL.
@@ -325,6 +374,7 @@ async fn delete_product(State(state): State<AppState>, Path(id): Path<i64>) -> R
         return Err(AppError::NotFound);
     }
     invalidate_lists(&state).await;
+    forget_by_id(&state, id).await;
     if let Err(e) = cache_runtime::forget(product_by_id(&state, id)).await {
         eprintln!("could not forget product {id} ({e}): it may be served until its TTL");
     }
@@ -426,7 +476,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cache_runtime::init(cache.clone())?;
     let db = open_database().await?;
     // A fresh database: entries cached for an earlier one are stale.
-    for namespace in ["products", "categories", "product", "product_list"] {
+    for namespace in ["products", "categories", "product", "product_list", "product_many"] {
         if let Err(e) = cache.invalidate(namespace).await {
             eprintln!("Redis at {redis_url} is unreachable ({e}): serving uncached until it is back");
             break;

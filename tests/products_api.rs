@@ -263,3 +263,42 @@ fn the_api_answers_with_redis_down_and_caches_again_after() {
         }
     });
 }
+
+#[test]
+fn many_products_by_id_cost_one_query_for_the_missing_ones() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis.url());
+    run(DEADLINE, async {
+        let ids = |found: &Value| -> Vec<i64> {
+            found.as_array().expect("a list").iter().map(|p| p["id"].as_i64().expect("an id")).collect()
+        };
+        let before = service.db_queries().await;
+        let (status, first) = service.get("/products?ids=3,1,2", None).await;
+        assert_eq!(status, 200, "{first}");
+        assert_eq!(ids(&first), vec![3, 1, 2], "in the order asked for");
+        assert_eq!(first[0]["name"], "Product 3");
+        assert_eq!(service.db_queries().await, before + 1, "one query for three products");
+
+        let (_, second) = service.get("/products?ids=2,999,4,3,4", None).await;
+        assert_eq!(ids(&second), vec![2, 4, 3], "each once; 999 does not exist");
+        assert_eq!(service.db_queries().await, before + 2, "one query, for 999 and 4 only");
+        let (_, third) = service.get("/products?ids=999,4,1", None).await;
+        assert_eq!(ids(&third), vec![4, 1]);
+        assert_eq!(service.db_queries().await, before + 2, "all cached, the absent 999 too");
+
+        // A write forgets the entry of the id it changed, and only that one.
+        let (status, _) = service
+            .send(reqwest::Method::PUT, "/products/4", r#"{"name": "Renamed", "price": 1.0, "category": "books"}"#)
+            .await;
+        assert_eq!(status, 200);
+        let queries = service.db_queries().await;
+        let (_, after) = service.get("/products?ids=1,4", None).await;
+        assert_eq!(after[1]["name"], "Renamed");
+        assert_eq!(service.db_queries().await, queries + 1);
+
+        let (status, error) = service.get("/products?ids=1,x", None).await;
+        assert_eq!(status, 422, "{error}");
+        let too_many = (0..=100).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert_eq!(service.get(&format!("/products?ids={too_many}"), None).await.0, 422);
+    });
+}
