@@ -21,8 +21,8 @@ impl<R> Call<'_, R> {
             Ok(hit) => return hit,
             Err(stale) => stale,
         };
-        let Some(read) = self.read().await else { return Lookup::Unavailable };
-        self.judge(read, stale).await
+        let Some(Read { entry, versions }) = self.read().await else { return Lookup::Unavailable };
+        self.judge(entry, Cow::Owned(versions), stale).await
     }
 
     /// The local tier's answer: a hit, or else the stale copy it keeps
@@ -45,17 +45,26 @@ impl<R> Call<'_, R> {
         }
     }
 
-    /// What the entry read turns out to be.
-    pub(super) async fn judge(&self, read: Read, mut stale: Option<Arc<Vec<u8>>>) -> Lookup<R> {
-        let Read { entry, versions } = read;
-        let observed = digest(entry.as_deref());
-        let Some(bytes) = entry.filter(|bytes| !codec::is_tombstone(bytes)) else {
-            return Lookup::Miss(Seen { versions, entry: observed, stale });
+    /// What the entry read turns out to be. `versions` may be shared by
+    /// several entries' reads (a bulk call's): they are copied only for a
+    /// miss. The entry's digest is computed only for a miss too, the only
+    /// outcome that needs it.
+    pub(super) async fn judge(
+        &self,
+        entry: Option<Vec<u8>>,
+        versions: Cow<'_, [Option<Vec<u8>>]>,
+        mut stale: Option<Arc<Vec<u8>>>,
+    ) -> Lookup<R> {
+        let miss = |entry: Option<&[u8]>, stale| {
+            Lookup::Miss(Seen { versions: versions.to_vec(), entry: digest(entry), stale })
         };
-        let Some(stored) = self.parse(&bytes) else { return Lookup::Miss(Seen { versions, entry: observed, stale }) };
+        let Some(bytes) = entry.as_deref().filter(|bytes| !codec::is_tombstone(bytes)) else {
+            return miss(entry.as_deref(), stale);
+        };
+        let Some(stored) = self.parse(bytes) else { return miss(Some(bytes), stale) };
         if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
             self.observer.event(Event::StaleVersion);
-            return Lookup::Miss(Seen { versions, entry: observed, stale });
+            return miss(Some(bytes), stale);
         }
         let now = now_ms();
         if !stored.times.is_fresh(now) {
@@ -65,7 +74,7 @@ impl<R> Call<'_, R> {
             {
                 stale = Some(Arc::new(payload.into_owned()));
             }
-            return Lookup::Miss(Seen { versions, entry: observed, stale });
+            return miss(Some(bytes), stale);
         }
         match self.open(&stored) {
             Some((output, payload)) => {
@@ -76,9 +85,9 @@ impl<R> Call<'_, R> {
                 Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
             }
             None => {
-                Box::pin(self.discard_corrupt(&observed)).await;
+                Box::pin(self.discard_corrupt(&digest(Some(bytes)))).await;
                 // Gone now, unless another process stored since.
-                Lookup::Miss(Seen { versions, entry: digest(None), stale })
+                miss(None, stale)
             }
         }
     }

@@ -31,7 +31,8 @@ use crate::keys::{EntryKeys, KeyHash};
 use crate::observe::{Event, Observer, Outcome};
 use crate::output::Storage;
 use crate::policy::Plan;
-use crate::store::{LockRequest, Read};
+use crate::store::LockRequest;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -215,8 +216,7 @@ impl<K, V> Bulk<'_, K, V> {
             };
             if let Some(read) = read {
                 for (&c, entry) in unread.iter().zip(read.entries) {
-                    let read = Read { entry, versions: read.versions.clone() };
-                    match calls[c].judge(read, None).await {
+                    match calls[c].judge(entry, Cow::Borrowed(&read.versions), None).await {
                         Lookup::Hit { output, .. } => wants[keyed[c]].answer = Some(output),
                         Lookup::Miss(seen) => missed.push((c, seen)),
                         Lookup::Unavailable => {}
