@@ -140,6 +140,38 @@ fn forget_and_invalidate_work_per_item() {
 }
 
 #[test]
+fn scripts_the_server_lost_are_loaded_again() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![2, 4]).await;
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut server.conn()).expect("SCRIPT FLUSH");
+        names(&cache, &asked, "eu", vec![2, 4, 6, 8]).await;
+        names(&cache, &asked, "eu", vec![6, 8]).await;
+        assert_eq!(asked.take(), vec![vec![2, 4], vec![6, 8]], "locked and stored after NOSCRIPT");
+        assert_eq!(cache.stats().total.errors(), 0);
+    });
+}
+
+#[test]
+fn a_bad_entry_is_a_counted_miss() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![2]).await;
+        let keys = entry_keys(&mut server.conn(), "app:names:*");
+        assert_eq!(keys.len(), 1);
+        let () = redis::cmd("SET").arg(&keys[0]).arg("not an entry").query(&mut server.conn()).expect("SET");
+        assert_eq!(names(&cache, &asked, "eu", vec![2, 4]).await.len(), 2);
+        assert_eq!(names(&cache, &asked, "eu", vec![2, 4]).await.len(), 2);
+        assert_eq!(asked.take(), vec![vec![2], vec![2, 4]], "recomputed, then stored over");
+        assert_eq!(cache.stats().total.decode_errors, 1);
+    });
+}
+
+#[test]
 fn programmatic_items_are_the_single_entries() {
     let server = RedisServer::start();
     run(DEADLINE, async {

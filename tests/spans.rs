@@ -55,10 +55,10 @@ where
         id: &tracing::span::Id,
         ctx: tracing_subscriber::layer::Context<'_, S>,
     ) {
-        if attrs.metadata().name() != "cached" {
+        if !attrs.metadata().name().starts_with("cached") {
             return;
         }
-        let mut fields = Vec::new();
+        let mut fields = vec![("span".to_owned(), attrs.metadata().name().to_owned())];
         attrs.record(&mut FieldVisitor(&mut fields));
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(fields);
@@ -88,6 +88,11 @@ where
     }
 }
 
+#[cached(ttl = 60, prefix = "pages", batch(ids), cache = cache)]
+async fn page(cache: &Cache, ids: Vec<u32>) -> Vec<(u32, String)> {
+    ids.into_iter().map(|id| (id, format!("product {id}"))).collect()
+}
+
 #[test]
 fn each_call_has_a_debug_span_with_prefix_outcome_and_key() {
     use tracing_subscriber::layer::SubscriberExt;
@@ -100,12 +105,21 @@ fn each_call_has_a_debug_span_with_prefix_outcome_and_key() {
     runtime.block_on(async {
         product(&cache, 7).await;
         product(&cache, 7).await;
+        page(&cache, vec![1, 2, 3]).await;
+        page(&cache, vec![3, 4, 1, 3]).await;
     });
-    let spans = recorder.0.lock().unwrap().clone();
-    assert_eq!(spans.len(), 2, "{spans:?}");
     let field = |span: &SpanFields, name: &str| {
         span.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default()
     };
+    let all = recorder.0.lock().unwrap().clone();
+    let (spans, bulk): (Vec<SpanFields>, Vec<SpanFields>) = all.into_iter().partition(|s| field(s, "span") == "cached");
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    // A bulk call: one span, with how many distinct items and how many hit.
+    assert_eq!(bulk.len(), 2, "{bulk:?}");
+    assert_eq!(field(&bulk[0], "span"), "cached_many");
+    assert_eq!(field(&bulk[0], "prefix"), "pages");
+    assert_eq!((field(&bulk[0], "items"), field(&bulk[0], "hits")), ("3".to_owned(), "0".to_owned()));
+    assert_eq!((field(&bulk[1], "items"), field(&bulk[1], "hits")), ("3".to_owned(), "2".to_owned()));
     assert_eq!(field(&spans[0], "prefix"), "products");
     assert_eq!(field(&spans[0], "outcome"), "miss");
     assert_eq!(field(&spans[1], "outcome"), "hit");

@@ -34,6 +34,7 @@ use crate::policy::Plan;
 use crate::store::LockRequest;
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// What becomes of an item the body did not return.
@@ -126,17 +127,17 @@ impl Cache {
             observer.event(Event::Unencodable(&why));
         }
         let span = observer.span.clone();
-        let flow = Bulk { cache: self, plan, observer: &observer, seen, absent, key_of, storage };
+        let hits = AtomicUsize::new(0);
+        let flow = Bulk { cache: self, plan, observer: &observer, seen, absent, key_of, storage, hits: &hits };
         let found = if span.is_disabled() {
             Box::pin(flow.run(wants, body)).await
         } else {
             tracing::Instrument::instrument(Box::pin(flow.run(wants, body)), span).await
         };
-        found.map(|wants| {
-            let hits = wants.len();
-            observer.span.record("hits", hits);
-            wants
-        })
+        if !observer.span.is_disabled() {
+            observer.span.record("hits", hits.load(Relaxed));
+        }
+        found
     }
 }
 
@@ -150,9 +151,17 @@ struct Bulk<'c, K, V> {
     absent: Absent,
     key_of: &'c (dyn Fn(&K) -> Result<KeyHash, Unencodable> + Sync),
     storage: Storage<Option<V>>,
+    /// Items answered from the cache, for the span.
+    hits: &'c AtomicUsize,
 }
 
 impl<K, V> Bulk<'_, K, V> {
+    /// Records an item's answer from the cache.
+    fn hit(&self, want: &mut Want<K, V>, output: Option<V>) {
+        want.answer = Some(output);
+        self.hits.fetch_add(1, Relaxed);
+    }
+
     async fn run<E, F, Fut>(self, mut wants: Vec<Want<K, V>>, mut body: F) -> Found<K, V, E>
     where
         F: FnMut(Vec<K>) -> Fut,
@@ -192,7 +201,7 @@ impl<K, V> Bulk<'_, K, V> {
             let mut unread = Vec::new();
             for &c in &pending {
                 match calls[c].look_locally() {
-                    Ok(Lookup::Hit { output, .. }) => wants[keyed[c]].answer = Some(output),
+                    Ok(Lookup::Hit { output, .. }) => self.hit(&mut wants[keyed[c]], output),
                     _ => unread.push(c),
                 }
             }
@@ -217,7 +226,7 @@ impl<K, V> Bulk<'_, K, V> {
             if let Some(read) = read {
                 for (&c, entry) in unread.iter().zip(read.entries) {
                     match calls[c].judge(entry, Cow::Borrowed(&read.versions), None).await {
-                        Lookup::Hit { output, .. } => wants[keyed[c]].answer = Some(output),
+                        Lookup::Hit { output, .. } => self.hit(&mut wants[keyed[c]], output),
                         Lookup::Miss(seen) => missed.push((c, seen)),
                         Lookup::Unavailable => {}
                     }
@@ -249,7 +258,7 @@ impl<K, V> Bulk<'_, K, V> {
                 for outcome in locked {
                     match outcome {
                         settle::Locked::Compute(item) => led.push(item),
-                        settle::Locked::Hit(c, output) => wants[keyed[c]].answer = Some(output),
+                        settle::Locked::Hit(c, output) => self.hit(&mut wants[keyed[c]], output),
                         settle::Locked::Retry(c) => retry.push(c),
                     }
                 }
