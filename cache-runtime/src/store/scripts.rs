@@ -442,3 +442,44 @@ pub(crate) fn load_pipelined() -> [redis::Cmd; 2] {
 fn fresh_seed() -> u64 {
     rand::random_range((1u64 << 32)..(1u64 << 52))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(arg: redis::Arg<&[u8]>) -> Vec<u8> {
+        match arg {
+            redis::Arg::Simple(bytes) => bytes.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// A pipeline's `EVALSHA` names the scripts by hash, and after a
+    /// `NOSCRIPT` loads them from these sources: they must be the same.
+    #[test]
+    fn pipelined_loads_are_the_scripts_evalsha_names() {
+        let loaded: Vec<String> = load_pipelined()
+            .iter()
+            .map(|load| {
+                let source = load.args_iter().nth(2).map(bytes);
+                sha1_smol::Sha1::from(source.unwrap_or_default()).digest().to_string()
+            })
+            .collect();
+        assert_eq!(loaded, [STORE.get_hash(), LOCK.get_hash()]);
+        let lock = LockArgs {
+            entry: "e",
+            lock: "e#lock",
+            version_keys: &["v".to_owned()],
+            head: b"RC2|b|",
+            token: "t",
+            lock_ttl_ms: 5,
+            min_fresh_ms: 1,
+            pinned: &[],
+        }
+        .command();
+        let args: Vec<Vec<u8>> = lock.args_iter().map(bytes).collect();
+        assert_eq!(&args[..9], [&b"EVALSHA"[..], LOCK.get_hash().as_bytes(), b"3", b"e", b"e#lock", b"v", b"RC2|b|", b"t", b"5"]);
+        assert_eq!(args[9], b"1");
+        assert_eq!(args.len(), 11, "one fresh seed per version key");
+    }
+}
