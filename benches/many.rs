@@ -201,10 +201,7 @@ fn print_table(rows: &[Row], tasks: usize) {
         "\nA page of {PAGE} ids, {CACHED} cached: latency one page at a time, throughput from {tasks} tasks; \
          round trips and commands per page as the server counted them"
     );
-    println!(
-        "{:<40} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7}",
-        "", "p50", "p99", "pages/s", "round trips", "commands", ""
-    );
+    println!("{:<40} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7}", "", "p50", "p99", "pages/s", "round trips", "commands", "");
     for row in rows {
         println!(
             "{:<40} {:>9.1?} {:>9.1?} {:>9.0} {:>11.1} {:>9.1}",

@@ -48,7 +48,10 @@ fn only_missing_items_reach_the_body_each_once() {
         let first = names(&cache, &asked, "eu", vec![2, 4, 6]).await;
         assert_eq!(first, HashMap::from([(2, "eu-2".into()), (4, "eu-4".into()), (6, "eu-6".into())]));
         let second = names(&cache, &asked, "eu", vec![6, 8, 4, 8, 10, 8]).await;
-        assert_eq!(second, HashMap::from([(4, "eu-4".into()), (6, "eu-6".into()), (8, "eu-8".into()), (10, "eu-10".into())]));
+        assert_eq!(
+            second,
+            HashMap::from([(4, "eu-4".into()), (6, "eu-6".into()), (8, "eu-8".into()), (10, "eu-10".into())])
+        );
         assert_eq!(asked.take(), vec![vec![2, 4, 6], vec![8, 10]], "only the missing ids, each once, in order");
         names(&cache, &asked, "us", vec![2]).await;
         assert_eq!(asked.take(), vec![vec![2]], "the other arguments are part of each item's key");
@@ -301,10 +304,9 @@ fn next(state: &mut u64) -> u64 {
 /// `MANY_SEED=<seed>` replays a seed's schedule.
 #[test]
 fn randomized_history_keeps_the_guarantees() {
-    let seed = std::env::var("MANY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let seed = std::env::var("MANY_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
     println!("randomized history seed {seed}: replay with MANY_SEED={seed} cargo test --test many randomized");
     let server = RedisServer::start();
     run(DEADLINE, async {

@@ -40,14 +40,18 @@ pub(crate) fn find<'a>(args: &CachedArgs, function: &'a CachedFn, errors: &mut E
         return None;
     };
     if args.skip.iter().any(|s| s == name) {
-        errors.at(name.span(), format!("`{name}` holds the items, which are part of every item's key: do not `skip` it"));
+        errors
+            .at(name.span(), format!("`{name}` holds the items, which are part of every item's key: do not `skip` it"));
     }
     Some(Batch { ident: &pat.ident, ty, mutable: pat.mutability.is_some(), others })
 }
 
+/// Hashed parameters, each with the span of its type.
+type Parts = Vec<(Ident, Span)>;
+
 /// Splits the hashed parameters around the items: those before and those
-/// after, each with the span of its type.
-pub(crate) fn around(parts: Vec<(Ident, Span)>, batch: &Ident) -> (Vec<(Ident, Span)>, Vec<(Ident, Span)>) {
+/// after.
+pub(crate) fn around(parts: Parts, batch: &Ident) -> (Parts, Parts) {
     let at = parts.iter().position(|(ident, _)| ident == batch).unwrap_or(parts.len());
     let mut before = parts;
     let after = before.split_off(at);
@@ -119,7 +123,11 @@ pub(crate) fn call(batch: &Batch<'_>, emit: Emit<'_>) -> TokenStream {
             (&#krate_at_output::__private::Tag::<#output>::new()).many_kind()
         }, #items_at_output)
     };
-    let absent = if skip_absent { quote! { Skip } } else { quote! { Cache } };
+    let absent = if skip_absent {
+        quote! { Skip }
+    } else {
+        quote! { Cache }
+    };
     quote! {
         let #items: ::std::vec::Vec<_> = #read;
         let #kind = #select_kind;

@@ -91,8 +91,8 @@ pub mod __private {
 }
 
 pub use builder::CacheBuilder;
-pub use call::Absent;
 pub use cache::Cache;
+pub use call::Absent;
 pub use codec::Codec;
 pub use compress::Compression;
 pub use error::Error;

@@ -13,11 +13,13 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
+pub use crate::Absent;
 pub use crate::call::Renewable;
 pub use crate::codec::Codec;
 pub use crate::keys::{KeyHash, KeyHasher, KeyTail};
-pub use crate::output::{ItemMap, ManyKind, ManyPlain, ManyResult, OutputKind, PlainOutput, ResultOutput, Storage};
-pub use crate::Absent;
+pub use crate::output::{
+    ItemMap, ManyKind, ManyPlain, ManyResult, OutputKind, PlainOutput, ResultOutput, Split, Storage,
+};
 pub use crate::policy::Plan;
 pub use crate::site::SiteCell;
 
@@ -98,7 +100,7 @@ async fn run<R, B: Body<R>>(
 pub struct Many<R, K, V> {
     items: Vec<K>,
     storage: Storage<Option<V>>,
-    split: fn(R) -> Result<Vec<(K, V)>, R>,
+    split: fn(R) -> Split<K, V, R>,
     join: fn(Vec<(K, V)>) -> R,
     hash: fn(&mut KeyHasher, &K) -> Result<(), Unencodable>,
 }
@@ -115,7 +117,13 @@ where
     fn hash<K: Serialize>(hasher: &mut KeyHasher, item: &K) -> Result<(), Unencodable> {
         hasher.arg(item).map(drop)
     }
-    Many { items, storage: Storage::of::<PlainOutput<Option<M::Value>>>(), split: M::split, join: M::join, hash: hash::<K> }
+    Many {
+        items,
+        storage: Storage::of::<PlainOutput<Option<M::Value>>>(),
+        split: M::split,
+        join: M::join,
+        hash: hash::<K>,
+    }
 }
 
 /// Runs one bulk call (`#[cached(batch(..))]`): each item cached in an

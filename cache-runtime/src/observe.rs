@@ -151,7 +151,8 @@ impl<'c> Observer<'c> {
     /// `get_or_compute_many`): its span shows how many distinct items were
     /// asked for and, at the end, how many hit; its counters count per item.
     pub(crate) fn many(site: SiteRef<'c>, prefix: &'c str, warnings: &'c Warnings, items: usize) -> Self {
-        let span = tracing::debug_span!(target: "cache_runtime", "cached_many", prefix, items, hits = tracing::field::Empty);
+        let span =
+            tracing::debug_span!(target: "cache_runtime", "cached_many", prefix, items, hits = tracing::field::Empty);
         Self {
             site,
             span,

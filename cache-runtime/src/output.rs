@@ -152,10 +152,14 @@ pub trait ManyKind<R> {
     /// What is cached per item.
     type Value;
     /// The pairs of the output, or the output itself when it is an error.
-    fn split(output: R) -> Result<Vec<(Self::Item, Self::Value)>, R>;
+    fn split(output: R) -> Split<Self::Item, Self::Value, R>;
     /// The output of these pairs.
     fn join(pairs: Vec<(Self::Item, Self::Value)>) -> R;
 }
+
+/// A bulk call's output taken apart: its pairs, or the output itself when
+/// it is an error (returned as it is, never stored).
+pub type Split<K, V, R> = Result<Vec<(K, V)>, R>;
 
 /// `Result<M, E>`: the map of an `Ok`; an `Err` is returned, never stored.
 pub struct ManyResult<M, E>(pub(crate) PhantomData<fn() -> (M, E)>);
@@ -165,7 +169,7 @@ pub struct ManyPlain<M>(pub(crate) PhantomData<fn() -> M>);
 impl<M: ItemMap, E> ManyKind<Result<M, E>> for ManyResult<M, E> {
     type Item = M::Item;
     type Value = M::Value;
-    fn split(output: Result<M, E>) -> Result<Vec<(M::Item, M::Value)>, Result<M, E>> {
+    fn split(output: Result<M, E>) -> Split<M::Item, M::Value, Result<M, E>> {
         match output {
             Ok(map) => Ok(map.into_pairs()),
             Err(e) => Err(Err(e)),
@@ -179,7 +183,7 @@ impl<M: ItemMap, E> ManyKind<Result<M, E>> for ManyResult<M, E> {
 impl<M: ItemMap> ManyKind<M> for ManyPlain<M> {
     type Item = M::Item;
     type Value = M::Value;
-    fn split(output: M) -> Result<Vec<(M::Item, M::Value)>, M> {
+    fn split(output: M) -> Split<M::Item, M::Value, M> {
         Ok(output.into_pairs())
     }
     fn join(pairs: Vec<(M::Item, M::Value)>) -> M {

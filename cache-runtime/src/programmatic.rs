@@ -87,9 +87,8 @@ impl Cache {
             async move { found.await.map(|map| map.into_iter().collect::<Vec<_>>()) }
         };
         let storage = Storage::of::<PlainOutput<Option<V>>>();
-        let found = self
-            .fetch_or_compute_many(&policy.plan(), items, storage, policy.absent_items(), &key_of, compute)
-            .await?;
+        let found =
+            self.fetch_or_compute_many(&policy.plan(), items, storage, policy.absent_items(), &key_of, compute).await?;
         Ok(found.into_iter().collect())
     }
 

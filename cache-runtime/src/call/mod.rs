@@ -26,9 +26,9 @@ mod renew;
 mod tier;
 
 pub use body::Renewable;
+pub(crate) use body::{Body, Now};
 pub use bulk::Absent;
 pub(crate) use bulk::Item;
-pub(crate) use body::{Body, Now};
 
 use crate::Cache;
 use crate::codec::EntryTimes;

@@ -144,9 +144,10 @@ impl Backend {
     ) -> Result<Vec<Result<LockReply, Fault>>, Fault> {
         match self {
             Backend::Redis(redis) => redis.lock_many(items, head).await,
-            Backend::Memory => {
-                Ok(items.iter().map(|_| Ok(LockReply::Lead { observed: String::new(), versions: Vec::new() })).collect())
-            }
+            Backend::Memory => Ok(items
+                .iter()
+                .map(|_| Ok(LockReply::Lead { observed: String::new(), versions: Vec::new() }))
+                .collect()),
         }
     }
 

@@ -478,7 +478,10 @@ mod tests {
         }
         .command();
         let args: Vec<Vec<u8>> = lock.args_iter().map(bytes).collect();
-        assert_eq!(&args[..9], [&b"EVALSHA"[..], LOCK.get_hash().as_bytes(), b"3", b"e", b"e#lock", b"v", b"RC2|b|", b"t", b"5"]);
+        assert_eq!(
+            &args[..9],
+            [&b"EVALSHA"[..], LOCK.get_hash().as_bytes(), b"3", b"e", b"e#lock", b"v", b"RC2|b|", b"t", b"5"]
+        );
         assert_eq!(args[9], b"1");
         assert_eq!(args.len(), 11, "one fresh seed per version key");
     }

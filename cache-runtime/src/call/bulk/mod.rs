@@ -217,8 +217,11 @@ impl<K, V> Bulk<'_, K, V> {
                     // Redis is unavailable: everything left is computed,
                     // and nothing is stored.
                     self.observer.event(Event::Fault(&fault));
-                    let rest: Vec<usize> =
-                        unread.iter().map(|&c| keyed[c]).chain(if first { loose.clone() } else { Vec::new() }).collect();
+                    let rest: Vec<usize> = unread
+                        .iter()
+                        .map(|&c| keyed[c])
+                        .chain(if first { loose.clone() } else { Vec::new() })
+                        .collect();
                     self.compute(&mut wants, &rest, Outcome::Bypass, &mut body).await?;
                     return Ok(self.merge(wants));
                 }
