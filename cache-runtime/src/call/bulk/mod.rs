@@ -22,8 +22,8 @@
 
 mod settle;
 
-use super::lock::{LockGuard, token};
-use super::{Call, Lookup, Observed, Seen, misconfiguration, now_ms};
+use super::lock::LockGuard;
+use super::{Call, Lookup, Observed, Seen, misconfiguration};
 use crate::Cache;
 use crate::flight::{Leader, Role, Shared};
 use crate::keys::canonical::Unencodable;
@@ -31,7 +31,6 @@ use crate::keys::{EntryKeys, KeyHash};
 use crate::observe::{Event, Observer, Outcome};
 use crate::output::Storage;
 use crate::policy::Plan;
-use crate::store::LockRequest;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -378,73 +377,5 @@ impl<K, V> Bulk<'_, K, V> {
                 _ => None,
             })
             .collect()
-    }
-}
-
-impl LockGuard {
-    /// A guard for an item's lock, armed before the lock is asked for.
-    fn for_item<R>(call: &Call<'_, R>) -> Self {
-        LockGuard::new(call.cache, call.keys.lock(), token())
-    }
-}
-
-impl LockRequest<'_> {
-    fn for_guard<'g>(guard: &'g LockGuard, ttl: Duration) -> LockRequest<'g> {
-        LockRequest { lock: &guard.lock, token: &guard.token, ttl, min_fresh_ms: now_ms() }
-    }
-}
-
-impl<K, V> Bulk<'_, K, V> {
-    /// What each unlocked computation is bound to: the versions seen,
-    /// seeded once for all items.
-    async fn observed_all<R>(&self, calls: &[Call<'_, R>], missed: &[(usize, Seen)]) -> Vec<Option<Observed>> {
-        let Some((c, seen)) = missed.first() else { return Vec::new() };
-        let seeded = self.cache.backend().seed_missing(calls[*c].keys, seen.versions.clone()).await;
-        let versions = match seeded {
-            Ok(versions) => Some(versions),
-            Err(fault) => {
-                self.observer.event(Event::Fault(&fault));
-                None
-            }
-        };
-        missed
-            .iter()
-            .map(|(_, seen)| versions.clone().map(|versions| Observed { versions, entry: seen.entry.clone() }))
-            .collect()
-    }
-
-    /// Takes the lock of every item this call leads, in one round trip.
-    async fn lock_all<'f, R>(
-        &self,
-        calls: &[Call<'_, R>],
-        keys: &[EntryKeys<'_>],
-        leaders: Vec<(usize, Leader<'f>)>,
-    ) -> Vec<settle::Locked<'f, R>> {
-        if leaders.is_empty() {
-            return Vec::new();
-        }
-        let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
-        // Armed before asking: a call dropped while the scripts run may
-        // hold locks without having heard so.
-        let guards: Vec<LockGuard> = leaders.iter().map(|(c, _)| LockGuard::for_item(&calls[*c])).collect();
-        let requests: Vec<(&EntryKeys<'_>, LockRequest<'_>)> = leaders
-            .iter()
-            .zip(&guards)
-            .map(|((c, _), guard)| (&keys[*c], LockRequest::for_guard(guard, lock_timeout)))
-            .collect();
-        let replies = self.cache.backend().lock_many(&requests, &self.plan.codec.lock_head()).await;
-        drop(requests);
-        let replies = match replies {
-            Ok(replies) => replies,
-            Err(fault) => {
-                self.observer.event(Event::Fault(&fault));
-                leaders.iter().map(|_| Err(fault.clone())).collect()
-            }
-        };
-        let mut locked = Vec::with_capacity(leaders.len());
-        for (((c, leader), guard), reply) in leaders.into_iter().zip(guards).zip(replies) {
-            locked.push(settle::locked(&calls[c], c, leader, guard, reply).await);
-        }
-        locked
     }
 }

@@ -1,19 +1,21 @@
-//! A bulk call's items from their lock to their stored entries: what each
-//! item's `LOCK` reply means for it, and one pipeline of `STORE` scripts
+//! A bulk call's items from their lock to their stored entries: the locks
+//! of the items it leads in one pipeline of `LOCK` scripts, what each
+//! item's reply means for it, and one pipeline of `STORE` scripts
 //! for everything the body computed, each settled as a single call's
 //! store is (`Call::stored`): kept locally, shared with waiters only when
 //! a store checked it or nothing changed since.
 
 use super::super::finish::{Entry, Storable};
-use super::super::lock::LockGuard;
-use super::super::{Call, Observed};
+use super::super::lock::{LockGuard, token};
+use super::super::{Call, Observed, Seen, now_ms};
 use super::{Absent, Bulk, Led, Want};
 use crate::error::Fault;
 use crate::flight::{Leader, Shared};
 use crate::keys::EntryKeys;
 use crate::observe::{Event, Outcome};
-use crate::store::{LockReply, StoreMode, StoreRequest, digest};
+use crate::store::{LockReply, LockRequest, StoreMode, StoreRequest, digest};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What an item's lock came to.
 pub(super) enum Locked<'f, R> {
@@ -26,7 +28,7 @@ pub(super) enum Locked<'f, R> {
 }
 
 /// What the lock reply `reply` means for the item `c` this call leads.
-pub(super) async fn locked<'f, R>(
+async fn lock_reply<'f, R>(
     call: &Call<'_, R>,
     c: usize,
     leader: Leader<'f>,
@@ -171,5 +173,77 @@ async fn release<R>(call: &Call<'_, R>, guard: Option<&mut LockGuard>) {
 fn finish(leader: Option<Leader<'_>>, shared: Option<Shared>) {
     if let (Some(leader), Some(shared)) = (leader, shared) {
         leader.finish(shared);
+    }
+}
+
+impl LockGuard {
+    /// A guard for an item's lock, armed before the lock is asked for.
+    fn for_item<R>(call: &Call<'_, R>) -> Self {
+        LockGuard::new(call.cache, call.keys.lock(), token())
+    }
+}
+
+impl LockRequest<'_> {
+    fn for_guard<'g>(guard: &'g LockGuard, ttl: Duration) -> LockRequest<'g> {
+        LockRequest { lock: &guard.lock, token: &guard.token, ttl, min_fresh_ms: now_ms() }
+    }
+}
+
+impl<K, V> Bulk<'_, K, V> {
+    /// What each unlocked computation is bound to: the versions seen,
+    /// seeded once for all items.
+    pub(super) async fn observed_all<R>(
+        &self,
+        calls: &[Call<'_, R>],
+        missed: &[(usize, Seen)],
+    ) -> Vec<Option<Observed>> {
+        let Some((c, seen)) = missed.first() else { return Vec::new() };
+        let seeded = self.cache.backend().seed_missing(calls[*c].keys, seen.versions.clone()).await;
+        let versions = match seeded {
+            Ok(versions) => Some(versions),
+            Err(fault) => {
+                self.observer.event(Event::Fault(&fault));
+                None
+            }
+        };
+        missed
+            .iter()
+            .map(|(_, seen)| versions.clone().map(|versions| Observed { versions, entry: seen.entry.clone() }))
+            .collect()
+    }
+
+    /// Takes the lock of every item this call leads, in one round trip.
+    pub(super) async fn lock_all<'f, R>(
+        &self,
+        calls: &[Call<'_, R>],
+        keys: &[EntryKeys<'_>],
+        leaders: Vec<(usize, Leader<'f>)>,
+    ) -> Vec<Locked<'f, R>> {
+        if leaders.is_empty() {
+            return Vec::new();
+        }
+        let lock_timeout = self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout());
+        // Armed before asking: a call dropped while the scripts run may
+        // hold locks without having heard so.
+        let guards: Vec<LockGuard> = leaders.iter().map(|(c, _)| LockGuard::for_item(&calls[*c])).collect();
+        let requests: Vec<(&EntryKeys<'_>, LockRequest<'_>)> = leaders
+            .iter()
+            .zip(&guards)
+            .map(|((c, _), guard)| (&keys[*c], LockRequest::for_guard(guard, lock_timeout)))
+            .collect();
+        let replies = self.cache.backend().lock_many(&requests, &self.plan.codec.lock_head()).await;
+        drop(requests);
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(fault) => {
+                self.observer.event(Event::Fault(&fault));
+                leaders.iter().map(|_| Err(fault.clone())).collect()
+            }
+        };
+        let mut locked = Vec::with_capacity(leaders.len());
+        for (((c, leader), guard), reply) in leaders.into_iter().zip(guards).zip(replies) {
+            locked.push(lock_reply(&calls[c], c, leader, guard, reply).await);
+        }
+        locked
     }
 }
