@@ -443,3 +443,28 @@ fn randomized_history_keeps_the_guarantees() {
         );
     });
 }
+
+/// On a Redis Cluster: the entries and locks of a prefix share a slot, so
+/// the pipelines go to one node; the tag's and the cache-wide versions live
+/// elsewhere and are pinned, and invalidating the tag reaches every item.
+#[cfg(feature = "cluster")]
+#[test]
+fn a_bulk_call_works_on_a_cluster() {
+    #[cached(ttl = 60, prefix = "tagged", tags("catalog"), batch(ids), skip(asked), cache = cache)]
+    async fn tagged(cache: &Cache, asked: &Asked, ids: Vec<u64>) -> HashMap<u64, u64> {
+        asked.record(&ids);
+        ids.into_iter().map(|id| (id, id * 3)).collect()
+    }
+    let cluster = support::RedisCluster::start(3);
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&cluster.urls().join(","), "app").build().expect("valid cache settings");
+        let asked = Asked::default();
+        assert_eq!(tagged(&cache, &asked, vec![1, 2, 3]).await.len(), 3);
+        assert_eq!(tagged(&cache, &asked, vec![3, 4, 1]).await, HashMap::from([(3, 9), (4, 12), (1, 3)]));
+        assert_eq!(asked.take(), vec![vec![1, 2, 3], vec![4]]);
+        cache.invalidate("catalog").await.expect("invalidate");
+        tagged(&cache, &asked, vec![1, 2]).await;
+        assert_eq!(asked.take(), vec![vec![1, 2]], "the tag's version is pinned in every entry");
+        assert_eq!(cache.stats().total.errors(), 0, "{:?}", cache.stats().total);
+    });
+}
