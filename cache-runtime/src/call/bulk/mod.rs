@@ -198,6 +198,7 @@ impl<K, V> Bulk<'_, K, V> {
             // This round's lookup: the local tier, then one read of the rest.
             let mut missed: Vec<(usize, Seen)> = Vec::new();
             let mut unread = Vec::new();
+            let mut retry = Vec::new();
             for &c in &pending {
                 match calls[c].look_locally() {
                     Ok(Lookup::Hit { output, .. }) => self.hit(&mut wants[keyed[c]], output),
@@ -230,7 +231,8 @@ impl<K, V> Bulk<'_, K, V> {
                     match calls[c].judge(entry, Cow::Borrowed(&read.versions), None).await {
                         Lookup::Hit { output, .. } => self.hit(&mut wants[keyed[c]], output),
                         Lookup::Miss(seen) => missed.push((c, seen)),
-                        Lookup::Unavailable => {}
+                        // Not an outcome of a read; looked at again if it were.
+                        Lookup::Unavailable => retry.push(c),
                     }
                 }
             }
@@ -242,7 +244,6 @@ impl<K, V> Bulk<'_, K, V> {
             }
             let mut led: Vec<Led<'_>> = Vec::new();
             let mut waiting = Vec::new();
-            let mut retry = Vec::new();
             if !self.plan.lock || past_deadline {
                 let observed = self.observed_all(&calls, &missed).await;
                 for ((c, _), observed) in missed.into_iter().zip(observed) {
