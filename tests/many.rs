@@ -175,6 +175,29 @@ fn a_bad_entry_is_a_counted_miss() {
 }
 
 #[test]
+fn large_items_are_stored_compressed_and_read_back() {
+    #[cached(ttl = 60, prefix = "large", batch(ids), skip(asked), cache = cache)]
+    async fn large(cache: &Cache, asked: &Asked, ids: Vec<u64>) -> HashMap<u64, String> {
+        asked.record(&ids);
+        ids.into_iter().map(|id| (id, format!("{id} ").repeat(1_000))).collect()
+    }
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        let first = large(&cache, &asked, vec![1, 2]).await;
+        assert_eq!(large(&cache, &asked, vec![2, 1]).await, first);
+        assert_eq!(asked.take(), vec![vec![1, 2]]);
+        assert_eq!(first[&2], "2 ".repeat(1_000));
+    });
+    let mut conn = server.conn();
+    for key in entry_keys(&mut conn, "app:large:*") {
+        let entry: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).expect("GET");
+        assert!(entry.starts_with(b"RC2|bl|") && entry.len() < 1_000, "stored compressed: {} bytes", entry.len());
+    }
+}
+
+#[test]
 fn programmatic_items_are_the_single_entries() {
     let server = RedisServer::start();
     run(DEADLINE, async {
