@@ -1,4 +1,4 @@
-//! Configuring a [`Cache`]: the builder and its settings. Building and
+//! Configuring a [`Cache`](crate::Cache): the builder and its settings. Building and
 //! checking them is in `build.rs`, URLs in `url.rs`.
 
 mod build;
@@ -9,7 +9,7 @@ pub(crate) use url::redact_url;
 
 use std::time::Duration;
 
-/// Builds a [`Cache`]. `build` validates everything and needs no running
+/// Builds a [`Cache`](crate::Cache). `build` validates everything and needs no running
 /// Redis: connections are made on first use. Without a [`url`](Self::url)
 /// it builds a memory-only cache, which needs no Redis at all.
 ///
@@ -200,7 +200,7 @@ impl CacheBuilder {
     /// calls pipeline over one kept connection per CPU core (at most this
     /// many; on a cluster one, itself a connection to each node); the rest
     /// of the pool replaces connections that fail. Default: 8; from 1 to
-    /// 1024, else `build` returns [`Error::InvalidConfig`].
+    /// 1024, else `build` returns [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     ///
     /// ```
     /// assert!(cache_runtime::Cache::builder().pool_size(0).build().is_err());
@@ -231,7 +231,7 @@ impl CacheBuilder {
     }
 
     /// The TTL of functions whose `#[cached]` gives none. From 1 ms to ten
-    /// years, else `build` returns [`Error::InvalidConfig`].
+    /// years, else `build` returns [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     ///
     /// ```
     /// use std::time::Duration;
@@ -246,7 +246,7 @@ impl CacheBuilder {
 
     /// How long a call may wait for a connection, including connecting a new
     /// one, before it computes without the cache. Default: 50 ms. Zero is
-    /// an [`Error::InvalidConfig`]; more than an hour counts as an hour.
+    /// an [`Error::InvalidConfig`](crate::Error::InvalidConfig); more than an hour counts as an hour.
     ///
     /// ```
     /// use std::time::Duration;
@@ -260,7 +260,7 @@ impl CacheBuilder {
     }
 
     /// How long one Redis command may take before the call computes without
-    /// the cache. Default: 50 ms. Zero is an [`Error::InvalidConfig`]; more
+    /// the cache. Default: 50 ms. Zero is an [`Error::InvalidConfig`](crate::Error::InvalidConfig); more
     /// than an hour counts as an hour.
     ///
     /// ```
@@ -276,7 +276,7 @@ impl CacheBuilder {
     /// After `failures` consecutive failed Redis operations, skip Redis for
     /// `cool_down`, then let one call probe it. Default: 5 failures, 1 s.
     /// `failures` at least 1 and `cool_down` at most an hour, else `build`
-    /// returns [`Error::InvalidConfig`].
+    /// returns [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     ///
     /// ```
     /// use std::time::Duration;
@@ -296,7 +296,7 @@ impl CacheBuilder {
     /// is also the TTL of the Redis stampede lock, so a crashed process
     /// delays others at most this long. Default: 5 s; `#[cached(lock_timeout
     /// = ...)]` overrides it per function. From 1 ms to 24 hours (the
-    /// attribute's range too), else `build` returns [`Error::InvalidConfig`]:
+    /// attribute's range too), else `build` returns [`Error::InvalidConfig`](crate::Error::InvalidConfig):
     /// Redis counts the lock's TTL in whole milliseconds.
     ///
     /// ```
@@ -312,7 +312,7 @@ impl CacheBuilder {
 
     /// Values whose encoding is larger than this are returned but not
     /// stored. Default: 1 MiB; from 1 byte to 512 MiB (Redis's limit on a
-    /// string), else `build` returns [`Error::InvalidConfig`].
+    /// string), else `build` returns [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     ///
     /// It bounds reading too: an entry read from Redis longer than this
     /// plus 16 KiB of header is not decoded (a counted decode error, and
@@ -343,7 +343,7 @@ impl CacheBuilder {
     ///
     /// For a memory-only cache (no URL), this is the cache's size; default
     /// 10,000 entries. At least 1, else `build` returns
-    /// [`Error::InvalidConfig`].
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     ///
     /// ```
     /// let cache = cache_runtime::Cache::builder()
@@ -371,7 +371,7 @@ impl CacheBuilder {
     /// For a memory-only cache, this bounds the cache itself (the default
     /// 10,000 entries then no longer applies unless `local` says so).
     ///
-    /// From 1 KiB to 1 TiB, else `build` returns [`Error::InvalidConfig`].
+    /// From 1 KiB to 1 TiB, else `build` returns [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     ///
     /// ```
     /// let cache = cache_runtime::Cache::builder()
@@ -381,8 +381,6 @@ impl CacheBuilder {
     /// assert!(cache_runtime::Cache::builder().local_bytes(0).build().is_err());
     /// # Ok::<(), cache_runtime::Error>(())
     /// ```
-    ///
-    /// [`Error::InvalidConfig`]: crate::Error::InvalidConfig
     pub fn local_bytes(mut self, bytes: u64) -> Self {
         self.local_bytes = Some(bytes);
         self

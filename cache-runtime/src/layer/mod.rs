@@ -1,40 +1,4 @@
-//! Whole responses cached as a tower layer (cargo feature `tower`): what
-//! Django's `cache_page` does, for axum, tonic or any tower service, with
-//! what HTTP says about who may see a response.
-//!
-//! - Key: the authority, the original path (before axum's `nest` strips
-//!   it), the query sorted by name (repeated names keep their order), and
-//!   the values of the request headers the response's `Vary` names
-//!   (learned per resource, as Django's `learn_cache_key` does), of
-//!   `Authorization` and `Cookie`, and of those given to
-//!   [`CacheLayer::vary`].
-//! - Never stored: `Vary: *`, `Set-Cookie`, `Cache-Control: private`,
-//!   `no-store` or `no-cache`, a `206` or any status outside
-//!   [`CacheLayer::statuses`] (unless the response has explicit freshness
-//!   and RFC 9111 allows its status), a body over
-//!   [`CacheLayer::max_body_bytes`] or a `text/event-stream`, which stream
-//!   through unbuffered.
-//! - A response's `s-maxage`, `max-age` or `Expires` (less its `Age`) caps
-//!   the policy's TTL. The client's `no-store` bypasses the cache, its
-//!   `no-cache` or `max-age=0` recomputes the entry
-//!   ([`CacheLayer::request_cache_control`]).
-//! - `If-None-Match` and `If-Modified-Since` are answered with `304` from
-//!   the stored response, which has an `ETag` (the body's hash when the
-//!   handler gave none, [`CacheLayer::etag`]); a single byte `Range` with
-//!   `206` from it; hits carry `Age` and `x-cache: hit`.
-//! - A stale entry with the service's own validators is revalidated: a
-//!   `304` updates its headers and freshness and keeps its body.
-//! - A successful unsafe request (`POST`, `PUT`, `DELETE`, ...) through the
-//!   layer invalidates the cached `GET`s of its path, and of the paths its
-//!   `Location` and `Content-Location` name.
-//!
-//! Namespace versions, tags, TTL and jitter, stampede protection, the
-//! failure handling and compression are those of [`Cache::get_or_compute`]:
-//! a stored response (its headers and body, encoded) is compressed like any
-//! value, by the cache's [`compression`](crate::CacheBuilder::compression)
-//! or the policy's [`compress`](crate::Policy::compress). A body that is
-//! already compressed (`gzip`, images) does not shrink and is stored as is,
-//! so it costs one failed attempt on the miss and nothing on a hit.
+//! The HTTP response cache: [`CacheLayer`] and its parts.
 
 mod body;
 mod key;
@@ -86,8 +50,43 @@ pub enum Credentials {
 /// number of version keys however many paths there are.
 const BUCKETS: usize = 65_536;
 
-/// Caches whole `GET` responses of the services it wraps; see the
-/// [module documentation](self) for what is keyed, stored and honoured.
+/// Whole responses cached as a tower layer (cargo feature `tower`): what
+/// Django's `cache_page` does, for axum, tonic or any tower service, with
+/// what HTTP says about who may see a response.
+///
+/// - Key: the authority, the original path (before axum's `nest` strips
+///   it), the query sorted by name (repeated names keep their order), and
+///   the values of the request headers the response's `Vary` names
+///   (learned per resource, as Django's `learn_cache_key` does), of
+///   `Authorization` and `Cookie`, and of those given to
+///   [`CacheLayer::vary`].
+/// - Never stored: `Vary: *`, `Set-Cookie`, `Cache-Control: private`,
+///   `no-store` or `no-cache`, a `206` or any status outside
+///   [`CacheLayer::statuses`] (unless the response has explicit freshness
+///   and RFC 9111 allows its status), a body over
+///   [`CacheLayer::max_body_bytes`] or a `text/event-stream`, which stream
+///   through unbuffered.
+/// - A response's `s-maxage`, `max-age` or `Expires` (less its `Age`) caps
+///   the policy's TTL. The client's `no-store` bypasses the cache, its
+///   `no-cache` or `max-age=0` recomputes the entry
+///   ([`CacheLayer::request_cache_control`]).
+/// - `If-None-Match` and `If-Modified-Since` are answered with `304` from
+///   the stored response, which has an `ETag` (the body's hash when the
+///   handler gave none, [`CacheLayer::etag`]); a single byte `Range` with
+///   `206` from it; hits carry `Age` and `x-cache: hit`.
+/// - A stale entry with the service's own validators is revalidated: a
+///   `304` updates its headers and freshness and keeps its body.
+/// - A successful unsafe request (`POST`, `PUT`, `DELETE`, ...) through the
+///   layer invalidates the cached `GET`s of its path, and of the paths its
+///   `Location` and `Content-Location` name.
+///
+/// Namespace versions, tags, TTL and jitter, stampede protection, the
+/// failure handling and compression are those of [`Cache::get_or_compute`]:
+/// a stored response (its headers and body, encoded) is compressed like any
+/// value, by the cache's [`compression`](crate::CacheBuilder::compression)
+/// or the policy's [`compress`](crate::Policy::compress). A body that is
+/// already compressed (`gzip`, images) does not shrink and is stored as is,
+/// so it costs one failed attempt on the miss and nothing on a hit.
 ///
 /// ```
 /// use cache_runtime::{Cache, CacheLayer, Policy};
