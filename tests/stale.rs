@@ -378,3 +378,107 @@ fn an_older_refresh_finishing_last_does_not_win() {
         older_refresh_finishing_last(memory, 2).await;
     });
 }
+
+// --- an entry one process cannot decode ---------------------------------------
+
+/// A computes from old data holding the lock, having seen the key empty; a
+/// write-through then stores a value too large for B (whose
+/// `max_value_bytes` is smaller), and B reads it. B must not leave the key
+/// empty: A's store, which expects it empty, would then put the old value
+/// back over the write.
+#[test]
+fn an_entry_another_process_cannot_decode_is_not_emptied_under_a_computation() {
+    use cache_runtime::{Compression, Policy};
+    run(DEADLINE, async {
+        let server = RedisServer::start();
+        let big = support::patient_cache(&server.url(), "undecodable").build().expect("cache");
+        let writer = support::patient_cache(&server.url(), "undecodable").build().expect("cache");
+        let small = support::patient_cache(&server.url(), "undecodable").max_value_bytes(1024).build().expect("cache");
+        let policy = Policy::new("wide").ttl(Duration::from_secs(600)).compress(Compression::None);
+        let (started, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+        let old = {
+            let (big, policy, started, release) = (big.clone(), policy.clone(), started.clone(), release.clone());
+            tokio::spawn(async move {
+                big.get_or_compute(&policy, &1u64, async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, String>("old".to_owned())
+                })
+                .await
+            })
+        };
+        started.notified().await;
+        let new = "new".repeat(2000);
+        let refreshed = writer.refresh(&policy, &1u64, async { Ok::<_, String>(new.clone()) }).await;
+        assert_eq!(refreshed.as_deref(), Ok(new.as_str()));
+        // B cannot decode it; its own computation fails, so B stores nothing.
+        let unlocked = policy.clone().lock(false);
+        let failed = small.get_or_compute(&unlocked, &1u64, async { Err::<String, _>("source down".to_owned()) }).await;
+        assert!(failed.is_err());
+        release.notify_one();
+        assert_eq!(old.await.expect("A's call").as_deref(), Ok("old"), "A answers its own caller");
+        let after = writer.get_or_compute(&policy, &1u64, async { Ok::<_, String>("recomputed".to_owned()) }).await;
+        assert_ne!(after.as_deref(), Ok("old"), "a value computed before the write-through came back");
+    });
+}
+
+// --- a write path cancelled once Redis has it ---------------------------------
+
+#[cached(ttl = 600, prefix = "shelf", local = true, skip(db), cache = cache)]
+async fn shelf_row(cache: &Cache, db: &Db, id: u64) -> String {
+    format!("row {id} at version {}", db.read())
+}
+
+/// An `invalidate` (or `clear`) cancelled after Redis received it still
+/// takes effect everywhere, this process's local tier included: this
+/// process ignores its own invalidation messages, so nothing else would
+/// drop its local copies.
+async fn cancelled_write_reaches_the_local_tier(clear: bool) {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "cancelled").local(1_000).build().expect("cache");
+    let db = Db::new(1);
+    // The local tier serves once this process listens for invalidations.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.stats().total.local_hits == 0 {
+        assert!(shelf_row(&cache, &db, 1).await.contains("version 1"));
+        assert!(Instant::now() < deadline, "the local tier never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let version_key = if clear { "cancelled:#all:{#all}#v" } else { "cancelled:shelf:{shelf}#v" };
+    let before: Option<String> = redis::cmd("GET").arg(version_key).query(&mut server.conn()).expect("GET");
+    assert!(before.is_some(), "{version_key} is where the version lives");
+    // Loads the invalidation script: a first `EVALSHA` would come back
+    // `NOSCRIPT` after the pause, with no one left to load it.
+    cache.invalidate("elsewhere").await.expect("invalidate");
+    db.set(2);
+    // Redis holds write commands for a while: the write is sent, and its
+    // caller gives up before the answer.
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1_000).arg("WRITE").query(&mut server.conn()).expect("PAUSE");
+    let write = async { if clear { cache.clear().await } else { cache.invalidate("shelf").await.map(drop) } };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), write).await.is_err(),
+        "the paused server answers nothing"
+    );
+    // The cancelled command runs once the pause ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: Option<String> = redis::cmd("GET").arg(version_key).query(&mut server.conn()).expect("GET");
+        if now != before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cancelled write never reached Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = shelf_row(&cache, &db, 1).await;
+    assert!(after.contains("version 2"), "a write that reached Redis left this process serving {after:?}");
+}
+
+#[test]
+fn a_cancelled_invalidate_that_reached_redis_reaches_the_local_tier() {
+    run(DEADLINE, cancelled_write_reaches_the_local_tier(false));
+}
+
+#[test]
+fn a_cancelled_clear_that_reached_redis_reaches_the_local_tier() {
+    run(DEADLINE, cancelled_write_reaches_the_local_tier(true));
+}

@@ -241,13 +241,13 @@ impl Cache {
             self.bump_fence();
             return Ok(epoch);
         };
-        let outcome = redis.invalidate(&version_key(self.key_prefix(), namespace), namespace).await;
         // After the bump, so that a read that began before it cannot fill
-        // the local tier with what it read.
-        if let Some(local) = &self.inner.local {
-            local.invalidate(namespace);
-        }
-        self.bump_fence();
+        // the local tier with what it read; on drop, so that a caller
+        // cancelled once Redis had the bump does not leave this process's
+        // tier serving what it invalidated (this process ignores its own
+        // channel messages).
+        let _after = AfterWrite { cache: self, forgets: Forgets::Namespace(namespace) };
+        let outcome = redis.invalidate(&version_key(self.key_prefix(), namespace), namespace).await;
         outcome.map_err(|fault| self.write_failed(fault))
     }
 
@@ -256,25 +256,25 @@ impl Cache {
         let hash = key.map_err(|e| Error::Encode(e.to_string()))?;
         check_namespace(plan.prefix).map_err(Error::InvalidConfig)?;
         let held_locally = self.inner.local.as_ref().is_some_and(|local| local.forget(&hash));
-        let outcome = match &self.inner.backend {
+        // Again after Redis, even if this call is dropped there: a reader
+        // that read the entry before it was replaced must not keep it in
+        // this process's tier.
+        let _after = AfterWrite { cache: self, forgets: Forgets::Entry(hash) };
+        match &self.inner.backend {
             Backend::Redis(redis) => {
                 let entry = entry_key(self.key_prefix(), plan.prefix, hash);
-                // The tombstone outlives any computation that could still
-                // store what it read before this forget: an entry's life,
-                // or a lock's.
-                let ttl = plan.ttl.or(self.default_ttl()).unwrap_or_default().max(self.lock_timeout());
-                let ttl = ttl.saturating_add(plan.stale_if_error.unwrap_or_default());
-                redis.forget(&entry, hash, ttl).await.map_err(|fault| self.write_failed(fault))
+                redis.forget(&entry, hash, self.tombstone_ttl(plan)).await.map_err(|fault| self.write_failed(fault))
             }
             Backend::Memory => Ok(held_locally),
-        };
-        // Again after Redis: a reader that read the entry before it was
-        // replaced must not keep it in this process's tier.
-        if let Some(local) = &self.inner.local {
-            local.forget(&hash);
         }
-        self.bump_fence();
-        outcome
+    }
+
+    /// How long a tombstone left at one of `plan`'s entries lives: longer
+    /// than any computation that could still store what it read before
+    /// the tombstone: an entry's life, or a lock's.
+    pub(crate) fn tombstone_ttl(&self, plan: &Plan<'_>) -> Duration {
+        let ttl = plan.ttl.or(self.default_ttl()).unwrap_or_default().max(self.lock_timeout());
+        ttl.saturating_add(plan.stale_if_error.unwrap_or_default())
     }
 
     /// The write fence; see `Inner::fence`.
@@ -373,5 +373,33 @@ impl Cache {
     /// and from how many bytes on.
     pub(crate) fn compression(&self, plan: Option<Compression>) -> (Compression, usize) {
         (plan.unwrap_or(self.inner.compression), self.inner.compress_threshold)
+    }
+}
+
+/// What a write path does to this process after Redis, when it returns or
+/// is dropped: the local tier forgets, and the write fence moves.
+struct AfterWrite<'c> {
+    cache: &'c Cache,
+    forgets: Forgets<'c>,
+}
+
+enum Forgets<'c> {
+    Namespace(&'c str),
+    Entry(KeyHash),
+}
+
+impl Drop for AfterWrite<'_> {
+    fn drop(&mut self) {
+        if let Some(local) = &self.cache.inner.local {
+            match &self.forgets {
+                Forgets::Namespace(namespace) => {
+                    local.invalidate(namespace);
+                }
+                Forgets::Entry(hash) => {
+                    local.forget(hash);
+                }
+            }
+        }
+        self.cache.bump_fence();
     }
 }

@@ -85,19 +85,24 @@ impl<R> Call<'_, R> {
                 Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
             }
             None => {
-                Box::pin(self.discard_corrupt(&digest(Some(bytes)))).await;
-                // Gone now, unless another process stored since.
-                miss(None, stale)
+                let tombstone = Box::pin(self.discard_corrupt(&digest(Some(bytes)))).await;
+                // Replaced now, unless another process stored since (then
+                // a store expecting the tombstone is refused).
+                miss(Some(&tombstone), stale)
             }
         }
     }
 
-    /// Deletes an entry whose header is current but whose payload does not
-    /// decode (`read`: its digest): left in place, a miss would not
-    /// overwrite it.
-    pub(super) async fn discard_corrupt(&self, read: &str) {
-        let discarded = self.cache.backend().discard(self.keys, read).await;
+    /// Replaces with a tombstone an entry whose header is current but whose
+    /// payload does not decode here (`read`: its digest): left in place, a
+    /// miss would not overwrite it. Returns the tombstone, what the key
+    /// holds now unless someone stored since.
+    pub(super) async fn discard_corrupt(&self, read: &str) -> Vec<u8> {
+        let tombstone = crate::store::tombstone();
+        let ttl = self.cache.tombstone_ttl(self.plan);
+        let discarded = self.cache.backend().discard(self.keys, read, &tombstone, ttl).await;
         self.absorb(discarded);
+        tombstone
     }
 
     /// An entry's parts, if it is one of ours in this call's codec.

@@ -15,7 +15,7 @@ pub(crate) mod scripts;
 
 pub(crate) use many::ReadMany;
 pub(crate) use remote::Redis;
-pub(crate) use scripts::{LockReply, StoreReply, digest};
+pub(crate) use scripts::{LockReply, StoreReply, digest, tombstone};
 
 use crate::error::Fault;
 use crate::keys::{EntryKeys, KeyHash};
@@ -179,11 +179,17 @@ impl Backend {
         }
     }
 
-    /// Deletes an entry that cannot be decoded, if it is still the one
-    /// read; see [`Redis::discard`].
-    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>, read: &str) -> Result<(), Fault> {
+    /// Replaces an entry that cannot be decoded with `tombstone`, if it is
+    /// still the one read; see [`Redis::discard`].
+    pub(crate) async fn discard(
+        &self,
+        keys: &EntryKeys<'_>,
+        read: &str,
+        tombstone: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), Fault> {
         match self {
-            Backend::Redis(redis) => redis.discard(keys, read).await,
+            Backend::Redis(redis) => redis.discard(keys, read, tombstone, ttl).await,
             Backend::Memory => Ok(()),
         }
     }

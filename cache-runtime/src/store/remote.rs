@@ -143,13 +143,19 @@ impl Redis {
         self.connections.run(|conn| conn.invoke::<i64>(&invocation)).await.map(drop)
     }
 
-    /// Deletes an entry whose header is current but whose payload does not
-    /// decode (corrupt, or written for another layout): left in place, a
-    /// miss would not overwrite it, since it looks current. Only if it is
-    /// still the one `read` (its digest): another process may have stored a
-    /// good entry since.
-    pub(crate) async fn discard(&self, keys: &EntryKeys<'_>, read: &str) -> Result<(), Fault> {
-        let invocation = scripts::discard(keys.entry(), read);
+    /// Replaces with `tombstone` an entry whose header is current but whose
+    /// payload does not decode (corrupt, or written by a build that packs
+    /// differently): left in place, a miss would not overwrite it, since it
+    /// looks current. Only if it is still the one `read` (its digest):
+    /// another process may have stored a good entry since.
+    pub(crate) async fn discard(
+        &self,
+        keys: &EntryKeys<'_>,
+        read: &str,
+        tombstone: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Fault> {
+        let invocation = scripts::discard(keys.entry(), read, tombstone, millis(ttl));
         self.connections.run(|conn| conn.invoke::<i64>(&invocation)).await.map(drop)
     }
 
