@@ -141,7 +141,8 @@ impl Cache {
     /// correctness never needs it.
     ///
     /// It walks the keys with `SCAN` (every master of a cluster) at
-    /// `rate` and deletes with `UNLINK`, a batch at a time: no `KEYS`, no
+    /// `rate` and replaces entries with small tombstones (never an empty
+    /// key; see docs/CONSISTENCY.md), a batch at a time: no `KEYS`, no
     /// large `DEL`, nothing that blocks Redis. Its work is a task on the
     /// calling runtime: it goes on when the returned [`Purge`] is dropped
     /// or the caller is cancelled, and ends with that runtime or
@@ -190,7 +191,7 @@ async fn run(cache: Cache, rate: PurgeRate, progress: Arc<Progress>) -> Result<u
                 }
             }
             for (namespace, entries) in &by_namespace {
-                let deleted = redis.delete_dead(cache.key_prefix(), namespace, entries).await?;
+                let deleted = redis.delete_dead(cache.key_prefix(), namespace, entries, cache.lock_timeout()).await?;
                 progress.deleted.fetch_add(deleted, Relaxed);
             }
             progress.examined.fetch_add(keys.len() as u64, Relaxed);

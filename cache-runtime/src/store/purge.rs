@@ -1,15 +1,16 @@
 //! Redis's side of `Cache::purge`: which nodes hold keys, one `SCAN` step
-//! on one of them, and the script that deletes the entries of one
+//! on one of them, and the script that reclaims the entries of one
 //! namespace that no reader can be served any more.
 //!
-//! Only entries bound to a version that is no longer current are deleted:
-//! after `Cache::clear` that is every entry. A live entry is never
-//! deleted: a computation that observed the key empty before a
-//! write-through stored there could then store its older value over the
-//! gap. A dead entry is safe to delete: any computation that may still
-//! store observed the current versions, and so observed the dead entry
-//! itself (its store then expects that entry, and is refused). Version
-//! keys, locks and tombstones are never deleted: a version key deleted and
+//! Only entries bound to a version that is no longer current are
+//! reclaimed: after `Cache::clear` that is every entry. A reclaimed entry
+//! is replaced by a small tombstone that lives as long as the entry had
+//! left (at least a lock's life), never deleted: if the entry was live
+//! after all (written by an older release, which binds entries to fewer
+//! versions, or misjudged on a cluster after a version key was evicted), a
+//! computation that observed the key empty before that entry was written
+//! must not find it empty again and store its older value. Version keys,
+//! locks and tombstones are never touched: a version key deleted and
 //! seeded again, a lock taken twice, a forgotten value stored again.
 
 use super::Redis;
@@ -53,9 +54,10 @@ impl Redis {
         Ok((next, keys.into_iter().filter_map(|key| String::from_utf8(key).ok()).collect()))
     }
 
-    /// Deletes (`UNLINK`) those of `entries`, keys of `namespace`'s
+    /// Replaces with tombstones those of `entries`, keys of `namespace`'s
     /// entries, that are bound to a version no longer current; returns how
-    /// many. On a cluster the cache-wide version lives in another slot: it
+    /// many. A tombstone lives what its entry had left, and at least
+    /// `min_ttl`. On a cluster the cache-wide version lives in another slot: it
     /// is read first and passed in, and only entries bound to an older one
     /// (versions grow) are deleted, so that a clear during the batch does
     /// not make entries stored after it look dead.
@@ -64,6 +66,7 @@ impl Redis {
         key_prefix: &str,
         namespace: &str,
         entries: &[String],
+        min_ttl: std::time::Duration,
     ) -> Result<u64, Fault> {
         let prefix_version = version_key(key_prefix, namespace);
         let cache_wide = version_key(key_prefix, CACHE_WIDE);
@@ -77,6 +80,7 @@ impl Redis {
         } else {
             invocation.key(&cache_wide).arg(2).arg("");
         }
+        invocation.arg(super::tombstone()).arg(super::remote::millis(min_ttl).max(1));
         invocation.key(entries);
         self.connections.run(|conn| conn.invoke::<u64>(&invocation)).await
     }
@@ -95,7 +99,7 @@ impl Redis {
 static PURGE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-local reads, pinned = tonumber(ARGV[1]), tonumber(ARGV[2])
+local reads, pinned, tombstone, min_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local prefix_version = redis.call('GET', KEYS[1])
 local cache_wide = reads == 2 and redis.call('GET', KEYS[2])
 local deleted = 0
@@ -111,7 +115,8 @@ for i = reads + 1, #KEYS do
       dead = dead or tonumber(last) < pinned
     end
     if dead then
-      redis.call('UNLINK', KEYS[i])
+      local ttl = math.max(redis.call('PTTL', KEYS[i]), min_ttl)
+      redis.call('SET', KEYS[i], tombstone .. i, 'PX', ttl)
       deleted = deleted + 1
     end
   end
