@@ -5,6 +5,7 @@
 use crate::keys::{CACHE_WIDE, check_namespace, version_key};
 use crate::local::{LocalSite, LocalTier};
 use crate::stats::{Counters, Registry};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 /// A call site's state for one cache.
@@ -23,6 +24,9 @@ pub(crate) struct Site {
     pub round_trip: OnceLock<(&'static str, Option<String>)>,
     /// Set once the site's misconfiguration has been logged.
     pub reported: OnceLock<()>,
+    /// Redis lookups that missed in a row, saturating: a site past
+    /// [`Site::MISS_LIKELY`] asks for the lock in its first round trip.
+    misses_in_a_row: AtomicU32,
 }
 
 impl Site {
@@ -39,7 +43,30 @@ impl Site {
             local: cache.local.map(|tier| tier.site(namespaces.iter().copied())),
             round_trip: OnceLock::new(),
             reported: OnceLock::new(),
+            misses_in_a_row: AtomicU32::new(0),
         }
+    }
+
+    /// Misses in a row after which a call expects to miss: after a deploy,
+    /// a flush or an invalidation, most calls of a site miss at once.
+    pub const MISS_LIKELY: u32 = 8;
+
+    /// Counts a Redis lookup of this site: a miss or a hit.
+    pub(crate) fn looked(&self, missed: bool) {
+        if missed {
+            // Saturating, and not written again once there: the counter
+            // is shared by every concurrent call of the site.
+            if self.misses_in_a_row.load(Relaxed) < Self::MISS_LIKELY {
+                self.misses_in_a_row.fetch_add(1, Relaxed);
+            }
+        } else if self.misses_in_a_row.load(Relaxed) != 0 {
+            self.misses_in_a_row.store(0, Relaxed);
+        }
+    }
+
+    /// Whether the site's recent lookups all missed.
+    pub(crate) fn miss_likely(&self) -> bool {
+        self.misses_in_a_row.load(Relaxed) >= Self::MISS_LIKELY
     }
 }
 
@@ -127,6 +154,14 @@ mod tests {
         assert_eq!(&*elsewhere.version_keys, ["other:p:{p}#v", "other:tag:{tag}#v", "other:#all:{#all}#v"]);
         assert!(elsewhere.invalid.is_none());
         assert!(SiteCell::new().get(view, "bad name", ["bad name"].into_iter()).invalid.is_some());
+        for _ in 0..Site::MISS_LIKELY - 1 {
+            again.looked(true);
+        }
+        assert!(!again.miss_likely());
+        again.looked(true);
+        assert!(again.miss_likely(), "a run of misses makes the next one likely");
+        again.looked(false);
+        assert!(!again.miss_likely(), "one hit ends it");
         assert_eq!(registry.snapshot().total.hits, 2);
         assert_eq!(other.snapshot().total.hits, 1);
     }

@@ -5,7 +5,7 @@
 
 use super::finish::Settle;
 use super::lock::{LockGuard, token};
-use super::{Body, Call, Observed, Seen, now_ms};
+use super::{Before, Body, Call, Observed, Seen, now_ms, tier};
 use crate::flight::{self, Leader, Shared};
 use crate::observe::{Event, Outcome};
 use crate::store::{LockReply, LockRequest, StoreMode, digest};
@@ -28,28 +28,34 @@ enum Next {
 impl<R> Call<'_, R> {
     /// The process's leader for this key: takes the lock (or waits for its
     /// holder's value), computes, stores, shares.
-    pub(super) async fn lead<B: Body<R>>(
-        &self,
-        leader: Leader<'_>,
-        seen: Option<Seen>,
-        deadline: Instant,
-        body: B,
-    ) -> R {
-        let Some(seen) = seen else {
+    pub(super) async fn lead<B: Body<R>>(&self, leader: Leader<'_>, before: Before, deadline: Instant, body: B) -> R {
+        if let Before::Unavailable = before {
             // The backend is unavailable: coalesce in this process only.
             return self.lead_without_store(leader, Outcome::Bypass, None, body).await;
-        };
+        }
         let token = token();
         let lock = self.keys.lock();
         let mut poll = FIRST_POLL;
         let mut waited = false;
         let mut discarded = false;
+        // A leader that did not look asks for the lock and reads in one
+        // round trip first; then it holds the lock whatever the entry is.
+        let mut first = matches!(before, Before::Skipped);
+        let mut held = false;
         // Armed before asking: a caller dropped while the lock script runs
         // may hold the lock without having heard so. Releasing a lock it did
         // not get does nothing (the token differs).
         let mut guard = LockGuard::new(self.cache, lock.clone(), token.clone());
         let next = loop {
-            match self.lock(&lock, &token, now_ms()).await {
+            let reply = if std::mem::take(&mut first) {
+                self.lock_and_read(&lock, &token).await.map(|(reply, locked)| {
+                    held = locked;
+                    reply
+                })
+            } else {
+                self.lock(&lock, &token, now_ms()).await
+            };
+            match reply {
                 Some(LockReply::Lead { observed, versions }) => {
                     break Next::Locked(Observed { versions, entry: observed });
                 }
@@ -57,6 +63,7 @@ impl<R> Call<'_, R> {
                     if let Some(stored) = self.parse(&entry) {
                         if let Some((output, payload)) = self.open(&stored) {
                             self.observer.outcome(Outcome::Hit);
+                            self.observer.site.looked(false);
                             let payload = Arc::new(payload.into_owned());
                             self.keep_locally(&payload, stored.times, false);
                             // Current when the lock script read it: shared
@@ -65,13 +72,20 @@ impl<R> Call<'_, R> {
                             leader.close();
                             let fresh = self.cache.fence() == self.fence;
                             leader.finish(if fresh { Shared::Value(payload) } else { Shared::Stale });
-                            guard.disarm();
+                            // A lock taken with the read goes with the guard.
+                            if !held {
+                                guard.disarm();
+                            }
+                            if let Some(seen) = tier::due(self.plan, stored.times, now_ms()) {
+                                body.renew_later(self.cache, self.hash, self.storage, seen);
+                            }
                             return output;
                         }
                         if !discarded {
                             // Current header, undecodable payload: remove it so
                             // the lock (and the store) can replace it.
                             discarded = true;
+                            self.let_go(&mut held, &lock, &token).await;
                             Box::pin(self.discard_corrupt(&digest(Some(&entry)))).await;
                             continue;
                         }
@@ -93,16 +107,31 @@ impl<R> Call<'_, R> {
                 None => break Next::Offline,
             }
         };
-        let Seen { versions, entry, stale } = seen;
+        let (seen, stale) = match before {
+            Before::Seen(Seen { versions, entry, stale }) => (Some((versions, entry)), stale),
+            _ => (None, None),
+        };
         let (observed, guard) = match next {
             Next::Locked(observed) => (Some(observed), Some(guard)),
             Next::Unlocked => {
+                self.let_go(&mut held, &lock, &token).await;
                 guard.disarm();
-                (self.observed(versions, entry).await, None)
+                // A leader that did not look before asking looks now.
+                let seen = match seen {
+                    Some(seen) => Some(seen),
+                    None => self.read().await.map(|read| (read.versions, digest(read.entry.as_deref()))),
+                };
+                let observed = match seen {
+                    Some((versions, entry)) => self.observed(versions, entry).await,
+                    None => None,
+                };
+                (observed, None)
             }
             // The backend just failed this call: do not make it wait again.
+            // The guard stays armed: the lock may have been taken before
+            // the reply was lost.
             Next::Offline => {
-                guard.disarm();
+                drop(guard);
                 return self.lead_without_store(leader, Outcome::Miss, stale, body).await;
             }
         };
@@ -140,6 +169,22 @@ impl<R> Call<'_, R> {
             leader.finish(shared);
         }
         settled.output
+    }
+
+    /// Releases a lock taken with the read, before going on without it.
+    async fn let_go(&self, held: &mut bool, lock: &str, token: &str) {
+        if std::mem::take(held) {
+            self.cache.release_lock(lock, token).await;
+        }
+    }
+
+    /// Takes the lock and reads the entry in one round trip; `None` when
+    /// the backend failed. Also whether the lock is ours, which a `Hit`
+    /// then releases.
+    async fn lock_and_read(&self, lock: &str, token: &str) -> Option<(LockReply, bool)> {
+        let request = LockRequest { lock, token, ttl: self.lock_timeout(), min_fresh_ms: now_ms() };
+        let reply = self.cache.backend().lock_and_read(self.keys, &self.plan.codec.lock_head(), request).await;
+        self.absorb(reply)
     }
 
     /// Runs the lock request; `None` when the backend failed.

@@ -55,7 +55,9 @@ impl<R> Call<'_, R> {
         versions: Cow<'_, [Option<Vec<u8>>]>,
         mut stale: Option<Arc<Vec<u8>>>,
     ) -> Lookup<R> {
+        // A miss counts toward the site's run of misses (`Site::looked`).
         let miss = |entry: Option<&[u8]>, stale| {
+            self.observer.site.looked(true);
             Lookup::Miss(Seen { versions: versions.to_vec(), entry: digest(entry), stale })
         };
         let Some(bytes) = entry.as_deref().filter(|bytes| !codec::is_tombstone(bytes)) else {
@@ -79,6 +81,7 @@ impl<R> Call<'_, R> {
         match self.open(&stored) {
             Some((output, payload)) => {
                 self.observer.outcome(Outcome::Hit);
+                self.observer.site.looked(false);
                 if self.local.is_some() {
                     self.keep_locally(&Arc::new(payload.into_owned()), stored.times, false);
                 }

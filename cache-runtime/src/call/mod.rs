@@ -78,6 +78,17 @@ struct Seen {
     stale: Option<Arc<Vec<u8>>>,
 }
 
+/// What a leader knows before it asks for the lock.
+enum Before {
+    /// Its lookup missed.
+    Seen(Seen),
+    /// The backend could not be asked.
+    Unavailable,
+    /// It did not look: the site expects a miss, and the lock script reads
+    /// the entry in the same round trip as it takes the lock.
+    Skipped,
+}
+
 /// The state a computation was based on, which its store expects to be
 /// unchanged.
 #[derive(Clone)]
@@ -265,19 +276,25 @@ impl<'c, R> Call<'c, R> {
     async fn coordinated<B: Body<R>>(&self, body: B) -> R {
         let lock_timeout = self.lock_timeout();
         let deadline = Instant::now() + lock_timeout;
+        let mut skip = self.miss_likely();
         loop {
-            let seen = match self.lookup().await {
-                Lookup::Hit { output, renew } => return self.hit(output, renew, body),
-                Lookup::Miss(seen) => Some(seen),
-                Lookup::Unavailable => None,
+            let before = if skip {
+                skip = false;
+                Before::Skipped
+            } else {
+                match self.lookup().await {
+                    Lookup::Hit { output, renew } => return self.hit(output, renew, body),
+                    Lookup::Miss(seen) => Before::Seen(seen),
+                    Lookup::Unavailable => Before::Unavailable,
+                }
             };
             if Instant::now() >= deadline {
                 self.observer.event(Event::LockTimeout);
-                return Box::pin(self.compute_unlocked(seen, body)).await;
+                return Box::pin(self.compute_unlocked_after(before, body)).await;
             }
             match self.cache.flights().join(self.keys.entry()) {
                 // The miss paths are boxed: a hit should not carry their size.
-                Role::Leader(leader) => return Box::pin(self.lead(leader, seen, deadline, body)).await,
+                Role::Leader(leader) => return Box::pin(self.lead(leader, before, deadline, body)).await,
                 Role::Waiter(mut waiter) => {
                     match Box::pin(self.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
                         Ok(Some(Shared::Value(payload))) => {
@@ -292,12 +309,40 @@ impl<'c, R> Call<'c, R> {
                         Ok(Some(Shared::Stale) | None) => {}
                         Err(_) => {
                             self.observer.event(Event::LockTimeout);
-                            return Box::pin(self.compute_unlocked(seen, body)).await;
+                            return Box::pin(self.compute_unlocked_after(before, body)).await;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Whether this call asks for the lock without looking first: its site
+    /// missed `Site::MISS_LIKELY` times in a row in Redis. The lock script
+    /// answers with the entry when there is a current one, so a wrong guess
+    /// costs a script instead of an `MGET`, not a round trip. Not with a
+    /// local tier (looked at first anyway) nor `stale_if_error` (the lock
+    /// script does not return stale copies).
+    fn miss_likely(&self) -> bool {
+        self.local.is_none()
+            && self.plan.stale_if_error.is_none()
+            && self.cache.backend().redis().is_some()
+            && self.observer.site.miss_likely()
+    }
+
+    /// [`compute_unlocked`](Self::compute_unlocked) after the lock timeout:
+    /// a call that did not look yet looks now.
+    async fn compute_unlocked_after<B: Body<R>>(&self, before: Before, body: B) -> R {
+        let seen = match before {
+            Before::Seen(seen) => Some(seen),
+            Before::Unavailable => None,
+            Before::Skipped => match self.lookup().await {
+                Lookup::Hit { output, renew } => return self.hit(output, renew, body),
+                Lookup::Miss(seen) => Some(seen),
+                Lookup::Unavailable => None,
+            },
+        };
+        self.compute_unlocked(seen, body).await
     }
 
     /// Write-through: compute now, and replace the entry read before

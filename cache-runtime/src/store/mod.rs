@@ -104,6 +104,22 @@ impl Backend {
         }
     }
 
+    /// Takes the stampede lock and reads the entry in one round trip: for a
+    /// caller that expects a miss. Also whether the lock is now ours: it is
+    /// taken even when a current entry is there (a `Hit`), and then the
+    /// caller releases it.
+    pub(crate) async fn lock_and_read(
+        &self,
+        keys: &EntryKeys<'_>,
+        head: &[u8],
+        request: LockRequest<'_>,
+    ) -> Result<(LockReply, bool), Fault> {
+        match self {
+            Backend::Redis(redis) => redis.lock_and_read(keys, head, request).await,
+            Backend::Memory => Ok((LockReply::Lead { observed: String::new(), versions: Vec::new() }, false)),
+        }
+    }
+
     /// The observed versions, giving any namespace without one its first.
     pub(crate) async fn seed_missing(
         &self,

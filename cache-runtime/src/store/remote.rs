@@ -4,10 +4,12 @@
 use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreReply};
 use super::{LockRequest, Read, StoreMode, StoreRequest};
 use crate::batch::{self, Batcher};
+use crate::codec;
 use crate::connection::Connections;
 use crate::error::Fault;
 use crate::keys::{EntryKeys, KeyHash};
 use crate::local::channel::Channel;
+use ::redis::FromRedisValue;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +72,64 @@ impl Redis {
         let reply = self.connections.run(|conn| conn.invoke::<Vec<Vec<u8>>>(&invocation)).await?;
         LockReply::parse(reply, keys.versions.len())
             .ok_or_else(|| Fault::Server("the lock script replied in an unexpected shape".to_owned()))
+    }
+
+    /// `SET lock NX PX` and an `MGET` of the entry and its versions, one
+    /// pipeline: two plain commands instead of the lock script, for a
+    /// caller that expects a miss. The read comes after the lock, so what
+    /// it observes is what a computation under the lock is based on, as
+    /// with the script. On a cluster, the script (tag versions live in
+    /// other slots).
+    pub(crate) async fn lock_and_read(
+        &self,
+        keys: &EntryKeys<'_>,
+        head: &[u8],
+        request: LockRequest<'_>,
+    ) -> Result<(LockReply, bool), Fault> {
+        if self.connections.is_cluster() {
+            let reply = self.lock(keys, head, request).await?;
+            let held = matches!(reply, LockReply::Lead { .. });
+            return Ok((reply, held));
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("SET").arg(request.lock).arg(request.token).arg("NX").arg("PX").arg(millis(request.ttl));
+        pipe.cmd("MGET").arg(keys.entry()).arg(&keys.versions[..]);
+        let replies = self.connections.run(|conn| conn.pipeline(&pipe)).await?;
+        let (set, mut values) =
+            match <(::redis::Value, Vec<Option<Vec<u8>>>)>::from_redis_value(::redis::Value::Array(replies)) {
+                Ok(replies) => replies,
+                Err(e) => return Err(Fault::Server(format!("the lock and read replied in an unexpected shape: {e}"))),
+            };
+        if values.len() != 1 + keys.versions.len() {
+            return Err(Fault::Server(format!(
+                "MGET returned {} values for {} keys",
+                values.len(),
+                keys.versions.len() + 1
+            )));
+        }
+        let locked = matches!(set, ::redis::Value::Okay);
+        let entry = values.remove(0);
+        let current = entry.as_deref().is_some_and(|bytes| {
+            bytes.starts_with(head)
+                && codec::StoredEntry::parse(bytes).is_some_and(|stored| {
+                    stored.is_bound_to(values.iter().map(Option::as_deref))
+                        && stored.times.fresh_until_ms > request.min_fresh_ms
+                })
+        });
+        match entry {
+            Some(entry) if current => Ok((LockReply::Hit(entry), locked)),
+            _ if !locked => Ok((LockReply::Wait, false)),
+            entry => {
+                let observed = scripts::digest(entry.as_deref());
+                let versions = match values.into_iter().collect::<Option<Vec<_>>>() {
+                    Some(versions) => versions,
+                    // A namespace's first use: seeded under the lock, and
+                    // observed as seeded.
+                    None => self.seed_versions(keys.versions).await?,
+                };
+                Ok((LockReply::Lead { observed, versions }, true))
+            }
+        }
     }
 
     /// The versions of `version_keys`, seeding those that have none: one

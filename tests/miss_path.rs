@@ -1,0 +1,308 @@
+//! The miss path of a site that keeps missing: it takes the stampede lock
+//! with a plain `SET NX PX` pipelined with its read (one round trip
+//! instead of an `MGET` and the lock script), and keeps every promise of
+//! the lock script: one computation per cold key across processes, no
+//! stale answer after a write returned, no lock left behind by a caller
+//! dropped mid-flight beyond the lock's own TTL.
+//!
+//! `MISS_SEED=<seed> cargo test --test miss_path` replays the randomized
+//! test's schedule (the seed is printed on every run).
+
+mod support;
+
+use cache_runtime::{Cache, Policy};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+use support::RedisServer;
+
+/// `INFO commandstats` as command name → calls (Lua's inner calls included).
+fn command_calls(server: &RedisServer) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.conn()).expect("info");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            Some((name.to_owned(), rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn reset_stats(server: &RedisServer) {
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
+}
+
+fn lock_keys(server: &RedisServer) -> Vec<String> {
+    redis::cmd("KEYS").arg("*#lock").query(&mut server.conn()).expect("KEYS")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+async fn value(cache: &Cache, policy: &Policy, key: u64) -> u64 {
+    cache
+        .get_or_compute(policy, &key, async move { Ok::<_, Infallible>(key * 10) })
+        .await
+        .unwrap_or_else(|e| match e {})
+}
+
+#[test]
+fn a_site_that_keeps_missing_takes_the_lock_with_its_read() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "keeps-missing").build().expect("cache");
+    let policy = Policy::new("cold").ttl(Duration::from_secs(60));
+    runtime().block_on(async {
+        for key in 0..8 {
+            assert_eq!(value(&cache, &policy, key).await, key * 10);
+        }
+        reset_stats(&server);
+        for key in 100..200 {
+            assert_eq!(value(&cache, &policy, key).await, key * 10);
+        }
+        let calls = command_calls(&server);
+        // One script per miss, the store: the lock and the read went as
+        // `SET NX` and `MGET` in one round trip.
+        assert_eq!(calls.get("evalsha"), Some(&100), "{calls:?}");
+        assert_eq!(calls.get("mget"), Some(&100), "{calls:?}");
+        assert_eq!(cache.stats().total.writes, 108);
+
+        // Hits: the first, still expecting a miss, takes and gives back
+        // the lock; then the site reads first again.
+        for key in 100..200 {
+            assert_eq!(value(&cache, &policy, key).await, key * 10);
+        }
+        assert_eq!(cache.stats().total.hits, 100);
+        reset_stats(&server);
+        for key in 100..150 {
+            assert_eq!(value(&cache, &policy, key).await, key * 10);
+        }
+        let calls = command_calls(&server);
+        assert_eq!(calls.get("set"), None, "hits take no lock once the site hits: {calls:?}");
+        // The lock taken by the first hit is gone, released at once.
+        let released = tokio::time::timeout(Duration::from_secs(5), async {
+            while !lock_keys(&server).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(released.await.is_ok(), "the lock a hit took was released: {:?}", lock_keys(&server));
+    });
+}
+
+#[test]
+fn callers_dropped_around_the_pipelined_lock_leave_no_lock_past_its_ttl() {
+    let server = RedisServer::start();
+    let lock_timeout = Duration::from_millis(800);
+    let cache = support::patient_cache(&server.url(), "dropped").lock_timeout(lock_timeout).build().expect("cache");
+    let policy = Arc::new(Policy::new("dropped").ttl(Duration::from_secs(60)));
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    runtime().block_on(async {
+        for key in 0..8 {
+            value(&cache, &policy, 1_000_000 + key).await;
+        }
+        let computed = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for key in 0..300u64 {
+            let (cache, policy, computed) = (cache.clone(), policy.clone(), computed.clone());
+            // Dropped while the lock's round trip is on the wire, while
+            // computing, or while storing.
+            let after = Duration::from_micros(rng.random_range(0..3_000));
+            tasks.push(tokio::spawn(async move {
+                let call = cache.get_or_compute(&policy, &key, async {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    computed.fetch_add(1, SeqCst);
+                    Ok::<_, Infallible>(key)
+                });
+                let _ = tokio::time::timeout(after, call).await;
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        // Callers on a runtime that shuts down mid-flight: their guards
+        // cannot release anything, so their locks go by their TTL alone.
+        let doomed = runtime();
+        for key in 300..400u64 {
+            let (cache, policy) = (cache.clone(), policy.clone());
+            doomed.spawn(async move {
+                let body = async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, Infallible>(key)
+                };
+                let _ = cache.get_or_compute(&policy, &key, body).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Outside this runtime, so that no guard finds it to spawn on.
+        std::thread::spawn(move || doomed.shutdown_background()).join().expect("shutdown");
+        assert!(!lock_keys(&server).is_empty(), "the doomed callers held locks");
+        // Every lock left has a TTL no longer than the lock timeout...
+        let mut conn = server.conn();
+        for lock in lock_keys(&server) {
+            let ttl: i64 = redis::cmd("PTTL").arg(&lock).query(&mut conn).expect("pttl");
+            assert!(ttl != -1 && ttl <= lock_timeout.as_millis() as i64, "{lock} has PTTL {ttl}");
+        }
+        // ...and none outlives it.
+        tokio::time::sleep(lock_timeout + Duration::from_millis(200)).await;
+        assert_eq!(lock_keys(&server), Vec::<String>::new());
+        // Nothing is stuck: every key is served, without waiting for a lock.
+        let waits = cache.stats().total.lock_waits;
+        for key in 0..300u64 {
+            let got = cache.get_or_compute(&policy, &key, async move { Ok::<_, Infallible>(key) }).await;
+            assert_eq!(got.unwrap_or_else(|e| match e {}), key);
+        }
+        assert_eq!(cache.stats().total.lock_waits, waits);
+    });
+}
+
+/// Rows whose truth only grows, and the floor each read must meet: the
+/// newest version whose write had told the cache before the read began.
+struct Rows {
+    truth: Vec<AtomicU64>,
+    floor: Vec<AtomicU64>,
+    computed: Vec<AtomicU64>,
+    stale: AtomicU64,
+}
+
+const ROWS: usize = 12;
+
+impl Rows {
+    fn new() -> Self {
+        let column = || (0..ROWS).map(|_| AtomicU64::new(0)).collect();
+        Rows { truth: column(), floor: column(), computed: column(), stale: AtomicU64::new(0) }
+    }
+}
+
+/// Reads, cancelled reads, writes that invalidate or forget, and Redis
+/// faults (`CLIENT KILL`, `CLIENT PAUSE`), from two caches (two processes'
+/// worth of sites and connections) on one server; every read is checked
+/// against its floor. Then, with no fault, cold keys read by many callers
+/// of both caches at once are computed once each.
+#[test]
+fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale() {
+    let seed = std::env::var("MISS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    println!("miss_path: seed {seed} (replay: MISS_SEED={seed} cargo test --test miss_path)");
+    let server = RedisServer::start();
+    let caches: Vec<Cache> = (0..2)
+        .map(|_| {
+            support::patient_cache(&server.url(), "mix")
+                .lock_timeout(Duration::from_millis(500))
+                .build()
+                .expect("cache")
+        })
+        .collect();
+    let rows = Arc::new(Rows::new());
+    let policies: Vec<Arc<Policy>> =
+        (0..2).map(|_| Arc::new(Policy::new("rows").ttl(Duration::from_secs(30)))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for (c, cache) in caches.iter().enumerate() {
+            for t in 0..6u64 {
+                let (cache, policy, rows, stop) = (cache.clone(), policies[c].clone(), rows.clone(), stop.clone());
+                let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 * 1000 + t + 1).wrapping_mul(0x9E37_79B9));
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(SeqCst) {
+                        let k = rng.random_range(0..ROWS);
+                        let roll = rng.random_range(0..100);
+                        if roll < 12 {
+                            let version = rows.truth[k].fetch_add(1, SeqCst) + 1;
+                            let told = if rng.random_bool(0.5) {
+                                cache.invalidate("rows").await.is_ok()
+                            } else {
+                                cache.forget::<_, u64>(&policy, &(k as u64)).await.is_ok()
+                            };
+                            if told {
+                                rows.floor[k].fetch_max(version, SeqCst);
+                            }
+                            continue;
+                        }
+                        let floor = rows.floor[k].load(SeqCst);
+                        let slow = Duration::from_micros(rng.random_range(0..2_000));
+                        let rows2 = rows.clone();
+                        let key = k as u64;
+                        let call = cache.get_or_compute(&policy, &key, async move {
+                            let version = rows2.truth[k].load(SeqCst);
+                            tokio::time::sleep(slow).await;
+                            Ok::<_, Infallible>(version)
+                        });
+                        let got = if roll < 30 {
+                            let after = Duration::from_micros(rng.random_range(0..2_500));
+                            tokio::time::timeout(after, call).await.ok()
+                        } else {
+                            Some(call.await)
+                        };
+                        if let Some(Ok(version)) = got
+                            && version < floor
+                        {
+                            eprintln!("stale: row {k} read {version} below its floor {floor}");
+                            rows.stale.fetch_add(1, SeqCst);
+                        }
+                    }
+                }));
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xFA17);
+        let mut conn = server.conn();
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..250))).await;
+            if rng.random_bool(0.5) {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("CLIENT").arg("PAUSE").arg(rng.random_range(20..120)).arg("WRITE").query(&mut conn);
+            } else {
+                let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("normal")
+                    .arg("SKIPME")
+                    .arg("yes")
+                    .query(&mut conn);
+            }
+        }
+        stop.store(true, SeqCst);
+        for task in tasks {
+            task.await.expect("worker");
+        }
+        assert_eq!(rows.stale.load(SeqCst), 0, "stale reads (seed {seed})");
+
+        // No fault now: both caches' sites expect misses (their last lookups
+        // missed), and cold keys are computed once across both.
+        for (c, cache) in caches.iter().enumerate() {
+            for key in 0..8 {
+                value(cache, &policies[c], 5_000 + 100 * c as u64 + key).await;
+            }
+        }
+        let cold: Vec<u64> = (0..ROWS as u64).map(|k| 10_000 + k).collect();
+        let mut callers = Vec::new();
+        // All at once: each key's two leaders race for its lock.
+        let start = Arc::new(tokio::sync::Barrier::new(cold.len() * 8));
+        for &key in &cold {
+            for c in 0..2 {
+                for _ in 0..4 {
+                    let (cache, policy, rows) = (caches[c].clone(), policies[c].clone(), rows.clone());
+                    let start = start.clone();
+                    callers.push(tokio::spawn(async move {
+                        start.wait().await;
+                        cache
+                            .get_or_compute(&policy, &key, async move {
+                                rows.computed[(key - 10_000) as usize].fetch_add(1, SeqCst);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Ok::<_, Infallible>(key)
+                            })
+                            .await
+                            .unwrap_or_else(|e| match e {})
+                    }));
+                }
+            }
+        }
+        for (i, caller) in callers.into_iter().enumerate() {
+            assert_eq!(caller.await.expect("caller"), cold[i / 8]);
+        }
+        let computed: Vec<u64> = rows.computed.iter().map(|c| c.load(SeqCst)).collect();
+        assert_eq!(computed, vec![1; ROWS], "one computation per cold key (seed {seed})");
+    });
+}
