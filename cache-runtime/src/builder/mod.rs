@@ -359,9 +359,11 @@ impl CacheBuilder {
 
     /// An in-process tier (as [`local`](Self::local)) bounded by what its
     /// entries weigh: each counts its encoded payload plus a fixed
-    /// overhead for its key and bookkeeping (about 250 bytes). Least
-    /// recently used entries go first when an insert would exceed the
-    /// budget; a single entry larger than the budget is not kept. The
+    /// overhead for its key and bookkeeping (about 250 bytes). When an
+    /// insert would exceed the budget, moka's TinyLFU policy decides:
+    /// it evicts entries used less often, or refuses the new entry if it
+    /// is used less often than they are; a single entry larger than the
+    /// budget is not kept. The
     /// size in entries and bytes is in [`Stats::local`](crate::Stats::local).
     ///
     /// With [`local`](Self::local) too, both bounds hold: every entry
