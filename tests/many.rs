@@ -491,3 +491,46 @@ fn a_bulk_call_works_on_a_cluster() {
         assert_eq!(cache.stats().total.errors(), 0, "{:?}", cache.stats().total);
     });
 }
+
+/// Items other callers in this process are computing are waited for under
+/// one bound, not one lock timeout each: a bulk call over eight items whose
+/// single-call leaders hang returns after about one lock timeout.
+#[test]
+fn waits_for_other_callers_items_share_one_deadline() {
+    run(Duration::from_secs(60), async {
+        let server = RedisServer::start();
+        let cache = support::patient_cache(&server.url(), "app")
+            .lock_timeout(Duration::from_millis(500))
+            .build()
+            .expect("valid cache settings");
+        let policy = Policy::new("hung").ttl(Duration::from_secs(60));
+        let ids: Vec<u64> = (1..=8).collect();
+        let mut hung = Vec::new();
+        for &id in &ids {
+            let (cache, policy) = (cache.clone(), policy.clone());
+            hung.push(tokio::spawn(async move {
+                cache
+                    .get_or_compute(&policy, &id, async {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        Ok::<Option<String>, String>(None)
+                    })
+                    .await
+            }));
+        }
+        // The single calls lead their flights before the bulk call asks.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let got: Result<HashMap<u64, String>, String> = cache
+            .get_or_compute_many(&policy, ids.clone(), |missing: Vec<u64>| async move {
+                Ok(missing.into_iter().map(|id| (id, format!("v{id}"))).collect::<Vec<_>>())
+            })
+            .await;
+        let waited = started.elapsed();
+        assert_eq!(got.map(|m| m.len()), Ok(8));
+        // Eight lock timeouts one after another would be 4 s.
+        assert!(waited < Duration::from_millis(2_500), "the bulk call waited {waited:?}");
+        for task in hung {
+            task.abort();
+        }
+    });
+}

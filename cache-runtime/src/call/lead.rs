@@ -66,12 +66,13 @@ impl<R> Call<'_, R> {
                             self.observer.site.looked(false);
                             let payload = Arc::new(payload.into_owned());
                             self.keep_locally(&payload, stored.times, false);
-                            // Current when the lock script read it: shared
-                            // with those who joined before, unless a write
-                            // in this process came since.
+                            // Current when the lock request read it, but a
+                            // waiter may have joined after that read and
+                            // after another process's write returned:
+                            // waiters read for themselves (see
+                            // `Shared::Stale`).
                             leader.close();
-                            let fresh = self.cache.fence() == self.fence;
-                            leader.finish(if fresh { Shared::Value(payload) } else { Shared::Stale });
+                            leader.finish(Shared::Stale);
                             // A lock taken with the read goes with the guard.
                             if !held {
                                 guard.disarm();

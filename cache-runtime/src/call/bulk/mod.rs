@@ -287,10 +287,14 @@ impl<K, V> Bulk<'_, K, V> {
             }
             first = false;
             // Only now, holding nothing anyone waits for: the items other
-            // callers in this process are computing.
+            // callers in this process are computing. One bound for all of
+            // them, as for one item: waited for one after another, each
+            // with its own would add up.
+            let waits_end = deadline.max(Instant::now()) + lock_timeout;
             for (c, mut waiter) in waiting {
                 let call = &calls[c];
-                match Box::pin(call.wait_for_leader(&mut waiter, deadline, lock_timeout)).await {
+                let wait = Box::pin(call.wait_for_leader(&mut waiter, deadline, lock_timeout));
+                match tokio::time::timeout_at(waits_end.into(), wait).await.unwrap_or_else(Err) {
                     Ok(Some(Shared::Value(payload))) => {
                         // The leader's own encoding: it may be over max_value_bytes.
                         match (storage.decode)(&payload, self.plan.codec, usize::MAX) {

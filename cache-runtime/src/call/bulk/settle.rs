@@ -54,11 +54,11 @@ async fn lock_reply<'f, R>(
             call.observer.outcome(Outcome::Hit);
             let payload = Arc::new(payload.into_owned());
             call.keep_locally(&payload, stored.times, false);
-            // Current when the lock script read it: shared with those who
-            // joined before, unless a write in this process came since.
+            // Current when the lock request read it, but a waiter may have
+            // joined after that read and after another process's write
+            // returned: waiters read for themselves.
             leader.close();
-            let fresh = call.cache.fence() == call.fence;
-            leader.finish(if fresh { Shared::Value(payload) } else { Shared::Stale });
+            leader.finish(Shared::Stale);
             Locked::Hit(c, output)
         }
         Ok(LockReply::Wait) => {
