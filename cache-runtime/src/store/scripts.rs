@@ -272,7 +272,10 @@ if type(entry) == 'string' then
   local until_ms = fresh_until(entry, head, table.concat(versions, ',') .. '|')
   if until_ms and until_ms > tonumber(min_fresh_ms) then return {'hit', entry} end
 end
-if redis.call('SET', KEYS[2], token, 'NX', 'PX', lock_ttl_ms) then
+-- Ours already when an earlier send of this request ran but its reply was
+-- lost (a resend on a fresh connection): we lead, rather than wait for
+-- our own lock to expire.
+if redis.call('SET', KEYS[2], token, 'NX', 'PX', lock_ttl_ms) or redis.call('GET', KEYS[2]) == token then
   return {'lead', digest(KEYS[1]), unpack(versions)}
 end
 return {'wait'}
