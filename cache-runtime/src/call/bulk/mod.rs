@@ -342,17 +342,22 @@ impl<K, V> Bulk<'_, K, V> {
             self.observer.outcome(outcome);
         }
         let found = crate::scope::normally(body(items)).await?;
+        let mut in_run = vec![false; wants.len()];
         for &i in run {
             wants[i].answer = Some(None);
+            in_run[i] = true;
         }
+        // Items without a key, matched in the order asked for. Both lookups
+        // are constant time: a body may return many thousands of items.
+        let mut keyless = run.iter().copied().filter(|&i| wants[i].hash.is_none()).collect::<Vec<_>>().into_iter();
         for (item, value) in found {
             // Matched by key, the item's identity: the body may return
             // items in any order, and `K` need not be `Eq` or `Hash`.
             let at = match (self.key_of)(&item) {
                 Ok(hash) => self.seen.get(&hash).copied(),
-                Err(_) => run.iter().copied().find(|&i| wants[i].hash.is_none() && wants[i].item.is_none()),
+                Err(_) => keyless.next(),
             };
-            if let Some(at) = at.filter(|at| run.contains(at)) {
+            if let Some(at) = at.filter(|&at| in_run.get(at).copied().unwrap_or(false)) {
                 wants[at].item = Some(item);
                 wants[at].answer = Some(Some(value));
             }
