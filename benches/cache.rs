@@ -6,13 +6,15 @@
 //! cargo bench --bench cache
 //! ```
 
+#[path = "common/product.rs"]
+mod product;
 #[path = "../tests/support/mod.rs"]
 mod support;
+use product::Product;
 
 use cache_runtime::__private::KeyHasher;
 use cache_runtime::{Cache, cached};
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -20,30 +22,6 @@ use std::time::{Duration, Instant};
 
 const KEYS: u32 = 1_000;
 const RUN: Duration = Duration::from_secs(2);
-
-/// About 100 bytes encoded, like a typical row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Product {
-    id: u32,
-    sku: String,
-    name: String,
-    price_cents: u64,
-    stock: u32,
-    tags: Vec<String>,
-}
-
-impl Product {
-    fn new(id: u32) -> Self {
-        Product {
-            id,
-            sku: format!("SKU-{id:08}"),
-            name: format!("Stainless steel water bottle, {id} ml"),
-            price_cents: 1999 + u64::from(id),
-            stock: id % 50,
-            tags: vec!["kitchen".into(), "outdoor".into(), "gift".into()],
-        }
-    }
-}
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()

@@ -13,11 +13,13 @@
 //! cargo bench --bench many
 //! ```
 
+#[path = "common/product.rs"]
+mod product;
 #[path = "../tests/support/mod.rs"]
 mod support;
+use product::Product;
 
 use cache_runtime::{Cache, cached};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -28,30 +30,6 @@ const PAGE: u32 = 100;
 const CACHED: u32 = 90;
 const RUN: Duration = Duration::from_secs(2);
 const TTL_MS: u64 = 3_600_000;
-
-/// About 100 bytes encoded, like a typical row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Product {
-    id: u32,
-    sku: String,
-    name: String,
-    price_cents: u64,
-    stock: u32,
-    tags: Vec<String>,
-}
-
-impl Product {
-    fn new(id: u32) -> Self {
-        Product {
-            id,
-            sku: format!("SKU-{id:08}"),
-            name: format!("Stainless steel water bottle, {id} ml"),
-            price_cents: 1999 + u64::from(id),
-            stock: id % 50,
-            tags: vec!["kitchen".into(), "outdoor".into(), "gift".into()],
-        }
-    }
-}
 
 /// The database: one query for any number of ids.
 fn load(ids: &[u32]) -> HashMap<u32, Product> {

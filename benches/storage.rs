@@ -12,8 +12,11 @@
 //! cargo bench --bench storage --features zstd
 //! ```
 
+#[path = "common/product.rs"]
+mod product;
 #[path = "../tests/support/mod.rs"]
 mod support;
+use product::Product as Row;
 
 use cache_runtime::{Cache, Compression, Policy};
 use serde::{Deserialize, Serialize};
@@ -26,30 +29,6 @@ const ENTRIES: u32 = 100_000;
 const HIT_KEYS: u32 = 1_000;
 const RUN: Duration = Duration::from_secs(1);
 const FILL_TASKS: u32 = 64;
-
-/// About 100 bytes encoded, like a typical row (as in benches/cache.rs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Row {
-    id: u32,
-    sku: String,
-    name: String,
-    price_cents: u64,
-    stock: u32,
-    tags: Vec<String>,
-}
-
-impl Row {
-    fn new(id: u32) -> Self {
-        Row {
-            id,
-            sku: format!("SKU-{id:08}"),
-            name: format!("Stainless steel water bottle, {id} ml"),
-            price_cents: 1999 + u64::from(id),
-            stock: id % 50,
-            tags: vec!["kitchen".into(), "outdoor".into(), "gift".into()],
-        }
-    }
-}
 
 /// One product of a listing page: text fields as an API returns them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
