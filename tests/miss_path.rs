@@ -306,3 +306,40 @@ fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale()
         assert_eq!(computed, vec![1; ROWS], "one computation per cold key (seed {seed})");
     });
 }
+
+static RENEWED: AtomicU64 = AtomicU64::new(0);
+
+#[cache_runtime::cached(ttl = 2, prefix = "due", refresh_ahead = 0.5, cache = cache)]
+async fn due_price(cache: Cache, id: u64) -> u64 {
+    if id == 1 {
+        RENEWED.fetch_add(1, SeqCst);
+    }
+    id * 10
+}
+
+/// A hit found by a lock taken with the read, due for refresh-ahead: the
+/// renewal asks for the lock too, and must not find ours still held.
+#[test]
+fn a_hit_found_with_the_lock_still_renews_ahead() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "renew").build().expect("cache");
+    runtime().block_on(async {
+        assert_eq!(due_price(cache.clone(), 1).await, 10);
+        // The site now expects misses: its next call takes the lock first.
+        for id in 100..108 {
+            assert_eq!(due_price(cache.clone(), id).await, id * 10);
+        }
+        // Past half its TTL, the entry is due.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        reset_stats(&server);
+        assert_eq!(due_price(cache.clone(), 1).await, 10);
+        // One MGET: the read went with the lock (a lookup would be a second).
+        assert_eq!(command_calls(&server).get("mget"), Some(&1));
+        let renewed = tokio::time::timeout(Duration::from_secs(5), async {
+            while RENEWED.load(SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(renewed.await.is_ok(), "the entry due was never renewed");
+    });
+}

@@ -78,6 +78,12 @@ impl<R> Call<'_, R> {
                                 guard.disarm();
                             }
                             if let Some(seen) = tier::due(self.plan, stored.times, now_ms()) {
+                                // Released first: the renewal asks for the
+                                // lock and would find ours.
+                                if held {
+                                    self.let_go(&mut held, &lock, &token).await;
+                                    guard.disarm();
+                                }
                                 body.renew_later(self.cache, self.hash, self.storage, seen);
                             }
                             return output;
