@@ -280,7 +280,14 @@ fn an_undecodable_entry_is_deleted_only_if_still_the_one_read() {
             tokio::spawn(async move { layout(&cache, 1).await })
         };
         // While the reader decodes, the other deploy writes a good entry.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Waiting for the reader's decode to begin, not for a fixed time: on
+        // a loaded machine the refresh's own checks could otherwise take the
+        // one failing decode, and the reader read before the refresh.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while FAIL_NEXT_DECODE.load(SeqCst) {
+            assert!(Instant::now() < deadline, "the reader never decoded");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         LAYOUT_DB.store(2, SeqCst);
         assert_eq!(cache_runtime::refresh(layout(&cache, 1)).await, Layout(2));
         let computations = cache.stats().total.computations;
