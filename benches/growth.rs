@@ -29,6 +29,8 @@ mod harness;
 mod keys;
 #[path = "growth/procs.rs"]
 mod procs;
+#[path = "common/product.rs"]
+mod product;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

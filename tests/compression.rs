@@ -4,49 +4,17 @@
 //! attribute's and the policy's override, and the stampede lock's re-check
 //! finding a compressed entry.
 
+#[path = "support/largest.rs"]
+mod largest;
 mod support;
 
 use cache_runtime::{Cache, CacheBuilder, Compression, Policy, cached};
-use std::alloc::{GlobalAlloc, Layout, System};
+use largest::LARGEST;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 use support::{RedisServer, entry_keys, run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// The largest single allocation this test binary has made: a crafted
-/// entry's claimed size must never be allocated.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), SeqCst);
-        // SAFETY: forwarded as given.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as given.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), SeqCst);
-        // SAFETY: forwarded as given.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, SeqCst);
-        // SAFETY: forwarded as given.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Largest = Largest;
 
 fn builder(server: &RedisServer, key_prefix: &str) -> CacheBuilder {
     support::patient_cache(&server.url(), key_prefix)

@@ -4,51 +4,19 @@
 //! case runs in a child process, so a crash fails the test instead of
 //! killing the harness.
 
+#[path = "support/largest.rs"]
+mod largest;
 mod support;
 
 use cache_runtime::{Cache, Error, Policy, Stats};
+use largest::LARGEST;
 use rand::{Rng, SeedableRng};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 use support::{RedisServer, entry_keys, run};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// The largest single allocation this test binary has made: decoding must
-/// never allocate what a corrupt entry claims.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), SeqCst);
-        // SAFETY: forwarded as given.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as given.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), SeqCst);
-        // SAFETY: forwarded as given.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, SeqCst);
-        // SAFETY: forwarded as given.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Largest = Largest;
 
 fn cache_for(url: &str, key_prefix: &str) -> cache_runtime::CacheBuilder {
     support::patient_cache(url, key_prefix)

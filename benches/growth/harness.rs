@@ -233,30 +233,8 @@ pub fn print_pairs_as(title: &str, what: &str, (a, b): (&str, &str), pairs: &[Pa
     }
 }
 
-/// About 100 bytes in memory, 75 as bincode, like a typical row (the
-/// value of benches/cache.rs).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Product {
-    pub id: u32,
-    pub sku: String,
-    pub name: String,
-    pub price_cents: u64,
-    pub stock: u32,
-    pub tags: Vec<String>,
-}
-
-impl Product {
-    pub fn new(id: u32) -> Self {
-        Product {
-            id,
-            sku: format!("SKU-{id:08}"),
-            name: format!("Stainless steel water bottle, {id} ml"),
-            price_cents: 1999 + u64::from(id),
-            stock: id % 50,
-            tags: vec!["kitchen".into(), "outdoor".into(), "gift".into()],
-        }
-    }
-}
+/// The value the benchmarks cache (benches/common/product.rs).
+pub use crate::product::Product;
 
 #[derive(Debug, Clone)]
 pub struct BenchError(pub String);
