@@ -354,6 +354,45 @@ fn a_blackhole_costs_one_timeout_then_nothing() {
     });
 }
 
+/// A site whose lookups all missed asks for the lock before reading.
+#[cached(ttl = 600, prefix = "cold", cache = cache)]
+async fn cold_value_of(cache: &Cache, id: u32) -> Product {
+    Product::expected(id)
+}
+
+#[test]
+fn with_the_breaker_open_a_miss_leaves_no_task_behind() {
+    let _serial = serial();
+    let mut server = RedisServer::start();
+    let cache = fault_cache(&server.url());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        // Cold keys: the site learns to ask for the lock first.
+        for id in 0..16 {
+            assert_eq!(cold_value_of(&cache, id).await, Product::expected(id));
+        }
+        server.kill();
+        let mut id = 1_000;
+        while cache.stats().total.breaker_rejections == 0 {
+            assert_eq!(cold_value_of(&cache, id).await, Product::expected(id));
+            id += 1;
+            assert!(id < 100_000, "the breaker never opened: {:?}", cache.stats().total);
+        }
+        // A lock request the breaker refused took no lock: nothing is left
+        // to release. (Each release task would live 100 ms, so a storm of
+        // misses would pile them up.)
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        for id in 200_000..200_200 {
+            assert_eq!(cold_value_of(&cache, id).await, Product::expected(id));
+        }
+        let rejected = cache.stats().total.breaker_rejections;
+        let alive = metrics.num_alive_tasks();
+        assert!(rejected >= 200, "the calls met the open breaker: {:?}", cache.stats().total);
+        assert!(alive <= before + 10, "{alive} tasks alive after 200 refused misses, {before} before");
+    });
+}
+
 #[test]
 fn a_wrong_password_is_a_clear_error_and_calls_still_work() {
     let _serial = serial();

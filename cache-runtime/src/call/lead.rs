@@ -6,6 +6,7 @@
 use super::finish::Settle;
 use super::lock::{LockGuard, token};
 use super::{Before, Body, Call, Observed, Seen, now_ms, tier};
+use crate::error::Fault;
 use crate::flight::{self, Leader, Shared};
 use crate::observe::{Event, Outcome};
 use crate::store::{LockReply, LockRequest, StoreMode, digest};
@@ -22,7 +23,16 @@ enum Next {
     /// Compute without the lock (waited too long), but store.
     Unlocked,
     /// The backend failed: compute, and leave it alone for this call.
-    Offline,
+    Offline(Failed),
+}
+
+/// How a request to the backend failed.
+#[derive(Clone, Copy)]
+enum Failed {
+    /// The breaker refused it: it never left this process.
+    Unsent,
+    /// It may have run: its reply was lost.
+    Unknown,
 }
 
 impl<R> Call<'_, R> {
@@ -53,13 +63,13 @@ impl<R> Call<'_, R> {
                     reply
                 })
             } else {
-                self.lock(&lock, &token, now_ms()).await
+                self.try_lock(&lock, &token, now_ms()).await
             };
             match reply {
-                Some(LockReply::Lead { observed, versions }) => {
+                Ok(LockReply::Lead { observed, versions }) => {
                     break Next::Locked(Observed { versions, entry: observed });
                 }
-                Some(LockReply::Hit(entry)) => {
+                Ok(LockReply::Hit(entry)) => {
                     if let Some(stored) = self.parse(&entry) {
                         if let Some((output, payload)) = self.open(&stored) {
                             self.observer.outcome(Outcome::Hit);
@@ -99,7 +109,7 @@ impl<R> Call<'_, R> {
                     }
                     break Next::Unlocked;
                 }
-                Some(LockReply::Wait) if Instant::now() + poll < deadline => {
+                Ok(LockReply::Wait) if Instant::now() + poll < deadline => {
                     if !waited {
                         self.observer.event(Event::LockWait);
                         waited = true;
@@ -107,11 +117,11 @@ impl<R> Call<'_, R> {
                     tokio::time::sleep(jittered(poll).min(deadline.saturating_duration_since(Instant::now()))).await;
                     poll = (poll * 2).min(MAX_POLL);
                 }
-                Some(LockReply::Wait) => {
+                Ok(LockReply::Wait) => {
                     self.observer.event(Event::LockTimeout);
                     break Next::Unlocked;
                 }
-                None => break Next::Offline,
+                Err(failed) => break Next::Offline(failed),
             }
         };
         let (seen, stale) = match before {
@@ -135,9 +145,13 @@ impl<R> Call<'_, R> {
                 (observed, None)
             }
             // The backend just failed this call: do not make it wait again.
-            // The guard stays armed: the lock may have been taken before
-            // the reply was lost.
-            Next::Offline => {
+            // The guard stays armed if the lock may have been taken before
+            // the reply was lost; a request the breaker refused took
+            // nothing, and a release would only be refused in turn.
+            Next::Offline(failed) => {
+                if let Failed::Unsent = failed {
+                    guard.disarm();
+                }
                 drop(guard);
                 return self.lead_without_store(leader, Outcome::Miss, stale, body).await;
             }
@@ -185,21 +199,30 @@ impl<R> Call<'_, R> {
         }
     }
 
-    /// Takes the lock and reads the entry in one round trip; `None` when
-    /// the backend failed. Also whether the lock is ours, which a `Hit`
-    /// then releases.
-    async fn lock_and_read(&self, lock: &str, token: &str) -> Option<(LockReply, bool)> {
+    /// Takes the lock and reads the entry in one round trip. Also whether
+    /// the lock is ours, which a `Hit` then releases.
+    async fn lock_and_read(&self, lock: &str, token: &str) -> Result<(LockReply, bool), Failed> {
         let request = LockRequest { lock, token, ttl: self.lock_timeout(), min_fresh_ms: now_ms() };
         let reply = self.cache.backend().lock_and_read(self.keys, &self.plan.codec.lock_head(), request).await;
-        self.absorb(reply)
+        self.failed(reply)
     }
 
     /// Runs the lock request; `None` when the backend failed.
     /// `min_fresh_ms`: an entry fresh past this time answers as a hit.
     pub(super) async fn lock(&self, lock: &str, token: &str, min_fresh_ms: u64) -> Option<LockReply> {
+        self.try_lock(lock, token, min_fresh_ms).await.ok()
+    }
+
+    async fn try_lock(&self, lock: &str, token: &str, min_fresh_ms: u64) -> Result<LockReply, Failed> {
         let request = LockRequest { lock, token, ttl: self.lock_timeout(), min_fresh_ms };
         let reply = self.cache.backend().lock(self.keys, &self.plan.codec.lock_head(), request).await;
-        self.absorb(reply)
+        self.failed(reply)
+    }
+
+    /// Counts a fault, keeping whether the request may have reached Redis.
+    fn failed<T>(&self, reply: Result<T, Fault>) -> Result<T, Failed> {
+        let unsent = matches!(reply, Err(Fault::BreakerOpen));
+        self.absorb(reply).ok_or(if unsent { Failed::Unsent } else { Failed::Unknown })
     }
 
     /// Waits for the leader to start computing, then one more lock timeout

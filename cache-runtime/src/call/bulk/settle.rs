@@ -69,8 +69,14 @@ async fn lock_reply<'f, R>(
             Locked::Retry(c)
         }
         // The script may have run: the guard, dropped armed, releases a
-        // lock we may hold. Computed without storing, shared in-process.
-        Err(_) => Locked::Compute(Led { want: c, leader: Some(leader), guard: None, observed: None }),
+        // lock we may hold; unless the breaker refused it, and it took
+        // nothing. Computed without storing, shared in-process.
+        Err(fault) => {
+            if let Fault::BreakerOpen = fault {
+                guard.disarm();
+            }
+            Locked::Compute(Led { want: c, leader: Some(leader), guard: None, observed: None })
+        }
     }
 }
 
