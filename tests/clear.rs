@@ -212,7 +212,8 @@ fn purge_is_paced_and_outlives_its_handle(topology: &Topology) {
         let slow = app.purge(PurgeRate::keys_per_second(100).batch(10)).expect("a runtime");
         tokio::time::sleep(Duration::from_millis(50)).await;
         slow.abort();
-        assert!(slow.await.is_err(), "an aborted purge says so");
+        let stopped = slow.await;
+        assert!(matches!(stopped, Err(cache_runtime::Error::Stopped(_))), "an aborted purge says so: {stopped:?}");
         let left = ours(topology).len();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ours(topology).len(), left, "and deletes nothing more");

@@ -48,6 +48,10 @@ pub enum Error {
     /// given a future that is not a call of a
     /// `#[cached]` function.
     NotCached,
+    /// A background operation ended before its work was done: a
+    /// [`Purge`](crate::Purge) aborted, or its runtime shut down. What it
+    /// did until then stays done.
+    Stopped(String),
 }
 
 impl fmt::Display for Error {
@@ -65,6 +69,7 @@ impl fmt::Display for Error {
             Error::Redis(why) => write!(f, "Redis refused the command: {why}"),
             Error::Encode(why) => write!(f, "could not encode: {why}"),
             Error::NotCached => f.write_str("the future given is not a call of a #[cached] function"),
+            Error::Stopped(why) => write!(f, "stopped before the end: {why}"),
         }
     }
 }

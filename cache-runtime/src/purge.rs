@@ -108,7 +108,7 @@ impl Purge {
 
     /// Stops the purge at its next pause or command (a batch Redis is
     /// running completes there: each is one atomic script); awaiting it
-    /// then returns an error.
+    /// then returns [`Error::Stopped`].
     pub fn abort(&self) {
         if let Some(task) = &self.task {
             task.abort();
@@ -126,7 +126,8 @@ impl Future for Purge {
         // A join handle must not be polled again once it has answered.
         self.task = None;
         Poll::Ready(outcome.unwrap_or_else(|e| {
-            Err(Error::Connection(format!("the purge stopped after deleting {deleted} entries: {e}")))
+            let why = if e.is_cancelled() { "aborted, or its runtime shut down" } else { "its task panicked" };
+            Err(Error::Stopped(format!("the purge was {why}, after deleting {deleted} entries")))
         }))
     }
 }
