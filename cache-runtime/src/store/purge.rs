@@ -30,7 +30,12 @@ impl Redis {
         let mut slots = redis::cmd("CLUSTER");
         slots.arg("SLOTS");
         let reply = self.connections.run(|conn| conn.query::<redis::Value>(&slots)).await?;
-        let masters = masters(&reply);
+        // The host a node announcing none means: the one we were given.
+        let asked = self.channel_nodes.first().map(|node| match node.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
+            _ => String::new(),
+        });
+        let masters = masters(&reply, asked.as_deref().unwrap_or_default())?;
         if masters.is_empty() {
             return Err(Fault::Server("CLUSTER SLOTS named no master".to_owned()));
         }
@@ -126,27 +131,42 @@ return deleted
     )
 });
 
-/// The masters' addresses in a `CLUSTER SLOTS` reply: each range is
-/// `[start, end, [host, port, id], replicas...]`.
-fn masters(reply: &redis::Value) -> Vec<(String, u16)> {
+/// The masters named in a `CLUSTER SLOTS` reply, each once, addressed the
+/// way redis-rs addresses them (its routing by address must find them): an
+/// empty, null or wildcard endpoint means "the host you asked", which is
+/// `asked` (a cluster behind a load balancer announces only ports); `?`
+/// means a node whose announced hostname is missing, which no client can
+/// reach: an error, rather than a purge that skips its keys and says done.
+fn masters(reply: &redis::Value, asked: &str) -> Result<Vec<(String, u16)>, Fault> {
     use redis::Value;
     let mut masters: Vec<(String, u16)> = Vec::new();
-    let Value::Array(ranges) = reply else { return masters };
+    let Value::Array(ranges) = reply else { return Ok(masters) };
     for range in ranges {
         let Value::Array(parts) = range else { continue };
         let Some(Value::Array(master)) = parts.get(2) else { continue };
         let host = match master.first() {
             Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
             Some(Value::SimpleString(host)) => host.clone(),
+            Some(Value::Nil) => String::new(),
             _ => continue,
         };
         let Some(Value::Int(port)) = master.get(1) else { continue };
         let Ok(port) = u16::try_from(*port) else { continue };
+        let host = match host.as_str() {
+            "" | "0.0.0.0" | "::" => asked.to_owned(),
+            "?" => {
+                return Err(Fault::Server(format!(
+                    "the cluster master on port {port} announces no endpoint ('?'): set its \
+                     cluster-announce-hostname, or cluster-preferred-endpoint-type to ip"
+                )));
+            }
+            _ => host,
+        };
         if !masters.iter().any(|(h, p)| *h == host && *p == port) {
             masters.push((host, port));
         }
     }
-    masters
+    Ok(masters)
 }
 
 #[cfg(test)]
@@ -167,7 +187,25 @@ mod tests {
             range(10001, 16383, node("10.0.0.1", 7000), node("10.0.0.6", 7005)),
             Value::Nil,
         ]);
-        assert_eq!(masters(&reply), [("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]);
-        assert!(masters(&Value::Nil).is_empty());
+        let found = masters(&reply, "seed").expect("masters");
+        assert_eq!(found, [("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]);
+        assert!(masters(&Value::Nil, "seed").is_ok_and(|m| m.is_empty()));
+    }
+
+    #[test]
+    fn an_endpoint_left_to_the_client_is_the_host_asked() {
+        let node =
+            |host: Value, port: i64| Value::Array(vec![host, Value::Int(port), Value::BulkString(b"id".to_vec())]);
+        let range = |start, end, master| Value::Array(vec![Value::Int(start), Value::Int(end), master]);
+        let reply = Value::Array(vec![
+            range(0, 5000, node(Value::Nil, 7000)),
+            range(5001, 10000, node(Value::BulkString(Vec::new()), 7001)),
+            range(10001, 16383, node(Value::BulkString(b"0.0.0.0".to_vec()), 7002)),
+        ]);
+        let found = masters(&reply, "lb.example").expect("masters");
+        let at = |port| ("lb.example".to_owned(), port);
+        assert_eq!(found, [at(7000), at(7001), at(7002)]);
+        let unknown = Value::Array(vec![range(0, 16383, node(Value::BulkString(b"?".to_vec()), 7000))]);
+        assert!(masters(&unknown, "lb.example").is_err(), "a master no client can reach is not skipped");
     }
 }
