@@ -213,11 +213,38 @@ fn purge_is_paced_and_outlives_its_handle(topology: &Topology) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         slow.abort();
         let stopped = slow.await;
-        assert!(matches!(stopped, Err(cache_runtime::Error::Stopped(_))), "an aborted purge says so: {stopped:?}");
+        assert!(matches!(stopped, Err(Error::Stopped(_))), "an aborted purge says so: {stopped:?}");
         let left = ours(topology).len();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ours(topology).len(), left, "and deletes nothing more");
         assert!(left > 150, "{left} of 200 entries left after 50 ms at 100 keys a second");
+    });
+}
+
+fn a_second_purge_joins_the_running_one(topology: &Topology) {
+    run(DEADLINE, async {
+        let app = cache(topology, "app");
+        let calls = AtomicUsize::new(0);
+        fill(&app, &calls, 100).await;
+        app.clear().await.expect("clear");
+        let first = app.purge(PurgeRate::keys_per_second(100).batch(10)).expect("a runtime");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Started on its own, this one would reclaim all 200 entries in
+        // a few milliseconds.
+        let second = app.purge(PurgeRate::keys_per_second(100_000)).expect("a runtime");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let left = ours(topology).len();
+        assert!(left > 100, "{left} of 200 entries left: the second purge ran at its own rate");
+        let (before, joined, after) = (first.examined(), second.examined(), first.examined());
+        assert!(before <= joined && joined <= after, "one purge, counted once: {before}, {joined}, {after}");
+
+        second.abort();
+        let stopped = first.await;
+        assert!(matches!(stopped, Err(Error::Stopped(_))), "the abort stopped the purge both follow: {stopped:?}");
+        assert!(second.is_finished());
+        // Once it ended, a purge starts afresh.
+        let deleted = app.purge(PurgeRate::keys_per_second(100_000)).expect("a runtime").await.expect("purge");
+        assert!(deleted > 0 && ours(topology).is_empty(), "{deleted} deleted, {} left", ours(topology).len());
     });
 }
 
@@ -227,6 +254,7 @@ on_every_topology!(
     a_computation_that_began_before_a_clear_is_not_stored,
     purge_deletes_only_the_dead_entries_of_its_key_prefix,
     purge_is_paced_and_outlives_its_handle,
+    a_second_purge_joins_the_running_one,
 );
 
 #[test]

@@ -69,6 +69,7 @@ struct Inner {
     registry: Registry,
     warnings: Warnings,
     flights: Flights,
+    purging: crate::purge::Purging,
 }
 
 pub(crate) struct Settings {
@@ -142,6 +143,7 @@ impl Cache {
                 registry: Registry::default(),
                 warnings: Warnings::default(),
                 flights: Flights::default(),
+                purging: Default::default(),
             }),
         }
     }
@@ -355,6 +357,10 @@ impl Cache {
 
     pub(crate) fn flights(&self) -> &Flights {
         &self.inner.flights
+    }
+
+    pub(crate) fn purging(&self) -> &crate::purge::Purging {
+        &self.inner.purging
     }
 
     pub(crate) fn default_ttl(&self) -> Option<Duration> {

@@ -8,10 +8,12 @@ use crate::keys::{entry_namespace, scan_pattern};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 /// How fast [`Cache::purge`] goes: at most `keys_per_second` keys examined
 /// per second, in steps of `batch` keys (one `SCAN ... COUNT batch` and one
@@ -62,22 +64,39 @@ impl Default for PurgeRate {
     }
 }
 
-/// What a purge has done so far, shared with its task.
-#[derive(Debug, Default)]
-struct Progress {
+/// A purge's task as its handles see it: what it has done so far, and how
+/// it ended.
+#[derive(Debug)]
+struct Running {
     examined: AtomicU64,
     deleted: AtomicU64,
+    /// `Some` once the task returned; closed without a value if it was
+    /// dropped first (aborted, or its runtime shut down).
+    ended: watch::Receiver<Option<Result<u64, Error>>>,
+    task: AbortHandle,
 }
+
+impl Running {
+    /// Told by the channel, not the task: a dropped task's future is gone
+    /// (and its handles woken) before the task counts as finished.
+    fn has_ended(&self) -> bool {
+        self.ended.borrow().is_some() || self.ended.has_changed().is_err()
+    }
+}
+
+/// The purge this cache is running, if any: `Cache::purge` joins it rather
+/// than scanning the same keys twice as fast as either asked.
+#[derive(Debug, Default)]
+pub(crate) struct Purging(Mutex<Weak<Running>>);
 
 /// A purge under way: its counts so far, and its end. Awaiting it gives the
 /// number of entries deleted. Dropping it does not stop the purge; see
 /// [`Cache::purge`].
 #[must_use = "a purge runs on without its handle; await it to learn whether it finished"]
 pub struct Purge {
-    progress: Arc<Progress>,
-    /// The task while it runs; `None` once it has been awaited to its end
-    /// (or for a memory-only cache, which has nothing to purge).
-    task: Option<tokio::task::JoinHandle<Result<u64, Error>>>,
+    /// `None` for a memory-only cache, which has nothing to purge.
+    running: Option<Arc<Running>>,
+    end: Pin<Box<dyn Future<Output = Result<u64, Error>> + Send>>,
 }
 
 impl std::fmt::Debug for Purge {
@@ -91,27 +110,48 @@ impl std::fmt::Debug for Purge {
 }
 
 impl Purge {
+    fn nothing() -> Self {
+        Purge { running: None, end: Box::pin(std::future::ready(Ok(0))) }
+    }
+
+    fn of(running: Arc<Running>) -> Self {
+        let (mut ended, handle) = (running.ended.clone(), running.clone());
+        let end = async move {
+            // Cloned out: the borrow of the channel must not live across
+            // the return.
+            let outcome = ended.wait_for(Option::is_some).await.map(|ended| (*ended).clone());
+            match outcome {
+                Ok(Some(outcome)) => outcome,
+                _ => Err(Error::Stopped(format!(
+                    "the purge was aborted, or its runtime shut down, after deleting {} entries",
+                    handle.deleted.load(Relaxed)
+                ))),
+            }
+        };
+        Purge { running: Some(running), end: Box::pin(end) }
+    }
+
     /// Keys of this cache examined so far.
     pub fn examined(&self) -> u64 {
-        self.progress.examined.load(Relaxed)
+        self.running.as_ref().map_or(0, |running| running.examined.load(Relaxed))
     }
 
     /// Entries deleted so far.
     pub fn deleted(&self) -> u64 {
-        self.progress.deleted.load(Relaxed)
+        self.running.as_ref().map_or(0, |running| running.deleted.load(Relaxed))
     }
 
     /// Whether the purge has ended, done or failed.
     pub fn is_finished(&self) -> bool {
-        self.task.as_ref().is_none_or(tokio::task::JoinHandle::is_finished)
+        self.running.as_ref().is_none_or(|running| running.has_ended())
     }
 
     /// Stops the purge at its next pause or command (a batch Redis is
-    /// running completes there: each is one atomic script); awaiting it
-    /// then returns [`Error::Stopped`].
+    /// running completes there: each is one atomic script), for every
+    /// handle of it; awaiting one then returns [`Error::Stopped`].
     pub fn abort(&self) {
-        if let Some(task) = &self.task {
-            task.abort();
+        if let Some(running) = &self.running {
+            running.task.abort();
         }
     }
 }
@@ -120,15 +160,7 @@ impl Future for Purge {
     type Output = Result<u64, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let deleted = self.deleted();
-        let Some(task) = self.task.as_mut() else { return Poll::Ready(Ok(deleted)) };
-        let outcome = std::task::ready!(Pin::new(task).poll(cx));
-        // A join handle must not be polled again once it has answered.
-        self.task = None;
-        Poll::Ready(outcome.unwrap_or_else(|e| {
-            let why = if e.is_cancelled() { "aborted, or its runtime shut down" } else { "its task panicked" };
-            Err(Error::Stopped(format!("the purge was {why}, after deleting {deleted} entries")))
-        }))
+        self.end.as_mut().poll(cx)
     }
 }
 
@@ -152,6 +184,9 @@ impl Cache {
     /// running it again resumes the work (what is deleted stays deleted).
     /// A memory-only cache has nothing to purge (`clear` empties it).
     ///
+    /// A purge this cache is already running is joined, not started
+    /// twice: the handle follows it, at the rate it started with.
+    ///
     /// ```no_run
     /// # async fn run(cache: cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
     /// use cache_runtime::PurgeRate;
@@ -165,19 +200,41 @@ impl Cache {
     /// Needs a Tokio runtime: without one it returns
     /// [`Error::InvalidConfig`].
     pub fn purge(&self, rate: PurgeRate) -> Result<Purge, Error> {
-        let progress = Arc::new(Progress::default());
         if self.is_memory_only() {
-            return Ok(Purge { progress, task: None });
+            return Ok(Purge::nothing());
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::InvalidConfig("purge runs on a Tokio runtime; call it inside one".to_owned()))?;
-        let task = runtime.spawn(run(self.clone(), rate, progress.clone()));
-        Ok(Purge { progress, task: Some(task) })
+        let mut purging = self.purging().0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(running) = purging.upgrade().filter(|running| !running.has_ended()) {
+            return Ok(Purge::of(running));
+        }
+        let (tell, ended) = watch::channel(None);
+        // Spawned paused on `start`: the task needs its own `Running`,
+        // which needs the task's abort handle.
+        let (start, started) = tokio::sync::oneshot::channel::<Arc<Running>>();
+        let cache = self.clone();
+        let task = runtime.spawn(async move {
+            let Ok(running) = started.await else { return };
+            let outcome = run(cache, rate, &running).await;
+            tell.send_replace(Some(outcome));
+        });
+        let running = Arc::new(Running {
+            examined: AtomicU64::new(0),
+            deleted: AtomicU64::new(0),
+            ended,
+            task: task.abort_handle(),
+        });
+        // Held by the task while it runs: a purge whose handles were all
+        // dropped is still joined.
+        let _ = start.send(running.clone());
+        *purging = Arc::downgrade(&running);
+        Ok(Purge::of(running))
     }
 }
 
 /// Walks every node's keys, step by step at `rate`.
-async fn run(cache: Cache, rate: PurgeRate, progress: Arc<Progress>) -> Result<u64, Error> {
+async fn run(cache: Cache, rate: PurgeRate, progress: &Running) -> Result<u64, Error> {
     let Some(redis) = cache.backend().redis() else { return Ok(0) };
     let pattern = scan_pattern(cache.key_prefix());
     for node in redis.nodes_to_scan().await? {
