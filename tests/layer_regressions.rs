@@ -1,5 +1,5 @@
-//! The six ways `CacheLayer` served the wrong response, each reproduced
-//! through an axum app over a real socket. Only `CacheLayer::new` and
+//! The ways `CacheLayer` served the wrong response (or none), each
+//! reproduced through an axum app over a real socket. Only `CacheLayer::new` and
 //! `.vary` are used, so that this file also runs against the layer before
 //! the fix (where every test here fails).
 
@@ -213,5 +213,130 @@ fn large_bodies_and_event_streams_are_streamed_not_buffered() {
         let event = tokio::time::timeout(Duration::from_secs(5), stream.chunk()).await;
         assert!(matches!(event, Ok(Ok(Some(_)))), "an open event stream delivers its first event");
         drop(release_events);
+    });
+}
+
+/// Broken case 7: an origin's `Age: 18446744073709551615` on a 200
+/// without explicit freshness was stored with that initial age; a hit a
+/// second later added the time since, which overflowed: the layer panicked
+/// (debug, or any build with overflow checks) and the client got no
+/// answer; in release it wrapped and the hit claimed `Age: 0`.
+#[test]
+fn a_huge_age_from_the_origin_neither_panics_nor_wraps_on_a_hit() {
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let calls = Calls::default();
+        let handler = {
+            let calls = calls.clone();
+            get(move || {
+                let n = calls.bump();
+                async move {
+                    let mut response = (StatusCode::OK, format!("call {n}")).into_response();
+                    response.headers_mut().insert("age", "18446744073709551615".parse().unwrap());
+                    response
+                }
+            })
+        };
+        let app = App::serve(Router::new().route("/old", handler).route_layer(layer(&cache(&redis)))).await;
+        let first = app.get("/old", &[]).await;
+        assert_eq!(first.status, 200);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let request = app.http.get(format!("{}/old", app.base)).send().await;
+        let reply = request.expect("the layer answers a hit instead of panicking");
+        let age: u64 = reply.headers()["age"].to_str().unwrap().parse().unwrap();
+        assert!(age >= u64::MAX / 2, "a hit's Age must not wrap round: {age}");
+    });
+}
+
+/// Broken case 8: a response that taught the layer a new `Vary` was not
+/// stored by the miss's own store (checked against the versions read
+/// before the origin ran) but by a second write-through, whose versions
+/// were read only then. A POST that returned while the origin was
+/// computing had bumped the path's namespace; the write-through bound the
+/// older response to the new version, and every later GET was served a
+/// page older than the completed write. Now such a response is returned,
+/// not stored.
+#[test]
+fn a_relearned_vary_does_not_store_a_response_older_than_a_completed_write() {
+    use axum::routing::post;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let db = Arc::new(AtomicU32::new(1));
+        let (read, gate) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Semaphore::new(0)));
+        let calls = Calls::default();
+        let page = {
+            let (db, read, gate, calls) = (db.clone(), read.clone(), gate.clone(), calls.clone());
+            get(move || {
+                let (db, read, gate, n) = (db.clone(), read.clone(), gate.clone(), calls.bump());
+                async move {
+                    let value = db.load(SeqCst);
+                    if n == 1 {
+                        // The first computation read the data; hold it
+                        // until the write below has returned.
+                        read.notify_one();
+                        let _ = gate.acquire().await;
+                    }
+                    ([("vary", "x-tenant")], format!("value {value}")).into_response()
+                }
+            })
+        };
+        let write = {
+            let db = db.clone();
+            post(move || {
+                db.store(2, SeqCst);
+                async { StatusCode::NO_CONTENT }
+            })
+        };
+        let app = App::serve(Router::new().route("/r", page.merge(write)).route_layer(layer(&cache(&redis)))).await;
+        let (http, url) = (app.http.clone(), format!("{}/r", app.base));
+        let first = tokio::spawn({
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(url).header("x-tenant", "a").send().await.unwrap().text().await.unwrap() }
+        });
+        read.notified().await;
+        let written = http.post(&url).send().await.unwrap();
+        assert_eq!(written.status().as_u16(), 204, "the write returned");
+        gate.add_permits(1);
+        assert_eq!(first.await.unwrap(), "value 1", "the call in flight during the write");
+        let after = app.get("/r", &[("x-tenant", "a")]).await;
+        assert_eq!(after.body, "value 2", "served after the write returned (x-cache {})", after.x_cache());
+    });
+}
+
+/// Broken case 9: the resource and its invalidation bucket were keyed by
+/// the authority as sent: `app.test` and `app.test:80` name the same
+/// origin (RFC 9110 §4.2.3), yet a write sent with one did not invalidate
+/// the pages cached under the other.
+#[test]
+fn a_write_invalidates_the_pages_of_its_origin_whatever_the_default_port() {
+    use axum::routing::post;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let redis = RedisServer::start();
+    run(DEADLINE, async {
+        let db = Arc::new(AtomicU32::new(1));
+        let read = {
+            let db = db.clone();
+            get(move || {
+                let value = db.load(SeqCst);
+                async move { format!("value {value}") }
+            })
+        };
+        let write = {
+            let db = db.clone();
+            post(move || {
+                db.store(2, SeqCst);
+                async { StatusCode::NO_CONTENT }
+            })
+        };
+        let app = App::serve(Router::new().route("/p", read.merge(write)).route_layer(layer(&cache(&redis)))).await;
+        assert_eq!(app.get("/p", &[("host", "app.test")]).await.body, "value 1");
+        assert_eq!(app.get("/p", &[("host", "app.test")]).await.x_cache(), "hit");
+        let written = app.send(reqwest::Method::POST, "/p", &[("host", "app.test:80")]).await;
+        assert_eq!(written.status, 204, "the write returned");
+        let after = app.get("/p", &[("host", "app.test")]).await;
+        assert_eq!(after.body, "value 2", "served after the write returned (x-cache {})", after.x_cache());
     });
 }

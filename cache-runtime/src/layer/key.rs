@@ -15,6 +15,25 @@ pub(super) struct Target {
     pub query: Option<String>,
 }
 
+/// One spelling per origin (RFC 9110 §4.2.3): lower case, without a
+/// default port or a trailing dot, so that `App.test:80`, `app.test.` and
+/// `app.test` are one resource, and a write through one invalidates the
+/// pages stored through the others. Both default ports are dropped: the
+/// scheme seen here may not be the client's (TLS ended at a proxy).
+fn canonical_authority(authority: &str) -> String {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host).to_ascii_lowercase();
+    // The port follows the last colon, unless it is an IPv6 literal's own.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if host.ends_with(']') || !host.contains(':') => (host, port),
+        _ => (authority.as_str(), ""),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    match port {
+        "" | "80" | "443" => host.to_owned(),
+        port => format!("{host}:{port}"),
+    }
+}
+
 impl Target {
     pub(super) fn of<B>(request: &Request<B>) -> Self {
         // Under axum's `nest` the router strips the prefix from the URI it
@@ -22,13 +41,10 @@ impl Target {
         let uri =
             request.extensions().get::<axum::extract::OriginalUri>().map_or(request.uri(), |original| &original.0);
         let authority = match request.uri().authority().or(uri.authority()) {
-            Some(authority) => authority.as_str().to_ascii_lowercase(),
-            None => request
-                .headers()
-                .get(header::HOST)
-                .and_then(|host| host.to_str().ok())
-                .unwrap_or("")
-                .to_ascii_lowercase(),
+            Some(authority) => canonical_authority(authority.as_str()),
+            None => canonical_authority(
+                request.headers().get(header::HOST).and_then(|host| host.to_str().ok()).unwrap_or(""),
+            ),
         };
         Self { authority, path: uri.path().to_owned(), query: uri.query().map(str::to_owned) }
     }
@@ -41,7 +57,7 @@ impl Target {
         let (authority, rest) = match absolute {
             Some(rest) => {
                 let end = rest.find(['/', '?']).unwrap_or(rest.len());
-                (rest[..end].to_ascii_lowercase(), &rest[end..])
+                (canonical_authority(&rest[..end]), &rest[end..])
             }
             None if reference.starts_with('/') => (self.authority.clone(), reference),
             // A relative path: resolved against the request's directory.
@@ -148,6 +164,20 @@ mod tests {
 
     fn target(uri: &str) -> Target {
         Target::of(&Request::get(uri).header("host", "Shop.Example").body(()).unwrap())
+    }
+
+    #[test]
+    fn an_origin_has_one_spelling() {
+        for same in ["app.test", "App.Test:80", "app.test:443", "app.test.", "user@app.test:80", "app.test:"] {
+            assert_eq!(canonical_authority(same), "app.test", "{same}");
+        }
+        assert_eq!(canonical_authority("app.test:8080"), "app.test:8080");
+        assert_eq!(canonical_authority("[::1]:80"), "[::1]");
+        assert_eq!(canonical_authority("[::1]:8080"), "[::1]:8080");
+        assert_eq!(canonical_authority("[::1]"), "[::1]");
+        let on = |host: &str| Target::of(&Request::get("/p").header("host", host).body(()).unwrap());
+        assert_eq!(on("app.test:80").bucket(64), on("APP.test").bucket(64));
+        assert_eq!(on("app.test").referenced("http://app.test:80/q").map(|t| t.authority), Some("app.test".into()));
     }
 
     #[test]

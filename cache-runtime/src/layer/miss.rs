@@ -44,7 +44,6 @@ impl<S, ReqBody> Miss<'_, S, ReqBody> {
         let (mut head, ()) = Request::new(()).into_parts();
         head.uri = request.uri().clone();
         // For the key of a response that varies on more than the key did.
-        let request_headers = request.headers().clone();
         let response = inner.call(request).await.map_err(Uncached::Service)?;
         let now = SystemTime::now();
         let (mut parts, body) = response.into_parts();
@@ -122,7 +121,7 @@ impl<S, ReqBody> Miss<'_, S, ReqBody> {
             computed_etag,
         };
         if !required.iter().all(|name| names.contains(name)) {
-            return Err(Uncached::Relearn(stored, required, request_headers));
+            return Err(Uncached::Relearn(stored, required));
         }
         Ok(stored)
     }

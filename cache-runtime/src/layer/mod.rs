@@ -9,7 +9,7 @@ mod stored;
 
 use crate::{Cache, Policy};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderName};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -312,10 +312,10 @@ fn plain(status: StatusCode, text: String) -> Response<CacheBody> {
 enum Uncached<E> {
     /// Not cacheable: returned as is.
     Response(Response<CacheBody>),
-    /// It varies on a header the key did not include: to be stored under
-    /// the key of all its selecting headers (the second field), with the
-    /// request's headers (the third), which are learned for the resource.
-    Relearn(StoredResponse, Vec<HeaderName>, HeaderMap),
+    /// It varies on a header the key did not include (the second field
+    /// holds all its selecting headers): returned, and those headers are
+    /// learned for the resource.
+    Relearn(StoredResponse, Vec<HeaderName>),
     /// The inner service failed.
     Service(E),
     /// The body failed while it was being read.

@@ -122,10 +122,11 @@ impl CacheLayer {
                 Ok(stored.respond(if hit { "hit" } else { "miss" }, age, &conditions))
             }
             Err(Uncached::Response(response)) => Ok(response),
-            Err(Uncached::Relearn(stored, varies, headers)) => {
-                let key = EntryKey::new(resource, &varies, &headers);
-                let fill = async { Ok::<_, std::convert::Infallible>(stored.clone()) };
-                let _ = self.cache.refresh(policy, &key, fill).await;
+            Err(Uncached::Relearn(stored, varies)) => {
+                // Not stored: its full key is not the one whose versions
+                // this miss read before asking the origin, so a write that
+                // returned meanwhile could not keep it out. The next
+                // request computes under the full key.
                 self.learn(resource, varies).await;
                 Ok(stored.respond("miss", None, &conditions))
             }

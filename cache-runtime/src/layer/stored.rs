@@ -109,9 +109,10 @@ impl StoredResponse {
         headers
     }
 
-    /// How old the response is at `now`, in seconds.
+    /// How old the response is at `now`, in seconds. An origin's `Age`
+    /// is the client's to send, up to any number: saturated, not wrapped.
     pub(super) fn age(&self, now: SystemTime) -> u64 {
-        self.initial_age + unix_ms(now).saturating_sub(self.stored_ms) / 1000
+        self.initial_age.saturating_add(unix_ms(now).saturating_sub(self.stored_ms) / 1000)
     }
 
     /// Seconds of freshness left (`None`: bounded by the policy only), or
