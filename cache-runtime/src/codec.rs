@@ -232,6 +232,29 @@ impl<'a> StoredEntry<'a> {
     }
 }
 
+/// An entry's bytes: `head` ([`Codec::head`]), the versions it is bound
+/// to joined by ',', then `times` (`<stored>,<fresh until>`) and the
+/// payload, each after a '|'. Byte for byte what the `STORE` script writes
+/// (`store/scripts.rs`), so that a reader cannot tell an entry filled
+/// without the script from one the script stored.
+pub(crate) fn entry_bytes(head: &[u8], versions: &[Vec<u8>], times: &str, payload: &[u8]) -> Vec<u8> {
+    let separators = versions.len().saturating_sub(1) + 2;
+    let len = head.len() + versions.iter().map(Vec::len).sum::<usize>() + separators + times.len() + payload.len();
+    let mut bytes = Vec::with_capacity(len);
+    bytes.extend_from_slice(head);
+    for (i, version) in versions.iter().enumerate() {
+        if i > 0 {
+            bytes.push(b',');
+        }
+        bytes.extend_from_slice(version);
+    }
+    bytes.push(b'|');
+    bytes.extend_from_slice(times.as_bytes());
+    bytes.push(b'|');
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +289,18 @@ mod tests {
         for bad in [&b"RC1|j|12|{}"[..], b"RC2|j|12|{}", b"RC2|j|12|1,|{}", b"RC2|j|12|x,2|{}", b"RC2|j|12|1000|{}"] {
             assert_eq!(StoredEntry::parse(bad), None, "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn entry_bytes_are_the_header_readers_parse() {
+        let versions = [b"12".to_vec(), b"7".to_vec()];
+        let bytes = entry_bytes(b"RC2|bl|", &versions, "1000,2000", b"x|y");
+        assert_eq!(bytes, b"RC2|bl|12,7|1000,2000|x|y");
+        assert_eq!(bytes.capacity(), bytes.len());
+        let e = StoredEntry::parse(&bytes).unwrap();
+        assert!(e.is_bound_to([Some(&b"12"[..]), Some(&b"7"[..])]) && e.payload == b"x|y");
+        // No versions: what Lua's `table.concat` of an empty table gives.
+        assert_eq!(entry_bytes(b"RC2|b|", &[], "1,2", b""), b"RC2|b||1,2|");
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Redis for a bulk call (many items, one entry each): one `MGET` of every
 //! entry and the shared version keys, the stampede locks of the missing
 //! items as one pipeline of `LOCK` scripts, and their stores as one
-//! pipeline of `STORE` scripts. Each script is the one a single call runs,
-//! so every lock and store keeps its checks (docs/CONSISTENCY.md); only the
-//! round trips are shared. An entry and its lock share their prefix's hash
+//! pipeline (`fill.rs`: fills as `SET NX`, the rest as `STORE` scripts).
+//! Each lock and store is the one a single call sends, so it keeps its
+//! checks (docs/CONSISTENCY.md); only the round trips are shared. An entry and its lock share their prefix's hash
 //! tag, so on a cluster a pipeline goes to one slot.
 
 use super::Redis;
-use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreReply};
-use super::{LockRequest, StoreMode, StoreRequest};
+use super::scripts::{self, LockArgs, LockReply, StoreReply};
+use super::{LockRequest, StoreRequest};
 use crate::error::Fault;
 use crate::keys::EntryKeys;
 use redis::Value;
@@ -73,51 +73,17 @@ impl Redis {
             .collect())
     }
 
-    /// Stores each item's entry with its own `STORE` script, in one
-    /// pipeline; on a cluster, then checks the pinned tag versions once.
+    /// Stores each item's entry, in one pipeline: a fill as `SET NX` (all
+    /// of them checked against one `MGET` of the shared versions), any
+    /// other with its own `STORE` script (`fill.rs`); on a cluster, then
+    /// checks the pinned tag versions once.
     pub(crate) async fn store_many(
         &self,
         items: &[(&EntryKeys<'_>, StoreRequest<'_>)],
     ) -> Result<Vec<Result<StoreReply, Fault>>, Fault> {
         let Some(first) = items.first() else { return Ok(Vec::new()) };
         let in_script = self.versions_in_script(first.0).len();
-        let messages: Vec<String> = items
-            .iter()
-            .map(|(_, request)| match request.mode {
-                StoreMode::Replace => self.channel.entry_message(request.hash),
-                StoreMode::Fill => String::new(),
-            })
-            .collect();
-        let commands = items.iter().zip(&messages).map(|((keys, request), message)| {
-            let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
-            let channel = if request.mode == StoreMode::Replace { self.channel.name.as_str() } else { "" };
-            StoreArgs {
-                entry: keys.entry(),
-                lock,
-                version_keys: &keys.versions[..in_script],
-                ttl_ms: request.ttl_ms,
-                head: request.head,
-                payload: request.payload,
-                expect: request.observed_entry,
-                token,
-                times: request.times,
-                now_ms: request.now_ms,
-                channel,
-                message,
-                observed: request.observed,
-            }
-            .command()
-        });
-        let replies = self.pipelined(commands.collect()).await?;
-        let mut replies: Vec<Result<StoreReply, Fault>> = replies
-            .into_iter()
-            .map(|reply| {
-                let reply = reply?;
-                redis::FromRedisValue::from_redis_value(reply)
-                    .map(StoreReply::parse)
-                    .map_err(|_| Fault::Server("the store script replied in an unexpected shape".to_owned()))
-            })
-            .collect();
+        let mut replies = self.store_pipelined(items).await?;
         let pinned_keys = &first.0.versions[in_script..];
         if !pinned_keys.is_empty() && replies.iter().any(|r| matches!(r, Ok(StoreReply::Stored))) {
             // Every item of a call pins the tag versions it read once.
@@ -147,13 +113,15 @@ impl Redis {
     /// (restarted, flushed) answers `NOSCRIPT` to each: those are sent
     /// again after loading the scripts, in one more round trip. The
     /// commands it answered otherwise ran, and are not sent again.
-    async fn pipelined(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Result<Value, Fault>>, Fault> {
+    pub(super) async fn pipelined(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Result<Value, Fault>>, Fault> {
+        let count = commands.len();
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors();
-        for command in &commands {
-            pipeline.add_command(command.clone());
+        // Moved, not cloned: a store's command carries its payload.
+        for command in commands {
+            pipeline.add_command(command);
         }
-        let mut replies = self.pipeline(&pipeline, commands.len()).await?;
+        let mut replies = self.pipeline(&pipeline, count).await?;
         let missing: Vec<usize> = (0..replies.len()).filter(|&i| no_script(&replies[i])).collect();
         if !missing.is_empty() {
             let mut again = redis::pipe();
@@ -162,8 +130,9 @@ impl Redis {
             for load in &loads {
                 again.add_command(load.clone());
             }
+            let sent: Vec<&redis::Cmd> = pipeline.cmd_iter().collect();
             for &i in &missing {
-                again.add_command(commands[i].clone());
+                again.add_command(sent[i].clone());
             }
             let retried = self.pipeline(&again, loads.len() + missing.len()).await?;
             for (&i, reply) in missing.iter().zip(retried.into_iter().skip(loads.len())) {

@@ -8,6 +8,7 @@
 //! flight in `flight.rs` is the whole of the coordination within one
 //! process), and its store succeeds for the flow to keep the value locally.
 
+mod fill;
 mod many;
 mod purge;
 mod remote;

@@ -153,8 +153,13 @@ impl Redis {
     /// Runs the store script; on a cluster, then checks that the pinned
     /// versions are still current: a script could not check them, and
     /// coalesced waiters must not be handed a value computed before a tag
-    /// was invalidated.
+    /// was invalidated. A miss that observed no entry fills it without the
+    /// script (`fill.rs`).
     pub(crate) async fn store(&self, keys: &EntryKeys<'_>, request: StoreRequest<'_>) -> Result<StoreReply, Fault> {
+        if self.fills(&request) {
+            let mut replies = self.store_pipelined(&[(keys, request)]).await?;
+            return replies.pop().unwrap_or_else(|| Err(Fault::Server("a fill replied with nothing".to_owned())));
+        }
         let in_script = self.versions_in_script(keys);
         let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
         let (channel, message) = match request.mode {
