@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 use support::RedisServer;
+use tokio::sync::{Notify, oneshot};
 
 /// `INFO commandstats` as command name → calls (Lua's inner calls included).
 fn command_calls(server: &RedisServer) -> HashMap<String, u64> {
@@ -64,10 +65,12 @@ fn a_site_that_keeps_missing_takes_the_lock_with_its_read() {
             assert_eq!(value(&cache, &policy, key).await, key * 10);
         }
         let calls = command_calls(&server);
-        // One script per miss, the store: the lock and the read went as
-        // `SET NX` and `MGET` in one round trip.
-        assert_eq!(calls.get("evalsha"), Some(&100), "{calls:?}");
-        assert_eq!(calls.get("mget"), Some(&100), "{calls:?}");
+        // No script but the lock's release: the lock and the read went as
+        // `SET NX` and `MGET` in one round trip, the store as `SET NX` and
+        // an `MGET` of the versions, with the release, in another.
+        assert_eq!(calls.get("evalsha"), None, "{calls:?}");
+        assert_eq!(calls.get("eval"), Some(&100), "{calls:?}");
+        assert_eq!(calls.get("mget"), Some(&200), "{calls:?}");
         assert_eq!(cache.stats().total.writes, 108);
 
         // Hits: the first, still expecting a miss, takes and gives back
@@ -341,5 +344,190 @@ fn a_hit_found_with_the_lock_still_renews_ahead() {
             }
         });
         assert!(renewed.await.is_ok(), "the entry due was never renewed");
+    });
+}
+
+/// An entry's header split around its times, which are the clock's: what
+/// two stores of one value under one namespace version must share.
+fn around_the_times(entry: &[u8]) -> (Vec<u8>, u64) {
+    let bars: Vec<usize> = entry.iter().enumerate().filter(|(_, b)| **b == b'|').map(|(i, _)| i).collect();
+    // `RC2|<codec>[<packing>]|<versions>|<stored>,<fresh until>|<payload>`
+    let (start, end) = (bars[2] + 1, bars[3]);
+    let times = std::str::from_utf8(&entry[start..end]).expect("ascii times");
+    let (stored, fresh) = times.split_once(',').expect("two times");
+    let life = fresh.parse::<u64>().expect("fresh until") - stored.parse::<u64>().expect("stored");
+    ([&entry[..start], b"<times>", &entry[end..]].concat(), life)
+}
+
+/// A miss that found the key empty stores with `SET NX` and no script;
+/// one that found a tombstone stores through `STORE`. A reader must not
+/// be able to tell the two entries apart: same header, same versions, same
+/// payload (raw and lz4-packed), same TTL; only the clock differs.
+#[test]
+fn a_fill_writes_the_bytes_the_script_writes() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "same").build().expect("cache");
+    let policy = Policy::new("same").ttl(Duration::from_secs(60)).lock(false);
+    let mut conn = server.conn();
+    runtime().block_on(async {
+        for (value, head) in [("short".to_owned(), "RC2|b|"), ("packed ".repeat(400), "RC2|bl|")] {
+            let size = value.len() as u64;
+            let get = async |key: u64| {
+                let value = value.clone();
+                cache.get_or_compute(&policy, &(size, key), async move { Ok::<_, Infallible>(value) }).await
+            };
+            // The namespace's version is seeded (a script) by a first call.
+            get(0).await.unwrap_or_else(|e| match e {});
+            reset_stats(&server);
+            assert_eq!(get(1).await.unwrap_or_else(|e| match e {}), value);
+            let calls = command_calls(&server);
+            assert_eq!((calls.get("evalsha"), calls.get("eval")), (None, None), "a fill runs no script: {calls:?}");
+
+            cache.forget::<_, String>(&policy, &(size, 2u64)).await.expect("tombstone");
+            reset_stats(&server);
+            assert_eq!(get(2).await.unwrap_or_else(|e| match e {}), value);
+            let calls = command_calls(&server);
+            // (Twice the first time: `NOSCRIPT`, then loaded and sent again.)
+            assert!(calls.get("evalsha").is_some(), "over a tombstone, STORE: {calls:?}");
+
+            let entries = support::entry_keys(&mut conn, "same:same:*");
+            let entries: Vec<Vec<u8>> = entries
+                .iter()
+                .filter_map(|key| redis::cmd("GET").arg(key).query::<Option<Vec<u8>>>(&mut conn).expect("GET"))
+                .filter(|bytes| bytes.starts_with(head.as_bytes()))
+                .collect();
+            assert_eq!(entries.len(), 3, "two fills and a store by script");
+            let first = around_the_times(&entries[0]);
+            assert_eq!(first.1, 60_000);
+            for entry in &entries[1..] {
+                assert_eq!(around_the_times(entry), first, "{:?}", String::from_utf8_lossy(&first.0));
+            }
+            for key in support::entry_keys(&mut conn, "same:same:*") {
+                let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).expect("PTTL");
+                assert!((55_000..=60_000).contains(&ttl), "{key}: PTTL {ttl}");
+            }
+            let _: () =
+                redis::cmd("DEL").arg(support::entry_keys(&mut conn, "same:same:*")).query(&mut conn).expect("DEL");
+        }
+    });
+}
+
+/// A cold key whose computation is held at a gate: returns the call, and
+/// waits until its body has read `truth`.
+async fn held_miss(
+    cache: &Cache,
+    policy: &Arc<Policy>,
+    key: u64,
+    truth: &Arc<AtomicU64>,
+) -> (tokio::task::JoinHandle<u64>, Arc<Notify>) {
+    let gate = Arc::new(Notify::new());
+    let (started, read) = oneshot::channel();
+    let (cache, policy, truth, held) = (cache.clone(), policy.clone(), truth.clone(), gate.clone());
+    let call = tokio::spawn(async move {
+        let body = async move {
+            let seen = truth.load(SeqCst);
+            let _ = started.send(());
+            held.notified().await;
+            Ok::<_, Infallible>(seen)
+        };
+        cache.get_or_compute(&policy, &key, body).await.unwrap_or_else(|e| match e {})
+    });
+    read.await.expect("the body ran");
+    (call, gate)
+}
+
+/// A forget or a write-through that lands while a cold key's computation
+/// runs is not overwritten by that computation's fill: its `SET NX` finds
+/// the tombstone or the new entry.
+#[test]
+fn a_write_during_a_fill_is_not_overwritten() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "written").build().expect("cache");
+    let policy = Arc::new(Policy::new("written").ttl(Duration::from_secs(60)));
+    let mut conn = server.conn();
+    runtime().block_on(async {
+        for (key, refresh) in [(1u64, false), (2, true)] {
+            let truth = Arc::new(AtomicU64::new(1));
+            let (call, gate) = held_miss(&cache, &policy, key, &truth).await;
+            truth.store(2, SeqCst);
+            if refresh {
+                let write = cache.refresh(&policy, &key, async { Ok::<_, Infallible>(2u64) });
+                let (wrote, reached) = cache_runtime::try_refresh(write).await;
+                assert_eq!((wrote.unwrap_or_else(|e| match e {}), reached.is_ok()), (2, true));
+            } else {
+                cache.forget::<_, u64>(&policy, &key).await.expect("forget");
+            }
+            // Tombstones included.
+            let written: Vec<String> = redis::cmd("KEYS").arg("written:written:*").query(&mut conn).expect("KEYS");
+            let written: Vec<String> =
+                written.into_iter().filter(|key| !key.ends_with("#v") && !key.ends_with("#lock")).collect();
+            assert_eq!(written.len(), 1, "{written:?}");
+            let before: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&written).query(&mut conn).expect("MGET");
+            reset_stats(&server);
+            gate.notify_one();
+            assert_eq!(call.await.expect("call"), 1, "the computation returns what it read");
+            let calls = command_calls(&server);
+            assert_eq!(calls.get("evalsha"), None, "the store was a fill: {calls:?}");
+            let after: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&written).query(&mut conn).expect("MGET");
+            assert_eq!(before, after, "the write's entry is untouched (refresh: {refresh})");
+            let now = cache.get_or_compute(&policy, &key, async { Ok::<_, Infallible>(truth.load(SeqCst)) }).await;
+            assert_eq!(now.unwrap_or_else(|e| match e {}), 2);
+            let _: () = redis::cmd("DEL").arg(&written).query(&mut conn).expect("DEL");
+        }
+    });
+}
+
+/// A namespace version bumped while a cold key computes, silently (no
+/// announcement, no write from this process: only the store can tell):
+/// the fill lands bound to the old version, and its value is neither kept
+/// in the local tier nor handed to the caller waiting in this process;
+/// readers compute afresh.
+#[test]
+fn a_version_bumped_during_a_fill_is_neither_served_kept_nor_shared() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "bumped").local(100).build().expect("cache");
+    let other = support::patient_cache(&server.url(), "bumped").build().expect("cache");
+    let policy = Arc::new(Policy::new("bumped").ttl(Duration::from_secs(60)).local_ttl(Duration::from_secs(60)));
+    let mut conn = server.conn();
+    runtime().block_on(async {
+        let truth = Arc::new(AtomicU64::new(1));
+        let (leader, gate) = held_miss(&cache, &policy, 7, &truth).await;
+        // Joins the leader's flight; its body runs only if it must look again.
+        let (waiter_started, waiter_leads) = oneshot::channel();
+        let waiter_gate = Arc::new(Notify::new());
+        let waiter = {
+            let (cache, policy, truth, gate) = (cache.clone(), policy.clone(), truth.clone(), waiter_gate.clone());
+            tokio::spawn(async move {
+                let body = async move {
+                    let _ = waiter_started.send(());
+                    gate.notified().await;
+                    Ok::<_, Infallible>(truth.load(SeqCst))
+                };
+                cache.get_or_compute(&policy, &7u64, body).await.unwrap_or_else(|e| match e {})
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        truth.store(2, SeqCst);
+        let version_key = "bumped:bumped:{bumped}#v";
+        let old: String = redis::cmd("GET").arg(version_key).query(&mut conn).expect("version");
+        let _: u64 = redis::cmd("INCR").arg(version_key).query(&mut conn).expect("INCR");
+        gate.notify_one();
+        assert_eq!(leader.await.expect("leader"), 1, "the leader returns what it computed");
+        let leads = tokio::time::timeout(Duration::from_secs(5), waiter_leads).await;
+        assert!(matches!(leads, Ok(Ok(()))), "the waiter was handed the value stored under the old version");
+        assert_eq!(cache.stats().local.entries, 0, "nothing kept locally");
+        let entry = support::entry_keys(&mut conn, "bumped:bumped:*");
+        let entry: Option<Vec<u8>> = redis::cmd("GET").arg(&entry).query(&mut conn).expect("GET");
+        let entry = String::from_utf8_lossy(entry.as_deref().unwrap_or_default()).into_owned();
+        assert!(entry.starts_with(&format!("RC2|b|{old},")), "the fill landed, bound to the old version: {entry:?}");
+        // Another process's reader does not take it either (without the
+        // lock, which the waiter holds now).
+        let unlocked = Policy::new("bumped").ttl(Duration::from_secs(60)).lock(false);
+        let read = other.get_or_compute(&unlocked, &7u64, async { Ok::<_, Infallible>(truth.load(SeqCst)) }).await;
+        assert_eq!(read.unwrap_or_else(|e| match e {}), 2);
+        waiter_gate.notify_one();
+        assert_eq!(waiter.await.expect("waiter"), 2, "the waiter computed afresh");
+        let again = cache.get_or_compute(&policy, &7u64, async { Ok::<_, Infallible>(0u64) }).await;
+        assert_eq!(again.unwrap_or_else(|e| match e {}), 2);
     });
 }
