@@ -179,10 +179,12 @@ impl Rows {
     }
 }
 
-/// Reads, cancelled reads, writes that invalidate or forget, and Redis
-/// faults (`CLIENT KILL`, `CLIENT PAUSE`), from two caches (two processes'
-/// worth of sites and connections) on one server; every read is checked
-/// against its floor. Then, with no fault, cold keys read by many callers
+/// Reads, cancelled reads, writes that invalidate, forget or write
+/// through, and Redis faults (`CLIENT KILL`, `CLIENT PAUSE`), from two
+/// caches (two processes' worth of sites and connections) on one server;
+/// reads fill keys found empty without the script and store over
+/// tombstones and old entries with it; every read is checked against its
+/// floor. Then, with no fault, cold keys read by many callers
 /// of both caches at once are computed once each.
 #[test]
 fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale() {
@@ -198,14 +200,21 @@ fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale()
         })
         .collect();
     let rows = Arc::new(Rows::new());
+    // Entries expire within the run, so keys go empty again and their next
+    // misses fill without the script; tombstones and entries bound to old
+    // versions take the script. (A tombstone lives as long as an entry,
+    // far longer than any computation here.)
     let policies: Vec<Arc<Policy>> =
-        (0..2).map(|_| Arc::new(Policy::new("rows").ttl(Duration::from_secs(30)))).collect();
+        (0..2).map(|_| Arc::new(Policy::new("rows").ttl(Duration::from_secs(2)).jitter(0.5))).collect();
     let stop = Arc::new(AtomicBool::new(false));
     runtime().block_on(async {
         let mut tasks = Vec::new();
         for (c, cache) in caches.iter().enumerate() {
             for t in 0..6u64 {
                 let (cache, policy, rows, stop) = (cache.clone(), policies[c].clone(), rows.clone(), stop.clone());
+                // The same entries read without the stampede lock: their fills
+                // go without a lock to release.
+                let unlocked = Policy::new("rows").ttl(Duration::from_secs(2)).jitter(0.5).lock(false);
                 let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 * 1000 + t + 1).wrapping_mul(0x9E37_79B9));
                 tasks.push(tokio::spawn(async move {
                     while !stop.load(SeqCst) {
@@ -213,10 +222,17 @@ fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale()
                         let roll = rng.random_range(0..100);
                         if roll < 12 {
                             let version = rows.truth[k].fetch_add(1, SeqCst) + 1;
-                            let told = if rng.random_bool(0.5) {
-                                cache.invalidate("rows").await.is_ok()
-                            } else {
-                                cache.forget::<_, u64>(&policy, &(k as u64)).await.is_ok()
+                            let told = match rng.random_range(0..3) {
+                                0 => cache.invalidate("rows").await.is_ok(),
+                                1 => cache.forget::<_, u64>(&policy, &(k as u64)).await.is_ok(),
+                                // A write-through of what the row holds now.
+                                _ => {
+                                    let (rows, key) = (rows.clone(), k as u64);
+                                    let write = cache.refresh(&policy, &key, async move {
+                                        Ok::<_, Infallible>(rows.truth[k].load(SeqCst))
+                                    });
+                                    cache_runtime::try_refresh(write).await.1.is_ok()
+                                }
                             };
                             if told {
                                 rows.floor[k].fetch_max(version, SeqCst);
@@ -227,7 +243,8 @@ fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale()
                         let slow = Duration::from_micros(rng.random_range(0..2_000));
                         let rows2 = rows.clone();
                         let key = k as u64;
-                        let call = cache.get_or_compute(&policy, &key, async move {
+                        let reader = if t % 3 == 2 { &unlocked } else { &*policy };
+                        let call = cache.get_or_compute(reader, &key, async move {
                             let version = rows2.truth[k].load(SeqCst);
                             tokio::time::sleep(slow).await;
                             Ok::<_, Infallible>(version)
@@ -271,6 +288,11 @@ fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale()
             task.await.expect("worker");
         }
         assert_eq!(rows.stale.load(SeqCst), 0, "stale reads (seed {seed})");
+        // A locked fill releases its lock with `EVAL` (every other release
+        // is an `EVALSHA`): the history did fill keys it found empty.
+        let fills = command_calls(&server).get("eval").copied().unwrap_or(0);
+        println!("miss_path: {fills} locked fills");
+        assert!(fills > 0, "no fill without the script (seed {seed})");
 
         // No fault now: both caches' sites expect misses (their last lookups
         // missed), and cold keys are computed once across both.
