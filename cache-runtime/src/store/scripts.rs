@@ -146,6 +146,10 @@ impl StoreReply {
 ///
 /// KEYS: entry, lock, version keys. ARGV: [`StoreArgs`].
 /// Returns 1 stored, 0 a version changed, 2 the entry changed.
+///
+/// A miss that found its key empty stores without it (`fill.rs`), writing
+/// the entry `codec::entry_bytes` builds: the two must stay byte for byte
+/// the same (`tests/miss_path.rs` compares them).
 static STORE: LazyLock<redis::Script> = LazyLock::new(|| with_helpers(STORE_BODY));
 const STORE_BODY: &str = r"
 local ttl_ms, head, payload, expect, token, times, now_ms, channel, message = unpack(ARGV, 1, 9)
