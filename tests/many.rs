@@ -142,6 +142,41 @@ fn forget_and_invalidate_work_per_item() {
     });
 }
 
+/// `INFO commandstats` as command name → calls (Lua's inner calls included).
+fn command_calls(server: &RedisServer) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.conn()).expect("info");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            Some((name.to_owned(), rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Items whose keys were empty are filled with `SET NX` (their locks
+/// released by `EVAL`), an item over a tombstone is stored by `STORE`, all
+/// in one pipeline; every item reads back.
+#[test]
+fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![2]).await;
+        assert_eq!(forget(names(&cache, &asked, "eu", vec![6])).await, Ok(false), "a tombstone, nothing else");
+        let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
+        let got = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        let calls = command_calls(&server);
+        // Four `LOCK`s and one `STORE`; three releases after three fills.
+        assert_eq!((calls.get("evalsha"), calls.get("eval")), (Some(&5), Some(&3)), "{calls:?}");
+        let again = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
+        assert_eq!(again, got);
+        assert_eq!(asked.take(), vec![vec![2], vec![6, 7, 8, 10]], "every item stored, the absent one too");
+        assert_eq!(cache.stats().total.errors(), 0);
+    });
+}
+
 #[test]
 fn scripts_the_server_lost_are_loaded_again() {
     let server = RedisServer::start();

@@ -5,7 +5,8 @@
 //! still what the computation observed, and so are its namespace versions.
 //! When the computation observed nothing, `SET entry … NX` checks the first
 //! as well: anything written since (another store, a write-through, a
-//! forget's tombstone) makes it refuse. The versions are read by an `MGET`
+//! forget's tombstone) makes it refuse; then `STORE` decides, since a key of
+//! another type also refuses `NX` though reads saw it empty. The versions are read by an `MGET`
 //! after the `SET`: versions only grow, and a missing one restarts from a
 //! random seed, so versions equal after the `SET` were equal at it. When
 //! they differ, the entry stays in Redis bound to the old versions, which
@@ -38,6 +39,13 @@ struct Stores<'k> {
     version_keys: Option<&'k [String]>,
 }
 
+/// What an item's commands came to.
+enum Fill {
+    Done(Result<StoreReply, Fault>),
+    /// `SET NX` found the key taken: a write since, or a foreign key.
+    Occupied,
+}
+
 /// Whether a fill's lock is released by a command of the pipeline.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Held {
@@ -55,7 +63,30 @@ impl Redis {
     ) -> Result<Vec<Result<StoreReply, Fault>>, Fault> {
         let Stores { commands, fills, version_keys } = self.stores(items);
         let replies = self.pipelined(commands).await?;
-        Ok(read(items, &fills, version_keys.is_some(), replies))
+        let mut outcomes = read(items, &fills, version_keys.is_some(), replies);
+        // A key holding another type than a string reads as empty (`MGET`
+        // answers nil for it) but refuses `NX`, as a write since would.
+        // `STORE` tells the two apart (it overwrites the first), at the
+        // cost of a round trip that only contended or foreign keys pay.
+        let occupied: Vec<usize> = (0..outcomes.len()).filter(|&i| matches!(outcomes[i], Fill::Occupied)).collect();
+        if !occupied.is_empty() {
+            // The lock went with the fill's pipeline: the script releases none.
+            let commands = occupied.iter().map(|&i| self.store_command(items[i].0, &items[i].1, None)).collect();
+            let again: Vec<Result<StoreReply, Fault>> = match self.pipelined(commands).await {
+                Ok(replies) => replies.into_iter().map(script_reply).collect(),
+                Err(fault) => occupied.iter().map(|_| Err(fault.clone())).collect(),
+            };
+            for (&i, reply) in occupied.iter().zip(again) {
+                outcomes[i] = Fill::Done(reply);
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Fill::Done(reply) => reply,
+                Fill::Occupied => Err(Fault::Server("a fill's key was left unanswered".to_owned())),
+            })
+            .collect())
     }
 
     /// Whether `request` may go without `STORE`: a miss that observed no
@@ -79,7 +110,7 @@ impl Redis {
                 commands.push(set);
                 fills.push(Some(if request.held.is_some() { Held::Lock } else { Held::Nothing }));
             } else {
-                commands.push(self.store_command(keys, request));
+                commands.push(self.store_command(keys, request, request.held));
                 fills.push(None);
             }
         }
@@ -97,10 +128,15 @@ impl Redis {
         Stores { commands, fills, version_keys }
     }
 
-    /// `STORE` for one item, as a pipeline's `EVALSHA`.
-    fn store_command(&self, keys: &EntryKeys<'_>, request: &StoreRequest<'_>) -> redis::Cmd {
+    /// `STORE` for one item, as a pipeline's `EVALSHA`, releasing `held`.
+    fn store_command(
+        &self,
+        keys: &EntryKeys<'_>,
+        request: &StoreRequest<'_>,
+        held: Option<(&str, &str)>,
+    ) -> redis::Cmd {
         let in_script = self.versions_in_script(keys);
-        let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
+        let (lock, token) = held.unwrap_or((keys.entry(), ""));
         let (channel, message) = match request.mode {
             // Other processes drop their local copy of what was overwritten.
             StoreMode::Replace => (self.channel.name.as_str(), self.channel.entry_message(request.hash)),
@@ -132,7 +168,7 @@ fn read(
     fills: &[Option<Held>],
     mget_sent: bool,
     replies: Vec<Result<Value, Fault>>,
-) -> Vec<Result<StoreReply, Fault>> {
+) -> Vec<Fill> {
     let mut replies = replies.into_iter();
     let firsts: Vec<Result<Value, Fault>> = replies.by_ref().take(items.len()).collect();
     let current = match mget_sent.then(|| replies.next()) {
@@ -147,15 +183,15 @@ fn read(
         .zip(fills)
         .zip(firsts)
         .map(|(((_, request), fill), first)| {
-            let Some(held) = fill else { return script_reply(first) };
+            let Some(held) = fill else { return Fill::Done(script_reply(first)) };
             let stored = fill_reply(first, &current, request.observed);
             match held {
                 // A release that failed leaves the lock to the caller's
                 // guard, which releases it when a store did not.
                 Held::Lock => match replies.next() {
                     Some(Ok(_)) => stored,
-                    Some(Err(fault)) => Err(fault),
-                    None => Err(Fault::Server("a pipeline replied with the wrong count".to_owned())),
+                    Some(Err(fault)) => Fill::Done(Err(fault)),
+                    None => Fill::Done(Err(Fault::Server("a pipeline replied with the wrong count".to_owned()))),
                 },
                 Held::Nothing => stored,
             }
@@ -170,20 +206,16 @@ fn script_reply(reply: Result<Value, Fault>) -> Result<StoreReply, Fault> {
 }
 
 /// A fill's `SET NX` reply, judged against the versions read after it.
-fn fill_reply(
-    set: Result<Value, Fault>,
-    current: &Result<Vec<Option<Vec<u8>>>, Fault>,
-    observed: &[Vec<u8>],
-) -> Result<StoreReply, Fault> {
-    match set? {
-        Value::Okay => {}
-        // Someone wrote the entry since it was observed empty: what the
-        // script's digest check answers.
-        Value::Nil => return Ok(StoreReply::Superseded),
-        other => return Err(Fault::Server(format!("a fill's SET NX replied {other:?}"))),
+fn fill_reply(set: Result<Value, Fault>, current: &Result<Vec<Option<Vec<u8>>>, Fault>, observed: &[Vec<u8>]) -> Fill {
+    match set {
+        Ok(Value::Okay) => {}
+        Ok(Value::Nil) => return Fill::Occupied,
+        Ok(other) => return Fill::Done(Err(Fault::Server(format!("a fill's SET NX replied {other:?}")))),
+        Err(fault) => return Fill::Done(Err(fault)),
     }
-    let current = current.as_ref().map_err(Clone::clone)?;
-    let same = current.len() == observed.len()
-        && current.iter().zip(observed).all(|(now, then)| now.as_deref() == Some(&then[..]));
-    Ok(if same { StoreReply::Stored } else { StoreReply::VersionChanged })
+    Fill::Done(current.as_ref().map_err(Clone::clone).map(|current| {
+        let same = current.len() == observed.len()
+            && current.iter().zip(observed).all(|(now, then)| now.as_deref() == Some(&then[..]));
+        if same { StoreReply::Stored } else { StoreReply::VersionChanged }
+    }))
 }
