@@ -410,7 +410,7 @@ fn a_fill_writes_the_bytes_the_script_writes() {
             assert_eq!(get(2).await.unwrap_or_else(|e| match e {}), value);
             let calls = command_calls(&server);
             // (Twice the first time: `NOSCRIPT`, then loaded and sent again.)
-            assert!(calls.get("evalsha").is_some(), "over a tombstone, STORE: {calls:?}");
+            assert!(calls.contains_key("evalsha"), "over a tombstone, STORE: {calls:?}");
 
             let entries = support::entry_keys(&mut conn, "same:same:*");
             let entries: Vec<Vec<u8>> = entries
