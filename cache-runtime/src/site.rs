@@ -5,7 +5,7 @@
 use crate::keys::{CACHE_WIDE, check_namespace, version_key};
 use crate::local::{LocalSite, LocalTier};
 use crate::stats::{Counters, Registry};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 /// A call site's state for one cache.
@@ -27,6 +27,9 @@ pub(crate) struct Site {
     /// Redis lookups that missed in a row, saturating: a site past
     /// [`Site::MISS_LIKELY`] asks for the lock in its first round trip.
     misses_in_a_row: AtomicU32,
+    /// Whether the site's last bulk read missed an item: its next bulk
+    /// read takes the locks of what it misses (`store::claim`).
+    bulk_missed: AtomicBool,
 }
 
 impl Site {
@@ -44,6 +47,8 @@ impl Site {
             round_trip: OnceLock::new(),
             reported: OnceLock::new(),
             misses_in_a_row: AtomicU32::new(0),
+            // A new site is more likely cold than warm.
+            bulk_missed: AtomicBool::new(true),
         }
     }
 
@@ -62,6 +67,21 @@ impl Site {
         } else if self.misses_in_a_row.load(Relaxed) != 0 {
             self.misses_in_a_row.store(0, Relaxed);
         }
+    }
+
+    /// Counts a bulk read of this site: whether it missed any item.
+    pub(crate) fn read_many(&self, missed: bool) {
+        if self.bulk_missed.load(Relaxed) != missed {
+            self.bulk_missed.store(missed, Relaxed);
+        }
+    }
+
+    /// Whether the site's last bulk read missed an item. A bulk read that
+    /// expects misses takes their locks in the same round trip, with a
+    /// script that judges every entry; one that expects none reads with
+    /// a plain `MGET`, which costs Redis less per entry.
+    pub(crate) fn bulk_misses_likely(&self) -> bool {
+        self.bulk_missed.load(Relaxed)
     }
 
     /// Whether the site's recent lookups all missed.

@@ -63,3 +63,57 @@ impl Cache {
         }
     }
 }
+
+/// The locks a bulk call's claiming read asks for, before it has heard
+/// which it got (`store::claim`): a call dropped while the script runs may
+/// hold any of them. Releases them all should it be dropped armed, as
+/// [`LockGuard`] does one; once the reply is in, [`split`](Self::split)
+/// hands each lock taken to a guard of its own.
+pub(super) struct ClaimGuard {
+    cache: Cache,
+    pub(super) locks: Vec<String>,
+    pub(super) token: String,
+    armed: bool,
+}
+
+impl ClaimGuard {
+    pub(super) fn new(cache: &Cache, locks: Vec<String>) -> Self {
+        Self { cache: cache.clone(), locks, token: token(), armed: true }
+    }
+
+    /// A guard for each lock that `taken` says is ours, in the order of
+    /// the locks; the others were never ours.
+    pub(super) fn split(mut self, taken: impl Fn(usize) -> bool) -> Vec<Option<LockGuard>> {
+        self.armed = false;
+        let locks = std::mem::take(&mut self.locks);
+        locks
+            .into_iter()
+            .enumerate()
+            .map(|(i, lock)| taken(i).then(|| LockGuard::new(&self.cache, lock, self.token.clone())))
+            .collect()
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (cache, locks, token) =
+            (self.cache.clone(), std::mem::take(&mut self.locks), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let held: Vec<(&str, &str)> = locks.iter().map(|lock| (lock.as_str(), token.as_str())).collect();
+                // Twice, for the reason `LockGuard` gives.
+                for again in [false, true] {
+                    if again {
+                        tokio::time::sleep(RELEASE_AGAIN).await;
+                    }
+                    if let Err(fault) = cache.backend().release_many(&held).await {
+                        note(&cache.registry().general, cache.warnings(), Event::Fault(&fault));
+                    }
+                }
+            });
+        }
+    }
+}

@@ -8,15 +8,17 @@
 //! flight in `flight.rs` is the whole of the coordination within one
 //! process), and its store succeeds for the flow to keep the value locally.
 
+mod claim;
 mod fill;
 mod many;
 mod purge;
 mod remote;
 pub(crate) mod scripts;
 
+pub(crate) use claim::ClaimRequest;
 pub(crate) use many::ReadMany;
 pub(crate) use remote::Redis;
-pub(crate) use scripts::{LockReply, StoreReply, digest, tombstone};
+pub(crate) use scripts::{Claim, LockReply, StoreReply, digest, tombstone};
 
 use crate::error::Fault;
 use crate::keys::{EntryKeys, KeyHash};

@@ -285,6 +285,127 @@ end
 return {'wait'}
 ";
 
+/// [`CLAIM`]'s arguments: a bulk call's read that also takes the locks of
+/// what it misses.
+pub(crate) struct ClaimArgs<'a> {
+    /// Shared by every item.
+    pub version_keys: &'a [String],
+    pub entries: &'a [&'a str],
+    /// One per entry, in the same order.
+    pub locks: &'a [String],
+    /// As for [`LockArgs::head`].
+    pub head: &'a [u8],
+    /// One token for every lock of the call: each lock is its own key.
+    pub token: &'a str,
+    pub lock_ttl_ms: u64,
+}
+
+/// What [`CLAIM`] decided for one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Current as the script judged it: not locked.
+    Current,
+    /// Not current, and the lock is ours now.
+    Taken,
+    /// Not current, and someone else holds the lock.
+    Held,
+}
+
+impl ClaimArgs<'_> {
+    /// The call as one command of a pipeline (`EVALSHA`).
+    pub(crate) fn command(&self) -> redis::Cmd {
+        let mut parts = Parts::default();
+        parts
+            .key(self.version_keys)
+            .key(self.entries)
+            .key(self.locks)
+            .arg(self.head)
+            .arg(self.token)
+            .arg(self.lock_ttl_ms)
+            .arg(self.version_keys.len());
+        for _ in self.version_keys {
+            parts.arg(fresh_seed());
+        }
+        parts.evalsha(&CLAIM)
+    }
+}
+
+impl Claim {
+    /// The script's letter for an entry; `None` for any other byte.
+    pub(crate) fn parse(letter: u8) -> Option<Self> {
+        match letter {
+            b'c' => Some(Claim::Current),
+            b't' => Some(Claim::Taken),
+            b'h' => Some(Claim::Held),
+            _ => None,
+        }
+    }
+}
+
+/// The stampede locks of a bulk call's misses, sent in one pipeline with
+/// the `MGET` of the entries and versions that follows it (`store::claim`):
+/// reads the versions (seeding any missing one, as [`LOCK`] does) and the
+/// entries, and takes `SET lock token NX PX` for each entry that is absent
+/// or not bound to the current versions. Returns one letter per entry: `c`
+/// current (not locked), `t` taken (or ours already: a resend after a lost
+/// reply), `h` held by someone else.
+///
+/// Cheaper than [`LOCK`]'s test, on purpose: it runs for every entry of a
+/// call, hits included. It looks for the versions' text right after the
+/// head (one plain `string.find`, no substrings) and not at the entry's
+/// times; the caller judges every entry itself, so an entry taken for
+/// current that is not (expired within a `stale_if_error` window, or the
+/// text found by chance) is locked the usual way, in one more round trip.
+///
+/// KEYS: version keys, entries, their locks. ARGV: [`ClaimArgs`]: head,
+/// token, lock ttl, the number of version keys, one fresh seed per version
+/// key.
+static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CLAIM_BODY));
+const CLAIM_BODY: &str = r"
+local head, token, lock_ttl_ms, nv = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n = (#KEYS - nv) / 2
+local versions = {}
+for i = 1, nv do
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    v = ARGV[4 + i]
+    redis.call('SET', KEYS[i], v)
+  end
+  versions[i] = v
+end
+local bound = '|' .. table.concat(versions, ',') .. '|'
+local after = #head + 1
+local claims = {}
+-- In slices: unpack's arguments live on Lua's C stack, a few thousand at most.
+for first = 1, n, 1000 do
+  local last = math.min(first + 999, n)
+  local entries = redis.call('MGET', unpack(KEYS, nv + first, nv + last))
+  for i = first, last do
+    local entry = entries[i - first + 1]
+    -- The versions follow the head, or the head and a packing letter.
+    local at = entry and string.find(entry, bound, after, true)
+    if at and at <= after + 1 then
+      claims[i] = 'c'
+    else
+      local lock = KEYS[nv + n + i]
+      if redis.call('SET', lock, token, 'NX', 'PX', lock_ttl_ms) or redis.call('GET', lock) == token then
+        claims[i] = 't'
+      else
+        claims[i] = 'h'
+      end
+    end
+  end
+end
+return table.concat(claims)
+";
+
+/// `SCRIPT LOAD` of [`CLAIM`], after a `NOSCRIPT`.
+pub(crate) fn load_claim() -> redis::Cmd {
+    let mut cmd = redis::cmd("SCRIPT");
+    cmd.arg("LOAD").arg(CLAIM_BODY);
+    cmd
+}
+
 /// Gives namespaces that have no version yet a random one, and returns the
 /// versions of all keys. A namespace gets its version before anything is
 /// computed under it, so every computation is bound to a version it

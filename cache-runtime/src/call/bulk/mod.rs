@@ -20,10 +20,11 @@
 //! `Call::stored`), so entries, versions, digests and what waiters may be
 //! handed follow docs/CONSISTENCY.md exactly as for single calls.
 
+mod claim;
 mod settle;
 
 use super::lock::LockGuard;
-use super::{Call, Lookup, Observed, Seen, misconfiguration};
+use super::{Call, Lookup, Observed, misconfiguration};
 use crate::Cache;
 use crate::flight::{Leader, Role, Shared};
 use crate::keys::canonical::Unencodable;
@@ -31,7 +32,6 @@ use crate::keys::{EntryKeys, KeyHash};
 use crate::observe::{Event, Observer, Outcome};
 use crate::output::Storage;
 use crate::policy::Plan;
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -195,24 +195,18 @@ impl<K, V> Bulk<'_, K, V> {
         let mut first = true;
         let mut poll = FIRST_POLL;
         while !pending.is_empty() || first {
-            // This round's lookup: the local tier, then one read of the rest.
-            let mut missed: Vec<(usize, Seen)> = Vec::new();
+            // This round's lookup: the local tier, then one read of the rest,
+            // which on one server also takes the locks of what it misses.
             let mut unread = Vec::new();
-            let mut retry = Vec::new();
             for &c in &pending {
                 match calls[c].look_locally() {
                     Ok(Lookup::Hit { output, .. }) => self.hit(&mut wants[keyed[c]], output),
                     _ => unread.push(c),
                 }
             }
-            let entries: Vec<&str> = unread.iter().map(|&c| keys[c].entry()).collect();
-            let read = if entries.is_empty() {
-                Ok(None)
-            } else {
-                self.cache.backend().read_many(&entries, version_keys).await.map(Some)
-            };
-            let read = match read {
-                Ok(read) => read,
+            let claim = self.plan.lock && Instant::now() < deadline && self.observer.site.bulk_misses_likely();
+            let mut judged = match self.read_and_judge(&calls, &keys, &keyed, &mut wants, &unread, claim).await {
+                Ok(judged) => judged,
                 Err(fault) => {
                     // Redis is unavailable: everything left is computed,
                     // and nothing is stored.
@@ -226,16 +220,8 @@ impl<K, V> Bulk<'_, K, V> {
                     return Ok(self.merge(wants));
                 }
             };
-            if let Some(read) = read {
-                for (&c, entry) in unread.iter().zip(read.entries) {
-                    match calls[c].judge(entry, Cow::Borrowed(&read.versions), None).await {
-                        Lookup::Hit { output, .. } => self.hit(&mut wants[keyed[c]], output),
-                        Lookup::Miss(seen) => missed.push((c, seen)),
-                        // Not an outcome of a read; looked at again if it were.
-                        Lookup::Unavailable => retry.push(c),
-                    }
-                }
-            }
+            let missed = std::mem::take(&mut judged.missed);
+            let mut retry = std::mem::take(&mut judged.retry);
             let past_deadline = Instant::now() >= deadline;
             if past_deadline && !missed.is_empty() {
                 for _ in &missed {
@@ -266,6 +252,8 @@ impl<K, V> Bulk<'_, K, V> {
                     }
                 }
             }
+            self.lead_claimed(&keys, &mut judged, &mut led, &mut waiting, &mut retry);
+            self.release_guards(std::mem::take(&mut judged.spare)).await;
             // The body, once, for everything this round computes.
             let mut run: Vec<usize> = led.iter().map(|item| keyed[item.want]).collect();
             if first {
@@ -367,15 +355,7 @@ impl<K, V> Bulk<'_, K, V> {
 
     /// Releases the locks of items that will not be stored.
     async fn release(&self, led: Vec<Led<'_>>) {
-        let mut guards: Vec<LockGuard> = led.into_iter().filter_map(|item| item.guard).collect();
-        let held: Vec<(&str, &str)> = guards.iter().map(|g| (g.lock.as_str(), g.token.as_str())).collect();
-        let released = self.cache.backend().release_many(&held).await;
-        drop(held);
-        match released {
-            Ok(()) => guards.iter_mut().for_each(LockGuard::disarm),
-            // Dropped armed, the guards try again from a task.
-            Err(fault) => self.observer.event(Event::Fault(&fault)),
-        }
+        self.release_guards(led.into_iter().filter_map(|item| item.guard).collect()).await;
     }
 
     /// The items found, in the order first asked for.
