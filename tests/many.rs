@@ -441,8 +441,11 @@ fn randomized_history_keeps_the_guarantees() {
                                 |missing| truth.load(number, began, missing, delay),
                             );
                             if op < 38 {
-                                // Dropped at a random point of its flow.
-                                let after = Duration::from_micros(next(&mut state) % 3_000);
+                                // Dropped at a random point of its flow: half
+                                // of them within the first round trip, the read
+                                // that also takes the locks of what it misses.
+                                let within = if next(&mut state) % 2 == 0 { 300 } else { 3_000 };
+                                let after = Duration::from_micros(next(&mut state) % within);
                                 if let Ok(found) = tokio::time::timeout(after, call).await {
                                     found.expect("no error")
                                 } else {
@@ -492,6 +495,19 @@ fn randomized_history_keeps_the_guarantees() {
                  {dropped} by dropped ones"
             );
         }
+        // Every lock a dropped call took is released by its guards, well
+        // before the lock timeout: a last call over every item is not held up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let locks = support::entry_keys(&mut server.conn(), "app:*#lock");
+        assert!(locks.is_empty(), "seed {seed}: locks left held: {locks:?}");
+        let started = std::time::Instant::now();
+        let all = cache.get_or_compute_many::<_, u64, String, _, _, _, _, Vec<(u64, u64)>>(
+            policy,
+            0..ITEMS,
+            |missing: Vec<u64>| async move { Ok(missing.into_iter().map(|id| (id, u64::MAX)).collect::<Vec<_>>()) },
+        );
+        assert_eq!(all.await.map(|found| found.len()), Ok(ITEMS as usize));
+        assert!(started.elapsed() < Duration::from_secs(2), "seed {seed}: a lock held up the last call");
         let stats = cache.stats().total;
         println!(
             "{} computations, {} dropped calls, {} lock timeouts",
@@ -567,5 +583,125 @@ fn waits_for_other_callers_items_share_one_deadline() {
         for task in hung {
             task.abort();
         }
+    });
+}
+
+/// The server's count of socket reads: one per request or pipeline.
+fn reads(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(conn).expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_reads_processed:")?.trim().parse().ok())
+        .expect("INFO stats has total_reads_processed")
+}
+
+/// On one server a bulk call with misses is two round trips: the read,
+/// which also takes the locks of the items it misses, and the stores.
+#[test]
+fn a_bulk_call_with_misses_is_two_round_trips() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        // Loads the scripts, which the server then has.
+        names(&cache, &asked, "eu", vec![2, 4]).await;
+        let mut conn = server.conn();
+        let before = reads(&mut conn);
+        names(&cache, &asked, "eu", vec![2, 4, 6, 8]).await;
+        // The second INFO's own read counts too.
+        assert_eq!(reads(&mut conn) - before - 1, 2, "round trips of a bulk call with misses");
+        assert_eq!(asked.take(), vec![vec![2, 4], vec![6, 8]]);
+        assert!(entry_keys(&mut server.conn(), "app:*#lock").is_empty(), "every lock released by its store");
+    });
+}
+
+/// A bulk call dropped while its read (which takes the locks of its misses)
+/// is on the wire: the locks it may hold are released by its guard, so the
+/// next caller of those items computes them at once rather than waiting
+/// out the lock timeout, and each item is computed once.
+#[test]
+fn a_call_dropped_during_its_read_releases_its_locks() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = support::patient_cache(&server.url(), "app")
+            .lock_timeout(Duration::from_secs(20))
+            .build()
+            .expect("valid cache settings");
+        let asked = Asked::default();
+        // Loads the scripts, and keeps the site expecting misses.
+        names(&cache, &asked, "eu", vec![100]).await;
+        server.freeze();
+        // The read goes out to a server that cannot answer yet.
+        let dropped = tokio::time::timeout(Duration::from_millis(200), names(&cache, &asked, "eu", vec![2, 4, 6]));
+        assert!(dropped.await.is_err(), "the frozen server answered");
+        server.resume();
+        // The read runs now and takes the locks: its guard releases them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let locks = entry_keys(&mut server.conn(), "app:*#lock");
+        assert!(locks.is_empty(), "locks left held by the dropped call: {locks:?}");
+        let started = std::time::Instant::now();
+        assert_eq!(names(&cache, &asked, "eu", vec![2, 4, 6]).await.len(), 3);
+        assert!(started.elapsed() < Duration::from_secs(2), "held up by a lock: {:?}", started.elapsed());
+        assert_eq!(asked.take(), vec![vec![100], vec![2, 4, 6]], "computed once, by the second call");
+    });
+}
+
+/// A lock the read took for an item that another caller in this process is
+/// computing goes back before the body runs: that caller computes without
+/// the lock (it waited past its lock timeout for another process's), and
+/// the bulk call waits for its value. Held, the lock would make other
+/// processes wait for a call that is not computing the item.
+#[test]
+fn a_lock_taken_for_an_item_led_in_this_process_goes_back() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let here = cache_for(&server, "app");
+        let elsewhere = cache_for(&server, "app");
+        let policy = Policy::new("led").ttl(Duration::from_secs(60)).lock_timeout(Duration::from_secs(10));
+        // Another process holds item 1's lock for 600 ms, then fails.
+        let other = {
+            let policy = policy.clone();
+            tokio::spawn(async move {
+                let body = async {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    Err::<Option<String>, String>("failed".into())
+                };
+                elsewhere.get_or_compute(&policy, &1u64, body).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // This process's single call gives up on the lock after 300 ms and
+        // computes item 1 without it, for 2 s.
+        let single = {
+            let here = here.clone();
+            let policy = policy.clone().lock_timeout(Duration::from_millis(300));
+            tokio::spawn(async move {
+                let body = async {
+                    tokio::time::sleep(Duration::from_millis(2_000)).await;
+                    Ok::<Option<String>, String>(Some("single".into()))
+                };
+                here.get_or_compute(&policy, &1u64, body).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(other.await.expect("other process").is_err());
+        assert!(entry_keys(&mut server.conn(), "app:led:*#lock").is_empty(), "the other lock is gone");
+        let bulk = {
+            let (here, policy) = (here.clone(), policy.clone());
+            tokio::spawn(async move {
+                here.get_or_compute_many(&policy, [1u64, 2], |missing: Vec<u64>| async move {
+                    Ok::<_, String>(missing.into_iter().map(|id| (id, format!("bulk {id}"))).collect::<Vec<_>>())
+                })
+                .await
+            })
+        };
+        // The bulk call has read (taking both locks), stored item 2 and is
+        // waiting for the single call's item 1.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!bulk.is_finished(), "the bulk call waits for the single call");
+        let locks = entry_keys(&mut server.conn(), "app:led:*#lock");
+        assert!(locks.is_empty(), "a lock held by a call that does not compute its item: {locks:?}");
+        let found: HashMap<u64, String> = bulk.await.expect("bulk call").expect("no error");
+        assert_eq!(found, HashMap::from([(1, "single".into()), (2, "bulk 2".into())]));
+        assert_eq!(single.await.expect("single call"), Ok(Some("single".into())));
     });
 }
