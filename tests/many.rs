@@ -498,7 +498,7 @@ fn randomized_history_keeps_the_guarantees() {
         // Every lock a dropped call took is released by its guards, well
         // before the lock timeout: a last call over every item is not held up.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let locks = support::entry_keys(&mut server.conn(), "app:*#lock");
+        let locks = locks_held(&server);
         assert!(locks.is_empty(), "seed {seed}: locks left held: {locks:?}");
         let started = std::time::Instant::now();
         let all = cache.get_or_compute_many::<_, u64, String, _, _, _, _, Vec<(u64, u64)>>(
@@ -586,6 +586,11 @@ fn waits_for_other_callers_items_share_one_deadline() {
     });
 }
 
+/// The stampede locks held now, by anyone.
+fn locks_held(server: &RedisServer) -> Vec<String> {
+    redis::cmd("KEYS").arg("*#lock").query(&mut server.conn()).expect("KEYS")
+}
+
 /// The server's count of socket reads: one per request or pipeline.
 fn reads(conn: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("stats").query(conn).expect("INFO");
@@ -610,7 +615,7 @@ fn a_bulk_call_with_misses_is_two_round_trips() {
         // The second INFO's own read counts too.
         assert_eq!(reads(&mut conn) - before - 1, 2, "round trips of a bulk call with misses");
         assert_eq!(asked.take(), vec![vec![2, 4], vec![6, 8]]);
-        assert!(entry_keys(&mut server.conn(), "app:*#lock").is_empty(), "every lock released by its store");
+        assert!(locks_held(&server).is_empty(), "every lock released by its store");
     });
 }
 
@@ -636,7 +641,7 @@ fn a_call_dropped_during_its_read_releases_its_locks() {
         server.resume();
         // The read runs now and takes the locks: its guard releases them.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let locks = entry_keys(&mut server.conn(), "app:*#lock");
+        let locks = locks_held(&server);
         assert!(locks.is_empty(), "locks left held by the dropped call: {locks:?}");
         let started = std::time::Instant::now();
         assert_eq!(names(&cache, &asked, "eu", vec![2, 4, 6]).await.len(), 3);
@@ -684,7 +689,7 @@ fn a_lock_taken_for_an_item_led_in_this_process_goes_back() {
         };
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(other.await.expect("other process").is_err());
-        assert!(entry_keys(&mut server.conn(), "app:led:*#lock").is_empty(), "the other lock is gone");
+        assert!(locks_held(&server).is_empty(), "the other lock is gone");
         let bulk = {
             let (here, policy) = (here.clone(), policy.clone());
             tokio::spawn(async move {
@@ -698,7 +703,7 @@ fn a_lock_taken_for_an_item_led_in_this_process_goes_back() {
         // waiting for the single call's item 1.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!bulk.is_finished(), "the bulk call waits for the single call");
-        let locks = entry_keys(&mut server.conn(), "app:led:*#lock");
+        let locks = locks_held(&server);
         assert!(locks.is_empty(), "a lock held by a call that does not compute its item: {locks:?}");
         let found: HashMap<u64, String> = bulk.await.expect("bulk call").expect("no error");
         assert_eq!(found, HashMap::from([(1, "single".into()), (2, "bulk 2".into())]));
