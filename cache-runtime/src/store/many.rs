@@ -1,9 +1,10 @@
 //! Redis for a bulk call (many items, one entry each): one `MGET` of every
 //! entry and the shared version keys, the stampede locks of the missing
-//! items as one pipeline of `LOCK` scripts, and their stores as one
-//! pipeline (`fill.rs`: fills as `SET NX`, the rest as `STORE` scripts).
-//! Each lock and store is the one a single call sends, so it keeps its
-//! checks (docs/CONSISTENCY.md); only the round trips are shared. An entry and its lock share their prefix's hash
+//! items as one pipeline of `LOCK` scripts (on one server usually taken
+//! with the read instead, `claim.rs`), and their stores as one pipeline
+//! (`fill.rs`: fills as `SET NX`, the rest as `STORE` scripts). Each lock
+//! and store is the one a single call sends, so it keeps its checks
+//! (docs/CONSISTENCY.md); only the round trips are shared. An entry and its lock share their prefix's hash
 //! tag, so on a cluster a pipeline goes to one slot.
 
 use super::Redis;

@@ -3,10 +3,13 @@
 //! keyed as a single call with that item would be.
 //!
 //! A round looks up every item still wanted: the local tier, then one
-//! `MGET` of all entries and the shared version keys. Each missing item
-//! joins its flight in this process (`flight.rs`); the items this call
-//! leads take their stampede locks in one pipeline of `LOCK` scripts. The
-//! body then runs once, with the items this call holds the lock of (and,
+//! read of all entries and the shared version keys. On one server, while
+//! the site's bulk reads miss, that read also takes the stampede locks of
+//! the items it misses (`claim.rs`); otherwise (a cluster, a site whose
+//! last read hit everything, `lock = false`) it is an `MGET`. Each missing
+//! item joins its flight in this process (`flight.rs`); the items this
+//! call leads and has no lock for yet take them in one pipeline of `LOCK`
+//! scripts. The body then runs once, with the items this call holds the lock of (and,
 //! in the first round, those that cannot be cached), and their entries are
 //! stored in one pipeline of `STORE` scripts (`settle.rs`). Only then does
 //! the call wait for items that another caller is computing: it never
