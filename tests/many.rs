@@ -710,3 +710,24 @@ fn a_lock_taken_for_an_item_led_in_this_process_goes_back() {
         assert_eq!(single.await.expect("single call"), Ok(Some("single".into())));
     });
 }
+
+/// A large batch: the read's script reads the entries in slices (Lua's
+/// stack holds a few thousand arguments) and its reply is not capped by
+/// `max_value_bytes` like an entry's strings.
+#[test]
+fn a_batch_of_twenty_thousand_items_is_read_and_locked() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache =
+            support::patient_cache(&server.url(), "app").max_value_bytes(1024).build().expect("valid cache settings");
+        let asked = Asked::default();
+        let ids: Vec<u64> = (0..20_000).map(|id| id * 2).collect();
+        assert_eq!(names(&cache, &asked, "eu", ids.clone()).await.len(), ids.len());
+        assert_eq!(names(&cache, &asked, "eu", ids.clone()).await.len(), ids.len());
+        let asked = asked.take();
+        assert_eq!((asked.len(), asked[0].len()), (1, ids.len()), "computed once, then all hits");
+        let stats = cache.stats().total;
+        assert_eq!((stats.errors(), stats.hits, stats.misses), (0, 20_000, 20_000), "{stats:?}");
+        assert!(locks_held(&server).is_empty());
+    });
+}

@@ -72,7 +72,7 @@ impl Redis {
         if let Value::ServerError(e) = &claims {
             return Err(Fault::Server(format!("{e:?}")));
         }
-        let claims = Vec::<u8>::from_redis_value(claims).map_err(|e| shape(&e.to_string()))?;
+        let claims = Vec::<i64>::from_redis_value(claims).map_err(|e| shape(&e.to_string()))?;
         let mut values = Vec::<Option<Vec<u8>>>::from_redis_value(values).map_err(|e| shape(&e.to_string()))?;
         let claims = claims.into_iter().map(Claim::parse).collect::<Option<Vec<_>>>().ok_or_else(|| shape("claims"))?;
         if claims.len() != entries.len() || values.len() != entries.len() + versions.len() {

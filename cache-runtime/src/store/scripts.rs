@@ -331,12 +331,12 @@ impl ClaimArgs<'_> {
 }
 
 impl Claim {
-    /// The script's letter for an entry; `None` for any other byte.
-    pub(crate) fn parse(letter: u8) -> Option<Self> {
-        match letter {
-            b'c' => Some(Claim::Current),
-            b't' => Some(Claim::Taken),
-            b'h' => Some(Claim::Held),
+    /// The script's number for an entry; `None` for any other.
+    pub(crate) fn parse(number: i64) -> Option<Self> {
+        match number {
+            0 => Some(Claim::Current),
+            1 => Some(Claim::Taken),
+            2 => Some(Claim::Held),
             _ => None,
         }
     }
@@ -346,9 +346,10 @@ impl Claim {
 /// the `MGET` of the entries and versions that follows it (`store::claim`):
 /// reads the versions (seeding any missing one, as [`LOCK`] does) and the
 /// entries, and takes `SET lock token NX PX` for each entry that is absent
-/// or not bound to the current versions. Returns one letter per entry: `c`
-/// current (not locked), `t` taken (or ours already: a resend after a lost
-/// reply), `h` held by someone else.
+/// or not bound to the current versions. Returns one number per entry
+/// (numbers, not a string: a reply's strings are capped at an entry's
+/// size): 0 current (not locked), 1 taken (or ours already: a resend after
+/// a lost reply), 2 held by someone else.
 ///
 /// Cheaper than [`LOCK`]'s test, on purpose: it runs for every entry of a
 /// call, hits included. It looks for the versions' text right after the
@@ -385,18 +386,18 @@ for first = 1, n, 1000 do
     -- The versions follow the head, or the head and a packing letter.
     local at = entry and string.find(entry, bound, after, true)
     if at and at <= after + 1 then
-      claims[i] = 'c'
+      claims[i] = 0
     else
       local lock = KEYS[nv + n + i]
       if redis.call('SET', lock, token, 'NX', 'PX', lock_ttl_ms) or redis.call('GET', lock) == token then
-        claims[i] = 't'
+        claims[i] = 1
       else
-        claims[i] = 'h'
+        claims[i] = 2
       end
     end
   end
 end
-return table.concat(claims)
+return claims
 ";
 
 /// `SCRIPT LOAD` of [`CLAIM`], after a `NOSCRIPT`.
