@@ -9,15 +9,16 @@
 //! last read hit everything, `lock = false`) it is an `MGET`. Each missing
 //! item joins its flight in this process (`flight.rs`); the items this
 //! call leads and has no lock for yet take them in one pipeline of `LOCK`
-//! scripts. The body then runs once, with the items this call holds the lock of (and,
-//! in the first round, those that cannot be cached), and their entries are
-//! stored in one pipeline of `STORE` scripts (`settle.rs`). Only then does
-//! the call wait for items that another caller is computing: it never
-//! waits while holding flights others wait for, so bulk calls with
-//! overlapping items cannot wait for each other in a circle. An item whose
-//! other caller failed, or whose lock another process holds, is looked up
-//! again in the next round; past the lock timeout the rest are computed
-//! without the lock. Usually there is one round and one body run.
+//! scripts. The body then runs once, with the items this call holds the
+//! lock of (and, in the first round, those that cannot be cached), and
+//! their entries are stored in one pipeline of `STORE` scripts
+//! (`settle.rs`). Only then does the call wait for items that another
+//! caller is computing: it never waits while holding flights others wait
+//! for, so bulk calls with overlapping items cannot wait for each other in
+//! a circle. An item whose other caller failed, or whose lock another
+//! process holds, is looked up again in the next round; past the lock
+//! timeout the rest are computed without the lock. Usually there is one
+//! round and one body run.
 //!
 //! Each per-item step is the single call's own (`Call::judge`, the scripts,
 //! `Call::stored`), so entries, versions, digests and what waiters may be
