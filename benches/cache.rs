@@ -87,6 +87,15 @@ where
     F: Fn(u32) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
+    measure_for(name, tasks, RUN, call).await
+}
+
+/// [`measure`] for `run` instead of `RUN`.
+async fn measure_for<F, Fut>(name: &str, tasks: usize, run: Duration, call: F) -> Row
+where
+    F: Fn(u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let call = Arc::new(call);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -109,7 +118,7 @@ where
             })
         })
         .collect();
-    tokio::time::sleep(RUN).await;
+    tokio::time::sleep(run).await;
     stop.store(true, Relaxed);
     let mut latencies = Vec::new();
     for handle in handles {
@@ -231,6 +240,96 @@ async fn hit_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
     }
     rows.extend(redis_benchmark(server.port(), 64, 16));
     rows
+}
+
+/// Rounds of [`alternating`], and how long each contender runs in one.
+const ROUNDS: usize = 8;
+const ROUND: Duration = Duration::from_millis(500);
+
+/// CPU time a process has used, in clock ticks (user + system, from
+/// `/proc/<pid>/stat`); 0 where there is no procfs.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: state is the
+    // first, utime the 12th, stime the 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum()
+}
+
+/// One contender's totals over the rounds of [`alternating`].
+#[derive(Default)]
+struct Totals {
+    hits: u64,
+    client_ticks: u64,
+    server_ticks: u64,
+}
+
+impl Totals {
+    /// Microseconds of CPU per hit, client and Redis (ticks are 10 ms).
+    fn per_hit(&self) -> (f64, f64) {
+        let us = |ticks: u64| ticks as f64 * 10_000.0 / self.hits.max(1) as f64;
+        (us(self.client_ticks), us(self.server_ticks))
+    }
+}
+
+/// Our hit against the `cached` crate's at `tasks` tasks, in short rounds
+/// that alternate which goes first: each round's ratio of throughputs, and
+/// each contender's CPU. The load of this shared machine drifts within
+/// seconds (other builds and benchmarks), so two 2 s rows a few seconds
+/// apart can see different machines; two adjacent 0.5 s runs see nearly the
+/// same one, and the median of the rounds is the ratio to quote. CPU per
+/// hit moves much less with the load than throughput does. Both
+/// contenders' keys must be warm.
+async fn alternating(server: &support::RedisServer, cache: &Cache, tasks: usize) -> (Vec<f64>, [Totals; 2]) {
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    let mut totals = [Totals::default(), Totals::default()];
+    let (me, redis) = (std::process::id(), server.pid());
+    for round in 0..ROUNDS {
+        let mut rows = Vec::with_capacity(2);
+        // Ours first in even rounds, theirs first in odd ones.
+        for which in [round % 2, 1 - round % 2] {
+            let (client, server) = (cpu_ticks(me), cpu_ticks(redis));
+            let row = if which == 0 {
+                let c = cache.clone();
+                measure_for("ours", tasks, ROUND, move |id| {
+                    let c = c.clone();
+                    async move {
+                        black_box(ours(&c, id).await);
+                    }
+                })
+                .await
+            } else {
+                measure_for("theirs", tasks, ROUND, |id| async move {
+                    black_box(theirs(id).await.unwrap_or_else(|BenchError(why)| panic!("cached crate failed: {why}")));
+                })
+                .await
+            };
+            let total = &mut totals[which];
+            total.hits += row.ops;
+            total.client_ticks += cpu_ticks(me).saturating_sub(client);
+            total.server_ticks += cpu_ticks(redis).saturating_sub(server);
+            rows.push((which, row.ops_per_sec()));
+        }
+        rows.sort_by_key(|(which, _)| *which);
+        ratios.push(rows[0].1 / rows[1].1);
+    }
+    (ratios, totals)
+}
+
+/// One line: the median of `ratios`, each round's, and CPU per hit.
+fn print_alternating(tasks: usize, (ratios, totals): &(Vec<f64>, [Totals; 2])) {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = (sorted[(sorted.len() - 1) / 2] + sorted[sorted.len() / 2]) / 2.0;
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    let ((ours_client, ours_server), (theirs_client, theirs_server)) = (totals[0].per_hit(), totals[1].per_hit());
+    println!(
+        "#[cached] / cached 4 hits, {tasks} tasks, {ROUNDS} alternating rounds of {ROUND:?}: median {median:.2} \
+         (rounds: {}); CPU per hit, client + Redis: ours {ours_client:.1} + {ours_server:.1} µs, theirs \
+         {theirs_client:.1} + {theirs_server:.1} µs: {:.2}x",
+        each.join(" "),
+        (theirs_client + theirs_server) / (ours_client + ours_server),
+    );
 }
 
 #[cfg(feature = "cluster")]
@@ -516,7 +615,7 @@ async fn profile_only(cache: &Cache) {
         ours(cache, id).await;
     }
     let c = cache.clone();
-    let row = measure("cache-runtime #[cached] hit", 64, move |id| {
+    let row = measure_for("cache-runtime #[cached] hit", 64, Duration::from_secs(10), move |id| {
         let c = c.clone();
         async move {
             black_box(ours(&c, id).await);
@@ -672,12 +771,57 @@ fn main() {
         print_table("Redis Cluster hits (ratios against redis-rs's cluster connection)", &rows, RAW_CLUSTER);
         return;
     }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "hit64") {
+        // Ours against the `cached` crate at 64 tasks, alternating: for A/B
+        // runs of two builds.
+        let server = support::RedisServer::start();
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CACHED_REDIS_CONNECTION_STRING", server.url()) };
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
+            for id in 0..KEYS {
+                ours(&cache, id).await;
+                let _ = theirs(id).await;
+            }
+            print_alternating(64, &alternating(&server, &cache, 64).await);
+        });
+        return;
+    }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "theirs64") {
+        // The `cached` crate's 64-task hit path for 10 s: for profiling.
+        let server = support::RedisServer::start();
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CACHED_REDIS_CONNECTION_STRING", server.url()) };
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            for id in 0..KEYS {
+                let _ = theirs(id).await;
+            }
+            let row = measure_for("theirs", 64, Duration::from_secs(10), |id| async move {
+                black_box(theirs(id).await.unwrap_or_else(|BenchError(why)| panic!("cached crate failed: {why}")));
+            })
+            .await;
+            println!("{} ops/s", row.ops_per_sec() as u64);
+        });
+        return;
+    }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ours64") {
         let server = support::RedisServer::start();
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
         runtime.block_on(async {
             let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
+            for id in 0..KEYS {
+                ours(&cache, id).await;
+            }
+            let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
+            let hits = cache.stats().total.hits;
             profile_only(&cache).await;
+            let hits = cache.stats().total.hits - hits;
+            // How many lookups one command carried: what the batcher achieved.
+            for (name, calls) in command_counts(&server) {
+                println!("{name}: {calls} calls, {:.1} hits per call", hits as f64 / calls.max(1) as f64);
+            }
         });
         return;
     }
@@ -702,6 +846,9 @@ fn main() {
         let cache = Cache::builder().url(server.url()).key_prefix("bench").build().expect("cache");
         let rows = hit_path(&server, &cache).await;
         print_table("Hit path (ratios against the raw multiplexed client at the same concurrency)", &rows, RAW_MUX);
+        for tasks in [1, 64] {
+            print_alternating(tasks, &alternating(&server, &cache, tasks).await);
+        }
         let rows = local_path(&server, &cache).await;
         print_table("In-process hits (ratios against moka + bincode alone)", &rows, RAW_MOKA);
         let rows = miss_path(&server, &miss_cache(&server)).await;
