@@ -238,6 +238,12 @@ fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, batch: 
         let mut batch = batch;
         while !batch.is_empty() {
             send(&connections, batch).await;
+            // The callers just answered ask again as soon as they run: let
+            // them queue first (a yielded task resumes once its worker has
+            // nothing else ready), so the next batch carries them all
+            // rather than finding the queue empty, freeing the turn, and
+            // leaving the first of them to go out alone.
+            tokio::task::yield_now().await;
             batch = flush.next();
         }
     });
@@ -276,10 +282,20 @@ async fn send(connections: &Connections, batch: Vec<Queued>) {
     });
     match result {
         Ok(mut values) => {
-            for (i, (queued, positions)) in batch.into_iter().zip(version_positions).enumerate() {
-                let mut own = Vec::with_capacity(1 + positions.len());
-                own.push(values[i].take());
-                own.extend(positions.iter().map(|&p| values[p].clone()));
+            let replies: Vec<Values> = version_positions
+                .iter()
+                .enumerate()
+                .map(|(i, positions)| {
+                    let mut own = Vec::with_capacity(1 + positions.len());
+                    own.push(values[i].take());
+                    own.extend(positions.iter().map(|&p| values[p].clone()));
+                    own
+                })
+                .collect();
+            // Sent in a tight loop, all built first: each send may wake an
+            // idle worker (a syscall), and one that finds a few callers,
+            // runs them and parks again is woken again by the next send.
+            for (queued, own) in batch.into_iter().zip(replies) {
                 // A caller that gave up has dropped its receiver: nothing to do.
                 let _ = queued.reply.send(Ok(own));
             }
