@@ -87,3 +87,59 @@ fn two_batches_are_on_the_wire_at_once_and_every_caller_gets_its_own_value() {
     assert_eq!(most_on_the_wire, 2, "lookups on the wire at once, at most");
     assert_eq!(cache.stats().in_flight, cache_runtime::InFlight::default(), "every turn given back");
 }
+
+/// A lookup holds its turn in its caller's future. Parked after one poll
+/// (alive, never polled again: a `select!` loser kept for later, a stream
+/// nobody drives), it used to hold that turn for good: with every turn held
+/// so, each later lookup of the whole cache queued, waited for the queue's
+/// deadline, timed out and missed, and nothing was cached, with Redis
+/// healthy throughout. Now a turn held past any polled lookup's time is
+/// taken over.
+#[test]
+fn lookups_parked_mid_flight_do_not_stall_the_cache() {
+    use cache_runtime::Policy;
+    use std::future::Future;
+    use std::sync::atomic::AtomicUsize;
+    let server = RedisServer::start();
+    support::run(Duration::from_secs(30), async {
+        // Deadlines a loaded machine meets: a lapse is 2 x (connect + command).
+        let cache = Cache::builder()
+            .url(server.url())
+            .key_prefix("parked")
+            .connect_timeout(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(250))
+            .build()
+            .expect("valid cache settings");
+        let policy = Policy::new("parked").ttl(Duration::from_secs(60));
+        assert_eq!(cache.get_or_compute(&policy, &"warm", async { Ok::<_, std::io::Error>(0) }).await.unwrap(), 0);
+        // More than there are turns: the first take them, the rest queue.
+        let ids: Vec<u32> = (0..4).collect();
+        let mut parked: Vec<_> = ids
+            .iter()
+            .map(|n| Box::pin(cache.get_or_compute(&policy, n, async move { Ok::<_, std::io::Error>(*n) })))
+            .collect();
+        for lookup in &mut parked {
+            let pending =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(lookup.as_mut().poll(cx).is_pending())).await;
+            assert!(pending, "its lookup is on the wire or queued");
+        }
+        let computed = AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            let later = async {
+                computed.fetch_add(1, SeqCst);
+                Ok::<_, std::io::Error>(7)
+            };
+            assert_eq!(cache.get_or_compute(&policy, &"later", later).await.unwrap(), 7);
+        }
+        let elapsed = started.elapsed();
+        let stats = cache.stats().total;
+        assert_eq!(computed.load(SeqCst), 1, "computed once, then hits: {stats:?}");
+        assert_eq!(stats.timeouts, 0, "{stats:?}");
+        // The first waits out one lapse (1.5 s), then takes a turn over;
+        // the others find the next one lapsed already. Before, each waited
+        // for the queue's deadline (3 s) and missed.
+        assert!(elapsed < Duration::from_millis(2500), "five calls took {elapsed:?}");
+        drop(parked);
+    });
+}

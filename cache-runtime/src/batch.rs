@@ -13,10 +13,17 @@
 //! whose runtime shuts down mid-flight gives its turn back as it is
 //! dropped, and a queued caller waits a bounded time whatever happens: a
 //! cache shared by several runtimes is never stuck behind a dead one.
+//!
+//! A turn is held by the caller's own future, which its owner may keep
+//! without polling (a `select!` loser kept for later, a stream nobody
+//! drives). A turn held longer than any polled lookup takes has lapsed:
+//! the next caller takes it over, and the parked holder, if it ever runs
+//! again, finds it gone and leaves the queue to the new holder.
 
 use crate::connection::Connections;
 use crate::error::Fault;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Lookups on the wire at once before callers start to queue. Two: while
@@ -39,10 +46,32 @@ struct Queued {
     reply: oneshot::Sender<Result<Values, Fault>>,
 }
 
+/// A lookup on the wire: which turn, and since when.
+struct Turn {
+    id: u64,
+    taken: Instant,
+}
+
 #[derive(Default)]
 struct State {
-    in_flight: usize,
+    turns: Vec<Turn>,
+    next_turn: u64,
     queue: Vec<Queued>,
+}
+
+impl State {
+    /// A turn for a new lookup: a free one, or one held past `lapse`.
+    fn take_turn(&mut self, lapse: Duration) -> Option<u64> {
+        let (id, taken) = (self.next_turn, Instant::now());
+        if self.turns.len() < MAX_IN_FLIGHT {
+            self.turns.push(Turn { id, taken });
+        } else {
+            let lapsed = self.turns.iter_mut().find(|turn| taken.saturating_duration_since(turn.taken) > lapse)?;
+            *lapsed = Turn { id, taken };
+        }
+        self.next_turn += 1;
+        Some(id)
+    }
 }
 
 #[derive(Default)]
@@ -61,6 +90,7 @@ impl std::fmt::Debug for Batcher {
 struct InFlight {
     batcher: Arc<Batcher>,
     connections: Arc<Connections>,
+    turn: u64,
     /// Set when the turn's own lookup failed: the callers queued behind it
     /// get the same answer at once rather than a second wait on a sick Redis.
     failed: Option<Fault>,
@@ -68,7 +98,7 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let batch = self.batcher.release_or_take();
+        let batch = self.batcher.release_or_take(self.turn);
         if batch.is_empty() {
             return;
         }
@@ -79,9 +109,9 @@ impl Drop for InFlight {
                 }
                 // The turn went on as the flush: free it, failing any
                 // callers that queued meanwhile too.
-                while !self.batcher.fail_queue(&fault) {}
+                while !self.batcher.fail_queue(self.turn, &fault) {}
             }
-            None => flush_elsewhere(self.batcher.clone(), self.connections.clone(), batch),
+            None => flush_elsewhere(self.batcher.clone(), self.connections.clone(), self.turn, batch),
         }
     }
 }
@@ -95,61 +125,90 @@ impl Batcher {
         entry: &str,
         versions: &Arc<[String]>,
     ) -> Result<Values, Fault> {
+        let lapse = lapse(connections);
         let queued = {
             let Ok(mut state) = self.state.lock() else { return Box::pin(direct(connections, entry, versions)).await };
-            if state.in_flight < MAX_IN_FLIGHT {
-                state.in_flight += 1;
-                None
-            } else {
-                let (reply, receiver) = oneshot::channel();
-                state.queue.push(Queued { entry: entry.to_owned(), versions: versions.clone(), reply });
-                Some(receiver)
+            match state.take_turn(lapse) {
+                Some(turn) => Err(turn),
+                None => {
+                    let (reply, receiver) = oneshot::channel();
+                    state.queue.push(Queued { entry: entry.to_owned(), versions: versions.clone(), reply });
+                    Ok(receiver)
+                }
             }
         };
-        match queued {
-            None => {
-                let mut turn = InFlight { batcher: self.clone(), connections: connections.clone(), failed: None };
-                // Boxed: under load most lookups queue, and should not carry
-                // the size of a direct round trip.
-                let result = Box::pin(direct(connections, entry, versions)).await;
-                if let Err(fault) = &result {
-                    turn.failed = Some(fault.clone());
+        let mut receiver = match queued {
+            Ok(receiver) => receiver,
+            Err(turn) => return self.lead(turn, connections, entry, versions).await,
+        };
+        // The lookups we queued behind have deadlines, so does the flush,
+        // and a flush that goes away (its runtime shut down) drops the
+        // reply, which wakes us to ask alone. The timers are for anything
+        // else: past `lapse` the turns ahead may be held by parked futures,
+        // and we take one over; no call waits on the queue unbounded.
+        let waited = match tokio::time::timeout(lapse, &mut receiver).await {
+            Ok(waited) => waited,
+            Err(_) => {
+                let turn = self.state.lock().ok().and_then(|mut state| state.take_turn(lapse));
+                if let Some(turn) = turn {
+                    return self.lead(turn, connections, entry, versions).await;
                 }
-                result
+                let rest = queue_deadline(connections).saturating_sub(lapse);
+                match tokio::time::timeout(rest, receiver).await {
+                    Ok(waited) => waited,
+                    Err(_) => return Err(Fault::Timeout),
+                }
             }
-            // The lookup we queued behind has a deadline, so does the
-            // flush, and a flush that goes away (its runtime shut down)
-            // drops the reply, which wakes us to ask alone. The timer is for
-            // anything else: no call waits on the queue unbounded.
-            Some(receiver) => match tokio::time::timeout(queue_deadline(connections), receiver).await {
-                Ok(Ok(values)) => values,
-                Ok(Err(_)) => Box::pin(direct(connections, entry, versions)).await,
-                Err(_) => Err(Fault::Timeout),
-            },
+        };
+        match waited {
+            Ok(values) => values,
+            Err(_) => Box::pin(direct(connections, entry, versions)).await,
         }
+    }
+
+    /// Our own lookup, on `turn`; then the queue, if any, as its flush.
+    async fn lead(
+        self: &Arc<Self>,
+        turn: u64,
+        connections: &Arc<Connections>,
+        entry: &str,
+        versions: &Arc<[String]>,
+    ) -> Result<Values, Fault> {
+        let mut turn = InFlight { batcher: self.clone(), connections: connections.clone(), turn, failed: None };
+        // Boxed: under load most lookups queue, and should not carry the
+        // size of a direct round trip.
+        let result = Box::pin(direct(connections, entry, versions)).await;
+        if let Err(fault) = &result {
+            turn.failed = Some(fault.clone());
+        }
+        result
     }
 
     /// Lookups on the wire (turns in use) and lookups queued for a batch.
     pub(crate) fn in_flight(&self) -> (u64, u64) {
-        self.state.lock().map(|s| (s.in_flight as u64, s.queue.len() as u64)).unwrap_or((0, 0))
+        self.state.lock().map(|s| (s.turns.len() as u64, s.queue.len() as u64)).unwrap_or((0, 0))
     }
 
     /// Frees an in-flight turn, unless there is a queue: then the turn
-    /// carries on as its flush.
-    fn release_or_take(&self) -> Vec<Queued> {
+    /// carries on as its flush. A turn that lapsed and was taken over is
+    /// no longer ours: its new holder answers the queue.
+    fn release_or_take(&self, turn: u64) -> Vec<Queued> {
         let Ok(mut state) = self.state.lock() else { return Vec::new() };
+        let Some(at) = state.turns.iter().position(|t| t.id == turn) else { return Vec::new() };
         if state.queue.is_empty() {
-            state.in_flight = state.in_flight.saturating_sub(1);
+            state.turns.swap_remove(at);
             return Vec::new();
         }
+        // Each batch is a lookup of its own on the wire.
+        state.turns[at].taken = Instant::now();
         let take = state.queue.len().min(MAX_BATCH);
         state.queue.drain(..take).collect()
     }
 
     /// Fails everything queued with `fault`; once the queue is empty, frees
     /// the turn and returns true.
-    fn fail_queue(&self, fault: &Fault) -> bool {
-        let batch = self.release_or_take();
+    fn fail_queue(&self, turn: u64, fault: &Fault) -> bool {
+        let batch = self.release_or_take(turn);
         let done = batch.is_empty();
         for queued in batch {
             let _ = queued.reply.send(Err(fault.clone()));
@@ -160,8 +219,14 @@ impl Batcher {
 
 /// The longest a queued lookup waits for its values: the lookup ahead of
 /// it, then its own batch, each of which may try a second connection.
-fn queue_deadline(connections: &Connections) -> std::time::Duration {
+fn queue_deadline(connections: &Connections) -> Duration {
     connections.longest_round_trip().saturating_mul(4)
+}
+
+/// The longest a polled lookup holds its turn: a connection and a command,
+/// twice (a second connection). Held longer, its holder is not polled.
+fn lapse(connections: &Connections) -> Duration {
+    connections.longest_round_trip().saturating_mul(2)
 }
 
 /// The in-flight turn a flush carries on with: freed when the flush is
@@ -169,6 +234,7 @@ fn queue_deadline(connections: &Connections) -> std::time::Duration {
 /// callers still queued see their reply dropped and ask alone.
 struct Flush {
     batcher: Arc<Batcher>,
+    turn: u64,
     holds_turn: bool,
 }
 
@@ -176,7 +242,7 @@ impl Flush {
     /// The next batch; none once the queue is empty, and then the turn is
     /// free.
     fn next(&mut self) -> Vec<Queued> {
-        let batch = self.batcher.release_or_take();
+        let batch = self.batcher.release_or_take(self.turn);
         self.holds_turn = !batch.is_empty();
         batch
     }
@@ -226,18 +292,18 @@ pub(crate) async fn one_by_one(connections: &Connections, entry: &str, versions:
 
 /// Sends batches until the queue is empty, on a task of its own so that the
 /// caller who finished first is not kept waiting.
-fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, batch: Vec<Queued>) {
+fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, turn: u64, batch: Vec<Queued>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // No runtime to run on: the queued callers see their reply dropped
         // and ask alone, and so do any that queued meanwhile. The turn is
         // free again.
         drop(batch);
-        drop(Flush { batcher, holds_turn: true });
+        drop(Flush { batcher, turn, holds_turn: true });
         return;
     };
     // Made before the task and moved in: dropped with the task even if it
     // never runs.
-    let mut flush = Flush { batcher, holds_turn: true };
+    let mut flush = Flush { batcher, turn, holds_turn: true };
     runtime.spawn(async move {
         let mut batch = batch;
         while !batch.is_empty() {
@@ -316,46 +382,72 @@ async fn send(connections: &Connections, batch: Vec<Queued>) {
 mod tests {
     use super::*;
 
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn with_turns(batcher: &Batcher, n: usize) -> Vec<u64> {
+        let mut state = batcher.state.lock().unwrap();
+        (0..n).map(|_| state.take_turn(LONG).expect("a free turn")).collect()
+    }
+
+    fn queue(batcher: &Batcher, n: usize) -> Vec<oneshot::Receiver<Result<Values, Fault>>> {
+        let mut state = batcher.state.lock().unwrap();
+        (0..n)
+            .map(|i| {
+                let (reply, receiver) = oneshot::channel();
+                state.queue.push(Queued { entry: format!("k{i}"), versions: Arc::new([]), reply });
+                receiver
+            })
+            .collect()
+    }
+
     #[test]
     fn turns_are_released_without_a_queue() {
         let batcher = Batcher::default();
-        batcher.state.lock().unwrap().in_flight = 2;
-        assert!(batcher.release_or_take().is_empty());
+        let turns = with_turns(&batcher, 2);
+        assert!(batcher.release_or_take(turns[0]).is_empty());
         assert_eq!(batcher.in_flight().0, 1);
     }
 
     #[test]
     fn a_finishing_turn_takes_the_queue() {
         let batcher = Batcher::default();
-        {
-            let mut state = batcher.state.lock().unwrap();
-            state.in_flight = 2;
-            for i in 0..3 {
-                let (reply, _) = oneshot::channel();
-                state.queue.push(Queued { entry: format!("k{i}"), versions: Arc::new([]), reply });
-            }
-        }
-        assert_eq!(batcher.release_or_take().len(), 3);
+        let turns = with_turns(&batcher, 2);
+        let _waiting = queue(&batcher, 3);
+        assert_eq!(batcher.release_or_take(turns[1]).len(), 3);
         assert_eq!(batcher.in_flight().0, 2, "the turn carries on as the flush");
-        assert!(batcher.release_or_take().is_empty());
+        assert!(batcher.release_or_take(turns[1]).is_empty());
         assert_eq!(batcher.in_flight().0, 1);
+    }
+
+    #[test]
+    fn a_turn_held_past_its_lapse_is_taken_over() {
+        let batcher = Batcher::default();
+        let parked = with_turns(&batcher, MAX_IN_FLIGHT);
+        assert_eq!(batcher.state.lock().unwrap().take_turn(LONG), None, "every turn is in use");
+        let waiting = queue(&batcher, 2);
+        std::thread::sleep(Duration::from_millis(2));
+        let taken = batcher.state.lock().unwrap().take_turn(Duration::ZERO).expect("a lapsed turn");
+        assert_eq!(batcher.in_flight(), (MAX_IN_FLIGHT as u64, 2), "taken over, not added");
+        // The parked holder, polled again at last, finds its turn gone and
+        // leaves the queue to the new holder.
+        assert!(batcher.release_or_take(parked[0]).is_empty());
+        assert_eq!(batcher.in_flight(), (MAX_IN_FLIGHT as u64, 2));
+        assert_eq!(batcher.release_or_take(taken).len(), waiting.len());
+        assert!(batcher.release_or_take(taken).is_empty());
+        assert_eq!(batcher.in_flight(), (MAX_IN_FLIGHT as u64 - 1, 0));
     }
 
     #[test]
     fn a_dropped_flush_frees_its_turn_and_drops_the_queue() {
         let batcher = Arc::new(Batcher::default());
-        let (reply, mut receiver) = oneshot::channel();
-        {
-            let mut state = batcher.state.lock().unwrap();
-            state.in_flight = 1;
-            state.queue.push(Queued { entry: "k".into(), versions: Arc::new([]), reply });
-        }
-        drop(Flush { batcher: batcher.clone(), holds_turn: true });
+        let turn = with_turns(&batcher, 1)[0];
+        let mut receiver = queue(&batcher, 1).remove(0);
+        drop(Flush { batcher: batcher.clone(), turn, holds_turn: true });
         assert_eq!(batcher.in_flight(), (0, 0));
         assert!(receiver.try_recv().is_err(), "the queued caller is woken to ask alone");
         // A flush that finished gave its turn back already.
-        batcher.state.lock().unwrap().in_flight = 1;
-        drop(Flush { batcher: batcher.clone(), holds_turn: false });
+        let turn = with_turns(&batcher, 1)[0];
+        drop(Flush { batcher: batcher.clone(), turn, holds_turn: false });
         assert_eq!(batcher.in_flight(), (1, 0));
     }
 }
