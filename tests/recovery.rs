@@ -208,6 +208,64 @@ fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() {
     });
 }
 
+/// A call parked while it refills a kept connection's place (connecting
+/// to a frozen server) must not keep the place empty for good: with one
+/// kept connection (`pool_size(1)`, one core, a cluster) every later call
+/// would wait the whole connect deadline and fail, long after Redis
+/// answers again.
+#[test]
+fn a_parked_refill_does_not_keep_its_place_empty_for_good() {
+    use cache_runtime::Policy;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+    let _serial = serial();
+    let redis = RedisServer::start();
+    support::run(Duration::from_secs(30), async {
+        let cache = Cache::builder()
+            .url(redis.url())
+            .key_prefix("parked-refill")
+            .pool_size(1)
+            .connect_timeout(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(100))
+            .circuit_breaker(1000, Duration::from_millis(100))
+            .build()
+            .expect("cache");
+        let policy = Policy::new("refill").ttl(Duration::from_secs(60));
+        let value = |n: u32| async move { Ok::<_, std::io::Error>(n) };
+        assert_eq!(cache.get_or_compute(&policy, &"warm", value(1)).await.unwrap(), 1);
+
+        redis.freeze();
+        // Times out: the kept connection is retired.
+        assert_eq!(cache.get_or_compute(&policy, &"retires", value(2)).await.unwrap(), 2);
+        // Refills the place: connecting to a frozen server hangs; parked.
+        let mut parked = Box::pin(
+            cache.get_or_compute_many::<u32, u32, std::io::Error, _, HashMap<u32, u32>, _, _, Vec<(u32, u32)>>(
+                &policy,
+                [7u32, 8],
+                |missing: Vec<u32>| async move { Ok(missing.into_iter().map(|k| (k, k)).collect()) },
+            ),
+        );
+        let pending = tokio::time::timeout(Duration::from_millis(100), &mut parked).await;
+        assert!(pending.is_err(), "pending on the connect");
+        redis.resume();
+
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let computed = AtomicUsize::new(0);
+        for _ in 0..3 {
+            let n = cache
+                .get_or_compute(&policy, &"after", async {
+                    computed.fetch_add(1, SeqCst);
+                    Ok::<_, std::io::Error>(4)
+                })
+                .await
+                .unwrap();
+            assert_eq!(n, 4);
+        }
+        assert_eq!(computed.load(SeqCst), 1, "Redis is back and answering: the next reads hit");
+        drop(parked);
+    });
+}
+
 /// The ids of the clients connected to `server`, other than the asking one.
 fn clients(server: &RedisServer) -> Vec<u64> {
     let mut conn = server.conn();

@@ -1,7 +1,21 @@
 //! The connections kept checked out of the pool, in places that calls
 //! share round robin, and how a broken one is replaced.
+//!
+//! A place is refilled by a task of its own, which callers wait on, each
+//! under its own deadline. Were the refill run inside a caller's future, a
+//! caller parked mid-connect (polled once, then kept without being polled:
+//! a `select!` loser kept for later) would hold the place, and with
+//! `pool_size(1)` the pool's only permit, for as long as it lives; every
+//! later call would wait out the connect deadline and fail.
 
 use super::*;
+use tokio::sync::watch;
+
+/// One kept connection's place, shared with the task refilling it.
+pub(super) type Place = Arc<RwLock<Option<managed::Object<RedisManager>>>>;
+
+/// How a refill ended: `None` while it runs.
+pub(super) type Refill = watch::Receiver<Option<Result<(), Fault>>>;
 
 impl Connections {
     /// A handle on a kept, healthy connection and its place, without
@@ -18,34 +32,72 @@ impl Connections {
     /// Fills an empty or broken place from the pool, within the connect
     /// deadline; or, when another caller refilled it meanwhile, uses that.
     pub(super) async fn checkout(&self, index: usize) -> Result<Conn, Fault> {
-        match tokio::time::timeout(self.deadlines.connect, self.refill(index)).await {
+        let mut refill = match self.refill(index) {
+            Ok(conn) => return Ok(conn),
+            Err(refill) => refill,
+        };
+        let waited = tokio::time::timeout(self.deadlines.connect, refill.wait_for(Option::is_some)).await;
+        match waited.map(|ended| ended.map(|outcome| outcome.clone())) {
             Err(_) => Err(Fault::Timeout),
-            Ok(result) => result,
+            // Its task was dropped unfinished: its runtime is shutting
+            // down. Yield, so that the runtime can drop this caller too: a
+            // caller calling in a loop would otherwise fail at once, again
+            // and again, without ever giving the runtime back its thread.
+            Ok(Err(_)) => {
+                tokio::task::yield_now().await;
+                Err(Fault::Connection("the connection's refill was cancelled".to_owned()))
+            }
+            Ok(Ok(Some(Ok(())))) => {
+                self.healthy(index).ok_or_else(|| Fault::Connection("the new connection failed at once".to_owned()))
+            }
+            Ok(Ok(Some(Err(fault)))) => Err(fault),
+            Ok(Ok(None)) => Err(Fault::Connection("the connection's refill ended without a word".to_owned())),
         }
     }
 
-    pub(super) async fn refill(&self, index: usize) -> Result<Conn, Fault> {
-        let _refilling = self.refills[index].lock().await;
+    /// The place's connection if it is healthy; else the refill under way,
+    /// started now if none is.
+    fn refill(&self, index: usize) -> Result<Conn, Refill> {
+        let mut refilling = self.refills[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(conn) = self.healthy(index) {
             return Ok(conn);
         }
-        self.retire(index);
-        let pooled = match self.pool.get().await {
-            Ok(pooled) => pooled,
-            Err(managed::PoolError::Backend(e)) if refused_credentials(&e) => {
-                return Err(Fault::Connection(format!(
-                    "Redis refused the credentials: check the password or ACL user in the URL ({e})"
-                )));
+        if let Some(refill) = refilling.as_ref() {
+            // Unfinished, and its task alive: join it.
+            if refill.borrow().is_none() && refill.has_changed().is_ok() {
+                return Err(refill.clone());
             }
-            Err(e) => return Err(Fault::Connection(e.to_string())),
-        };
-        let conn = self.handle(&pooled);
-        if let Ok(mut place) = self.kept[index].write() {
-            // Empty: this refill retired what was there, and holds the
-            // place's refill lock.
-            *place = Some(pooled);
         }
-        Ok(conn)
+        self.retire(index);
+        let (done, refill) = watch::channel(None);
+        *refilling = Some(refill.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            done.send_replace(Some(Err(Fault::Connection("no tokio runtime to connect on".to_owned()))));
+            return Err(refill);
+        };
+        let (pool, place, connect) = (self.pool.clone(), self.kept[index].clone(), self.deadlines.connect);
+        // Dropped with the task, run or not: waiters then hear it ended.
+        runtime.spawn(async move {
+            let outcome = match tokio::time::timeout(connect, pool.get()).await {
+                Err(_) => Err(Fault::Timeout),
+                Ok(Ok(pooled)) => {
+                    if let Ok(mut place) = place.write() {
+                        // Empty: retired above, and no other refill of this
+                        // place runs. Otherwise the new one goes back.
+                        if place.is_none() {
+                            *place = Some(pooled);
+                        }
+                    }
+                    Ok(())
+                }
+                Ok(Err(managed::PoolError::Backend(e))) if refused_credentials(&e) => Err(Fault::Connection(format!(
+                    "Redis refused the credentials: check the password or ACL user in the URL ({e})"
+                ))),
+                Ok(Err(e)) => Err(Fault::Connection(e.to_string())),
+            };
+            done.send_replace(Some(outcome));
+        });
+        Err(refill)
     }
 
     /// The place's connection, if it is there and healthy.

@@ -10,9 +10,10 @@
 //! (one per core, at most `pool_size`) are kept checked out, and a call
 //! clones a handle to one of them, round robin; concurrent calls pipeline on
 //! the same sockets. A place whose connection failed is refilled from the
-//! pool, under the connect deadline: the failed connection is taken out of
-//! the pool first, because the kept connections may hold every permit
-//! (`pool_size(1)`, or as many cores as `pool_size`).
+//! pool by a task, under the connect deadline, which callers wait on: the
+//! failed connection is taken out of the pool first, because the kept
+//! connections may hold every permit (`pool_size(1)`, or as many cores as
+//! `pool_size`).
 //!
 //! A connection is retired after an I/O error and after a command that
 //! timed out: a socket that silently stopped answering (a NAT or firewall
@@ -32,7 +33,7 @@ use crate::breaker::{Admission, Breaker, Kind};
 use crate::error::{Fault, SlotMove};
 use deadpool::managed;
 use redis::RedisError;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -49,10 +50,11 @@ pub(crate) struct Connections {
     pool: managed::Pool<RedisManager>,
     /// Connections checked out of the pool and kept: calls clone a handle
     /// from one of them, round robin, without touching the pool.
-    kept: Box<[RwLock<Option<managed::Object<RedisManager>>>]>,
-    /// One refill per place at a time: a second caller asking the pool too
-    /// would wait for the permit the first one's new connection takes.
-    refills: Box<[tokio::sync::Mutex<()>]>,
+    kept: Box<[kept::Place]>,
+    /// Each place's refill under way, if any: one at a time, since a
+    /// second one asking the pool too would wait for the permit the first
+    /// one's new connection takes.
+    refills: Box<[std::sync::Mutex<Option<kept::Refill>>]>,
     next_kept: AtomicUsize,
     /// Operations admitted and not yet settled or dropped.
     in_flight: AtomicU64,
@@ -126,8 +128,8 @@ impl Connections {
             None if is_cluster => 1,
             None => pool_size.min(cores).max(1),
         };
-        let places = (0..kept).map(|_| RwLock::new(None)).collect();
-        let refills = (0..kept).map(|_| tokio::sync::Mutex::new(())).collect();
+        let places = (0..kept).map(|_| Arc::new(RwLock::new(None))).collect();
+        let refills = (0..kept).map(|_| std::sync::Mutex::new(None)).collect();
         Ok(Self {
             pool,
             kept: places,
@@ -214,27 +216,18 @@ impl Connections {
     {
         let (conn, fresh, place) = match self.kept_connection() {
             Ok((conn, place)) => (conn, false, place),
-            Err(place) => (self.checkout_boxed(place).await?, true, place),
+            Err(place) => (self.checkout(place).await?, true, place),
         };
         match self.command(&op, conn).await {
             // A kept connection can have died quietly (a server restart, a
             // CLIENT KILL) and only say so now: try once on a fresh one
             // rather than fail the call, or the breaker's probe.
             Err(Fault::Connection(_)) if !fresh => {
-                let conn = self.checkout_boxed(place).await?;
+                let conn = self.checkout(place).await?;
                 self.command(&op, conn).await
             }
             result => result,
         }
-    }
-
-    /// [`checkout`](Self::checkout), boxed as a trait object: the pool's
-    /// checkout future is large and rare, and as a `dyn` it also ends the
-    /// compiler's `Send` checks of every caller's future here, instead of
-    /// deep inside the pool's connect path, past the default recursion
-    /// limit of the caller's crate.
-    fn checkout_boxed(&self, place: usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Conn, Fault>> + Send + '_>> {
-        Box::pin(self.checkout(place))
     }
 
     /// One command under the command deadline.
