@@ -208,6 +208,63 @@ fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() {
     });
 }
 
+/// A probe taken by a call that is then parked (alive, not polled: a
+/// `select!` loser kept for later) must not keep the breaker open for
+/// good: once the probe is older than any polled call could take, the next
+/// call probes, and reads hit again soon after Redis answers.
+#[test]
+fn a_parked_probe_does_not_keep_the_breaker_open_for_good() {
+    use cache_runtime::Policy;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+    let _serial = serial();
+    let redis = RedisServer::start();
+    support::run(Duration::from_secs(30), async {
+        let cache = Cache::builder()
+            .url(redis.url())
+            .key_prefix("parked-probe")
+            .connect_timeout(Duration::from_millis(200))
+            .command_timeout(Duration::from_millis(200))
+            .circuit_breaker(1, Duration::from_millis(100))
+            .build()
+            .expect("cache");
+        let policy = Policy::new("probe").ttl(Duration::from_secs(60));
+        let value = |n: u32| async move { Ok::<_, std::io::Error>(n) };
+        assert_eq!(cache.get_or_compute(&policy, &"warm", value(1)).await.unwrap(), 1);
+
+        redis.freeze();
+        assert_eq!(cache.get_or_compute(&policy, &"opens", value(2)).await.unwrap(), 2);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Takes the probe, then is parked: alive, not polled.
+        let mut parked = Box::pin(
+            cache.get_or_compute_many::<u32, u32, std::io::Error, _, HashMap<u32, u32>, _, _, Vec<(u32, u32)>>(
+                &policy,
+                [7u32, 8],
+                |missing: Vec<u32>| async move { Ok(missing.into_iter().map(|k| (k, k)).collect()) },
+            ),
+        );
+        let pending = tokio::time::timeout(Duration::from_millis(50), &mut parked).await;
+        assert!(pending.is_err(), "pending on Redis");
+        redis.resume();
+
+        // Well past the cool-down and both deadlines, many times over.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let computed = AtomicUsize::new(0);
+        for _ in 0..3 {
+            let n = cache
+                .get_or_compute(&policy, &"after", async {
+                    computed.fetch_add(1, SeqCst);
+                    Ok::<_, std::io::Error>(4)
+                })
+                .await
+                .unwrap();
+            assert_eq!(n, 4);
+        }
+        assert_eq!(computed.load(SeqCst), 1, "Redis is back and answering: the next reads hit");
+        drop(parked);
+    });
+}
+
 /// A call parked while it refills a kept connection's place (connecting
 /// to a frozen server) must not keep the place empty for good: with one
 /// kept connection (`pool_size(1)`, one core, a cluster) every later call

@@ -22,7 +22,7 @@ impl CacheBuilder {
     pub fn build(mut self) -> Result<Cache, Error> {
         self.validate()?;
         let deadlines = Deadlines { connect: self.connect_timeout, command: self.command_timeout };
-        let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down);
+        let breaker = Breaker::new(self.breaker_failures, self.breaker_cool_down, deadlines.longest_call());
         #[cfg(feature = "sentinel")]
         if let Some((sentinels, master)) = &self.sentinel {
             if self.url.is_some() {

@@ -33,8 +33,8 @@ use crate::breaker::{Admission, Breaker, Kind};
 use crate::error::{Fault, SlotMove};
 use deadpool::managed;
 use redis::RedisError;
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Deadlines applied to Redis work.
@@ -44,6 +44,15 @@ pub(crate) struct Deadlines {
     pub connect: Duration,
     /// One command, from send to reply.
     pub command: Duration,
+}
+
+impl Deadlines {
+    /// The longest one call polled to its end can take under the breaker:
+    /// a connection and a command, twice when a kept connection failed
+    /// and the call tries again on a new one.
+    pub(crate) fn longest_call(&self) -> Duration {
+        self.connect.saturating_add(self.command).saturating_mul(2)
+    }
 }
 
 pub(crate) struct Connections {
