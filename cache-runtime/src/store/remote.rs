@@ -1,8 +1,8 @@
 //! Redis as the backend: reads through the batcher, the scripts, and what
 //! Redis Cluster's slots change about them.
 
-use super::scripts::{self, LockArgs, LockReply, StoreArgs, StoreReply};
-use super::{LockRequest, Read, StoreMode, StoreRequest};
+use super::scripts::{self, LockArgs, LockReply, StoreReply};
+use super::{LockRequest, Read, StoreRequest};
 use crate::batch::{self, Batcher};
 use crate::codec;
 use crate::connection::Connections;
@@ -150,50 +150,12 @@ impl Redis {
         Ok(seeded)
     }
 
-    /// Runs the store script; on a cluster, then checks that the pinned
-    /// versions are still current: a script could not check them, and
-    /// coalesced waiters must not be handed a value computed before a tag
-    /// was invalidated. A miss that observed no entry fills it without the
-    /// script (`fill.rs`).
+    /// Stores one entry: the way a bulk call stores each of its items
+    /// (`store_many`: the script, or a fill without it, then on a cluster
+    /// the pinned versions' check).
     pub(crate) async fn store(&self, keys: &EntryKeys<'_>, request: StoreRequest<'_>) -> Result<StoreReply, Fault> {
-        if self.fills(&request) {
-            let mut replies = self.store_pipelined(&[(keys, request)]).await?;
-            return replies.pop().unwrap_or_else(|| Err(Fault::Server("a fill replied with nothing".to_owned())));
-        }
-        let in_script = self.versions_in_script(keys);
-        let (lock, token) = request.held.unwrap_or((keys.entry(), ""));
-        let (channel, message) = match request.mode {
-            // Other processes drop their local copy of what was overwritten.
-            StoreMode::Replace => (self.channel.name.as_str(), self.channel.entry_message(request.hash)),
-            StoreMode::Fill => ("", String::new()),
-        };
-        let invocation = StoreArgs {
-            entry: keys.entry(),
-            lock,
-            version_keys: in_script,
-            ttl_ms: request.ttl_ms,
-            head: request.head,
-            payload: request.payload,
-            expect: request.observed_entry,
-            token,
-            times: request.times,
-            now_ms: request.now_ms,
-            channel,
-            message: &message,
-            observed: request.observed,
-        }
-        .invocation();
-        let reply = StoreReply::parse(self.connections.run(|conn| conn.invoke::<i64>(&invocation)).await?);
-        let pinned_keys = &keys.versions[in_script.len()..];
-        if reply == StoreReply::Stored && !pinned_keys.is_empty() {
-            let pinned = request.observed.get(in_script.len()..).unwrap_or_default();
-            if !self.still_current(pinned_keys, pinned).await? {
-                // Stored, but bound to a tag version that is gone: no reader
-                // will take it, and neither may the waiters.
-                return Ok(StoreReply::VersionChanged);
-            }
-        }
-        Ok(reply)
+        let mut replies = self.store_many(&[(keys, request)]).await?;
+        replies.pop().unwrap_or_else(|| Err(Fault::Server("a store replied with nothing".to_owned())))
     }
 
     pub(super) async fn still_current(&self, keys: &[String], pinned: &[Vec<u8>]) -> Result<bool, Fault> {

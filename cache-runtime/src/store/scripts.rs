@@ -94,21 +94,15 @@ pub(crate) enum StoreReply {
 }
 
 impl StoreArgs<'_> {
-    pub(crate) fn invocation(&self) -> redis::ScriptInvocation<'static> {
-        let mut invocation = STORE.prepare_invoke();
-        self.write(&mut invocation);
-        invocation
-    }
-
-    /// The same call as one command of a pipeline (`EVALSHA`).
+    /// The call as one command of a pipeline (`EVALSHA`; the pipeline
+    /// loads the script on `NOSCRIPT`).
     pub(crate) fn command(&self) -> redis::Cmd {
         let mut parts = Parts::default();
         self.write(&mut parts);
         parts.evalsha(&STORE)
     }
 
-    /// The keys and arguments, in the script's order: written once for
-    /// both ways of sending it.
+    /// The keys and arguments, in the script's order.
     fn write(&self, to: &mut impl ScriptCall) {
         to.key(self.entry)
             .key(self.lock)
