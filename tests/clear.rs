@@ -306,3 +306,58 @@ fn byte_budgets_out_of_range_are_refused_by_name() {
     }
     assert!(Cache::builder().url("redis://127.0.0.1:1").local(10).local_bytes(1 << 20).build().is_ok());
 }
+
+/// A purge asked for after a `clear` may join one started before it, whose
+/// scan has already passed (as live) keys the clear has since made dead:
+/// the join is owed a whole pass begun after it, or the handle would answer
+/// `Ok` with those entries unreclaimed.
+#[test]
+fn a_purge_that_joins_one_begun_before_a_clear_reclaims_every_dead_entry() {
+    let topology = Topology::server();
+    run(DEADLINE, async {
+        let app = cache(&topology, "app");
+        let calls = AtomicUsize::new(0);
+        fill(&app, &calls, 100).await;
+        // Nothing is dead yet: this purge examines live entries and keeps them.
+        let first = app.purge(PurgeRate::keys_per_second(400).batch(20)).expect("a runtime");
+        let started = Instant::now();
+        while first.examined() < 100 && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(first.examined() >= 100 && !first.is_finished(), "the first purge is half way");
+        app.clear().await.expect("clear");
+        // Every one of the 200 entries is dead now: a purge asked for now
+        // must reclaim them all.
+        let second = app.purge(PurgeRate::keys_per_second(100_000)).expect("a runtime");
+        let deleted = second.await.expect("purge");
+        let left = ours(&topology).len();
+        assert_eq!(left, 0, "a purge after the clear returned Ok({deleted}) with {left} dead entries left");
+    });
+}
+
+/// A purge whose task sits on a runtime nobody drives (a current-thread
+/// runtime kept for `block_on`, between two uses) is not joined from
+/// another runtime: awaiting it there would never end.
+#[test]
+fn a_purge_does_not_join_one_stuck_on_an_idle_runtime() {
+    let topology = Topology::server();
+    let app = cache(&topology, "app");
+    let live = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    live.block_on(async {
+        let calls = AtomicUsize::new(0);
+        fill(&app, &calls, 20).await;
+        app.clear().await.expect("clear");
+    });
+    // Kept, but idle once its `block_on` returns.
+    let idle = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    idle.block_on(async {
+        drop(app.purge(PurgeRate::keys_per_second(1_000)).expect("a runtime"));
+    });
+    live.block_on(async {
+        let purge = app.purge(PurgeRate::keys_per_second(100_000)).expect("a runtime");
+        let ended = tokio::time::timeout(Duration::from_secs(10), purge).await;
+        assert!(ended.is_ok(), "a purge on a live runtime did not end in 10 s: it joined one on an idle runtime");
+        assert!(ours(&topology).is_empty(), "{} dead entries left", ours(&topology).len());
+    });
+    drop(idle);
+}

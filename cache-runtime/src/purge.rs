@@ -5,10 +5,11 @@
 use crate::Cache;
 use crate::error::Error;
 use crate::keys::{entry_namespace, scan_pattern};
+use crate::store::Redis;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -74,6 +75,13 @@ struct Running {
     /// dropped first (aborted, or its runtime shut down).
     ended: watch::Receiver<Option<Result<u64, Error>>>,
     task: AbortHandle,
+    /// The runtime the task runs on: only a caller on the same one joins
+    /// it, since another runtime may be idle, and its task never polled.
+    runtime: tokio::runtime::Id,
+    /// Set by whoever joins: a pass over every key, begun after the join,
+    /// is owed (the one under way may have passed keys that a `clear`
+    /// since has made dead).
+    again: AtomicBool,
 }
 
 impl Running {
@@ -184,8 +192,12 @@ impl Cache {
     /// running it again resumes the work (what is deleted stays deleted).
     /// A memory-only cache has nothing to purge (`clear` empties it).
     ///
-    /// A purge this cache is already running is joined, not started
-    /// twice: the handle follows it, at the rate it started with.
+    /// A purge this cache is already running on the caller's runtime is
+    /// joined, not started twice: the handle follows it, at the rate it
+    /// started with, and it makes one more pass over every key after the
+    /// one under way (which may have passed keys a `clear` since has made
+    /// dead), so that a joined purge, too, reclaims what was dead when it
+    /// was asked for.
     ///
     /// ```no_run
     /// # async fn run(cache: cache_runtime::Cache) -> Result<(), cache_runtime::Error> {
@@ -206,7 +218,9 @@ impl Cache {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::InvalidConfig("purge runs on a Tokio runtime; call it inside one".to_owned()))?;
         let mut purging = self.purging().0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(running) = purging.upgrade().filter(|running| !running.has_ended()) {
+        let joinable = |running: &Arc<Running>| running.runtime == runtime.id() && !running.has_ended();
+        if let Some(running) = purging.upgrade().filter(joinable) {
+            running.again.store(true, Relaxed);
             return Ok(Purge::of(running));
         }
         let (tell, ended) = watch::channel(None);
@@ -216,14 +230,15 @@ impl Cache {
         let cache = self.clone();
         let task = runtime.spawn(async move {
             let Ok(running) = started.await else { return };
-            let outcome = run(cache, rate, &running).await;
-            tell.send_replace(Some(outcome));
+            run(cache, rate, &running, tell).await;
         });
         let running = Arc::new(Running {
             examined: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
             ended,
             task: task.abort_handle(),
+            runtime: runtime.id(),
+            again: AtomicBool::new(true),
         });
         // Held by the task while it runs: a purge whose handles were all
         // dropped is still joined.
@@ -233,9 +248,32 @@ impl Cache {
     }
 }
 
-/// Walks every node's keys, step by step at `rate`.
-async fn run(cache: Cache, rate: PurgeRate, progress: &Running) -> Result<u64, Error> {
-    let Some(redis) = cache.backend().redis() else { return Ok(0) };
+/// Passes over every key until no join asked for another, then tells the
+/// handles how it ended.
+async fn run(cache: Cache, rate: PurgeRate, running: &Running, tell: watch::Sender<Option<Result<u64, Error>>>) {
+    let Some(redis) = cache.backend().redis() else {
+        tell.send_replace(Some(Ok(0)));
+        return;
+    };
+    loop {
+        while running.again.swap(false, Relaxed) {
+            if let Err(error) = pass(&cache, redis, rate, running).await {
+                tell.send_replace(Some(Err(error)));
+                return;
+            }
+        }
+        // Ended under the lock joiners take: none joins between the last
+        // look at `again` and the end, owed a pass it would not get.
+        let _purging = cache.purging().0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !running.again.load(Relaxed) {
+            tell.send_replace(Some(Ok(running.deleted.load(Relaxed))));
+            return;
+        }
+    }
+}
+
+/// One walk over every node's keys, step by step at `rate`.
+async fn pass(cache: &Cache, redis: &Redis, rate: PurgeRate, progress: &Running) -> Result<(), Error> {
     let pattern = scan_pattern(cache.key_prefix());
     for node in redis.nodes_to_scan().await? {
         let mut cursor = 0;
@@ -262,5 +300,5 @@ async fn run(cache: Cache, rate: PurgeRate, progress: &Running) -> Result<u64, E
             tokio::time::sleep(rate.pause().saturating_sub(started.elapsed())).await;
         }
     }
-    Ok(progress.deleted.load(Relaxed))
+    Ok(())
 }

@@ -124,8 +124,15 @@ impl Redis {
                 let versions = match values.into_iter().collect::<Option<Vec<_>>>() {
                     Some(versions) => versions,
                     // A namespace's first use: seeded under the lock, and
-                    // observed as seeded.
-                    None => self.seed_versions(keys.versions).await?,
+                    // observed as seeded. The lock is taken: a breaker that
+                    // refuses the seeding must not read as a request that
+                    // never left (whose lock nobody would release).
+                    None => self.seed_versions(keys.versions).await.map_err(|fault| match fault {
+                        Fault::BreakerOpen => {
+                            Fault::Connection("the breaker opened between taking the lock and seeding".to_owned())
+                        }
+                        fault => fault,
+                    })?,
                 };
                 Ok((LockReply::Lead { observed, versions }, true))
             }
