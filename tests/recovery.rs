@@ -582,3 +582,51 @@ fn the_local_tier_hears_invalidations_after_its_first_runtime_goes() {
     });
     until_local_hit(&second);
 }
+
+/// A place's refill runs as a task on the runtime of the caller that found
+/// the place empty. A current-thread runtime between two `block_on`s never
+/// polls it: callers on another runtime must not wait on it for good, each
+/// timing out on the connect deadline with Redis healthy.
+#[test]
+fn a_refill_left_on_an_idle_runtime_does_not_keep_its_place_empty() {
+    use cache_runtime::Policy;
+    use std::future::Future;
+    use std::sync::atomic::AtomicUsize;
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let connect = Duration::from_millis(500);
+    let cache = Cache::builder()
+        .url(redis.url())
+        .key_prefix("idle-refill")
+        .pool_size(1)
+        .connect_timeout(connect)
+        .command_timeout(Duration::from_millis(250))
+        .build()
+        .expect("cache");
+    let policy = Policy::new("idle").ttl(Duration::from_secs(60));
+    let idle = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    idle.block_on(async {
+        // The place is empty: this call starts its refill on this runtime,
+        // and is polled once; the runtime then stops being driven before
+        // the refill's task ever runs.
+        let mut first = Box::pin(cache.get_or_compute(&policy, &"first", async { Ok::<_, std::io::Error>(1) }));
+        let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(first.as_mut().poll(cx).is_pending())).await;
+        assert!(pending, "waiting for its connection");
+    });
+    support::run(Duration::from_secs(30), async {
+        tokio::time::sleep(connect + Duration::from_millis(100)).await;
+        let computed = AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            let later = async {
+                computed.fetch_add(1, SeqCst);
+                Ok::<_, std::io::Error>(4)
+            };
+            assert_eq!(cache.get_or_compute(&policy, &"later", later).await.unwrap(), 4);
+        }
+        let stats = cache.stats().total;
+        assert_eq!(computed.load(SeqCst), 1, "a refill on this runtime, then hits: {stats:?}");
+        assert!(started.elapsed() < connect, "{:?} for three calls", started.elapsed());
+    });
+    drop(idle);
+}

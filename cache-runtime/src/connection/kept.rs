@@ -9,6 +9,7 @@
 //! later call would wait out the connect deadline and fail.
 
 use super::*;
+use std::time::Instant;
 use tokio::sync::watch;
 
 /// One kept connection's place, shared with the task refilling it.
@@ -62,15 +63,19 @@ impl Connections {
         if let Some(conn) = self.healthy(index) {
             return Ok(conn);
         }
-        if let Some(refill) = refilling.as_ref() {
-            // Unfinished, and its task alive: join it.
-            if refill.borrow().is_none() && refill.has_changed().is_ok() {
+        if let Some((refill, started)) = refilling.as_ref() {
+            // Unfinished, its task alive, and younger than its own
+            // deadline: join it. Older, its task is not being polled (its
+            // runtime idle, a current-thread one between two `block_on`s):
+            // this caller's runtime refills instead.
+            let polled = started.elapsed() <= self.deadlines.connect;
+            if refill.borrow().is_none() && refill.has_changed().is_ok() && polled {
                 return Err(refill.clone());
             }
         }
         self.retire(index);
         let (done, refill) = watch::channel(None);
-        *refilling = Some(refill.clone());
+        *refilling = Some((refill.clone(), Instant::now()));
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             done.send_replace(Some(Err(Fault::Connection("no tokio runtime to connect on".to_owned()))));
             return Err(refill);
