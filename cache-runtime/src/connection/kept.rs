@@ -18,6 +18,9 @@ pub(super) type Place = Arc<RwLock<Option<managed::Object<RedisManager>>>>;
 /// How a refill ended: `None` while it runs.
 pub(super) type Refill = watch::Receiver<Option<Result<(), Fault>>>;
 
+/// A place's refill under way, if any, and when it started.
+pub(super) type Refilling = std::sync::Mutex<Option<(Refill, Instant)>>;
+
 impl Connections {
     /// A handle on a kept, healthy connection and its place, without
     /// waiting; or the index of the place to fill.

@@ -63,7 +63,7 @@ pub(crate) struct Connections {
     /// Each place's refill under way, if any: one at a time, since a
     /// second one asking the pool too would wait for the permit the first
     /// one's new connection takes.
-    refills: Box<[std::sync::Mutex<Option<(kept::Refill, std::time::Instant)>>]>,
+    refills: Box<[kept::Refilling]>,
     next_kept: AtomicUsize,
     /// Operations admitted and not yet settled or dropped.
     in_flight: AtomicU64,
