@@ -5,7 +5,7 @@
 # the required and optimal pass counts next to the published results of
 # nginx, Varnish, Squid and ATS, then the required tests still failing.
 #
-# With MIN_REQUIRED and MIN_OPTIMAL set (CI: 139 and 67), it fails when
+# With MIN_REQUIRED and MIN_OPTIMAL set (CI: 139 and 57), it fails when
 # fewer tests pass.
 #
 # The suite is installed with npm into $CARGO_TARGET_DIR/http-cache-tests
