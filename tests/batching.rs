@@ -17,15 +17,6 @@ async fn value(cache: &Cache, id: u32) -> String {
     format!("value {id}")
 }
 
-/// `calls` on the server since its last `CONFIG RESETSTAT` for `command`.
-fn calls(server: &RedisServer, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.conn()).expect("INFO commandstats");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Under load two batches are on the wire at once: while one is answered,
 /// the callers of the other decode and queue again, so Redis and the client
 /// work at the same time. Before, one was, and the client and Redis took
@@ -81,7 +72,7 @@ fn two_batches_are_on_the_wire_at_once_and_every_caller_gets_its_own_value() {
         sampler.await.expect("the sampler panicked")
     });
     let hits = cache.stats().total.hits - hits;
-    let mgets = calls(&server, "mget");
+    let mgets = server.command_calls().get("mget").copied().unwrap_or(0);
     assert_eq!(hits, u64::from(TASKS * ROUNDS), "{:?}", cache.stats());
     println!("{hits} hits in {mgets} MGETs: {:.1} per MGET", hits as f64 / mgets.max(1) as f64);
     assert_eq!(most_on_the_wire, 2, "lookups on the wire at once, at most");

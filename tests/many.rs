@@ -142,17 +142,6 @@ fn forget_and_invalidate_work_per_item() {
     });
 }
 
-/// `INFO commandstats` as command name → calls (Lua's inner calls included).
-fn command_calls(server: &RedisServer) -> HashMap<String, u64> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.conn()).expect("info");
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            Some((name.to_owned(), rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 /// Items whose keys were empty are filled with `SET NX` (their locks
 /// released by `EVAL`), an item over a tombstone is stored by `STORE`, all
 /// in one pipeline; every item reads back.
@@ -171,7 +160,7 @@ fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
         let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
         let got = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
         assert_eq!(got.len(), 3, "{got:?}");
-        let calls = command_calls(&server);
+        let calls = server.command_calls();
         // One `CLAIM` (the read takes the four locks) and one `STORE`;
         // three releases after three fills.
         assert_eq!((calls.get("evalsha"), calls.get("eval")), (Some(&2), Some(&3)), "{calls:?}");

@@ -13,24 +13,12 @@ mod support;
 use cache_runtime::{Cache, Policy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 use support::RedisServer;
 use tokio::sync::{Notify, oneshot};
-
-/// `INFO commandstats` as command name → calls (Lua's inner calls included).
-fn command_calls(server: &RedisServer) -> HashMap<String, u64> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.conn()).expect("info");
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            Some((name.to_owned(), rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?))
-        })
-        .collect()
-}
 
 fn reset_stats(server: &RedisServer) {
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
@@ -64,7 +52,7 @@ fn a_site_that_keeps_missing_takes_the_lock_with_its_read() {
         for key in 100..200 {
             assert_eq!(value(&cache, &policy, key).await, key * 10);
         }
-        let calls = command_calls(&server);
+        let calls = server.command_calls();
         // No script but the lock's release: the lock and the read went as
         // `SET NX` and `MGET` in one round trip, the store as `SET NX` and
         // an `MGET` of the versions, with the release, in another.
@@ -83,7 +71,7 @@ fn a_site_that_keeps_missing_takes_the_lock_with_its_read() {
         for key in 100..150 {
             assert_eq!(value(&cache, &policy, key).await, key * 10);
         }
-        let calls = command_calls(&server);
+        let calls = server.command_calls();
         assert_eq!(calls.get("set"), None, "hits take no lock once the site hits: {calls:?}");
         // The lock taken by the first hit is gone, released at once.
         let released = tokio::time::timeout(Duration::from_secs(5), async {
@@ -290,7 +278,7 @@ fn a_seeded_mix_of_misses_cancellations_writes_and_faults_serves_nothing_stale()
         assert_eq!(rows.stale.load(SeqCst), 0, "stale reads (seed {seed})");
         // A locked fill releases its lock with `EVAL` (every other release
         // is an `EVALSHA`): the history did fill keys it found empty.
-        let fills = command_calls(&server).get("eval").copied().unwrap_or(0);
+        let fills = server.command_calls().get("eval").copied().unwrap_or(0);
         println!("miss_path: {fills} locked fills");
         assert!(fills > 0, "no fill without the script (seed {seed})");
 
@@ -359,7 +347,7 @@ fn a_hit_found_with_the_lock_still_renews_ahead() {
         reset_stats(&server);
         assert_eq!(due_price(cache.clone(), 1).await, 10);
         // One MGET: the read went with the lock (a lookup would be a second).
-        assert_eq!(command_calls(&server).get("mget"), Some(&1));
+        assert_eq!(server.command_calls().get("mget"), Some(&1));
         let renewed = tokio::time::timeout(Duration::from_secs(5), async {
             while RENEWED.load(SeqCst) < 2 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -402,13 +390,13 @@ fn a_fill_writes_the_bytes_the_script_writes() {
             get(0).await.unwrap_or_else(|e| match e {});
             reset_stats(&server);
             assert_eq!(get(1).await.unwrap_or_else(|e| match e {}), value);
-            let calls = command_calls(&server);
+            let calls = server.command_calls();
             assert_eq!((calls.get("evalsha"), calls.get("eval")), (None, None), "a fill runs no script: {calls:?}");
 
             cache.forget::<_, String>(&policy, &(size, 2u64)).await.expect("tombstone");
             reset_stats(&server);
             assert_eq!(get(2).await.unwrap_or_else(|e| match e {}), value);
-            let calls = command_calls(&server);
+            let calls = server.command_calls();
             // (Twice the first time: `NOSCRIPT`, then loaded and sent again.)
             assert!(calls.contains_key("evalsha"), "over a tombstone, STORE: {calls:?}");
 
@@ -488,7 +476,7 @@ fn a_write_during_a_fill_is_not_overwritten() {
             reset_stats(&server);
             gate.notify_one();
             assert_eq!(call.await.expect("call"), 1, "the computation returns what it read");
-            let calls = command_calls(&server);
+            let calls = server.command_calls();
             // The fill's release; its `SET NX` found the key taken, and
             // `STORE` (an `EVALSHA`) confirmed it was written since.
             assert_eq!(calls.get("eval"), Some(&1), "the store was a fill: {calls:?}");

@@ -215,8 +215,6 @@ fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() {
 #[test]
 fn a_parked_probe_does_not_keep_the_breaker_open_for_good() {
     use cache_runtime::Policy;
-    use std::collections::HashMap;
-    use std::sync::atomic::AtomicUsize;
     let _serial = serial();
     let redis = RedisServer::start();
     support::run(Duration::from_secs(30), async {
@@ -236,31 +234,18 @@ fn a_parked_probe_does_not_keep_the_breaker_open_for_good() {
         assert_eq!(cache.get_or_compute(&policy, &"opens", value(2)).await.unwrap(), 2);
         tokio::time::sleep(Duration::from_millis(150)).await;
         // Takes the probe, then is parked: alive, not polled.
-        let mut parked = Box::pin(
-            cache.get_or_compute_many::<u32, u32, std::io::Error, _, HashMap<u32, u32>, _, _, Vec<(u32, u32)>>(
-                &policy,
-                [7u32, 8],
-                |missing: Vec<u32>| async move { Ok(missing.into_iter().map(|k| (k, k)).collect()) },
-            ),
-        );
+        let mut parked = Box::pin(bulk_call(&cache, &policy));
         let pending = tokio::time::timeout(Duration::from_millis(50), &mut parked).await;
         assert!(pending.is_err(), "pending on Redis");
         redis.resume();
 
         // Well past the cool-down and both deadlines, many times over.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let computed = AtomicUsize::new(0);
-        for _ in 0..3 {
-            let n = cache
-                .get_or_compute(&policy, &"after", async {
-                    computed.fetch_add(1, SeqCst);
-                    Ok::<_, std::io::Error>(4)
-                })
-                .await
-                .unwrap();
-            assert_eq!(n, 4);
-        }
-        assert_eq!(computed.load(SeqCst), 1, "Redis is back and answering: the next reads hit");
+        assert_eq!(
+            computations_of_three_calls(&cache, &policy).await,
+            1,
+            "Redis is back and answering: the next reads hit"
+        );
         drop(parked);
     });
 }
@@ -273,8 +258,6 @@ fn a_parked_probe_does_not_keep_the_breaker_open_for_good() {
 #[test]
 fn a_parked_refill_does_not_keep_its_place_empty_for_good() {
     use cache_runtime::Policy;
-    use std::collections::HashMap;
-    use std::sync::atomic::AtomicUsize;
     let _serial = serial();
     let redis = RedisServer::start();
     support::run(Duration::from_secs(30), async {
@@ -295,30 +278,17 @@ fn a_parked_refill_does_not_keep_its_place_empty_for_good() {
         // Times out: the kept connection is retired.
         assert_eq!(cache.get_or_compute(&policy, &"retires", value(2)).await.unwrap(), 2);
         // Refills the place: connecting to a frozen server hangs; parked.
-        let mut parked = Box::pin(
-            cache.get_or_compute_many::<u32, u32, std::io::Error, _, HashMap<u32, u32>, _, _, Vec<(u32, u32)>>(
-                &policy,
-                [7u32, 8],
-                |missing: Vec<u32>| async move { Ok(missing.into_iter().map(|k| (k, k)).collect()) },
-            ),
-        );
+        let mut parked = Box::pin(bulk_call(&cache, &policy));
         let pending = tokio::time::timeout(Duration::from_millis(100), &mut parked).await;
         assert!(pending.is_err(), "pending on the connect");
         redis.resume();
 
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let computed = AtomicUsize::new(0);
-        for _ in 0..3 {
-            let n = cache
-                .get_or_compute(&policy, &"after", async {
-                    computed.fetch_add(1, SeqCst);
-                    Ok::<_, std::io::Error>(4)
-                })
-                .await
-                .unwrap();
-            assert_eq!(n, 4);
-        }
-        assert_eq!(computed.load(SeqCst), 1, "Redis is back and answering: the next reads hit");
+        assert_eq!(
+            computations_of_three_calls(&cache, &policy).await,
+            1,
+            "Redis is back and answering: the next reads hit"
+        );
         drop(parked);
     });
 }
@@ -591,7 +561,6 @@ fn the_local_tier_hears_invalidations_after_its_first_runtime_goes() {
 fn a_refill_left_on_an_idle_runtime_does_not_keep_its_place_empty() {
     use cache_runtime::Policy;
     use std::future::Future;
-    use std::sync::atomic::AtomicUsize;
     let _serial = serial();
     let redis = RedisServer::start();
     let connect = Duration::from_millis(500);
@@ -615,18 +584,39 @@ fn a_refill_left_on_an_idle_runtime_does_not_keep_its_place_empty() {
     });
     support::run(Duration::from_secs(30), async {
         tokio::time::sleep(connect + Duration::from_millis(100)).await;
-        let computed = AtomicUsize::new(0);
         let started = std::time::Instant::now();
-        for _ in 0..3 {
-            let later = async {
-                computed.fetch_add(1, SeqCst);
-                Ok::<_, std::io::Error>(4)
-            };
-            assert_eq!(cache.get_or_compute(&policy, &"later", later).await.unwrap(), 4);
-        }
+        let computed = computations_of_three_calls(&cache, &policy).await;
         let stats = cache.stats().total;
-        assert_eq!(computed.load(SeqCst), 1, "a refill on this runtime, then hits: {stats:?}");
+        assert_eq!(computed, 1, "a refill on this runtime, then hits: {stats:?}");
         assert!(started.elapsed() < connect, "{:?} for three calls", started.elapsed());
     });
     drop(idle);
+}
+
+/// What [`bulk_call`] answers.
+type Pairs = Result<Vec<(u32, u32)>, std::io::Error>;
+
+/// A bulk call of two items, to be polled once and parked: it reads
+/// outside the batcher, so it takes the breaker's probe or refills a
+/// connection's place itself.
+fn bulk_call<'a>(cache: &'a Cache, policy: &'a cache_runtime::Policy) -> impl std::future::Future<Output = Pairs> + 'a {
+    cache
+        .get_or_compute_many::<u32, u32, std::io::Error, _, std::collections::HashMap<u32, u32>, _, _, Vec<(u32, u32)>>(
+            policy,
+            [7u32, 8],
+            |missing: Vec<u32>| async move { Ok(missing.into_iter().map(|k| (k, k)).collect()) },
+        )
+}
+
+/// How many of three calls of one key computed: 1 when the cache works.
+async fn computations_of_three_calls(cache: &Cache, policy: &cache_runtime::Policy) -> usize {
+    let computed = std::sync::atomic::AtomicUsize::new(0);
+    for _ in 0..3 {
+        let value = async {
+            computed.fetch_add(1, SeqCst);
+            Ok::<_, std::io::Error>(4)
+        };
+        assert_eq!(cache.get_or_compute(policy, &"after", value).await.unwrap(), 4);
+    }
+    computed.load(SeqCst)
 }

@@ -140,6 +140,18 @@ impl RedisServer {
             .expect("server answers")
     }
 
+    /// `INFO commandstats` as command name → calls since the last
+    /// `CONFIG RESETSTAT` (Redis 7.0 counts scripts' inner calls too).
+    pub fn command_calls(&self) -> std::collections::HashMap<String, u64> {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.conn()).expect("INFO commandstats");
+        info.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                Some((name.to_owned(), rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// A connection, unless the server is down.
     pub fn try_conn(&self) -> Option<redis::Connection> {
         self.child.as_ref()?;
