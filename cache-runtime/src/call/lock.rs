@@ -30,24 +30,33 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (cache, lock, token) =
-            (self.cache.clone(), std::mem::take(&mut self.lock), std::mem::take(&mut self.token));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                cache.release_lock(&lock, &token).await;
-                // A holder dropped while its lock request was on the wire:
-                // that request may still run after the release above (the
-                // two can take different connections), taking a lock that
-                // nobody would release before it expires. Once more, when
-                // the request has surely run; our token alone is deleted.
-                tokio::time::sleep(RELEASE_AGAIN).await;
-                cache.release_lock(&lock, &token).await;
-            });
+        if self.armed {
+            release_from_drop(&self.cache, vec![std::mem::take(&mut self.lock)], std::mem::take(&mut self.token));
         }
     }
+}
+
+/// Releases `locks`, all under `token`, from a spawned task, since `Drop`
+/// cannot wait; should that fail, they expire by their TTL. Then once
+/// more: a holder dropped while its lock request was on the wire may see
+/// that request run after the first release (the two can take different
+/// connections), taking a lock nobody would release before it expires.
+/// The second release comes when the request has surely run; only our
+/// token is ever deleted.
+fn release_from_drop(cache: &Cache, locks: Vec<String>, token: String) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let cache = cache.clone();
+    runtime.spawn(async move {
+        let held: Vec<(&str, &str)> = locks.iter().map(|lock| (lock.as_str(), token.as_str())).collect();
+        for again in [false, true] {
+            if again {
+                tokio::time::sleep(RELEASE_AGAIN).await;
+            }
+            if let Err(fault) = cache.backend().release_many(&held).await {
+                note(&cache.registry().general, cache.warnings(), Event::Fault(&fault));
+            }
+        }
+    });
 }
 
 /// A fresh lock token: only its holder can release the lock.
@@ -96,24 +105,8 @@ impl ClaimGuard {
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (cache, locks, token) =
-            (self.cache.clone(), std::mem::take(&mut self.locks), std::mem::take(&mut self.token));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let held: Vec<(&str, &str)> = locks.iter().map(|lock| (lock.as_str(), token.as_str())).collect();
-                // Twice, for the reason `LockGuard` gives.
-                for again in [false, true] {
-                    if again {
-                        tokio::time::sleep(RELEASE_AGAIN).await;
-                    }
-                    if let Err(fault) = cache.backend().release_many(&held).await {
-                        note(&cache.registry().general, cache.warnings(), Event::Fault(&fault));
-                    }
-                }
-            });
+        if self.armed {
+            release_from_drop(&self.cache, std::mem::take(&mut self.locks), std::mem::take(&mut self.token));
         }
     }
 }
