@@ -118,7 +118,11 @@ fn a_value_read_before_an_invalidate_is_never_served_after_it(server: &Topology)
             cache.invalidate("slow_price").await.unwrap();
         });
         assert_eq!(stale, 10, "the running call returns what it computed");
-        assert_eq!(cache.stats().total.writes_skipped, 1, "but does not store it under the new version");
+        // But not under the new version: the script refuses it (a skipped
+        // write); a fill nobody waited for lands bound to the old version
+        // (a write), which no reader takes.
+        let total = cache.stats().total;
+        assert_eq!(total.writes_skipped + total.writes, 1, "{total:?}");
         assert_eq!(slow_price(&cache, &db, 1).await, 20);
         assert_eq!(slow_price(&cache, &db, 1).await, 20);
         assert_eq!(db.reads.load(SeqCst), 2);
@@ -239,16 +243,16 @@ fn a_hit_is_one_command_and_a_miss_adds_one_write() {
         sent.sort();
         assert_eq!(
             sent,
-            [("mget".to_owned(), 2), ("set".to_owned(), 1)],
-            "a miss without a stampede lock, of an empty key: MGET, then SET NX and the versions' MGET in one round trip"
+            [("mget".to_owned(), 1), ("set".to_owned(), 1)],
+            "a miss without a stampede lock, of an empty key, nobody waiting and no local tier: MGET, then SET NX"
         );
 
         reset_stats(&mut admin);
         product_page(&cache, &db, 1).await;
         assert_eq!(
             commands_since_reset(&mut admin),
-            [("eval".to_owned(), 1), ("evalsha".to_owned(), 1), ("mget".to_owned(), 2)],
-            "a miss with the stampede lock (the default): MGET, the lock, then SET NX, the versions' MGET and the release"
+            [("eval".to_owned(), 1), ("evalsha".to_owned(), 1), ("mget".to_owned(), 1)],
+            "a miss with the stampede lock (the default), nobody waiting: MGET, the lock, then SET NX and the release"
         );
 
         reset_stats(&mut admin);

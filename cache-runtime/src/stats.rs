@@ -65,7 +65,11 @@ counters! {
     /// Values stored.
     writes,
     /// Values not stored because a namespace was invalidated while they were
-    /// being computed, or a fresher entry was stored meanwhile.
+    /// being computed, or a fresher entry was stored meanwhile. (On one
+    /// server, a miss's value that nobody waited for and no local tier
+    /// keeps is written without reading the versions back: stored bound to
+    /// the versions it was computed under, which no reader takes once they
+    /// changed, it counts as a write.)
     writes_skipped,
     /// Redis operations past their deadline.
     timeouts,

@@ -122,6 +122,7 @@ impl Entry {
         mode: StoreMode,
         observed: &'a Observed,
         held: Option<(&'a str, &'a str)>,
+        share: bool,
     ) -> StoreRequest<'a> {
         StoreRequest {
             hash: call.hash,
@@ -134,6 +135,7 @@ impl Entry {
             observed_entry: &observed.entry,
             held,
             observed: &observed.versions,
+            verify: share || call.local.is_some(),
         }
     }
 }
@@ -224,7 +226,7 @@ impl<R> Call<'_, R> {
             return (false, self.share_unverified(share, payload, None).await, Stored::Done);
         };
         let entry = Entry::new(self, &payload);
-        let request = entry.request(self, mode, &observed, held);
+        let request = entry.request(self, mode, &observed, held, share);
         let reply = self.cache.backend().store(self.keys, request).await;
         self.stored(reply, entry, mode, &observed, share).await
     }

@@ -9,6 +9,13 @@ use crate::store::{Read, digest};
 use std::borrow::Cow;
 use std::sync::Arc;
 
+/// An entry whose header is current but whose payload does not decode:
+/// what it held (its digest), and the miss it makes once discarded.
+struct Corrupt {
+    digest: String,
+    seen: Seen,
+}
+
 impl<R> Call<'_, R> {
     /// One read of the entry and its namespace versions.
     pub(super) async fn read(&self) -> Option<Read> {
@@ -53,20 +60,42 @@ impl<R> Call<'_, R> {
         &self,
         entry: Option<Vec<u8>>,
         versions: Cow<'_, [Option<Vec<u8>>]>,
-        mut stale: Option<Arc<Vec<u8>>>,
+        stale: Option<Arc<Vec<u8>>>,
     ) -> Lookup<R> {
+        match self.verdict(entry, versions, stale) {
+            Ok(lookup) => lookup,
+            Err(Corrupt { digest: read, mut seen }) => {
+                let tombstone = Box::pin(self.discard_corrupt(&read)).await;
+                // Replaced now, unless another process stored since (then
+                // a store expecting the tombstone is refused).
+                seen.entry = digest(Some(&tombstone));
+                Lookup::Miss(seen)
+            }
+        }
+    }
+
+    /// [`judge`](Self::judge) without the network: an entry that must be
+    /// discarded comes back as `Corrupt`. Kept apart so that the future of
+    /// every lookup, allocated on every hit, does not carry this one's
+    /// locals.
+    fn verdict(
+        &self,
+        entry: Option<Vec<u8>>,
+        versions: Cow<'_, [Option<Vec<u8>>]>,
+        mut stale: Option<Arc<Vec<u8>>>,
+    ) -> Result<Lookup<R>, Corrupt> {
         // A miss counts toward the site's run of misses (`Site::looked`).
-        let miss = |entry: Option<&[u8]>, stale| {
+        let seen = |entry: Option<&[u8]>, stale| {
             self.observer.site.looked(true);
-            Lookup::Miss(Seen { versions: versions.to_vec(), entry: digest(entry), stale })
+            Seen { versions: versions.to_vec(), entry: digest(entry), stale }
         };
         let Some(bytes) = entry.as_deref().filter(|bytes| !codec::is_tombstone(bytes)) else {
-            return miss(entry.as_deref(), stale);
+            return Ok(Lookup::Miss(seen(entry.as_deref(), stale)));
         };
-        let Some(stored) = self.parse(bytes) else { return miss(Some(bytes), stale) };
+        let Some(stored) = self.parse(bytes) else { return Ok(Lookup::Miss(seen(Some(bytes), stale))) };
         if !stored.is_bound_to(versions.iter().map(Option::as_deref)) {
             self.observer.event(Event::StaleVersion);
-            return miss(Some(bytes), stale);
+            return Ok(Lookup::Miss(seen(Some(bytes), stale)));
         }
         let now = now_ms();
         if !stored.times.is_fresh(now) {
@@ -76,7 +105,7 @@ impl<R> Call<'_, R> {
             {
                 stale = Some(Arc::new(payload.into_owned()));
             }
-            return miss(Some(bytes), stale);
+            return Ok(Lookup::Miss(seen(Some(bytes), stale)));
         }
         match self.open(&stored) {
             Some((output, payload)) => {
@@ -85,14 +114,9 @@ impl<R> Call<'_, R> {
                 if self.local.is_some() {
                     self.keep_locally(&Arc::new(payload.into_owned()), stored.times, false);
                 }
-                Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) }
+                Ok(Lookup::Hit { output, renew: tier::due(self.plan, stored.times, now) })
             }
-            None => {
-                let tombstone = Box::pin(self.discard_corrupt(&digest(Some(bytes)))).await;
-                // Replaced now, unless another process stored since (then
-                // a store expecting the tombstone is refused).
-                miss(Some(&tombstone), stale)
-            }
+            None => Err(Corrupt { digest: digest(Some(bytes)), seen: seen(Some(bytes), stale) }),
         }
     }
 

@@ -12,7 +12,9 @@
 //! they differ, the entry stays in Redis bound to the old versions, which
 //! no reader takes (every hit compares an entry's versions with the current
 //! ones), and the store answers `VersionChanged`, so the value is neither
-//! kept locally nor handed to waiters (docs/CONSISTENCY.md). The lock is
+//! kept locally nor handed to waiters (docs/CONSISTENCY.md). When nobody
+//! would keep it or be handed it (`StoreRequest::verify`), the versions are
+//! not read back: the answer would change nothing. The lock is
 //! released last, by the same script as any release: until then, other
 //! processes' leaders polling it find the entry.
 //!
@@ -29,8 +31,8 @@ use crate::keys::EntryKeys;
 use redis::{FromRedisValue, Value};
 
 /// Stores bound for one pipeline: per item, in order, its `SET NX` (a fill)
-/// or its `STORE` script; then, if any item is a fill, one `MGET` of the
-/// fills' version keys; then the releases of the locks fills hold.
+/// or its `STORE` script; then, if any fill must verify, one `MGET` of its
+/// version keys; then the releases of the locks fills hold.
 struct Stores<'k> {
     commands: Vec<redis::Cmd>,
     /// Per item: whether it is a fill, and whether a release follows for it.
@@ -96,13 +98,17 @@ impl Redis {
     }
 
     fn stores<'k>(&self, items: &[(&'k EntryKeys<'_>, StoreRequest<'_>)]) -> Stores<'k> {
-        // One `MGET` serves the fills that share the first fill's version
-        // keys (every item of a bulk call does); any other goes by script.
-        let version_keys = items.iter().find(|(_, request)| self.fills(request)).map(|(keys, _)| &keys.versions[..]);
+        // One `MGET` serves the fills that must verify and share the first
+        // such fill's version keys (every item of a bulk call does); any
+        // other that must verify goes by script.
+        let version_keys = items
+            .iter()
+            .find(|(_, request)| self.fills(request) && request.verify)
+            .map(|(keys, _)| &keys.versions[..]);
         let mut commands = Vec::with_capacity(items.len() * 2 + 1);
         let mut fills = Vec::with_capacity(items.len());
         for (keys, request) in items {
-            let fill = self.fills(request) && Some(&keys.versions[..]) == version_keys;
+            let fill = self.fills(request) && (!request.verify || Some(&keys.versions[..]) == version_keys);
             if fill {
                 let bytes = codec::entry_bytes(request.head, request.observed, request.times, request.payload);
                 let mut set = redis::cmd("SET");
@@ -184,7 +190,7 @@ fn read(
         .zip(firsts)
         .map(|(((_, request), fill), first)| {
             let Some(held) = fill else { return Fill::Done(script_reply(first)) };
-            let stored = fill_reply(first, &current, request.observed);
+            let stored = fill_reply(first, &current, request);
             match held {
                 // A release that failed leaves the lock to the caller's
                 // guard, which releases it when a store did not.
@@ -205,14 +211,19 @@ fn script_reply(reply: Result<Value, Fault>) -> Result<StoreReply, Fault> {
         .map_err(|_| Fault::Server("the store script replied in an unexpected shape".to_owned()))
 }
 
-/// A fill's `SET NX` reply, judged against the versions read after it.
-fn fill_reply(set: Result<Value, Fault>, current: &Result<Vec<Option<Vec<u8>>>, Fault>, observed: &[Vec<u8>]) -> Fill {
+/// A fill's `SET NX` reply, judged against the versions read after it
+/// when the request must verify.
+fn fill_reply(set: Result<Value, Fault>, current: &Result<Vec<Option<Vec<u8>>>, Fault>, request: &StoreRequest<'_>) -> Fill {
     match set {
         Ok(Value::Okay) => {}
         Ok(Value::Nil) => return Fill::Occupied,
         Ok(other) => return Fill::Done(Err(Fault::Server(format!("a fill's SET NX replied {other:?}")))),
         Err(fault) => return Fill::Done(Err(fault)),
     }
+    if !request.verify {
+        return Fill::Done(Ok(StoreReply::Stored));
+    }
+    let observed = request.observed;
     Fill::Done(current.as_ref().map_err(Clone::clone).map(|current| {
         let same = current.len() == observed.len()
             && current.iter().zip(observed).all(|(now, then)| now.as_deref() == Some(&then[..]));

@@ -75,6 +75,12 @@ pub(crate) struct StoreRequest<'a> {
     pub held: Option<(&'a str, &'a str)>,
     /// The versions the value was computed under.
     pub observed: &'a [Vec<u8>],
+    /// Whether the reply must tell a value stored under the versions it
+    /// was computed with from one whose namespace was invalidated since:
+    /// someone keeps it locally or is handed it. When nobody does, a fill
+    /// spares reading the versions back, and an entry bound to versions
+    /// that changed, which no reader takes, answers `Stored`.
+    pub verify: bool,
 }
 
 impl Backend {

@@ -143,7 +143,7 @@ impl<K, V> Bulk<'_, K, V> {
             .iter()
             .map(|r| {
                 let held = r.guard.as_ref().map(|g| (g.lock.as_str(), g.token.as_str()));
-                (calls[r.c].keys, r.entry.request(&calls[r.c], StoreMode::Fill, &r.observed, held))
+                (calls[r.c].keys, r.entry.request(&calls[r.c], StoreMode::Fill, &r.observed, held, r.share))
             })
             .collect();
         let replies = match self.cache.backend().store_many(&requests).await {
