@@ -111,7 +111,11 @@ fn a_computation_that_began_before_a_clear_is_not_stored(topology: &Topology) {
         assert_eq!(first, 1, "the caller gets its own computation");
         gate.1.notify_one();
         assert_eq!(slow(&cache, &gate, 1).await, 2, "its value was not stored under the cleared version");
-        assert!(cache.stats().total.writes_skipped >= 1, "{:?}", cache.stats().total);
+        // Refused by the script (a skipped write), or, for a fill nobody
+        // waited for, written bound to the cleared version (a write),
+        // which the read above did not take.
+        let total = cache.stats().total;
+        assert!(total.writes_skipped + total.writes >= 2, "{total:?}");
         gate.1.notify_one();
         assert_eq!(slow(&cache, &gate, 1).await, 2, "the second computation was stored");
     });

@@ -101,10 +101,8 @@ impl Redis {
         // One `MGET` serves the fills that must verify and share the first
         // such fill's version keys (every item of a bulk call does); any
         // other that must verify goes by script.
-        let version_keys = items
-            .iter()
-            .find(|(_, request)| self.fills(request) && request.verify)
-            .map(|(keys, _)| &keys.versions[..]);
+        let version_keys =
+            items.iter().find(|(_, request)| self.fills(request) && request.verify).map(|(keys, _)| &keys.versions[..]);
         let mut commands = Vec::with_capacity(items.len() * 2 + 1);
         let mut fills = Vec::with_capacity(items.len());
         for (keys, request) in items {
@@ -213,7 +211,11 @@ fn script_reply(reply: Result<Value, Fault>) -> Result<StoreReply, Fault> {
 
 /// A fill's `SET NX` reply, judged against the versions read after it
 /// when the request must verify.
-fn fill_reply(set: Result<Value, Fault>, current: &Result<Vec<Option<Vec<u8>>>, Fault>, request: &StoreRequest<'_>) -> Fill {
+fn fill_reply(
+    set: Result<Value, Fault>,
+    current: &Result<Vec<Option<Vec<u8>>>, Fault>,
+    request: &StoreRequest<'_>,
+) -> Fill {
     match set {
         Ok(Value::Okay) => {}
         Ok(Value::Nil) => return Fill::Occupied,
