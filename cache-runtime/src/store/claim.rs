@@ -54,7 +54,11 @@ impl Redis {
             lock_ttl_ms: millis(request.ttl),
         }
         .command();
-        let mut mget = redis::cmd("MGET");
+        let mut mget = super::command(
+            "MGET",
+            entries.len() + versions.len(),
+            super::bytes_of(entries) + super::bytes_of(versions),
+        );
         mget.arg(entries).arg(versions);
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors().add_command(claim.clone()).add_command(mget.clone());

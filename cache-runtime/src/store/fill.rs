@@ -109,7 +109,7 @@ impl Redis {
             let fill = self.fills(request) && (!request.verify || Some(&keys.versions[..]) == version_keys);
             if fill {
                 let bytes = codec::entry_bytes(request.head, request.observed, request.times, request.payload);
-                let mut set = redis::cmd("SET");
+                let mut set = super::command("SET", 5, keys.entry().len() + bytes.len() + 26);
                 set.arg(keys.entry()).arg(bytes).arg("PX").arg(request.ttl_ms).arg("NX");
                 commands.push(set);
                 fills.push(Some(if request.held.is_some() { Held::Lock } else { Held::Nothing }));
@@ -120,7 +120,7 @@ impl Redis {
         }
         let version_keys = version_keys.filter(|keys| !keys.is_empty());
         if let Some(keys) = version_keys {
-            let mut mget = redis::cmd("MGET");
+            let mut mget = super::command("MGET", keys.len(), super::bytes_of(keys));
             mget.arg(keys);
             commands.push(mget);
         }

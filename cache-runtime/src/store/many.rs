@@ -24,7 +24,11 @@ pub(crate) struct ReadMany {
 impl Redis {
     /// One `MGET` of `entries` and then `versions`.
     pub(crate) async fn read_many(&self, entries: &[&str], versions: &[String]) -> Result<ReadMany, Fault> {
-        let mut mget = redis::cmd("MGET");
+        let mut mget = super::command(
+            "MGET",
+            entries.len() + versions.len(),
+            super::bytes_of(entries) + super::bytes_of(versions),
+        );
         mget.arg(entries).arg(versions);
         let mut values = self.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await?;
         if values.len() != entries.len() + versions.len() {
@@ -116,7 +120,7 @@ impl Redis {
     /// commands it answered otherwise ran, and are not sent again.
     pub(super) async fn pipelined(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Result<Value, Fault>>, Fault> {
         let count = commands.len();
-        let mut pipeline = redis::pipe();
+        let mut pipeline = redis::Pipeline::with_capacity(count);
         pipeline.ignore_errors();
         // Moved, not cloned: a store's command carries its payload.
         for command in commands {

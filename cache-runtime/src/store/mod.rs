@@ -255,3 +255,19 @@ impl Backend {
         }
     }
 }
+
+/// A command with room for `args` arguments of `bytes` bytes in all after
+/// its name. redis-rs grows an empty command's buffers argument by
+/// argument; on the miss path those reallocations were a tenth of the
+/// client's time (`BENCH_ONLY=miss64 cargo bench --bench cache` under
+/// `perf`).
+pub(crate) fn command(name: &str, args: usize, bytes: usize) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(1 + args, name.len() + bytes);
+    cmd.arg(name);
+    cmd
+}
+
+/// The bytes of `keys`, for [`command`].
+pub(crate) fn bytes_of<S: AsRef<str>>(keys: &[S]) -> usize {
+    keys.iter().map(|key| key.as_ref().len()).sum()
+}

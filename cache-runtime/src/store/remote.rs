@@ -91,9 +91,13 @@ impl Redis {
             let held = matches!(reply, LockReply::Lead { .. });
             return Ok((reply, held));
         }
-        let mut pipe = ::redis::pipe();
-        pipe.cmd("SET").arg(request.lock).arg(request.token).arg("NX").arg("PX").arg(millis(request.ttl));
-        pipe.cmd("MGET").arg(keys.entry()).arg(&keys.versions[..]);
+        let mut set = super::command("SET", 5, request.lock.len() + request.token.len() + 26);
+        set.arg(request.lock).arg(request.token).arg("NX").arg("PX").arg(millis(request.ttl));
+        let mut mget =
+            super::command("MGET", 1 + keys.versions.len(), keys.entry().len() + super::bytes_of(keys.versions));
+        mget.arg(keys.entry()).arg(&keys.versions[..]);
+        let mut pipe = ::redis::Pipeline::with_capacity(2);
+        pipe.add_command(set).add_command(mget);
         let replies = self.connections.run(|conn| conn.pipeline(&pipe)).await?;
         let (set, mut values) =
             match <(::redis::Value, Vec<Option<Vec<u8>>>)>::from_redis_value(::redis::Value::Array(replies)) {
@@ -166,7 +170,7 @@ impl Redis {
     }
 
     pub(super) async fn still_current(&self, keys: &[String], pinned: &[Vec<u8>]) -> Result<bool, Fault> {
-        let mut mget = ::redis::cmd("MGET");
+        let mut mget = super::command("MGET", keys.len(), super::bytes_of(keys));
         mget.arg(keys);
         let current = self.connections.run(|conn| conn.query::<Vec<Option<Vec<u8>>>>(&mget)).await?;
         Ok(current.len() == pinned.len() && current.iter().zip(pinned).all(|(c, p)| c.as_ref() == Some(p)))

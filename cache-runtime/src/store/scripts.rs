@@ -435,7 +435,7 @@ pub(crate) fn release(lock: &str, token: &str) -> redis::ScriptInvocation<'stati
 /// [`release`] as one command of a pipeline: `EVAL`, since a failed bulk
 /// call releasing its locks should not depend on the script being loaded.
 pub(crate) fn release_command(lock: &str, token: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
+    let mut cmd = super::command("EVAL", 4, RELEASE_BODY.len() + 1 + lock.len() + token.len());
     cmd.arg(RELEASE_BODY).arg(1).arg(lock).arg(token);
     cmd
 }
@@ -560,7 +560,9 @@ impl ScriptCall for Parts {
 
 impl Parts {
     fn evalsha(self, script: &redis::Script) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
+        let args = self.keys.len() + self.args.len();
+        let bytes: usize = self.keys.iter().chain(&self.args).map(Vec::len).sum();
+        let mut cmd = super::command("EVALSHA", 2 + args, 40 + 4 + bytes);
         cmd.arg(script.get_hash()).arg(self.keys.len()).arg(self.keys).arg(self.args);
         cmd
     }
