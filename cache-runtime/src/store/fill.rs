@@ -124,10 +124,13 @@ impl Redis {
             mget.arg(keys);
             commands.push(mget);
         }
-        for ((_, request), fill) in items.iter().zip(&fills) {
-            if let (Some(Held::Lock), Some((lock, token))) = (fill, request.held) {
-                commands.push(scripts::release_command(lock, token));
-            }
+        let held: Vec<(&str, &str)> = items
+            .iter()
+            .zip(&fills)
+            .filter_map(|((_, request), fill)| request.held.filter(|_| *fill == Some(Held::Lock)))
+            .collect();
+        if !held.is_empty() {
+            commands.push(scripts::release_command(&held));
         }
         Stores { commands, fills, version_keys }
     }
@@ -182,6 +185,11 @@ fn read(
         Some(Some(Err(fault))) => Err(fault),
         Some(None) => Err(Fault::Server("a pipeline replied with the wrong count".to_owned())),
     };
+    // One release for every lock the fills hold, if any.
+    let released = match replies.next() {
+        Some(Ok(_)) | None => Ok(()),
+        Some(Err(fault)) => Err(fault),
+    };
     items
         .iter()
         .zip(fills)
@@ -192,10 +200,9 @@ fn read(
             match held {
                 // A release that failed leaves the lock to the caller's
                 // guard, which releases it when a store did not.
-                Held::Lock => match replies.next() {
-                    Some(Ok(_)) => stored,
-                    Some(Err(fault)) => Fill::Done(Err(fault)),
-                    None => Fill::Done(Err(Fault::Server("a pipeline replied with the wrong count".to_owned()))),
+                Held::Lock => match &released {
+                    Ok(()) => stored,
+                    Err(fault) => Fill::Done(Err(fault.clone())),
                 },
                 Held::Nothing => stored,
             }

@@ -106,12 +106,8 @@ impl Redis {
 
     /// Releases the locks a failed bulk call holds, in one round trip.
     pub(crate) async fn release_many(&self, held: &[(&str, &str)]) -> Result<(), Fault> {
-        let mut pipeline = redis::pipe();
-        pipeline.ignore_errors();
-        for (lock, token) in held {
-            pipeline.add_command(scripts::release_command(lock, token));
-        }
-        self.pipeline(&pipeline, held.len()).await.map(drop)
+        let mut replies = self.pipelined(vec![scripts::release_command(held)]).await?;
+        replies.pop().unwrap_or_else(|| Err(Fault::Server("a release replied with nothing".to_owned()))).map(drop)
     }
 
     /// Sends `commands` as one pipeline. A server that lost the scripts
