@@ -642,7 +642,8 @@ fn command_counts(server: &support::RedisServer) -> Vec<(String, u64)> {
 /// `BENCH_ONLY=miss` prints the miss table alone, then what one miss sends:
 /// commands per miss of each kind, from the server's `INFO commandstats`.
 /// `BENCH_ONLY=miss64` / `miss1` run only our locked miss for 10 s at 64
-/// or 1 task(s), for profiling.
+/// or 1 task(s), for profiling; `miss64u` / `miss1u` the miss without the
+/// lock.
 fn miss_only(mode: &str) {
     let server = support::RedisServer::start();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -676,7 +677,8 @@ fn miss_only(mode: &str) {
             }
             return;
         }
-        let tasks = if mode == "miss64" { 64 } else { 1 };
+        let tasks = if mode.starts_with("miss64") { 64 } else { 1 };
+        let unlocked = mode.ends_with('u');
         let next = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let until = started + Duration::from_secs(10);
@@ -685,7 +687,12 @@ fn miss_only(mode: &str) {
                 let (c, n) = (cache.clone(), next.clone());
                 tokio::spawn(async move {
                     while Instant::now() < until {
-                        black_box(ours_miss(&c, n.fetch_add(1, Relaxed)).await);
+                        let n = n.fetch_add(1, Relaxed);
+                        if unlocked {
+                            black_box(ours_miss_unlocked(&c, n).await);
+                        } else {
+                            black_box(ours_miss(&c, n).await);
+                        }
                     }
                 })
             })
@@ -703,7 +710,7 @@ fn main() {
         return;
     }
     if let Ok(mode) = std::env::var("BENCH_ONLY")
-        && matches!(mode.as_str(), "miss" | "miss64" | "miss1")
+        && matches!(mode.as_str(), "miss" | "miss64" | "miss1" | "miss64u" | "miss1u")
     {
         miss_only(&mode);
         return;

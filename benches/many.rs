@@ -229,7 +229,8 @@ fn main() {
         raw(&mut conn.clone(), hot).await;
         if let Ok(only @ ("ours1" | "hits1")) = std::env::var("BENCH_ONLY").as_deref() {
             // One task of pages for 5 s, for `perf record`: pages with 10
-            // misses (`ours1`), or every id cached (`hits1`).
+            // misses (`ours1`), or every id cached (`hits1`); then the
+            // server's time per command.
             let fresh = AtomicU32::new(if only == "hits1" { u32::MAX } else { 1_000_000 });
             ours(&cache, (0..PAGE).collect()).await;
             let until = Instant::now() + Duration::from_secs(5);
@@ -239,6 +240,10 @@ fn main() {
                 pages += 1;
             }
             println!("{pages} pages");
+            let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.conn()).unwrap_or_default();
+            for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
+                println!("{line}");
+            }
             return;
         }
         let tasks = 4;
