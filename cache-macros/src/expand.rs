@@ -313,7 +313,9 @@ fn emit(
         // background task after this call has returned.
         quote! { #krate::__private::call_renewable(#cache_ref, &#site, #key, #kind, move || #body).await }
     } else {
-        quote! { #krate::__private::call(#cache_ref, &#site, #key, #kind, #body).await }
+        // A maker, not the future: a hit then carries the arguments, not
+        // the body's future at its deepest state.
+        quote! { #krate::__private::call(#cache_ref, &#site, #key, #kind, move || #body).await }
     };
 
     // A single call's key, or a bulk call's hasher before its items.

@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use crate::Cache;
-use crate::call::{Body, Intent, Item, Now};
+use crate::call::{Body, Deferred, Intent, Item};
 use crate::keys::canonical::Unencodable;
 use crate::scope::{self, Mode};
 use crate::warnings::{Cause, PROCESS_WARNINGS};
@@ -24,18 +24,20 @@ pub use crate::policy::Plan;
 pub use crate::site::SiteCell;
 
 /// Runs one cached call: `cache` or the process-wide cache, or the bare
-/// computation when there is neither.
-pub async fn call<R, F>(
+/// computation when there is neither. `make` builds the computation, on a
+/// miss only (`Deferred`).
+pub async fn call<R, M, F>(
     cache: Option<&Cache>,
     plan: &'static Plan<'static>,
     key: Result<KeyHash, Unencodable>,
     storage: Storage<R>,
-    compute: F,
+    make: M,
 ) -> R
 where
+    M: FnOnce() -> F,
     F: Future<Output = R>,
 {
-    run(cache, plan, key, storage, Now(compute)).await
+    run(cache, plan, key, storage, Deferred(make)).await
 }
 
 /// [`call`] for `refresh_ahead`: `make` builds the computation, which may

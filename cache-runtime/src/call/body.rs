@@ -34,6 +34,28 @@ impl<R, F: Future<Output = R>> Body<R> for Now<F> {
     fn renew_later(self, _: &Cache, _: KeyHash, _: Storage<R>, _: EntryTimes) {}
 }
 
+/// A maker of a computation that borrows from the call: made, and run,
+/// only on a miss. Until then the call carries the maker's captures (the
+/// function's arguments), not the computation's future, whose size is its
+/// deepest state: every hit moves the call into a box (`fetch_or_compute`),
+/// and a body holding a large buffer or a database query's future would
+/// make every hit allocate and copy it.
+pub(crate) struct Deferred<M>(pub M);
+
+impl<R, M, F> Body<R> for Deferred<M>
+where
+    M: FnOnce() -> F,
+    F: Future<Output = R>,
+{
+    type Run = F;
+
+    fn run(self) -> F {
+        (self.0)()
+    }
+
+    fn renew_later(self, _: &Cache, _: KeyHash, _: Storage<R>, _: EntryTimes) {}
+}
+
 /// A `'static` maker of the computation: `#[cached(refresh_ahead = ...)]`.
 pub struct Renewable<M> {
     pub(crate) plan: &'static Plan<'static>,

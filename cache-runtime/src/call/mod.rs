@@ -26,7 +26,7 @@ mod renew;
 mod tier;
 
 pub use body::Renewable;
-pub(crate) use body::{Body, Now};
+pub(crate) use body::{Body, Deferred, Now};
 pub use bulk::Absent;
 pub(crate) use bulk::Item;
 
@@ -167,7 +167,8 @@ impl Cache {
             if intent == Intent::Refresh {
                 scope::report_refresh(Err(Error::InvalidConfig(why)));
             }
-            return body.run().await;
+            // Boxed: the computation's future is not part of every hit's.
+            return Box::pin(body.run()).await;
         }
         let (Some(ttl), Ok(hash)) = (ttl, key.as_ref()) else {
             observer.outcome(Outcome::Bypass);
@@ -179,7 +180,7 @@ impl Cache {
             if intent == Intent::Refresh {
                 scope::report_refresh(Err(Error::Encode(why)));
             }
-            return body.run().await;
+            return Box::pin(body.run()).await;
         };
         let hash = *hash;
         observer.key(hash);
