@@ -18,7 +18,10 @@
 //! without polling (a `select!` loser kept for later, a stream nobody
 //! drives). A turn held longer than any polled lookup takes has lapsed:
 //! the next caller takes it over, and the parked holder, if it ever runs
-//! again, finds it gone and leaves the queue to the new holder.
+//! again, finds it gone and leaves the queue to the new holder. A queued
+//! caller keeps a timer for that, unless every turn is carried by a flush
+//! task on its own runtime: such a task drains the queue whatever happens
+//! to its turn, so under load most callers wait on their reply alone.
 
 use crate::connection::Connections;
 use crate::error::Fault;
@@ -50,6 +53,9 @@ struct Queued {
 struct Turn {
     id: u64,
     taken: Instant,
+    /// The runtime of the flush task carrying the turn on; `None` while a
+    /// caller's own lookup holds it.
+    flush: Option<tokio::runtime::Id>,
 }
 
 #[derive(Default)]
@@ -64,13 +70,24 @@ impl State {
     fn take_turn(&mut self, lapse: Duration) -> Option<u64> {
         let (id, taken) = (self.next_turn, Instant::now());
         if self.turns.len() < MAX_IN_FLIGHT {
-            self.turns.push(Turn { id, taken });
+            self.turns.push(Turn { id, taken, flush: None });
         } else {
             let lapsed = self.turns.iter_mut().find(|turn| taken.saturating_duration_since(turn.taken) > lapse)?;
-            *lapsed = Turn { id, taken };
+            *lapsed = Turn { id, taken, flush: None };
         }
         self.next_turn += 1;
         Some(id)
+    }
+
+    /// Whether a lookup queued now is sure to be answered without a timer
+    /// of its own: every turn is carried by a flush task on `runtime`, the
+    /// queued caller's own. Such a task is polled while its caller is, and
+    /// drains the queue until it is empty, even after its turn lapsed and
+    /// was taken over (`Flush::next`); each batch is bounded by the
+    /// connection's deadlines, and a failed one fails the whole queue.
+    /// Under load, where most lookups queue, that spares each a timer.
+    fn drained_by_flushes(&self, runtime: Option<tokio::runtime::Id>) -> bool {
+        runtime.is_some() && self.turns.iter().all(|turn| turn.flush == runtime)
     }
 }
 
@@ -126,6 +143,7 @@ impl Batcher {
         versions: &Arc<[String]>,
     ) -> Result<Values, Fault> {
         let lapse = lapse(connections);
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|runtime| runtime.id());
         let queued = {
             let Ok(mut state) = self.state.lock() else { return Box::pin(direct(connections, entry, versions)).await };
             match state.take_turn(lapse) {
@@ -133,12 +151,19 @@ impl Batcher {
                 None => {
                     let (reply, receiver) = oneshot::channel();
                     state.queue.push(Queued { entry: entry.to_owned(), versions: versions.clone(), reply });
-                    Ok(receiver)
+                    Ok((receiver, state.drained_by_flushes(runtime)))
                 }
             }
         };
         let mut receiver = match queued {
-            Ok(receiver) => receiver,
+            Ok((receiver, false)) => receiver,
+            Ok((receiver, true)) => {
+                return match receiver.await {
+                    Ok(values) => values,
+                    // The flush went away (its runtime shut down).
+                    Err(_) => Box::pin(direct(connections, entry, versions)).await,
+                };
+            }
             Err(turn) => return self.lead(turn, connections, entry, versions).await,
         };
         // The lookups we queued behind have deadlines, so does the flush,
@@ -193,16 +218,44 @@ impl Batcher {
     /// carries on as its flush. A turn that lapsed and was taken over is
     /// no longer ours: its new holder answers the queue.
     fn release_or_take(&self, turn: u64) -> Vec<Queued> {
-        let Ok(mut state) = self.state.lock() else { return Vec::new() };
-        let Some(at) = state.turns.iter().position(|t| t.id == turn) else { return Vec::new() };
+        self.release_or_take_as(turn, None).0
+    }
+
+    /// [`release_or_take`](Self::release_or_take) for a flush task on
+    /// `runtime`, which marks the turn as its own, and whose turn taken
+    /// over does not stop it: it still takes the next batch, since callers
+    /// queued behind it count on it (`State::drained_by_flushes`). Also
+    /// returns whether the turn is still this flush's.
+    fn release_or_take_as(&self, turn: u64, runtime: Option<tokio::runtime::Id>) -> (Vec<Queued>, bool) {
+        let Ok(mut state) = self.state.lock() else { return (Vec::new(), false) };
+        let Some(at) = state.turns.iter().position(|t| t.id == turn) else {
+            if runtime.is_none() {
+                return (Vec::new(), false);
+            }
+            let take = state.queue.len().min(MAX_BATCH);
+            return (state.queue.drain(..take).collect(), false);
+        };
         if state.queue.is_empty() {
             state.turns.swap_remove(at);
-            return Vec::new();
+            return (Vec::new(), false);
         }
         // Each batch is a lookup of its own on the wire.
         state.turns[at].taken = Instant::now();
+        if runtime.is_some() {
+            state.turns[at].flush = runtime;
+        }
         let take = state.queue.len().min(MAX_BATCH);
-        state.queue.drain(..take).collect()
+        (state.queue.drain(..take).collect(), true)
+    }
+
+    /// Marks `turn` as carried by a flush task on `runtime`, from before
+    /// the task is spawned: lookups queued behind it need no timer.
+    fn carried_by(&self, turn: u64, runtime: tokio::runtime::Id) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(carried) = state.turns.iter_mut().find(|t| t.id == turn)
+        {
+            carried.flush = Some(runtime);
+        }
     }
 
     /// Fails everything queued with `fault`; once the queue is empty, frees
@@ -236,15 +289,32 @@ struct Flush {
     batcher: Arc<Batcher>,
     turn: u64,
     holds_turn: bool,
+    /// The runtime the flush task runs on.
+    runtime: Option<tokio::runtime::Id>,
 }
 
 impl Flush {
     /// The next batch; none once the queue is empty, and then the turn is
     /// free.
     fn next(&mut self) -> Vec<Queued> {
-        let batch = self.batcher.release_or_take(self.turn);
-        self.holds_turn = !batch.is_empty();
+        let (batch, holds_turn) = self.batcher.release_or_take_as(self.turn, self.runtime);
+        self.holds_turn = holds_turn;
         batch
+    }
+
+    /// Answers everything queued with `fault`, after a batch failed: the
+    /// callers behind it get the same answer at once rather than a wait
+    /// per batch on a sick Redis.
+    fn fail_rest(&mut self, fault: &Fault) {
+        loop {
+            let batch = self.next();
+            if batch.is_empty() {
+                return;
+            }
+            for queued in batch {
+                let _ = queued.reply.send(Err(fault.clone()));
+            }
+        }
     }
 }
 
@@ -298,16 +368,20 @@ fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, turn: u
         // and ask alone, and so do any that queued meanwhile. The turn is
         // free again.
         drop(batch);
-        drop(Flush { batcher, turn, holds_turn: true });
+        drop(Flush { batcher, turn, holds_turn: true, runtime: None });
         return;
     };
+    batcher.carried_by(turn, runtime.id());
     // Made before the task and moved in: dropped with the task even if it
     // never runs.
-    let mut flush = Flush { batcher, turn, holds_turn: true };
+    let mut flush = Flush { batcher, turn, holds_turn: true, runtime: Some(runtime.id()) };
     runtime.spawn(async move {
         let mut batch = batch;
         while !batch.is_empty() {
-            send(&connections, batch).await;
+            if let Err(fault) = send(&connections, batch).await {
+                flush.fail_rest(&fault);
+                return;
+            }
             // The callers just answered ask again as soon as they run: let
             // them queue first (a yielded task resumes once its worker has
             // nothing else ready), so the next batch carries them all
@@ -322,7 +396,8 @@ fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, turn: u
 /// One `MGET` for every queued lookup; each gets its own values back.
 /// Entries are sent once per lookup; version keys, which many lookups
 /// share, once per batch (a linear scan: a batch names a few namespaces).
-async fn send(connections: &Connections, batch: Vec<Queued>) {
+/// Returns the fault the batch was answered with, if any.
+async fn send(connections: &Connections, batch: Vec<Queued>) -> Result<(), Fault> {
     let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 2);
     keys.extend(batch.iter().map(|queued| queued.entry.as_str()));
     let entries = keys.len();
@@ -369,11 +444,13 @@ async fn send(connections: &Connections, batch: Vec<Queued>) {
                 // A caller that gave up has dropped its receiver: nothing to do.
                 let _ = queued.reply.send(Ok(own));
             }
+            Ok(())
         }
         Err(fault) => {
             for queued in batch {
                 let _ = queued.reply.send(Err(fault.clone()));
             }
+            Err(fault)
         }
     }
 }
@@ -442,12 +519,68 @@ mod tests {
         let batcher = Arc::new(Batcher::default());
         let turn = with_turns(&batcher, 1)[0];
         let mut receiver = queue(&batcher, 1).remove(0);
-        drop(Flush { batcher: batcher.clone(), turn, holds_turn: true });
+        drop(Flush { batcher: batcher.clone(), turn, holds_turn: true, runtime: None });
         assert_eq!(batcher.in_flight(), (0, 0));
         assert!(receiver.try_recv().is_err(), "the queued caller is woken to ask alone");
         // A flush that finished gave its turn back already.
         let turn = with_turns(&batcher, 1)[0];
-        drop(Flush { batcher: batcher.clone(), turn, holds_turn: false });
+        drop(Flush { batcher: batcher.clone(), turn, holds_turn: false, runtime: None });
         assert_eq!(batcher.in_flight(), (1, 0));
+    }
+
+    fn runtime_id() -> (tokio::runtime::Runtime, tokio::runtime::Id) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let id = runtime.handle().id();
+        (runtime, id)
+    }
+
+    #[test]
+    fn only_flushes_on_the_callers_runtime_spare_it_a_timer() {
+        let (_runtime, ours) = runtime_id();
+        let (_other, theirs) = runtime_id();
+        let batcher = Batcher::default();
+        let turns = with_turns(&batcher, MAX_IN_FLIGHT);
+        let spared = |runtime| batcher.state.lock().unwrap().drained_by_flushes(runtime);
+        assert!(!spared(Some(ours)), "callers' own lookups may be parked");
+        for &turn in &turns[1..] {
+            batcher.carried_by(turn, ours);
+        }
+        assert!(!spared(Some(ours)), "one turn is still a caller's");
+        batcher.carried_by(turns[0], theirs);
+        assert!(!spared(Some(ours)), "a flush on another runtime may never run again");
+        batcher.carried_by(turns[0], ours);
+        assert!(spared(Some(ours)));
+        assert!(!spared(Some(theirs)));
+        assert!(!spared(None));
+    }
+
+    #[test]
+    fn a_flush_whose_turn_was_taken_over_still_drains_the_queue() {
+        let (_runtime, ours) = runtime_id();
+        let batcher = Arc::new(Batcher::default());
+        let turns = with_turns(&batcher, MAX_IN_FLIGHT);
+        for &turn in &turns {
+            batcher.carried_by(turn, ours);
+        }
+        // Queued without a timer, counting on the flushes.
+        let mut waiting = queue(&batcher, 3);
+        // A slow batch: its turn lapses and a caller takes it over, then
+        // parks with it.
+        std::thread::sleep(Duration::from_millis(2));
+        let taken = batcher.state.lock().unwrap().take_turn(Duration::ZERO).expect("a lapsed turn");
+        let lapsed =
+            *turns.iter().find(|&&turn| batcher.state.lock().unwrap().turns.iter().all(|t| t.id != turn)).expect("one");
+        let mut flush = Flush { batcher: batcher.clone(), turn: lapsed, holds_turn: true, runtime: Some(ours) };
+        let batch = flush.next();
+        assert_eq!(batch.len(), 3, "the flush takes the queue even without its turn");
+        assert!(!flush.holds_turn);
+        for queued in batch {
+            let _ = queued.reply.send(Ok(Vec::new()));
+        }
+        assert!(waiting.iter_mut().all(|receiver| receiver.try_recv().is_ok()));
+        assert!(flush.next().is_empty());
+        drop(flush);
+        assert_eq!(batcher.in_flight().0, MAX_IN_FLIGHT as u64, "the new holder's turn and the other flush's remain");
+        assert!(batcher.release_or_take(taken).is_empty());
     }
 }
