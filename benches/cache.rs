@@ -463,6 +463,75 @@ fn miss_cache(server: &support::RedisServer) -> Cache {
         .expect("cache")
 }
 
+/// Our miss, locked and not, against the raw `GET` + `SET PX` at `tasks`
+/// tasks, in [`ROUNDS`] rounds of [`ROUND`] that rotate which goes first,
+/// as [`alternating`] does for hits: per round, each of ours against the
+/// raw pair run next to it, as a throughput ratio (64 tasks) and a p50
+/// ratio (1 task). Keys are never reused, so every call misses.
+async fn miss_rounds(server: &support::RedisServer, cache: &Cache, tasks: usize) -> [Vec<(f64, f64)>; 2] {
+    let raw = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let next = Arc::new(AtomicU64::new(1 << 50));
+    let mut ratios = [Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS)];
+    for round in 0..ROUNDS {
+        let mut rows: Vec<(usize, Row)> = Vec::with_capacity(3);
+        for turn in 0..3 {
+            let which = (round + turn) % 3;
+            let (c, n, conn) = (cache.clone(), next.clone(), raw.clone());
+            let row = measure_for("miss", tasks, ROUND, move |_| {
+                let (c, n, mut conn) = (c.clone(), n.clone(), conn.clone());
+                async move {
+                    let n = n.fetch_add(1, Relaxed);
+                    match which {
+                        0 => drop(black_box(ours_miss(&c, n).await)),
+                        1 => drop(black_box(ours_miss_unlocked(&c, n).await)),
+                        _ => {
+                            let key = format!("raw-miss:{n}");
+                            let hit: Option<Vec<u8>> = conn.get(&key).await.unwrap();
+                            assert!(hit.is_none());
+                            let product = Product::new(7);
+                            let bytes = bincode::serde::encode_to_vec(&product, bincode_config()).unwrap();
+                            let _: () = conn.pset_ex(&key, bytes, 3_600_000).await.unwrap();
+                            black_box(product);
+                        }
+                    }
+                }
+            })
+            .await;
+            rows.push((which, row));
+        }
+        rows.sort_by_key(|(which, _)| *which);
+        let raw = &rows[2].1;
+        for (i, ours) in rows[..2].iter().enumerate() {
+            let ours = &ours.1;
+            ratios[i].push((ours.ops_per_sec() / raw.ops_per_sec(), ours.p50.as_secs_f64() / raw.p50.as_secs_f64()));
+        }
+    }
+    ratios
+}
+
+/// The median of `values`.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut sorted: Vec<f64> = values.collect();
+    sorted.sort_by(f64::total_cmp);
+    (sorted[(sorted.len() - 1) / 2] + sorted[sorted.len() / 2]) / 2.0
+}
+
+/// One line per contender of [`miss_rounds`]: the median ratio the
+/// targets speak of, and each round's.
+fn print_miss_rounds(tasks: usize, ratios: &[Vec<(f64, f64)>; 2]) {
+    for (name, rounds) in ["#[cached] miss", "#[cached(lock = false)] miss"].iter().zip(ratios) {
+        let (what, pick): (&str, fn(&(f64, f64)) -> f64) =
+            if tasks == 1 { ("p50 ×", |r| r.1) } else { ("ops/s ×", |r| r.0) };
+        let each: Vec<String> = rounds.iter().map(|r| format!("{:.2}", pick(r))).collect();
+        println!(
+            "{name}, {tasks} task(s), {ROUNDS} rotating rounds of {ROUND:?} against raw GET + SET PX: {what} median {:.2} \
+             (rounds: {})",
+            median(rounds.iter().map(pick)),
+            each.join(" ")
+        );
+    }
+}
+
 async fn miss_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
     let mut raw = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let next = Arc::new(AtomicU64::new(0));
@@ -656,6 +725,9 @@ fn miss_only(mode: &str) {
                 &rows,
                 "raw GET (nil) + SET PX",
             );
+            for tasks in [1, 64] {
+                print_miss_rounds(tasks, &miss_rounds(&server, &cache, tasks).await);
+            }
             for (name, lock) in [("#[cached] miss", true), ("#[cached(lock = false)] miss", false)] {
                 let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
                 const MISSES: u64 = 2_000;
