@@ -18,10 +18,7 @@
 //! without polling (a `select!` loser kept for later, a stream nobody
 //! drives). A turn held longer than any polled lookup takes has lapsed:
 //! the next caller takes it over, and the parked holder, if it ever runs
-//! again, finds it gone and leaves the queue to the new holder. A queued
-//! caller keeps a timer for that, unless every turn is carried by a flush
-//! task on its own runtime: such a task drains the queue whatever happens
-//! to its turn, so under load most callers wait on their reply alone.
+//! again, finds it gone and leaves the queue to the new holder.
 
 use crate::connection::Connections;
 use crate::error::Fault;
@@ -53,9 +50,6 @@ struct Queued {
 struct Turn {
     id: u64,
     taken: Instant,
-    /// The runtime of the flush task carrying the turn on; `None` while a
-    /// caller's own lookup holds it.
-    flush: Option<tokio::runtime::Id>,
 }
 
 #[derive(Default)]
@@ -70,24 +64,13 @@ impl State {
     fn take_turn(&mut self, lapse: Duration) -> Option<u64> {
         let (id, taken) = (self.next_turn, Instant::now());
         if self.turns.len() < MAX_IN_FLIGHT {
-            self.turns.push(Turn { id, taken, flush: None });
+            self.turns.push(Turn { id, taken });
         } else {
             let lapsed = self.turns.iter_mut().find(|turn| taken.saturating_duration_since(turn.taken) > lapse)?;
-            *lapsed = Turn { id, taken, flush: None };
+            *lapsed = Turn { id, taken };
         }
         self.next_turn += 1;
         Some(id)
-    }
-
-    /// Whether a lookup queued now is sure to be answered without a timer
-    /// of its own: every turn is carried by a flush task on `runtime`, the
-    /// queued caller's own. Such a task is polled while its caller is, and
-    /// drains the queue until it is empty, even after its turn lapsed and
-    /// was taken over (`Flush::next`); each batch is bounded by the
-    /// connection's deadlines, and a failed one fails the whole queue.
-    /// Under load, where most lookups queue, that spares each a timer.
-    fn drained_by_flushes(&self, runtime: Option<tokio::runtime::Id>) -> bool {
-        runtime.is_some() && self.turns.iter().all(|turn| turn.flush == runtime)
     }
 }
 
@@ -143,7 +126,6 @@ impl Batcher {
         versions: &Arc<[String]>,
     ) -> Result<Values, Fault> {
         let lapse = lapse(connections);
-        let runtime = tokio::runtime::Handle::try_current().ok().map(|runtime| runtime.id());
         let queued = {
             let Ok(mut state) = self.state.lock() else { return Box::pin(direct(connections, entry, versions)).await };
             match state.take_turn(lapse) {
@@ -151,19 +133,12 @@ impl Batcher {
                 None => {
                     let (reply, receiver) = oneshot::channel();
                     state.queue.push(Queued { entry: entry.to_owned(), versions: versions.clone(), reply });
-                    Ok((receiver, state.drained_by_flushes(runtime)))
+                    Ok(receiver)
                 }
             }
         };
         let mut receiver = match queued {
-            Ok((receiver, false)) => receiver,
-            Ok((receiver, true)) => {
-                return match receiver.await {
-                    Ok(values) => values,
-                    // The flush went away (its runtime shut down).
-                    Err(_) => Box::pin(direct(connections, entry, versions)).await,
-                };
-            }
+            Ok(receiver) => receiver,
             Err(turn) => return self.lead(turn, connections, entry, versions).await,
         };
         // The lookups we queued behind have deadlines, so does the flush,
@@ -218,44 +193,16 @@ impl Batcher {
     /// carries on as its flush. A turn that lapsed and was taken over is
     /// no longer ours: its new holder answers the queue.
     fn release_or_take(&self, turn: u64) -> Vec<Queued> {
-        self.release_or_take_as(turn, None).0
-    }
-
-    /// [`release_or_take`](Self::release_or_take) for a flush task on
-    /// `runtime`, which marks the turn as its own, and whose turn taken
-    /// over does not stop it: it still takes the next batch, since callers
-    /// queued behind it count on it (`State::drained_by_flushes`). Also
-    /// returns whether the turn is still this flush's.
-    fn release_or_take_as(&self, turn: u64, runtime: Option<tokio::runtime::Id>) -> (Vec<Queued>, bool) {
-        let Ok(mut state) = self.state.lock() else { return (Vec::new(), false) };
-        let Some(at) = state.turns.iter().position(|t| t.id == turn) else {
-            if runtime.is_none() {
-                return (Vec::new(), false);
-            }
-            let take = state.queue.len().min(MAX_BATCH);
-            return (state.queue.drain(..take).collect(), false);
-        };
+        let Ok(mut state) = self.state.lock() else { return Vec::new() };
+        let Some(at) = state.turns.iter().position(|t| t.id == turn) else { return Vec::new() };
         if state.queue.is_empty() {
             state.turns.swap_remove(at);
-            return (Vec::new(), false);
+            return Vec::new();
         }
         // Each batch is a lookup of its own on the wire.
         state.turns[at].taken = Instant::now();
-        if runtime.is_some() {
-            state.turns[at].flush = runtime;
-        }
         let take = state.queue.len().min(MAX_BATCH);
-        (state.queue.drain(..take).collect(), true)
-    }
-
-    /// Marks `turn` as carried by a flush task on `runtime`, from before
-    /// the task is spawned: lookups queued behind it need no timer.
-    fn carried_by(&self, turn: u64, runtime: tokio::runtime::Id) {
-        if let Ok(mut state) = self.state.lock()
-            && let Some(carried) = state.turns.iter_mut().find(|t| t.id == turn)
-        {
-            carried.flush = Some(runtime);
-        }
+        state.queue.drain(..take).collect()
     }
 
     /// Fails everything queued with `fault`; once the queue is empty, frees
@@ -289,32 +236,15 @@ struct Flush {
     batcher: Arc<Batcher>,
     turn: u64,
     holds_turn: bool,
-    /// The runtime the flush task runs on.
-    runtime: Option<tokio::runtime::Id>,
 }
 
 impl Flush {
     /// The next batch; none once the queue is empty, and then the turn is
     /// free.
     fn next(&mut self) -> Vec<Queued> {
-        let (batch, holds_turn) = self.batcher.release_or_take_as(self.turn, self.runtime);
-        self.holds_turn = holds_turn;
+        let batch = self.batcher.release_or_take(self.turn);
+        self.holds_turn = !batch.is_empty();
         batch
-    }
-
-    /// Answers everything queued with `fault`, after a batch failed: the
-    /// callers behind it get the same answer at once rather than a wait
-    /// per batch on a sick Redis.
-    fn fail_rest(&mut self, fault: &Fault) {
-        loop {
-            let batch = self.next();
-            if batch.is_empty() {
-                return;
-            }
-            for queued in batch {
-                let _ = queued.reply.send(Err(fault.clone()));
-            }
-        }
     }
 }
 
@@ -368,20 +298,16 @@ fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, turn: u
         // and ask alone, and so do any that queued meanwhile. The turn is
         // free again.
         drop(batch);
-        drop(Flush { batcher, turn, holds_turn: true, runtime: None });
+        drop(Flush { batcher, turn, holds_turn: true });
         return;
     };
-    batcher.carried_by(turn, runtime.id());
     // Made before the task and moved in: dropped with the task even if it
     // never runs.
-    let mut flush = Flush { batcher, turn, holds_turn: true, runtime: Some(runtime.id()) };
+    let mut flush = Flush { batcher, turn, holds_turn: true };
     runtime.spawn(async move {
         let mut batch = batch;
         while !batch.is_empty() {
-            if let Err(fault) = send(&connections, batch).await {
-                flush.fail_rest(&fault);
-                return;
-            }
+            send(&connections, batch).await;
             // The callers just answered ask again as soon as they run: let
             // them queue first (a yielded task resumes once its worker has
             // nothing else ready), so the next batch carries them all
@@ -396,8 +322,7 @@ fn flush_elsewhere(batcher: Arc<Batcher>, connections: Arc<Connections>, turn: u
 /// One `MGET` for every queued lookup; each gets its own values back.
 /// Entries are sent once per lookup; version keys, which many lookups
 /// share, once per batch (a linear scan: a batch names a few namespaces).
-/// Returns the fault the batch was answered with, if any.
-async fn send(connections: &Connections, batch: Vec<Queued>) -> Result<(), Fault> {
+async fn send(connections: &Connections, batch: Vec<Queued>) {
     let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 2);
     keys.extend(batch.iter().map(|queued| queued.entry.as_str()));
     let entries = keys.len();
@@ -444,13 +369,11 @@ async fn send(connections: &Connections, batch: Vec<Queued>) -> Result<(), Fault
                 // A caller that gave up has dropped its receiver: nothing to do.
                 let _ = queued.reply.send(Ok(own));
             }
-            Ok(())
         }
         Err(fault) => {
             for queued in batch {
                 let _ = queued.reply.send(Err(fault.clone()));
             }
-            Err(fault)
         }
     }
 }
@@ -519,68 +442,12 @@ mod tests {
         let batcher = Arc::new(Batcher::default());
         let turn = with_turns(&batcher, 1)[0];
         let mut receiver = queue(&batcher, 1).remove(0);
-        drop(Flush { batcher: batcher.clone(), turn, holds_turn: true, runtime: None });
+        drop(Flush { batcher: batcher.clone(), turn, holds_turn: true });
         assert_eq!(batcher.in_flight(), (0, 0));
         assert!(receiver.try_recv().is_err(), "the queued caller is woken to ask alone");
         // A flush that finished gave its turn back already.
         let turn = with_turns(&batcher, 1)[0];
-        drop(Flush { batcher: batcher.clone(), turn, holds_turn: false, runtime: None });
+        drop(Flush { batcher: batcher.clone(), turn, holds_turn: false });
         assert_eq!(batcher.in_flight(), (1, 0));
-    }
-
-    fn runtime_id() -> (tokio::runtime::Runtime, tokio::runtime::Id) {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        let id = runtime.handle().id();
-        (runtime, id)
-    }
-
-    #[test]
-    fn only_flushes_on_the_callers_runtime_spare_it_a_timer() {
-        let (_runtime, ours) = runtime_id();
-        let (_other, theirs) = runtime_id();
-        let batcher = Batcher::default();
-        let turns = with_turns(&batcher, MAX_IN_FLIGHT);
-        let spared = |runtime| batcher.state.lock().unwrap().drained_by_flushes(runtime);
-        assert!(!spared(Some(ours)), "callers' own lookups may be parked");
-        for &turn in &turns[1..] {
-            batcher.carried_by(turn, ours);
-        }
-        assert!(!spared(Some(ours)), "one turn is still a caller's");
-        batcher.carried_by(turns[0], theirs);
-        assert!(!spared(Some(ours)), "a flush on another runtime may never run again");
-        batcher.carried_by(turns[0], ours);
-        assert!(spared(Some(ours)));
-        assert!(!spared(Some(theirs)));
-        assert!(!spared(None));
-    }
-
-    #[test]
-    fn a_flush_whose_turn_was_taken_over_still_drains_the_queue() {
-        let (_runtime, ours) = runtime_id();
-        let batcher = Arc::new(Batcher::default());
-        let turns = with_turns(&batcher, MAX_IN_FLIGHT);
-        for &turn in &turns {
-            batcher.carried_by(turn, ours);
-        }
-        // Queued without a timer, counting on the flushes.
-        let mut waiting = queue(&batcher, 3);
-        // A slow batch: its turn lapses and a caller takes it over, then
-        // parks with it.
-        std::thread::sleep(Duration::from_millis(2));
-        let taken = batcher.state.lock().unwrap().take_turn(Duration::ZERO).expect("a lapsed turn");
-        let lapsed =
-            *turns.iter().find(|&&turn| batcher.state.lock().unwrap().turns.iter().all(|t| t.id != turn)).expect("one");
-        let mut flush = Flush { batcher: batcher.clone(), turn: lapsed, holds_turn: true, runtime: Some(ours) };
-        let batch = flush.next();
-        assert_eq!(batch.len(), 3, "the flush takes the queue even without its turn");
-        assert!(!flush.holds_turn);
-        for queued in batch {
-            let _ = queued.reply.send(Ok(Vec::new()));
-        }
-        assert!(waiting.iter_mut().all(|receiver| receiver.try_recv().is_ok()));
-        assert!(flush.next().is_empty());
-        drop(flush);
-        assert_eq!(batcher.in_flight().0, MAX_IN_FLIGHT as u64, "the new holder's turn and the other flush's remain");
-        assert!(batcher.release_or_take(taken).is_empty());
     }
 }
