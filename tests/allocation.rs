@@ -42,6 +42,9 @@ fn hits_of_a_big_body() {
         assert_eq!(big_body(&cache, 1).await, 2);
         assert_eq!(big_body(&cache, 1).await, 2);
         assert_eq!(COMPUTED.load(SeqCst), 1, "the second call hit");
+        // Nor does the call's own future, which callers box or spawn.
+        let size = std::mem::size_of_val(&big_body(&cache, 1));
+        assert!(size < BUFFER / 4, "a cached call's future is {size} bytes");
         LARGEST.store(0, SeqCst);
         for _ in 0..10 {
             assert_eq!(big_body(&cache, 1).await, 2);

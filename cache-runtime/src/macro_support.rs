@@ -92,7 +92,9 @@ async fn run<R, B: Body<R>>(
                 Cause::NotInitialized,
                 format_args!("cached call before cache_runtime::init: computing without the cache"),
             );
-            body.run().await
+            // Boxed: inline, the body's future would be part of every
+            // cached call's future, hits included.
+            Box::pin(body.run()).await
         }
     }
 }
