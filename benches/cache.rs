@@ -463,6 +463,18 @@ fn miss_cache(server: &support::RedisServer) -> Cache {
         .expect("cache")
 }
 
+/// The raw client's miss of key `n`: a `GET` that finds nothing, the body,
+/// a `SET PX` of its encoding.
+async fn raw_miss(conn: &mut redis::aio::MultiplexedConnection, n: u64) {
+    let key = format!("raw-miss:{n}");
+    let hit: Option<Vec<u8>> = conn.get(&key).await.unwrap();
+    assert!(hit.is_none());
+    let product = Product::new(7);
+    let bytes = bincode::serde::encode_to_vec(&product, bincode_config()).unwrap();
+    let _: () = conn.pset_ex(&key, bytes, 3_600_000).await.unwrap();
+    black_box(product);
+}
+
 /// Our miss, locked and not, against the raw `GET` + `SET PX` at `tasks`
 /// tasks, in [`ROUNDS`] rounds of [`ROUND`] that rotate which goes first,
 /// as [`alternating`] does for hits: per round, each of ours against the
@@ -484,15 +496,7 @@ async fn miss_rounds(server: &support::RedisServer, cache: &Cache, tasks: usize)
                     match which {
                         0 => drop(black_box(ours_miss(&c, n).await)),
                         1 => drop(black_box(ours_miss_unlocked(&c, n).await)),
-                        _ => {
-                            let key = format!("raw-miss:{n}");
-                            let hit: Option<Vec<u8>> = conn.get(&key).await.unwrap();
-                            assert!(hit.is_none());
-                            let product = Product::new(7);
-                            let bytes = bincode::serde::encode_to_vec(&product, bincode_config()).unwrap();
-                            let _: () = conn.pset_ex(&key, bytes, 3_600_000).await.unwrap();
-                            black_box(product);
-                        }
+                        _ => raw_miss(&mut conn, n).await,
                     }
                 }
             })
@@ -562,15 +566,7 @@ async fn miss_path(server: &support::RedisServer, cache: &Cache) -> Vec<Row> {
         rows.push(
             measure("raw GET (nil) + SET PX", tasks, move |_| {
                 let (mut conn, n) = (conn.clone(), n.clone());
-                async move {
-                    let key = format!("raw-miss:{}", n.fetch_add(1, Relaxed));
-                    let hit: Option<Vec<u8>> = conn.get(&key).await.unwrap();
-                    assert!(hit.is_none());
-                    let product = Product::new(7);
-                    let bytes = bincode::serde::encode_to_vec(&product, bincode_config()).unwrap();
-                    let _: () = conn.pset_ex(&key, bytes, 3_600_000).await.unwrap();
-                    black_box(product);
-                }
+                async move { raw_miss(&mut conn, n.fetch_add(1, Relaxed)).await }
             })
             .await,
         );
