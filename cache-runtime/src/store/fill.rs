@@ -6,8 +6,8 @@
 //! When the computation observed nothing, `SET entry … NX` checks the first
 //! as well: anything written since (another store, a write-through, a
 //! forget's tombstone) makes it refuse; then `STORE` decides, since a key of
-//! another type also refuses `NX` though reads saw it empty. The versions are read by an `MGET`
-//! after the `SET`: versions only grow, and a missing one restarts from a
+//! another type also refuses `NX` though reads saw it empty. The versions
+//! are read by an `MGET` after the `SET`: versions only grow, and a missing one restarts from a
 //! random seed, so versions equal after the `SET` were equal at it. When
 //! they differ, the entry stays in Redis bound to the old versions, which
 //! no reader takes (every hit compares an entry's versions with the current
@@ -32,10 +32,11 @@ use redis::{FromRedisValue, Value};
 
 /// Stores bound for one pipeline: per item, in order, its `SET NX` (a fill)
 /// or its `STORE` script; then, if any fill must verify, one `MGET` of its
-/// version keys; then the releases of the locks fills hold.
+/// version keys; then one release of every lock the fills hold.
 struct Stores<'k> {
     commands: Vec<redis::Cmd>,
-    /// Per item: whether it is a fill, and whether a release follows for it.
+    /// Per item: whether it is a fill, and whether the release frees its
+    /// lock.
     fills: Vec<Option<Held>>,
     /// The version keys the `MGET` reads; `None` when it is not sent.
     version_keys: Option<&'k [String]>,
@@ -48,7 +49,7 @@ enum Fill {
     Occupied,
 }
 
-/// Whether a fill's lock is released by a command of the pipeline.
+/// Whether a fill's lock is freed by the pipeline's release.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Held {
     Lock,
