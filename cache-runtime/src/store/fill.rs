@@ -7,8 +7,9 @@
 //! as well: anything written since (another store, a write-through, a
 //! forget's tombstone) makes it refuse; then `STORE` decides, since a key of
 //! another type also refuses `NX` though reads saw it empty. The versions
-//! are read by an `MGET` after the `SET`: versions only grow, and a missing one restarts from a
-//! random seed, so versions equal after the `SET` were equal at it. When
+//! are read by an `MGET` after the `SET`: versions only grow, and a
+//! missing one restarts from a random seed, so versions equal after the
+//! `SET` were equal at it. When
 //! they differ, the entry stays in Redis bound to the old versions, which
 //! no reader takes (every hit compares an entry's versions with the current
 //! ones), and the store answers `VersionChanged`, so the value is neither
