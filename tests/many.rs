@@ -142,6 +142,37 @@ fn forget_and_invalidate_work_per_item() {
     });
 }
 
+/// A page whose site hit last time reads first, then takes the missing
+/// items' locks as a single call takes its lock with its read: `SET NX PX`
+/// each and one `MGET` of their entries, in one pipeline, no script (one
+/// `LOCK` script each before: 11 µs of Redis each, `SET` 1.5 µs).
+#[test]
+fn a_page_that_usually_hits_locks_its_misses_without_a_script() {
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![2, 4]).await;
+        // All hits: the site no longer expects misses, and reads first.
+        names(&cache, &asked, "eu", vec![2, 4]).await;
+        let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
+        let got = names(&cache, &asked, "eu", vec![2, 4, 6, 7, 8]).await;
+        assert_eq!(got.len(), 4, "{got:?}");
+        let calls = server.command_calls();
+        // The read; three locks and their re-read; three fills and one
+        // release of the three locks.
+        assert_eq!(calls.get("evalsha"), None, "{calls:?}");
+        assert_eq!(
+            (calls.get("mget"), calls.get("set"), calls.get("eval")),
+            (Some(&2), Some(&6), Some(&1)),
+            "{calls:?}"
+        );
+        assert_eq!(names(&cache, &asked, "eu", vec![2, 4, 6, 7, 8]).await, got);
+        assert_eq!(asked.take(), vec![vec![2, 4], vec![6, 7, 8]], "every item stored, the absent one too");
+        assert!(support::entry_keys(&mut server.conn(), "app:*#lock").is_empty(), "no lock left");
+    });
+}
+
 /// Items whose keys were empty are filled with `SET NX` (their locks
 /// released by `EVAL`), an item over a tombstone is stored by `STORE`, all
 /// in one pipeline; every item reads back.

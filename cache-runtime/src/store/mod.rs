@@ -161,17 +161,18 @@ impl Backend {
         }
     }
 
-    /// A bulk call's locks, one per item, in one round trip.
+    /// A bulk call's locks, one per item, in one round trip, and whether
+    /// each is held now (a `Hit` may hold it: its caller releases it).
     pub(crate) async fn lock_many(
         &self,
         items: &[(&EntryKeys<'_>, LockRequest<'_>)],
         head: &[u8],
-    ) -> Result<Vec<Result<LockReply, Fault>>, Fault> {
+    ) -> Result<Vec<Result<(LockReply, bool), Fault>>, Fault> {
         match self {
             Backend::Redis(redis) => redis.lock_many(items, head).await,
             Backend::Memory => Ok(items
                 .iter()
-                .map(|_| Ok(LockReply::Lead { observed: String::new(), versions: Vec::new() }))
+                .map(|_| Ok((LockReply::Lead { observed: String::new(), versions: Vec::new() }, false)))
                 .collect()),
         }
     }

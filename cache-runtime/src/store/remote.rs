@@ -113,34 +113,25 @@ impl Redis {
         }
         let locked = matches!(set, ::redis::Value::Okay);
         let entry = values.remove(0);
-        let current = entry.as_deref().is_some_and(|bytes| {
-            bytes.starts_with(head)
-                && codec::StoredEntry::parse(bytes).is_some_and(|stored| {
-                    stored.is_bound_to(values.iter().map(Option::as_deref))
-                        && stored.times.fresh_until_ms > request.min_fresh_ms
-                })
-        });
-        match entry {
-            Some(entry) if current => Ok((LockReply::Hit(entry), locked)),
-            _ if !locked => Ok((LockReply::Wait, false)),
-            entry => {
-                let observed = scripts::digest(entry.as_deref());
-                let versions = match values.into_iter().collect::<Option<Vec<_>>>() {
-                    Some(versions) => versions,
-                    // A namespace's first use: seeded under the lock, and
-                    // observed as seeded. The lock is taken: a breaker that
-                    // refuses the seeding must not read as a request that
-                    // never left (whose lock nobody would release).
-                    None => self.seed_versions(keys.versions).await.map_err(|fault| match fault {
-                        Fault::BreakerOpen => {
-                            Fault::Connection("the breaker opened between taking the lock and seeding".to_owned())
-                        }
-                        fault => fault,
-                    })?,
-                };
-                Ok((LockReply::Lead { observed, versions }, true))
+        let versions = match values.iter().cloned().collect::<Option<Vec<_>>>() {
+            Some(versions) => Some(versions),
+            None if locked => Some(self.seed_under_lock(keys.versions).await?),
+            None => None,
+        };
+        Ok(locked_read(head, request.min_fresh_ms, locked, entry, &values, versions))
+    }
+
+    /// A namespace's first use, met with a lock taken: seeded under the
+    /// lock, and observed as seeded. The lock is taken, so a breaker that
+    /// refuses the seeding must not read as a request that never left
+    /// (whose lock nobody would release).
+    pub(super) async fn seed_under_lock(&self, version_keys: &[String]) -> Result<Vec<Vec<u8>>, Fault> {
+        self.seed_versions(version_keys).await.map_err(|fault| match fault {
+            Fault::BreakerOpen => {
+                Fault::Connection("the breaker opened between taking the lock and seeding".to_owned())
             }
-        }
+            fault => fault,
+        })
     }
 
     /// The versions of `version_keys`, seeding those that have none: one
@@ -225,4 +216,32 @@ impl Redis {
 
 pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a lock taken with a read of the entry found: `locked`, whether
+/// `SET NX` took it; `read`, the versions as read; `seeded`, the versions
+/// to compute under when the lock is ours (read, or seeded where none).
+/// A current entry is a `Hit` even when the lock was taken, which the
+/// caller then releases.
+pub(super) fn locked_read(
+    head: &[u8],
+    min_fresh_ms: u64,
+    locked: bool,
+    entry: Option<Vec<u8>>,
+    read: &[Option<Vec<u8>>],
+    seeded: Option<Vec<Vec<u8>>>,
+) -> (LockReply, bool) {
+    let current = entry.as_deref().is_some_and(|bytes| {
+        bytes.starts_with(head)
+            && codec::StoredEntry::parse(bytes).is_some_and(|stored| {
+                stored.is_bound_to(read.iter().map(Option::as_deref)) && stored.times.fresh_until_ms > min_fresh_ms
+            })
+    });
+    match (entry, seeded) {
+        (Some(entry), _) if current => (LockReply::Hit(entry), locked),
+        (entry, Some(versions)) if locked => {
+            (LockReply::Lead { observed: scripts::digest(entry.as_deref()), versions }, true)
+        }
+        _ => (LockReply::Wait, false),
+    }
 }

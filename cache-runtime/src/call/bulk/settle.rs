@@ -1,7 +1,7 @@
 //! A bulk call's items from their lock to their stored entries: the locks
-//! of the items it leads in one pipeline of `LOCK` scripts, what each
-//! item's reply means for it, and one pipeline of `STORE` scripts
-//! for everything the body computed, each settled as a single call's
+//! of the items it leads in one pipeline (`store::many`), what each item's
+//! reply means for it, and one pipeline of stores (fills and `STORE`
+//! scripts) for everything the body computed, each settled as a single call's
 //! store is (`Call::stored`): kept locally, shared with waiters only when
 //! a store checked it or nothing changed since.
 
@@ -33,8 +33,12 @@ async fn lock_reply<'f, R>(
     c: usize,
     leader: Leader<'f>,
     mut guard: LockGuard,
-    reply: Result<LockReply, Fault>,
+    reply: Result<(LockReply, bool), Fault>,
 ) -> Locked<'f, R> {
+    let (reply, held) = match reply {
+        Ok((reply, held)) => (Ok(reply), held),
+        Err(fault) => (Err(fault), false),
+    };
     match reply {
         Ok(LockReply::Lead { observed, versions }) => Locked::Compute(Led {
             want: c,
@@ -43,7 +47,10 @@ async fn lock_reply<'f, R>(
             observed: Some(Observed { versions, entry: observed }),
         }),
         Ok(LockReply::Hit(entry)) => {
-            guard.disarm();
+            // A lock taken with the read goes with the guard.
+            if !held {
+                guard.disarm();
+            }
             let Some(stored) = call.parse(&entry) else { return Locked::Retry(c) };
             let Some((output, payload)) = call.open(&stored) else {
                 // Current header, undecodable payload: remove it, so the
