@@ -482,7 +482,9 @@ async fn raw_miss(conn: &mut redis::aio::MultiplexedConnection, n: u64) {
 /// ratio (1 task). Keys are never reused, so every call misses.
 async fn miss_rounds(server: &support::RedisServer, cache: &Cache, tasks: usize) -> [Vec<(f64, f64)>; 2] {
     let raw = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let next = Arc::new(AtomicU64::new(1 << 50));
+    // One counter for every run of the rounds: keys are never reused.
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 50);
+    let next = Arc::new(AtomicU64::new(NEXT.fetch_add(1 << 40, Relaxed)));
     let mut ratios = [Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS)];
     for round in 0..ROUNDS {
         let mut rows: Vec<(usize, Row)> = Vec::with_capacity(3);
