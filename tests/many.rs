@@ -35,6 +35,11 @@ impl Asked {
 /// Odd ids do not exist.
 #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
 async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
+    names_of(asked, region, ids)
+}
+
+/// The body of [`names`]: records what it was asked for.
+fn names_of(asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
     asked.record(&ids);
     ids.into_iter().filter(|id| id % 2 == 0).map(|id| (id, format!("{region}-{id}"))).collect()
 }
@@ -152,8 +157,7 @@ fn a_page_that_usually_hits_locks_its_misses_without_a_script() {
     /// site's, which tests running beside this one would move.
     #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
     async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
-        asked.record(&ids);
-        ids.into_iter().filter(|id| id % 2 == 0).map(|id| (id, format!("{region}-{id}"))).collect()
+        names_of(asked, region, ids)
     }
     let server = RedisServer::start();
     run(DEADLINE, async {
