@@ -189,6 +189,12 @@ fn a_page_that_usually_hits_locks_its_misses_without_a_script() {
 /// in one pipeline; every item reads back.
 #[test]
 fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
+    /// A call site of its own: which items it read lately is the site's,
+    /// which tests running beside this one would move.
+    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
+    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
+        names_of(asked, region, ids)
+    }
     let server = RedisServer::start();
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
@@ -203,13 +209,94 @@ fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
         let got = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
         assert_eq!(got.len(), 3, "{got:?}");
         let calls = server.command_calls();
-        // One `CLAIM` (the read takes the four locks) and one `STORE`;
-        // one release, of the three fills' locks, after them.
-        assert_eq!((calls.get("evalsha"), calls.get("eval")), (Some(&2), Some(&1)), "{calls:?}");
+        // The read takes the locks of the three items the site never read
+        // (`SET NX`), the tombstone's is taken after it; one `STORE` for
+        // that item, and one release, of the three fills' locks, after them.
+        assert_eq!((calls.get("evalsha"), calls.get("eval")), (Some(&1), Some(&1)), "{calls:?}");
         let again = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
         assert_eq!(again, got);
         assert_eq!(asked.take(), vec![vec![2], vec![9], vec![6, 7, 8, 10]], "every item stored, the absent one too");
         assert_eq!(cache.stats().total.errors(), 0);
+    });
+}
+
+/// A site that read most of a page lately takes, with its read, the locks
+/// of only the items it never read, by `SET NX PX`: no script, where the
+/// `CLAIM` script judged every entry (its Lua cost Redis ten times an
+/// `MGET` of them).
+#[test]
+fn a_page_of_regulars_locks_its_new_items_with_its_read_and_no_script() {
+    /// A call site of its own: see above.
+    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
+    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
+        names_of(asked, region, ids)
+    }
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        let regulars: Vec<u64> = (100..120).collect();
+        names(&cache, &asked, "eu", regulars.clone()).await;
+        let mut conn = server.conn();
+        let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut conn).expect("resetstat");
+        let before = reads(&mut conn);
+        let page: Vec<u64> = regulars.iter().copied().chain(200..205).collect();
+        let got = names(&cache, &asked, "eu", page.clone()).await;
+        // The second `INFO`'s own read counts too.
+        let round_trips = reads(&mut conn) - before - 1;
+        assert_eq!(got, names_of(&Asked::default(), "eu", page), "{got:?}");
+        let calls = server.command_calls();
+        // Five locks and one `MGET`; five fills and one release.
+        assert_eq!(calls.get("evalsha"), None, "{calls:?}");
+        assert_eq!(
+            (calls.get("mget"), calls.get("set"), calls.get("eval")),
+            (Some(&1), Some(&10), Some(&1)),
+            "{calls:?}"
+        );
+        assert_eq!(round_trips, 2, "{calls:?}");
+        assert_eq!(asked.take(), vec![regulars, (200..205).collect()]);
+        assert!(locks_held(&server).is_empty());
+    });
+}
+
+/// Items another process filled are current, but this site never read
+/// them: its guess locks them all for nothing. It then reads with the
+/// `CLAIM` script, which judges each entry, for a while.
+#[test]
+fn a_site_that_guessed_wrong_claims_with_the_script_for_a_while() {
+    /// A call site of its own: see above.
+    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
+    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
+        names_of(asked, region, ids)
+    }
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        // Another process: a cache of its own, whose calls of the site
+        // remember nothing in it.
+        let other = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![1]).await;
+        names(&other, &asked, "eu", (100..140).collect()).await;
+        asked.take();
+        let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
+        // Forty items it never read, one of them new: forty locks asked for,
+        // thirty-nine for nothing, and released.
+        let got = names(&cache, &asked, "eu", (100..141).collect()).await;
+        assert_eq!(got.len(), 21, "the even ids");
+        let calls = server.command_calls();
+        assert_eq!((calls.get("evalsha"), calls.get("set")), (None, Some(&42)), "{calls:?}");
+        // So the next pages, items of the other process's again, are
+        // claimed by the script.
+        names(&other, &asked, "eu", (200..240).collect()).await;
+        let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
+        let got = names(&cache, &asked, "eu", (200..241).collect()).await;
+        assert_eq!(got.len(), 21, "the even ids");
+        let calls = server.command_calls();
+        // The script, which locks only the new item, and its fill.
+        assert_eq!((calls.get("evalsha"), calls.get("set")), (Some(&1), Some(&2)), "{calls:?}");
+        assert_eq!(asked.take(), vec![vec![140], (200..240).collect(), vec![240]]);
+        assert!(locks_held(&server).is_empty());
     });
 }
 

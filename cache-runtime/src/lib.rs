@@ -62,6 +62,7 @@ mod cache;
 mod policy;
 mod programmatic;
 mod purge;
+mod recent;
 mod site;
 // Keys, values and the local tier.
 mod bounded;

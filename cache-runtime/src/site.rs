@@ -4,6 +4,7 @@
 
 use crate::keys::{CACHE_WIDE, check_namespace, version_key};
 use crate::local::{LocalSite, LocalTier};
+use crate::recent::Recent;
 use crate::stats::{Counters, Registry};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
@@ -30,10 +31,13 @@ pub(crate) struct Site {
     /// Whether the site's last bulk read missed an item: its next bulk
     /// read takes the locks of what it misses (`store::claim`).
     bulk_missed: AtomicBool,
+    /// The items its bulk reads read lately; only for the site a cell
+    /// keeps: one made for a single call would remember nothing.
+    pub recent: Option<Recent>,
 }
 
 impl Site {
-    fn new<'n>(cache: CacheView<'_>, prefix: &str, namespaces: impl Iterator<Item = &'n str>) -> Self {
+    fn new<'n>(cache: CacheView<'_>, prefix: &str, namespaces: impl Iterator<Item = &'n str>, kept: bool) -> Self {
         let mut namespaces: Vec<&str> = namespaces.collect();
         // The user's names are checked; the cache-wide one is ours, and
         // made of a character they may not use.
@@ -49,6 +53,7 @@ impl Site {
             misses_in_a_row: AtomicU32::new(0),
             // A new site is more likely cold than warm.
             bulk_missed: AtomicBool::new(true),
+            recent: kept.then(Recent::default),
         }
     }
 
@@ -77,9 +82,10 @@ impl Site {
     }
 
     /// Whether the site's last bulk read missed an item. A bulk read that
-    /// expects misses takes their locks in the same round trip, with a
-    /// script that judges every entry; one that expects none reads with
-    /// a plain `MGET`, which costs Redis less per entry.
+    /// expects misses takes their locks in the same round trip (those of
+    /// the items the site has not read lately, or, with a script, those
+    /// of every entry it finds missing); one that expects none reads with
+    /// a plain `MGET`.
     pub(crate) fn bulk_misses_likely(&self) -> bool {
         self.bulk_missed.load(Relaxed)
     }
@@ -122,9 +128,9 @@ impl SiteCell {
             if *id == cache.id {
                 return SiteRef::Borrowed(site);
             }
-            return SiteRef::Owned(Arc::new(Site::new(cache, prefix, namespaces)));
+            return SiteRef::Owned(Arc::new(Site::new(cache, prefix, namespaces, false)));
         }
-        let site = Arc::new(Site::new(cache, prefix, namespaces));
+        let site = Arc::new(Site::new(cache, prefix, namespaces, true));
         let _ = self.0.set((cache.id, site.clone()));
         SiteRef::Owned(site)
     }

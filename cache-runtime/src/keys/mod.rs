@@ -48,6 +48,13 @@ impl KeyHash {
         [self.0[0], self.0[1]]
     }
 
+    /// The hash as two words: uniform and independent, for a table's slot
+    /// and fingerprint.
+    pub(crate) fn words(&self) -> (u64, u64) {
+        let [a, b, c, d, e, f, g, h, rest @ ..] = self.0;
+        (u64::from_le_bytes([a, b, c, d, e, f, g, h]), u64::from_le_bytes(rest))
+    }
+
     /// Parses [`to_hex`](Self::to_hex)'s output.
     pub(crate) fn from_hex(hex: &[u8]) -> Option<Self> {
         if hex.len() != 32 {

@@ -1,11 +1,14 @@
 //! A bulk call's read that also takes the stampede locks of the items it
-//! misses: the `CLAIM` script then an `MGET` of the entries and versions,
-//! one pipeline, where a read then a pipeline of `LOCK` scripts took two
-//! round trips. The `MGET` comes after the locks, so what it reads is what
-//! a computation under them is based on, as with a single call's lock
-//! taken with its read (docs/CONSISTENCY.md). Only on one server (or behind Sentinel): on a
-//! cluster the tag versions live in other slots than the entries, and the
-//! bulk call reads and locks in two round trips as before.
+//! misses, in one pipeline, where a read then a pipeline of locks took two
+//! round trips. Two ways: the `CLAIM` script, which judges every entry and
+//! locks those it misses, then an `MGET` of the entries and versions; or,
+//! for the items the caller guesses are missing (`recent.rs`), `SET NX PX`
+//! each then the `MGET`, no script. Either way the `MGET` comes after the
+//! locks, so what it reads is what a computation under them is based on,
+//! as with a single call's lock taken with its read (docs/CONSISTENCY.md).
+//! Only on one server (or behind Sentinel): on a cluster the tag versions
+//! live in other slots than the entries, and the bulk call reads and locks
+//! in two round trips as before.
 
 use super::Redis;
 use super::many::ReadMany;
@@ -81,6 +84,54 @@ impl Redis {
         let claims = claims.into_iter().map(Claim::parse).collect::<Option<Vec<_>>>().ok_or_else(|| shape("claims"))?;
         if claims.len() != entries.len() || values.len() != entries.len() + versions.len() {
             return Err(shape("count"));
+        }
+        let versions = values.split_off(entries.len());
+        Ok(Claimed { read: ReadMany { entries: values, versions }, claims })
+    }
+
+    /// [`claim_many`](Self::claim_many) without the script, for entries
+    /// the caller guesses are missing (`recent.rs`): `SET NX PX` for the
+    /// lock of each entry at `asked` (`request.locks` in the same order),
+    /// then an `MGET` of every entry and `versions`, in one pipeline.
+    /// Plain commands cost Redis a fraction of the script's Lua; but the
+    /// versions are not seeded, and an entry not asked for is not locked
+    /// even when it misses ([`Claim::Unasked`]).
+    pub(crate) async fn claim_asked(
+        &self,
+        entries: &[&str],
+        versions: &[String],
+        asked: &[usize],
+        request: ClaimRequest<'_>,
+    ) -> Result<Claimed, Fault> {
+        let ttl = millis(request.ttl);
+        let mut commands = Vec::with_capacity(asked.len() + 1);
+        for lock in request.locks {
+            let mut set = super::command("SET", 5, lock.len() + request.token.len() + 26);
+            set.arg(lock).arg(request.token).arg("NX").arg("PX").arg(ttl);
+            commands.push(set);
+        }
+        let mut mget = super::command(
+            "MGET",
+            entries.len() + versions.len(),
+            super::bytes_of(entries) + super::bytes_of(versions),
+        );
+        mget.arg(entries).arg(versions);
+        commands.push(mget);
+        let mut replies = self.pipelined(commands).await?;
+        let shape = |what: &str| Fault::Server(format!("the claim pipeline replied in an unexpected shape: {what}"));
+        let mut values = match replies.pop() {
+            Some(values) => Vec::<Option<Vec<u8>>>::from_redis_value(values?).map_err(|e| shape(&e.to_string()))?,
+            None => return Err(shape("count")),
+        };
+        if replies.len() != asked.len() || values.len() != entries.len() + versions.len() {
+            return Err(shape("count"));
+        }
+        let mut claims = vec![Claim::Unasked; entries.len()];
+        for (&at, reply) in asked.iter().zip(replies) {
+            // A lock refused by the server fails the read: the caller's
+            // guard releases the ones it did take.
+            let taken = matches!(reply?, Value::Okay);
+            *claims.get_mut(at).ok_or_else(|| shape("asked"))? = if taken { Claim::Taken } else { Claim::Held };
         }
         let versions = values.split_off(entries.len());
         Ok(Claimed { read: ReadMany { entries: values, versions }, claims })

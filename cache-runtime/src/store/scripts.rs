@@ -303,6 +303,8 @@ pub(crate) enum Claim {
     Taken,
     /// Not current, and someone else holds the lock.
     Held,
+    /// Not locked: the read did not ask for its lock (`store::claim`).
+    Unasked,
 }
 
 impl ClaimArgs<'_> {

@@ -2,7 +2,13 @@
 //! the same round trip (`store::claim`): each item read is then a hit, a
 //! miss whose lock this call took, a miss whose lock someone else holds,
 //! or a miss to lock the usual way (`settle::lock_all`), when the script
-//! found current what the call's own judgement does not.
+//! found current what the call's own judgement does not, or the site's
+//! guess did not ask for its lock.
+//!
+//! Which locks the read asks for: a site that remembers its recent items
+//! (`recent.rs`) asks, with plain commands, for those of the items it has
+//! not read lately; otherwise the `CLAIM` script judges every entry and
+//! locks those it misses.
 //!
 //! A lock taken for an item that turns out not to need it (the call finds
 //! the entry current after all, or another caller in this process is
@@ -54,10 +60,18 @@ impl<'c, K, V> Bulk<'c, K, V> {
         }
         let entries: Vec<&str> = unread.iter().map(|&c| keys[c].entry()).collect();
         let version_keys = &self.observer.site.version_keys;
+        let recent = self.observer.site.recent.as_ref();
         let redis = self.cache.backend().redis().filter(|redis| claim && redis.can_claim());
+        // The items guessed missing (indices into `unread`), when the site
+        // guesses; then only their locks are asked for, without the script.
+        let mut guessed = None;
         let (read, mut guards) = match redis {
             Some(redis) => {
-                let locks = unread.iter().map(|&c| keys[c].lock()).collect();
+                guessed = recent.filter(|recent| recent.trusted()).map(|recent| {
+                    (0..unread.len()).filter(|&n| !recent.knows(keys[unread[n]].hash())).collect::<Vec<_>>()
+                });
+                let asked = guessed.clone().unwrap_or_else(|| (0..unread.len()).collect());
+                let locks = asked.iter().map(|&n| keys[unread[n]].lock()).collect();
                 // Armed before asking: see `ClaimGuard`.
                 let guard = ClaimGuard::new(self.cache, locks);
                 let request = ClaimRequest {
@@ -65,30 +79,41 @@ impl<'c, K, V> Bulk<'c, K, V> {
                     token: &guard.token,
                     ttl: self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()),
                 };
-                let head = self.plan.codec.lock_head();
-                // Dropped armed on a fault: the script may have run.
-                let claimed = redis.claim_many(&entries, version_keys, &head, request).await?;
+                // Dropped armed on a fault: the locks may have been taken.
+                let claimed = match guessed {
+                    Some(_) => redis.claim_asked(&entries, version_keys, &asked, request).await?,
+                    None => redis.claim_many(&entries, version_keys, &self.plan.codec.lock_head(), request).await?,
+                };
                 let claims = claimed.claims;
-                let guards = guard.split(|i| claims[i] == Claim::Taken);
-                (claimed.read, claims.into_iter().zip(guards).collect())
+                let mut guards: Vec<(Claim, Option<LockGuard>)> = claims.iter().map(|&claim| (claim, None)).collect();
+                for (&n, guard) in asked.iter().zip(guard.split(|i| claims[asked[i]] == Claim::Taken)) {
+                    guards[n].1 = guard;
+                }
+                (claimed.read, guards)
             }
             None => (self.cache.backend().read_many(&entries, version_keys).await?, Vec::new()),
         };
         drop(entries);
         let ReadMany { entries, versions } = read;
         let mut missed_any = false;
+        // Locks the guess took for entries found current, and for misses.
+        let (mut wasted, mut needed) = (0, 0);
         for (n, (&c, entry)) in unread.iter().zip(entries).enumerate() {
             let (claim, guard) =
-                guards.get_mut(n).map_or((Claim::Current, None), |(claim, guard)| (*claim, guard.take()));
+                guards.get_mut(n).map_or((Claim::Unasked, None), |(claim, guard)| (*claim, guard.take()));
+            let asked = claim != Claim::Unasked;
             match calls[c].judge(entry, Cow::Borrowed(&versions), None).await {
                 Lookup::Hit { output, .. } => {
                     self.hit(&mut wants[keyed[c]], output);
+                    wasted += usize::from(guard.is_some());
                     judged.spare.extend(guard);
                 }
                 Lookup::Miss(seen) => {
                     missed_any = true;
+                    needed += usize::from(asked);
                     match (guard, claim) {
-                        // The claim seeded every version it read.
+                        // Versions the read did not find (not seeded: the
+                        // claim was a guess) are seeded by the usual lock.
                         (Some(guard), _) => match seen.versions.iter().cloned().collect::<Option<Vec<_>>>() {
                             Some(versions) => {
                                 judged.claimed.push((c, guard, Observed { versions, entry: seen.entry }));
@@ -110,6 +135,12 @@ impl<'c, K, V> Bulk<'c, K, V> {
             }
         }
         self.observer.site.read_many(missed_any);
+        if let Some(recent) = recent {
+            if guessed.is_some() {
+                recent.guessed(wasted, needed);
+            }
+            recent.read(unread.iter().map(|&c| keys[c].hash()));
+        }
         Ok(judged)
     }
 

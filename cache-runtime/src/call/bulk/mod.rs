@@ -5,8 +5,10 @@
 //! A round looks up every item still wanted: the local tier, then one
 //! read of all entries and the shared version keys. On one server, while
 //! the site's bulk reads miss, that read also takes the stampede locks of
-//! the items it misses (`claim.rs`); otherwise (a cluster, a site whose
-//! last read hit everything, `lock = false`) it is an `MGET`. Each missing
+//! the items it misses (`claim.rs`): with plain commands for the items the
+//! site has not read lately (`recent.rs`), or with a script that judges
+//! every entry; otherwise (a cluster, a site whose last read hit
+//! everything, `lock = false`) it is an `MGET`. Each missing
 //! item joins its flight in this process (`flight.rs`); the items this
 //! call leads and has no lock for yet take them in one pipeline of `LOCK`
 //! scripts. The body then runs once, with the items this call holds the
