@@ -38,6 +38,19 @@ async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> Has
     names_of(asked, region, ids)
 }
 
+/// A call site of its own for one test, with [`names`]' signature and
+/// body: what a site remembers (whether its bulk reads miss, the items it
+/// read lately) is the site's, which the tests that `cargo test` runs
+/// beside it on other threads would move.
+macro_rules! names_site {
+    () => {
+        #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
+        async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
+            names_of(asked, region, ids)
+        }
+    };
+}
+
 /// The body of [`names`]: records what it was asked for.
 fn names_of(asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
     asked.record(&ids);
@@ -153,12 +166,7 @@ fn forget_and_invalidate_work_per_item() {
 /// `LOCK` script each before: 11 µs of Redis each, `SET` 1.5 µs).
 #[test]
 fn a_page_that_usually_hits_locks_its_misses_without_a_script() {
-    /// A call site of its own: whether a site expects misses is the
-    /// site's, which tests running beside this one would move.
-    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
-    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
-        names_of(asked, region, ids)
-    }
+    names_site!();
     let server = RedisServer::start();
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
@@ -189,12 +197,7 @@ fn a_page_that_usually_hits_locks_its_misses_without_a_script() {
 /// in one pipeline; every item reads back.
 #[test]
 fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
-    /// A call site of its own: which items it read lately is the site's,
-    /// which tests running beside this one would move.
-    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
-    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
-        names_of(asked, region, ids)
-    }
+    names_site!();
     let server = RedisServer::start();
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
@@ -226,11 +229,7 @@ fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
 /// `MGET` of them).
 #[test]
 fn a_page_of_regulars_locks_its_new_items_with_its_read_and_no_script() {
-    /// A call site of its own: see above.
-    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
-    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
-        names_of(asked, region, ids)
-    }
+    names_site!();
     let server = RedisServer::start();
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
@@ -264,11 +263,7 @@ fn a_page_of_regulars_locks_its_new_items_with_its_read_and_no_script() {
 /// `CLAIM` script, which judges each entry, for a while.
 #[test]
 fn a_site_that_guessed_wrong_claims_with_the_script_for_a_while() {
-    /// A call site of its own: see above.
-    #[cached(ttl = 60, prefix = "names", batch(ids), skip(asked), cache = cache)]
-    async fn names(cache: &Cache, asked: &Asked, region: &str, ids: Vec<u64>) -> HashMap<u64, String> {
-        names_of(asked, region, ids)
-    }
+    names_site!();
     let server = RedisServer::start();
     run(DEADLINE, async {
         let cache = cache_for(&server, "app");
