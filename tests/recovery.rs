@@ -214,40 +214,19 @@ fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() {
 /// call probes, and reads hit again soon after Redis answers.
 #[test]
 fn a_parked_probe_does_not_keep_the_breaker_open_for_good() {
-    use cache_runtime::Policy;
     let _serial = serial();
     let redis = RedisServer::start();
-    support::run(Duration::from_secs(30), async {
-        let cache = Cache::builder()
-            .url(redis.url())
-            .key_prefix("parked-probe")
-            .connect_timeout(Duration::from_millis(200))
-            .command_timeout(Duration::from_millis(200))
-            .circuit_breaker(1, Duration::from_millis(100))
-            .build()
-            .expect("cache");
-        let policy = Policy::new("probe").ttl(Duration::from_secs(60));
-        let value = |n: u32| async move { Ok::<_, std::io::Error>(n) };
-        assert_eq!(cache.get_or_compute(&policy, &"warm", value(1)).await.unwrap(), 1);
-
-        redis.freeze();
-        assert_eq!(cache.get_or_compute(&policy, &"opens", value(2)).await.unwrap(), 2);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        // Takes the probe, then is parked: alive, not polled.
-        let mut parked = Box::pin(bulk_call(&cache, &policy));
-        let pending = tokio::time::timeout(Duration::from_millis(50), &mut parked).await;
-        assert!(pending.is_err(), "pending on Redis");
-        redis.resume();
-
-        // Well past the cool-down and both deadlines, many times over.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(
-            computations_of_three_calls(&cache, &policy).await,
-            1,
-            "Redis is back and answering: the next reads hit"
-        );
-        drop(parked);
-    });
+    let cache = Cache::builder()
+        .url(redis.url())
+        .key_prefix("parked-probe")
+        .connect_timeout(Duration::from_millis(200))
+        .command_timeout(Duration::from_millis(200))
+        .circuit_breaker(1, Duration::from_millis(100))
+        .build()
+        .expect("cache");
+    // The call that times out opens the breaker; past its cool-down, the
+    // parked call takes the probe.
+    parked_call_is_outlived(&redis, cache, Duration::from_millis(150), Duration::from_millis(50));
 }
 
 /// A call parked while it refills a kept connection's place (connecting
@@ -257,32 +236,42 @@ fn a_parked_probe_does_not_keep_the_breaker_open_for_good() {
 /// answers again.
 #[test]
 fn a_parked_refill_does_not_keep_its_place_empty_for_good() {
-    use cache_runtime::Policy;
     let _serial = serial();
     let redis = RedisServer::start();
+    let cache = Cache::builder()
+        .url(redis.url())
+        .key_prefix("parked-refill")
+        .pool_size(1)
+        .connect_timeout(Duration::from_millis(500))
+        .command_timeout(Duration::from_millis(100))
+        .circuit_breaker(1000, Duration::from_millis(100))
+        .build()
+        .expect("cache");
+    // The call that times out retires the kept connection; the parked
+    // call refills its place, connecting to the frozen server.
+    parked_call_is_outlived(&redis, cache, Duration::ZERO, Duration::from_millis(100));
+}
+
+/// With `redis` frozen: one call that times out, then after `wait` a bulk
+/// call parked (alive, not polled) once it has been pending for `pending`.
+/// Redis resumes; well past every deadline, three calls compute once: the
+/// parked call holds nothing the others need.
+fn parked_call_is_outlived(redis: &RedisServer, cache: Cache, wait: Duration, pending: Duration) {
+    use cache_runtime::Policy;
     support::run(Duration::from_secs(30), async {
-        let cache = Cache::builder()
-            .url(redis.url())
-            .key_prefix("parked-refill")
-            .pool_size(1)
-            .connect_timeout(Duration::from_millis(500))
-            .command_timeout(Duration::from_millis(100))
-            .circuit_breaker(1000, Duration::from_millis(100))
-            .build()
-            .expect("cache");
-        let policy = Policy::new("refill").ttl(Duration::from_secs(60));
+        let policy = Policy::new("parked").ttl(Duration::from_secs(60));
         let value = |n: u32| async move { Ok::<_, std::io::Error>(n) };
         assert_eq!(cache.get_or_compute(&policy, &"warm", value(1)).await.unwrap(), 1);
 
         redis.freeze();
-        // Times out: the kept connection is retired.
-        assert_eq!(cache.get_or_compute(&policy, &"retires", value(2)).await.unwrap(), 2);
-        // Refills the place: connecting to a frozen server hangs; parked.
+        assert_eq!(cache.get_or_compute(&policy, &"times out", value(2)).await.unwrap(), 2);
+        tokio::time::sleep(wait).await;
         let mut parked = Box::pin(bulk_call(&cache, &policy));
-        let pending = tokio::time::timeout(Duration::from_millis(100), &mut parked).await;
-        assert!(pending.is_err(), "pending on the connect");
+        let polled = tokio::time::timeout(pending, &mut parked).await;
+        assert!(polled.is_err(), "pending on Redis");
         redis.resume();
 
+        // Well past the cool-down and every deadline, many times over.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
             computations_of_three_calls(&cache, &policy).await,
