@@ -53,5 +53,26 @@ fn hits_of_a_big_body() {
         println!("the largest allocation of 10 hits: {largest} bytes");
         assert_eq!(COMPUTED.load(SeqCst), 1);
         assert!(largest < BUFFER / 4, "a hit allocated {largest} bytes for a body of {BUFFER}");
+
+        // Bulk hits through a `Policy` made per call (as the docs' example
+        // of `get_or_compute_many` does): a site that reads once remembers
+        // nothing, so it allocates no table of recent items (32 KiB).
+        let page = || async {
+            let policy = cache_runtime::Policy::new("alloc_page").ttl(Duration::from_secs(60));
+            let found = cache.get_or_compute_many::<_, u32, std::io::Error, _, _, _, _, Vec<(u32, u32)>>(
+                &policy,
+                0..20u32,
+                |missing: Vec<u32>| async move { Ok(missing.into_iter().map(|id| (id, id)).collect::<Vec<_>>()) },
+            );
+            assert_eq!(found.await.map(|found| found.len()).ok(), Some(20));
+        };
+        page().await;
+        LARGEST.store(0, SeqCst);
+        for _ in 0..10 {
+            page().await;
+        }
+        let largest = LARGEST.load(SeqCst);
+        println!("the largest allocation of 10 bulk hits: {largest} bytes");
+        assert!(largest < 16 << 10, "a bulk hit allocated {largest} bytes");
     });
 }

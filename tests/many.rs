@@ -212,9 +212,10 @@ fn empty_items_are_filled_without_the_script_in_the_stores_pipeline() {
         let got = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
         assert_eq!(got.len(), 3, "{got:?}");
         let calls = server.command_calls();
-        // The read takes the locks of the three items the site never read
-        // (`SET NX`), the tombstone's is taken after it; one `STORE` for
-        // that item, and one release, of the three fills' locks, after them.
+        // The read takes the locks of the four items the site never read
+        // (`SET NX`, item 6 only forgotten); one `STORE` for the item over
+        // its tombstone, and one release, of the three fills' locks, after
+        // them.
         assert_eq!((calls.get("evalsha"), calls.get("eval")), (Some(&1), Some(&1)), "{calls:?}");
         let again = names(&cache, &asked, "eu", vec![6, 7, 8, 10]).await;
         assert_eq!(again, got);
@@ -235,7 +236,10 @@ fn a_page_of_regulars_locks_its_new_items_with_its_read_and_no_script() {
         let cache = cache_for(&server, "app");
         let asked = Asked::default();
         let regulars: Vec<u64> = (100..120).collect();
+        // A site remembers from its second read on; the second misses
+        // too, so the next read expects misses.
         names(&cache, &asked, "eu", regulars.clone()).await;
+        names(&cache, &asked, "eu", regulars.iter().copied().chain([300]).collect()).await;
         let mut conn = server.conn();
         let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut conn).expect("resetstat");
         let before = reads(&mut conn);
@@ -253,7 +257,7 @@ fn a_page_of_regulars_locks_its_new_items_with_its_read_and_no_script() {
             "{calls:?}"
         );
         assert_eq!(round_trips, 2, "{calls:?}");
-        assert_eq!(asked.take(), vec![regulars, (200..205).collect()]);
+        assert_eq!(asked.take(), vec![regulars, vec![300], (200..205).collect()]);
         assert!(locks_held(&server).is_empty());
     });
 }
@@ -271,7 +275,9 @@ fn a_site_that_guessed_wrong_claims_with_the_script_for_a_while() {
         // remember nothing in it.
         let other = cache_for(&server, "app");
         let asked = Asked::default();
+        // Two reads: a site remembers from its second on.
         names(&cache, &asked, "eu", vec![1]).await;
+        names(&cache, &asked, "eu", vec![1, 3]).await;
         names(&other, &asked, "eu", (100..140).collect()).await;
         asked.take();
         let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut server.conn()).expect("resetstat");
@@ -461,6 +467,138 @@ impl Truth {
         computed.extend(found.iter().map(|&(id, g)| (id, g, call, settled(id, g))));
         Ok(found)
     }
+}
+
+/// A namespace whose version key is gone (a flush, an eviction) met by a
+/// read that guessed its misses: the locks it took are kept, the versions
+/// seeded under them, and the items computed in the same two round trips,
+/// where releasing the guessed locks and locking again behind them made
+/// the call wait for its own locks.
+#[test]
+fn a_guessed_lock_over_a_lost_version_seeds_it_and_keeps_the_lock() {
+    names_site!();
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![1, 2]).await;
+        names(&cache, &asked, "eu", vec![1, 2, 3]).await;
+        let mut conn = server.conn();
+        let versions: Vec<String> = redis::cmd("KEYS").arg("*#v").query(&mut conn).expect("KEYS");
+        assert!(!versions.is_empty());
+        let () = redis::cmd("DEL").arg(&versions).query(&mut conn).expect("DEL");
+        let got = names(&cache, &asked, "eu", vec![10, 12]).await;
+        assert_eq!(got.len(), 2);
+        assert_eq!(asked.take(), vec![vec![1, 2], vec![3], vec![10, 12]]);
+        let stats = cache.stats().total;
+        assert_eq!((stats.lock_waits, stats.lock_timeouts), (0, 0), "{stats:?}");
+        assert_eq!(names(&cache, &asked, "eu", vec![10, 12]).await, got, "stored under the seeded versions");
+        assert!(asked.take().is_empty());
+        assert!(locks_held(&server).is_empty());
+    });
+}
+
+/// With memory full (`maxmemory`, `noeviction`) Redis refuses every lock,
+/// but reads work: a page of current items is served from the cache, where
+/// one refused lock failed the whole read and sent every item to the body,
+/// on every call.
+#[test]
+fn refused_locks_do_not_fail_the_read() {
+    names_site!();
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let cache = cache_for(&server, "app");
+        let other = cache_for(&server, "app");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![1]).await;
+        names(&cache, &asked, "eu", vec![1, 3]).await;
+        // Current, filled by another process: this site never read them.
+        names(&other, &asked, "eu", (100..140).collect()).await;
+        asked.take();
+        let mut conn = server.conn();
+        let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query(&mut conn).expect("");
+        let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query(&mut conn).expect("maxmemory");
+        for _ in 0..3 {
+            assert_eq!(names(&cache, &asked, "eu", (100..140).collect()).await.len(), 20, "the even ids");
+        }
+        assert!(asked.take().is_empty(), "every item served from the cache");
+        let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query(&mut conn).expect("maxmemory");
+    });
+}
+
+/// A proxy to `target` that, once `armed`, swallows the reply to the next
+/// request holding both a `SET ... NX` and an `MGET` (a read that takes
+/// locks) and closes that connection: Redis ran it, the client never heard.
+async fn reply_losing_proxy(target: u16, armed: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+            let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
+                (client.into_split(), server.into_split());
+            let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (armed, losing) = (armed.clone(), lose.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    let has = |pattern: &[u8]| buf[..n].windows(pattern.len()).any(|w| w == pattern);
+                    if has(b"\r\nNX\r\n") && has(b"MGET") && armed.swap(false, SeqCst) {
+                        losing.store(true, SeqCst);
+                    }
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    if lose.load(SeqCst) {
+                        let _ = to_client.shutdown().await;
+                        return;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A read whose locks Redis took but whose reply was lost, sent again on a
+/// new connection: its `SET NX` then finds its own locks. They are
+/// released by token and taken again in the next round, where the call
+/// waited out the lock timeout for its own locks (and other processes with
+/// it).
+#[test]
+fn a_read_sent_again_after_a_lost_reply_does_not_wait_for_its_own_locks() {
+    names_site!();
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let port = reply_losing_proxy(server.port(), armed.clone()).await;
+        let cache = support::patient_cache(&format!("redis://127.0.0.1:{port}"), "app")
+            .lock_timeout(Duration::from_secs(5))
+            .build()
+            .expect("valid cache settings");
+        let asked = Asked::default();
+        names(&cache, &asked, "eu", vec![1, 2]).await;
+        names(&cache, &asked, "eu", vec![1, 2, 3]).await;
+        armed.store(true, SeqCst);
+        let started = std::time::Instant::now();
+        let got = names(&cache, &asked, "eu", vec![10, 12]).await;
+        let took = started.elapsed();
+        assert!(!armed.load(SeqCst), "the proxy lost no reply");
+        assert_eq!(got.len(), 2);
+        assert!(took < Duration::from_secs(2), "waited {took:?} for its own locks");
+        assert_eq!(cache.stats().total.lock_timeouts, 0);
+        assert_eq!(asked.take(), vec![vec![1, 2], vec![3], vec![10, 12]]);
+        assert!(locks_held(&server).is_empty());
+    });
 }
 
 /// splitmix64: the seed's stream for one task.

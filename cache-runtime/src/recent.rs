@@ -16,7 +16,7 @@
 
 use crate::keys::KeyHash;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// How many items a site remembers: 8 bytes each, allocated on its first
 /// bulk read. A page of 100 with 10 new ids needs its 90 regulars; a site
@@ -44,13 +44,16 @@ pub(crate) struct Recent {
     doubt: AtomicU32,
     /// The doubt after the next wrong guess.
     next_doubt: AtomicU32,
+    /// Whether the site has read once: see [`Recent::read`].
+    read_before: AtomicBool,
 }
 
 impl Recent {
-    /// Whether the site should guess: it has read before, and its last
-    /// guesses were not wrong. Counts a read made without guessing.
-    pub(crate) fn trusted(&self) -> bool {
-        if self.slots.get().is_none() {
+    /// Whether the site should guess for a read of `items`: it has read
+    /// before, the read is not larger than what it can remember, and its
+    /// last guesses were not wrong. Counts a read made without guessing.
+    pub(crate) fn trusted(&self, items: usize) -> bool {
+        if self.slots.get().is_none() || items > SLOTS / 2 {
             return false;
         }
         let doubt = self.doubt.load(Relaxed);
@@ -72,7 +75,14 @@ impl Recent {
     /// Remembers that `hashes` were read. A new item takes an empty slot
     /// of its bucket, or one whose item was not read again since it came
     /// (second chance): items read once, new ids, go before regulars.
+    ///
+    /// The table is made on the site's second read: a site made for one
+    /// call (a `Policy` built per call) reads once, and allocates nothing.
     pub(crate) fn read(&self, hashes: impl IntoIterator<Item = KeyHash>) {
+        if !self.read_before.load(Relaxed) {
+            self.read_before.store(true, Relaxed);
+            return;
+        }
         let slots = self.slots.get_or_init(|| (0..SLOTS).map(|_| AtomicU64::new(0)).collect());
         // Races between readers lose an item at worst: a wrong guess.
         for hash in hashes {
@@ -134,12 +144,15 @@ mod tests {
     }
 
     #[test]
-    fn a_site_knows_what_it_read_and_guesses_only_after_its_first_read() {
+    fn a_site_guesses_from_its_second_read_on() {
         let recent = Recent::default();
-        assert!(!recent.trusted(), "nothing read yet: nothing to guess from");
-        assert!(!recent.knows(hash(1)));
+        assert!(!recent.trusted(100), "nothing read yet: nothing to guess from");
         recent.read((0..100).map(hash));
-        assert!(recent.trusted());
+        assert!(recent.slots.get().is_none(), "one read allocates nothing: the site may be a call's own");
+        assert!(!recent.trusted(100) && !recent.knows(hash(1)));
+        recent.read((0..100).map(hash));
+        assert!(recent.trusted(100));
+        assert!(!recent.trusted(SLOTS), "a read larger than the table is not guessed");
         assert!((0..100).all(|n| recent.knows(hash(n))));
         assert!((100..200).filter(|&n| recent.knows(hash(n))).count() < 2, "unread items are unknown");
     }
@@ -147,6 +160,7 @@ mod tests {
     #[test]
     fn regulars_outlast_items_read_once() {
         let recent = Recent::default();
+        recent.read([]);
         let regulars: Vec<KeyHash> = (0..500).map(hash).collect();
         // Pages of the regulars and new ids: far more new ids than slots.
         for page in 0..100u64 {
@@ -160,15 +174,16 @@ mod tests {
     fn wrong_guesses_send_reads_to_the_script_longer_each_time() {
         let recent = Recent::default();
         recent.read([hash(1)]);
+        recent.read([hash(1)]);
         recent.guessed(10, 2);
-        let doubted = (0..100).take_while(|_| !recent.trusted()).count();
+        let doubted = (0..100).take_while(|_| !recent.trusted(1)).count();
         assert_eq!(doubted, FIRST_DOUBT as usize);
         recent.guessed(10, 2);
-        let doubted = (0..100).take_while(|_| !recent.trusted()).count();
+        let doubted = (0..100).take_while(|_| !recent.trusted(1)).count();
         assert_eq!(doubted, 2 * FIRST_DOUBT as usize, "a second wrong guess in a row doubts twice as long");
         recent.guessed(0, 10);
         recent.guessed(10, 2);
-        let doubted = (0..100).take_while(|_| !recent.trusted()).count();
+        let doubted = (0..100).take_while(|_| !recent.trusted(1)).count();
         assert_eq!(doubted, FIRST_DOUBT as usize, "a right guess ends the row");
     }
 }

@@ -92,14 +92,22 @@ impl Redis {
     /// [`claim_many`](Self::claim_many) without the script, for entries
     /// the caller guesses are missing (`recent.rs`): `SET NX PX` for the
     /// lock of each entry at `asked` (`request.locks` in the same order),
-    /// then an `MGET` of every entry and `versions`, in one pipeline.
-    /// Plain commands cost Redis a fraction of the script's Lua; but the
-    /// versions are not seeded, and an entry not asked for is not locked
-    /// even when it misses ([`Claim::Unasked`]).
+    /// then an `MGET` of every entry and `version_keys`, in one pipeline.
+    /// Plain commands cost Redis a fraction of the script's Lua. Unlike
+    /// the script:
+    /// - an entry not asked for is not locked even when it misses
+    ///   ([`Claim::Unasked`]);
+    /// - a lock the server refused (memory full, a replica) is not asked
+    ///   for either: the read still serves what is current;
+    /// - a lock this request took and whose reply was lost (sent again on a
+    ///   new connection) reads as [`Claim::Held`]; the caller releases a
+    ///   held lock by its token, which frees only its own;
+    /// - versions found missing are seeded after the `MGET` when a lock was
+    ///   taken (as `lock_many` does), and every entry judged against them.
     pub(crate) async fn claim_asked(
         &self,
         entries: &[&str],
-        versions: &[String],
+        version_keys: &[String],
         asked: &[usize],
         request: ClaimRequest<'_>,
     ) -> Result<Claimed, Fault> {
@@ -112,10 +120,10 @@ impl Redis {
         }
         let mut mget = super::command(
             "MGET",
-            entries.len() + versions.len(),
-            super::bytes_of(entries) + super::bytes_of(versions),
+            entries.len() + version_keys.len(),
+            super::bytes_of(entries) + super::bytes_of(version_keys),
         );
-        mget.arg(entries).arg(versions);
+        mget.arg(entries).arg(version_keys);
         commands.push(mget);
         let mut replies = self.pipelined(commands).await?;
         let shape = |what: &str| Fault::Server(format!("the claim pipeline replied in an unexpected shape: {what}"));
@@ -123,17 +131,23 @@ impl Redis {
             Some(values) => Vec::<Option<Vec<u8>>>::from_redis_value(values?).map_err(|e| shape(&e.to_string()))?,
             None => return Err(shape("count")),
         };
-        if replies.len() != asked.len() || values.len() != entries.len() + versions.len() {
+        if replies.len() != asked.len() || values.len() != entries.len() + version_keys.len() {
             return Err(shape("count"));
         }
         let mut claims = vec![Claim::Unasked; entries.len()];
         for (&at, reply) in asked.iter().zip(replies) {
-            // A lock refused by the server fails the read: the caller's
-            // guard releases the ones it did take.
-            let taken = matches!(reply?, Value::Okay);
-            *claims.get_mut(at).ok_or_else(|| shape("asked"))? = if taken { Claim::Taken } else { Claim::Held };
+            let claim = match reply {
+                Ok(Value::Okay) => Claim::Taken,
+                Ok(_) => Claim::Held,
+                Err(_) => Claim::Unasked,
+            };
+            *claims.get_mut(at).ok_or_else(|| shape("asked"))? = claim;
         }
-        let versions = values.split_off(entries.len());
+        let mut versions = values.split_off(entries.len());
+        if versions.iter().any(Option::is_none) && claims.contains(&Claim::Taken) {
+            let seeded = self.seed_under_lock(version_keys).await?;
+            versions = seeded.into_iter().map(Some).collect();
+        }
         Ok(Claimed { read: ReadMany { entries: values, versions }, claims })
     }
 }

@@ -301,7 +301,9 @@ pub(crate) enum Claim {
     Current,
     /// Not current, and the lock is ours now.
     Taken,
-    /// Not current, and someone else holds the lock.
+    /// Not current, and someone else holds the lock. Without the script:
+    /// someone holds it, whatever the entry, maybe this very request
+    /// (its reply lost, sent again), so the caller releases it by token.
     Held,
     /// Not locked: the read did not ask for its lock (`store::claim`).
     Unasked,

@@ -67,7 +67,7 @@ impl<'c, K, V> Bulk<'c, K, V> {
         let mut guessed = None;
         let (read, mut guards) = match redis {
             Some(redis) => {
-                guessed = recent.filter(|recent| recent.trusted()).map(|recent| {
+                guessed = recent.filter(|recent| recent.trusted(unread.len())).map(|recent| {
                     (0..unread.len()).filter(|&n| !recent.knows(keys[unread[n]].hash())).collect::<Vec<_>>()
                 });
                 let asked = guessed.clone().unwrap_or_else(|| (0..unread.len()).collect());
@@ -86,7 +86,11 @@ impl<'c, K, V> Bulk<'c, K, V> {
                 };
                 let claims = claimed.claims;
                 let mut guards: Vec<(Claim, Option<LockGuard>)> = claims.iter().map(|&claim| (claim, None)).collect();
-                for (&n, guard) in asked.iter().zip(guard.split(|i| claims[asked[i]] == Claim::Taken)) {
+                // Without the script a held lock may be this request's own
+                // (its reply lost): it gets a guard too, which frees it
+                // only if it is.
+                let guarded = |claim| claim == Claim::Taken || (claim == Claim::Held && guessed.is_some());
+                for (&n, guard) in asked.iter().zip(guard.split(|i| guarded(claims[asked[i]]))) {
                     guards[n].1 = guard;
                 }
                 (claimed.read, guards)
@@ -96,12 +100,14 @@ impl<'c, K, V> Bulk<'c, K, V> {
         drop(entries);
         let ReadMany { entries, versions } = read;
         let mut missed_any = false;
-        // Locks the guess took for entries found current, and for misses.
-        let (mut wasted, mut needed) = (0, 0);
+        // How the guess did: locks it took for entries found current, misses
+        // it did not lock, and misses it locked.
+        let (mut wasted, mut unlocked, mut needed) = (0, 0, 0);
         for (n, (&c, entry)) in unread.iter().zip(entries).enumerate() {
             let (claim, guard) =
                 guards.get_mut(n).map_or((Claim::Unasked, None), |(claim, guard)| (*claim, guard.take()));
-            let asked = claim != Claim::Unasked;
+            let (guard, maybe_ours) = if claim == Claim::Held { (None, guard) } else { (guard, None) };
+            judged.spare.extend(maybe_ours);
             match calls[c].judge(entry, Cow::Borrowed(&versions), None).await {
                 Lookup::Hit { output, .. } => {
                     self.hit(&mut wants[keyed[c]], output);
@@ -110,17 +116,22 @@ impl<'c, K, V> Bulk<'c, K, V> {
                 }
                 Lookup::Miss(seen) => {
                     missed_any = true;
-                    needed += usize::from(asked);
+                    if claim == Claim::Unasked {
+                        unlocked += 1;
+                    } else {
+                        needed += 1;
+                    }
                     match (guard, claim) {
-                        // Versions the read did not find (not seeded: the
-                        // claim was a guess) are seeded by the usual lock.
                         (Some(guard), _) => match seen.versions.iter().cloned().collect::<Option<Vec<_>>>() {
                             Some(versions) => {
                                 judged.claimed.push((c, guard, Observed { versions, entry: seen.entry }));
                             }
+                            // Both ways seed the versions they lock under;
+                            // should one be missing all the same, the lock
+                            // goes before the item is looked at again.
                             None => {
                                 judged.spare.push(guard);
-                                judged.missed.push((c, seen));
+                                judged.retry.push(c);
                             }
                         },
                         (None, Claim::Held) => judged.held.push(c),
@@ -137,7 +148,7 @@ impl<'c, K, V> Bulk<'c, K, V> {
         self.observer.site.read_many(missed_any);
         if let Some(recent) = recent {
             if guessed.is_some() {
-                recent.guessed(wasted, needed);
+                recent.guessed(wasted + unlocked, needed);
             }
             recent.read(unread.iter().map(|&c| keys[c].hash()));
         }
