@@ -440,15 +440,13 @@ struct Truth {
     cancelled: Mutex<std::collections::HashSet<u64>>,
 }
 
-const ITEMS: u64 = 24;
-
 impl Truth {
-    fn new() -> Self {
-        let zeros = vec![0; ITEMS as usize];
+    fn new(items: u64) -> Self {
+        let zeros = vec![0; items as usize];
         Truth {
             generations: Mutex::new(zeros.clone()),
             floor: Mutex::new(zeros),
-            writing: Mutex::new(vec![0; ITEMS as usize]),
+            writing: Mutex::new(vec![0; items as usize]),
             computed: Mutex::default(),
             cancelled: Mutex::default(),
         }
@@ -618,31 +616,77 @@ fn next(state: &mut u64) -> u64 {
 /// `MANY_SEED=<seed>` replays a seed's schedule.
 #[test]
 fn randomized_history_keeps_the_guarantees() {
+    history(Shape { processes: 1, items: 24, window: None });
+}
+
+/// The same history from two processes (caches, each with a site of its
+/// own that remembers the items it read), over ids in a window that
+/// slides across 400 as the tasks go: new ids keep coming, so reads lock
+/// what they guess is missing, and each process meets items the other
+/// filled, which it guesses wrong. `MANY_SEED=<seed>` replays.
+#[test]
+fn randomized_history_of_two_processes_over_new_ids_keeps_the_guarantees() {
+    history(Shape { processes: 2, items: 400, window: Some(24) });
+}
+
+/// What a randomized history runs against.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// Caches on one server, each with its own `Policy`: processes.
+    processes: usize,
+    /// Ids `0..items`.
+    items: u64,
+    /// Ids drawn from a window of this many that slides across `items` as
+    /// each task goes; `None`: from all of them.
+    window: Option<u64>,
+}
+
+impl Shape {
+    /// An id for a task's operation `index` of [`OPS`].
+    fn id(&self, index: u64, draw: u64) -> u64 {
+        match self.window {
+            None => draw % self.items,
+            Some(window) => (index * (self.items - window) / OPS + draw % window) % self.items,
+        }
+    }
+}
+
+/// Operations per task.
+const OPS: u64 = 150;
+
+fn history(shape: Shape) {
     let seed = std::env::var("MANY_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
     println!("randomized history seed {seed}: replay with MANY_SEED={seed} cargo test --test many randomized");
     let server = RedisServer::start();
     run(DEADLINE, async {
-        let cache = support::patient_cache(&server.url(), "app")
-            .lock_timeout(Duration::from_secs(10))
-            .build()
-            .expect("valid cache settings");
-        let policy: &'static Policy = Box::leak(Box::new(Policy::new("history").ttl(Duration::from_secs(60))));
-        let truth: &'static Truth = Box::leak(Box::new(Truth::new()));
+        let build = || {
+            let builder = support::patient_cache(&server.url(), "app").lock_timeout(Duration::from_secs(10));
+            builder.build().expect("valid cache settings")
+        };
+        // One cache and one policy (so one site) per process.
+        let caches: Vec<Cache> = (0..shape.processes).map(|_| build()).collect();
+        let cache = caches[0].clone();
+        let policies: Vec<&'static Policy> = (0..shape.processes)
+            .map(|_| &*Box::leak(Box::new(Policy::new("history").ttl(Duration::from_secs(60)))))
+            .collect();
+        let policy = policies[0];
+        let truth: &'static Truth = Box::leak(Box::new(Truth::new(shape.items)));
         let violations: &'static Mutex<Vec<String>> = Box::leak(Box::default());
         let tasks: Vec<_> = (0..16u64)
             .map(|task| {
-                let cache = cache.clone();
+                let process = task as usize % shape.processes;
+                let (cache, policy) = (caches[process].clone(), policies[process]);
                 tokio::spawn(async move {
                     let mut state = seed ^ task.wrapping_mul(0xA24B_AED4_963E_E407);
-                    for index in 0..150 {
+                    for index in 0..OPS {
                         let number = task << 32 | index;
                         let op = next(&mut state) % 100;
                         let delay = next(&mut state) % 2_000;
                         if op < 8 {
                             // A write: the item changes, then its entry is forgotten.
-                            let id = next(&mut state) % ITEMS;
+                            let id = shape.id(index, next(&mut state));
                             let generation = {
                                 let mut generations = truth.generations.lock().unwrap();
                                 truth.writing.lock().unwrap()[id as usize] += 1;
@@ -669,7 +713,7 @@ fn randomized_history_keeps_the_guarantees() {
                             continue;
                         }
                         let count = 1 + next(&mut state) % 8;
-                        let mut ids: Vec<u64> = (0..count).map(|_| next(&mut state) % ITEMS).collect();
+                        let mut ids: Vec<u64> = (0..count).map(|_| shape.id(index, next(&mut state))).collect();
                         if op < 30 {
                             ids.truncate(1);
                         }
@@ -741,10 +785,10 @@ fn randomized_history_keeps_the_guarantees() {
         let started = std::time::Instant::now();
         let all = cache.get_or_compute_many::<_, u64, String, _, _, _, _, Vec<(u64, u64)>>(
             policy,
-            0..ITEMS,
+            0..shape.items,
             |missing: Vec<u64>| async move { Ok(missing.into_iter().map(|id| (id, u64::MAX)).collect::<Vec<_>>()) },
         );
-        assert_eq!(all.await.map(|found| found.len()), Ok(ITEMS as usize));
+        assert_eq!(all.await.map(|found| found.len()), Ok(shape.items as usize));
         assert!(started.elapsed() < Duration::from_secs(2), "seed {seed}: a lock held up the last call");
         let violations = violations.lock().unwrap();
         assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
