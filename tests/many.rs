@@ -577,26 +577,66 @@ fn a_read_sent_again_after_a_lost_reply_does_not_wait_for_its_own_locks() {
     names_site!();
     let server = RedisServer::start();
     run(DEADLINE, async {
-        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let port = reply_losing_proxy(server.port(), armed.clone()).await;
-        let cache = support::patient_cache(&format!("redis://127.0.0.1:{port}"), "app")
-            .lock_timeout(Duration::from_secs(5))
-            .build()
-            .expect("valid cache settings");
+        let (cache, armed) = behind_a_reply_losing_proxy(&server).await;
         let asked = Asked::default();
+        // The second read misses too: the next one takes locks with its read.
         names(&cache, &asked, "eu", vec![1, 2]).await;
         names(&cache, &asked, "eu", vec![1, 2, 3]).await;
         armed.store(true, SeqCst);
-        let started = std::time::Instant::now();
-        let got = names(&cache, &asked, "eu", vec![10, 12]).await;
-        let took = started.elapsed();
-        assert!(!armed.load(SeqCst), "the proxy lost no reply");
+        let got = took_less_than_the_lock_timeout(&cache, &armed, names(&cache, &asked, "eu", vec![10, 12])).await;
         assert_eq!(got.len(), 2);
-        assert!(took < Duration::from_secs(2), "waited {took:?} for its own locks");
-        assert_eq!(cache.stats().total.lock_timeouts, 0);
         assert_eq!(asked.take(), vec![vec![1, 2], vec![3], vec![10, 12]]);
         assert!(locks_held(&server).is_empty());
     });
+}
+
+/// The same for the locks a page takes after its read, when its site's
+/// last read hit everything (`SET NX PX` and an `MGET`, one pipeline).
+#[test]
+fn locks_sent_again_after_a_lost_reply_do_not_wait_for_themselves() {
+    names_site!();
+    let server = RedisServer::start();
+    run(DEADLINE, async {
+        let (cache, armed) = behind_a_reply_losing_proxy(&server).await;
+        let asked = Asked::default();
+        // The second read hits everything: the next reads, then locks.
+        names(&cache, &asked, "eu", vec![1, 2]).await;
+        names(&cache, &asked, "eu", vec![1, 2]).await;
+        armed.store(true, SeqCst);
+        let got =
+            took_less_than_the_lock_timeout(&cache, &armed, names(&cache, &asked, "eu", vec![1, 2, 10, 12])).await;
+        assert_eq!(got.len(), 3);
+        assert_eq!(asked.take(), vec![vec![1, 2], vec![10, 12]]);
+        assert!(locks_held(&server).is_empty());
+    });
+}
+
+/// A cache whose connections go through [`reply_losing_proxy`], with a
+/// lock timeout of 5 s, and the proxy's switch.
+async fn behind_a_reply_losing_proxy(server: &RedisServer) -> (Cache, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = reply_losing_proxy(server.port(), armed.clone()).await;
+    let cache = support::patient_cache(&format!("redis://127.0.0.1:{port}"), "app")
+        .lock_timeout(Duration::from_secs(5))
+        .build()
+        .expect("valid cache settings");
+    (cache, armed)
+}
+
+/// Runs `call`, which the armed proxy loses a reply of, and checks it did
+/// not wait out the lock timeout.
+async fn took_less_than_the_lock_timeout<T>(
+    cache: &Cache,
+    armed: &std::sync::atomic::AtomicBool,
+    call: impl Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    let got = call.await;
+    let took = started.elapsed();
+    assert!(!armed.load(SeqCst), "the proxy lost no reply");
+    assert!(took < Duration::from_secs(2), "waited {took:?} for its own locks");
+    assert_eq!(cache.stats().total.lock_timeouts, 0);
+    got
 }
 
 /// splitmix64: the seed's stream for one task.

@@ -254,7 +254,10 @@ impl<K, V> Bulk<'_, K, V> {
                     match outcome {
                         settle::Locked::Compute(item) => led.push(item),
                         settle::Locked::Hit(c, output) => self.hit(&mut wants[keyed[c]], output),
-                        settle::Locked::Retry(c) => retry.push(c),
+                        settle::Locked::Retry(c, guard) => {
+                            retry.push(c);
+                            judged.spare.extend(guard);
+                        }
                     }
                 }
             }

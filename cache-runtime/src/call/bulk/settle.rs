@@ -23,8 +23,10 @@ pub(super) enum Locked<'f, R> {
     Compute(Led<'f>),
     /// Stored by someone else since the read.
     Hit(usize, R),
-    /// Someone else holds the lock, or the entry needs another look.
-    Retry(usize),
+    /// Someone holds the lock, or the entry needs another look; with the
+    /// guard of a lock that may be this call's own, to release by token
+    /// before then.
+    Retry(usize, Option<LockGuard>),
 }
 
 /// What the lock reply `reply` means for the item `c` this call leads.
@@ -51,12 +53,12 @@ async fn lock_reply<'f, R>(
             if !held {
                 guard.disarm();
             }
-            let Some(stored) = call.parse(&entry) else { return Locked::Retry(c) };
+            let Some(stored) = call.parse(&entry) else { return Locked::Retry(c, None) };
             let Some((output, payload)) = call.open(&stored) else {
                 // Current header, undecodable payload: remove it, so the
                 // next round's lock can replace it.
                 Box::pin(call.discard_corrupt(&digest(Some(&entry)))).await;
-                return Locked::Retry(c);
+                return Locked::Retry(c, None);
             };
             call.observer.outcome(Outcome::Hit);
             let payload = Arc::new(payload.into_owned());
@@ -69,11 +71,13 @@ async fn lock_reply<'f, R>(
             Locked::Hit(c, output)
         }
         Ok(LockReply::Wait) => {
-            guard.disarm();
             call.observer.event(Event::LockWait);
             // Dropping the leader lets this process's waiters look again
-            // too; the next round reads what the holder stored.
-            Locked::Retry(c)
+            // too; the next round reads what the holder stored. The holder
+            // may be this request itself, sent again after its reply was
+            // lost (`SET NX` cannot tell): the guard goes back with the
+            // item, to release the lock by token, a no-op for anyone else.
+            Locked::Retry(c, Some(guard))
         }
         // The script may have run: the guard, dropped armed, releases a
         // lock we may hold; unless the breaker refused it, and it took
