@@ -545,3 +545,41 @@ fn a_version_bumped_during_a_fill_is_neither_served_kept_nor_shared() {
         assert_eq!(again.unwrap_or_else(|e| match e {}), 2);
     });
 }
+
+/// With memory full (`maxmemory`, `noeviction`) Redis refuses the lock a
+/// site that keeps missing takes with its read, but reads work: an entry
+/// another process filled is a hit. The refusal failed the pipeline, and
+/// the call computed, on every call, since the site went on expecting
+/// misses; a missing entry waited a poll for a lock nobody held.
+#[test]
+fn a_refused_lock_taken_with_the_read_still_hits() {
+    let server = RedisServer::start();
+    let cache = support::patient_cache(&server.url(), "refused").build().expect("cache");
+    let other = support::patient_cache(&server.url(), "refused").build().expect("cache");
+    let policy = Policy::new("cold").ttl(Duration::from_secs(60));
+    let other_policy = Policy::new("cold").ttl(Duration::from_secs(60));
+    runtime().block_on(async {
+        assert_eq!(value(&other, &other_policy, 1_000).await, 10_000);
+        for key in 0..8 {
+            assert_eq!(value(&cache, &policy, key).await, key * 10);
+        }
+        let mut conn = server.conn();
+        let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query(&mut conn).expect("");
+        let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query(&mut conn).expect("maxmemory");
+        let computed = AtomicBool::new(false);
+        for _ in 0..3 {
+            let answer = cache.get_or_compute(&policy, &1_000u64, async {
+                computed.store(true, SeqCst);
+                Ok::<_, Infallible>(0u64)
+            });
+            let got = answer.await.unwrap_or_else(|e| match e {});
+            assert_eq!(got, 10_000, "{:?}", cache.stats().total);
+        }
+        assert!(!computed.load(SeqCst), "the current entry was served; {:?}", cache.stats().total);
+        // A missing entry is computed at once: nobody holds the lock it
+        // was refused, so there is nothing to wait for.
+        assert_eq!(value(&cache, &policy, 2_000).await, 20_000);
+        assert_eq!(cache.stats().total.lock_waits, 0, "{:?}", cache.stats().total);
+        let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query(&mut conn).expect("maxmemory");
+    });
+}

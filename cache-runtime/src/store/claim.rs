@@ -31,6 +31,8 @@ pub(crate) struct ClaimRequest<'a> {
 pub(crate) struct Claimed {
     pub read: ReadMany,
     pub claims: Vec<Claim>,
+    /// Why the server refused locks ([`Claim::Refused`]), to count.
+    pub refused: Option<Fault>,
 }
 
 impl Redis {
@@ -76,17 +78,25 @@ impl Redis {
         }
         let shape = |what: &str| Fault::Server(format!("the claim pipeline replied in an unexpected shape: {what}"));
         let [claims, values] = <[Value; 2]>::try_from(replies).map_err(|_| shape("count"))?;
-        if let Value::ServerError(e) = &claims {
-            return Err(Fault::Server(format!("{e:?}")));
-        }
-        let claims = Vec::<i64>::from_redis_value(claims).map_err(|e| shape(&e.to_string()))?;
         let mut values = Vec::<Option<Vec<u8>>>::from_redis_value(values).map_err(|e| shape(&e.to_string()))?;
-        let claims = claims.into_iter().map(Claim::parse).collect::<Option<Vec<_>>>().ok_or_else(|| shape("claims"))?;
+        let mut refused = None;
+        let claims = match claims {
+            // The script refused (memory full: it writes) or failed part
+            // way; the read stands.
+            Value::ServerError(e) => {
+                refused = Some(Fault::Server(format!("{e:?}")));
+                vec![Claim::Refused; entries.len()]
+            }
+            claims => {
+                let claims = Vec::<i64>::from_redis_value(claims).map_err(|e| shape(&e.to_string()))?;
+                claims.into_iter().map(Claim::parse).collect::<Option<Vec<_>>>().ok_or_else(|| shape("claims"))?
+            }
+        };
         if claims.len() != entries.len() || values.len() != entries.len() + versions.len() {
             return Err(shape("count"));
         }
         let versions = values.split_off(entries.len());
-        Ok(Claimed { read: ReadMany { entries: values, versions }, claims })
+        Ok(Claimed { read: ReadMany { entries: values, versions }, claims, refused })
     }
 
     /// [`claim_many`](Self::claim_many) without the script, for entries
@@ -97,8 +107,9 @@ impl Redis {
     /// the script:
     /// - an entry not asked for is not locked even when it misses
     ///   ([`Claim::Unasked`]);
-    /// - a lock the server refused (memory full, a replica) is not asked
-    ///   for either: the read still serves what is current;
+    /// - a lock the server refused (memory full, a replica) does not fail
+    ///   the read ([`Claim::Refused`]), nor does the script's refusal in
+    ///   [`claim_many`](Self::claim_many): what is current is served;
     /// - a lock this request took and whose reply was lost (sent again on a
     ///   new connection) reads as [`Claim::Held`]; the caller releases a
     ///   held lock by its token, which frees only its own;
@@ -135,11 +146,15 @@ impl Redis {
             return Err(shape("count"));
         }
         let mut claims = vec![Claim::Unasked; entries.len()];
+        let mut refused = None;
         for (&at, reply) in asked.iter().zip(replies) {
             let claim = match reply {
                 Ok(Value::Okay) => Claim::Taken,
                 Ok(_) => Claim::Held,
-                Err(_) => Claim::Unasked,
+                Err(fault) => {
+                    refused = Some(fault);
+                    Claim::Refused
+                }
             };
             *claims.get_mut(at).ok_or_else(|| shape("asked"))? = claim;
         }
@@ -148,6 +163,6 @@ impl Redis {
             let seeded = self.seed_under_lock(version_keys).await?;
             versions = seeded.into_iter().map(Some).collect();
         }
-        Ok(Claimed { read: ReadMany { entries: values, versions }, claims })
+        Ok(Claimed { read: ReadMany { entries: values, versions }, claims, refused })
     }
 }

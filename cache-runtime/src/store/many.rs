@@ -86,20 +86,21 @@ impl Redis {
             return Err(Fault::Server("MGET replied with the wrong count".to_owned()));
         }
         let (entries, read) = values.split_at(items.len());
-        let locked: Vec<Result<bool, Fault>> =
-            replies.into_iter().map(|set| set.map(|set| matches!(set, Value::Okay))).collect();
         let seeded = match read.iter().cloned().collect::<Option<Vec<_>>>() {
             Some(versions) => Some(versions),
-            None if locked.iter().any(|l| matches!(l, Ok(true))) => Some(self.seed_under_lock(version_keys).await?),
+            None if replies.iter().any(|set| matches!(set, Ok(Value::Okay))) => {
+                Some(self.seed_under_lock(version_keys).await?)
+            }
             None => None,
         };
-        Ok(locked
+        Ok(replies
             .into_iter()
             .zip(entries.iter().cloned())
             .zip(items)
-            .map(|((locked, entry), (_, request))| {
-                let locked = locked?;
-                Ok(super::remote::locked_read(head, request.min_fresh_ms, locked, entry, read, seeded.clone()))
+            .map(|((set, entry), (_, request))| {
+                let locked = matches!(set, Ok(Value::Okay));
+                let read = super::remote::locked_read(head, request.min_fresh_ms, locked, entry, read, seeded.clone());
+                super::remote::refused_unless_hit(set.err(), read)
             })
             .collect())
     }

@@ -97,13 +97,17 @@ impl Redis {
             super::command("MGET", 1 + keys.versions.len(), keys.entry().len() + super::bytes_of(keys.versions));
         mget.arg(keys.entry()).arg(&keys.versions[..]);
         let mut pipe = ::redis::Pipeline::with_capacity(2);
-        pipe.add_command(set).add_command(mget);
+        // A refused lock (memory full) must not fail the read: a current
+        // entry is still a hit.
+        pipe.ignore_errors().add_command(set).add_command(mget);
         let replies = self.connections.run(|conn| conn.pipeline(&pipe)).await?;
-        let (set, mut values) =
-            match <(::redis::Value, Vec<Option<Vec<u8>>>)>::from_redis_value(::redis::Value::Array(replies)) {
-                Ok(replies) => replies,
-                Err(e) => return Err(Fault::Server(format!("the lock and read replied in an unexpected shape: {e}"))),
-            };
+        let shape =
+            |e: &dyn std::fmt::Display| Fault::Server(format!("the lock and read replied in an unexpected shape: {e}"));
+        let [set, values] = <[::redis::Value; 2]>::try_from(replies).map_err(|_| shape(&"count"))?;
+        if let ::redis::Value::ServerError(e) = &values {
+            return Err(Fault::Server(format!("{e:?}")));
+        }
+        let mut values = Vec::<Option<Vec<u8>>>::from_redis_value(values).map_err(|e| shape(&e))?;
         if values.len() != 1 + keys.versions.len() {
             return Err(Fault::Server(format!(
                 "MGET returned {} values for {} keys",
@@ -118,7 +122,11 @@ impl Redis {
             None if locked => Some(self.seed_under_lock(keys.versions).await?),
             None => None,
         };
-        Ok(locked_read(head, request.min_fresh_ms, locked, entry, &values, versions))
+        let refused = match set {
+            ::redis::Value::ServerError(e) => Some(Fault::Server(format!("{e:?}"))),
+            _ => None,
+        };
+        refused_unless_hit(refused, locked_read(head, request.min_fresh_ms, locked, entry, &values, versions))
     }
 
     /// A namespace's first use, met with a lock taken: seeded under the
@@ -211,6 +219,17 @@ impl Redis {
     pub(super) fn versions_in_script<'k>(&self, keys: &'k EntryKeys<'_>) -> &'k [String] {
         let versions = &keys.versions[..];
         if self.connections.is_cluster() { &versions[..versions.len().min(1)] } else { versions }
+    }
+}
+
+/// A lock the server refused (memory full, a replica) fails the request,
+/// unless its read found the entry current: then it is a hit, since reads
+/// still work. Waiting for a lock nobody holds would only stall the call.
+pub(super) fn refused_unless_hit(refused: Option<Fault>, read: (LockReply, bool)) -> Result<(LockReply, bool), Fault> {
+    match (refused, read) {
+        (_, hit @ (LockReply::Hit(_), _)) => Ok(hit),
+        (Some(fault), _) => Err(fault),
+        (None, read) => Ok(read),
     }
 }
 

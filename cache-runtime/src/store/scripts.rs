@@ -307,6 +307,10 @@ pub(crate) enum Claim {
     Held,
     /// Not locked: the read did not ask for its lock (`store::claim`).
     Unasked,
+    /// Not locked: the server refused the request (memory full, a
+    /// replica), unless an earlier send of it took the lock and its reply
+    /// was lost; the caller releases it by token.
+    Refused,
 }
 
 impl ClaimArgs<'_> {

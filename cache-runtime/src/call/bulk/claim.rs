@@ -84,12 +84,19 @@ impl<'c, K, V> Bulk<'c, K, V> {
                     Some(_) => redis.claim_asked(&entries, version_keys, &asked, request).await?,
                     None => redis.claim_many(&entries, version_keys, &self.plan.codec.lock_head(), request).await?,
                 };
+                if let Some(fault) = &claimed.refused {
+                    self.observer.event(Event::Fault(fault));
+                }
                 let claims = claimed.claims;
                 let mut guards: Vec<(Claim, Option<LockGuard>)> = claims.iter().map(|&claim| (claim, None)).collect();
                 // Without the script a held lock may be this request's own
-                // (its reply lost): it gets a guard too, which frees it
-                // only if it is.
-                let guarded = |claim| claim == Claim::Taken || (claim == Claim::Held && guessed.is_some());
+                // (its reply lost), and so may a refused one: they get a
+                // guard too, which frees the lock only if it is.
+                let guarded = |claim| match claim {
+                    Claim::Taken | Claim::Refused => true,
+                    Claim::Held => guessed.is_some(),
+                    Claim::Current | Claim::Unasked => false,
+                };
                 for (&n, guard) in asked.iter().zip(guard.split(|i| guarded(claims[asked[i]]))) {
                     guards[n].1 = guard;
                 }
@@ -106,7 +113,8 @@ impl<'c, K, V> Bulk<'c, K, V> {
         for (n, (&c, entry)) in unread.iter().zip(entries).enumerate() {
             let (claim, guard) =
                 guards.get_mut(n).map_or((Claim::Unasked, None), |(claim, guard)| (*claim, guard.take()));
-            let (guard, maybe_ours) = if claim == Claim::Held { (None, guard) } else { (guard, None) };
+            let refused = claim == Claim::Refused;
+            let (guard, maybe_ours) = if claim == Claim::Held || refused { (None, guard) } else { (guard, None) };
             judged.spare.extend(maybe_ours);
             match calls[c].judge(entry, Cow::Borrowed(&versions), None).await {
                 Lookup::Hit { output, .. } => {
@@ -116,10 +124,11 @@ impl<'c, K, V> Bulk<'c, K, V> {
                 }
                 Lookup::Miss(seen) => {
                     missed_any = true;
-                    if claim == Claim::Unasked {
-                        unlocked += 1;
-                    } else {
-                        needed += 1;
+                    // A refused lock says nothing of the guess.
+                    match claim {
+                        Claim::Unasked => unlocked += 1,
+                        Claim::Refused => {}
+                        _ => needed += 1,
                     }
                     match (guard, claim) {
                         (Some(guard), _) => match seen.versions.iter().cloned().collect::<Option<Vec<_>>>() {
