@@ -22,9 +22,13 @@ use crate::error::Fault;
 use crate::flight::{Progress, Role};
 use crate::keys::EntryKeys;
 use crate::observe::Event;
-use crate::store::{Claim, ClaimRequest, ReadMany};
+use crate::store::{Claim, ClaimRequest, ReadMany, Redis};
 use std::borrow::Cow;
 use tokio::sync::watch::Receiver;
+
+/// What a claiming read returns: the read, each item's claim and guard,
+/// and the site's guess.
+type ClaimingRead = (ReadMany, Vec<(Claim, Option<LockGuard>)>, Option<Vec<usize>>);
 
 /// What one round's read made of each item it read.
 #[derive(Default)]
@@ -62,47 +66,9 @@ impl<'c, K, V> Bulk<'c, K, V> {
         let version_keys = &self.observer.site.version_keys;
         let recent = self.observer.site.recent.as_ref();
         let redis = self.cache.backend().redis().filter(|redis| claim && redis.can_claim());
-        // The items guessed missing (indices into `unread`), when the site
-        // guesses; then only their locks are asked for, without the script.
-        let mut guessed = None;
-        let (read, mut guards) = match redis {
-            Some(redis) => {
-                guessed = recent.filter(|recent| recent.trusted(unread.len())).map(|recent| {
-                    (0..unread.len()).filter(|&n| !recent.knows(keys[unread[n]].hash())).collect::<Vec<_>>()
-                });
-                let asked = guessed.clone().unwrap_or_else(|| (0..unread.len()).collect());
-                let locks = asked.iter().map(|&n| keys[unread[n]].lock()).collect();
-                // Armed before asking: see `ClaimGuard`.
-                let guard = ClaimGuard::new(self.cache, locks);
-                let request = ClaimRequest {
-                    locks: &guard.locks,
-                    token: &guard.token,
-                    ttl: self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()),
-                };
-                // Dropped armed on a fault: the locks may have been taken.
-                let claimed = match guessed {
-                    Some(_) => redis.claim_asked(&entries, version_keys, &asked, request).await?,
-                    None => redis.claim_many(&entries, version_keys, &self.plan.codec.lock_head(), request).await?,
-                };
-                if let Some(fault) = &claimed.refused {
-                    self.observer.event(Event::Fault(fault));
-                }
-                let claims = claimed.claims;
-                let mut guards: Vec<(Claim, Option<LockGuard>)> = claims.iter().map(|&claim| (claim, None)).collect();
-                // Without the script a held lock may be this request's own
-                // (its reply lost), and so may a refused one: they get a
-                // guard too, which frees the lock only if it is.
-                let guarded = |claim| match claim {
-                    Claim::Taken | Claim::Refused => true,
-                    Claim::Held => guessed.is_some(),
-                    Claim::Current | Claim::Unasked => false,
-                };
-                for (&n, guard) in asked.iter().zip(guard.split(|i| guarded(claims[asked[i]]))) {
-                    guards[n].1 = guard;
-                }
-                (claimed.read, guards)
-            }
-            None => (self.cache.backend().read_many(&entries, version_keys).await?, Vec::new()),
+        let (read, mut guards, guessed) = match redis {
+            Some(redis) => self.claiming_read(redis, keys, unread, &entries).await?,
+            None => (self.cache.backend().read_many(&entries, version_keys).await?, Vec::new(), None),
         };
         drop(entries);
         let ReadMany { entries, versions } = read;
@@ -113,8 +79,8 @@ impl<'c, K, V> Bulk<'c, K, V> {
         for (n, (&c, entry)) in unread.iter().zip(entries).enumerate() {
             let (claim, guard) =
                 guards.get_mut(n).map_or((Claim::Unasked, None), |(claim, guard)| (*claim, guard.take()));
-            let refused = claim == Claim::Refused;
-            let (guard, maybe_ours) = if claim == Claim::Held || refused { (None, guard) } else { (guard, None) };
+            let maybe_ours = matches!(claim, Claim::Held | Claim::Refused);
+            let (guard, maybe_ours) = if maybe_ours { (None, guard) } else { (guard, None) };
             judged.spare.extend(maybe_ours);
             match calls[c].judge(entry, Cow::Borrowed(&versions), None).await {
                 Lookup::Hit { output, .. } => {
@@ -162,6 +128,59 @@ impl<'c, K, V> Bulk<'c, K, V> {
             recent.read(unread.iter().map(|&c| keys[c].hash()));
         }
         Ok(judged)
+    }
+
+    /// The read of `entries` (those of the items at `unread`) that also
+    /// takes locks: of the items the site guesses missing, with plain
+    /// commands, or by script of every item it finds missing. Returns the
+    /// read, each item's claim and guard, and the guess (indices into
+    /// `unread`), if the site made one.
+    async fn claiming_read(
+        &self,
+        redis: &Redis,
+        keys: &[EntryKeys<'_>],
+        unread: &[usize],
+        entries: &[&str],
+    ) -> Result<ClaimingRead, Fault> {
+        let version_keys = &self.observer.site.version_keys;
+        let guessed = self
+            .observer
+            .site
+            .recent
+            .as_ref()
+            .filter(|recent| recent.trusted(unread.len()))
+            .map(|recent| (0..unread.len()).filter(|&n| !recent.knows(keys[unread[n]].hash())).collect::<Vec<_>>());
+        let asked = guessed.clone().unwrap_or_else(|| (0..unread.len()).collect());
+        let locks = asked.iter().map(|&n| keys[unread[n]].lock()).collect();
+        // Armed before asking: see `ClaimGuard`.
+        let guard = ClaimGuard::new(self.cache, locks);
+        let request = ClaimRequest {
+            locks: &guard.locks,
+            token: &guard.token,
+            ttl: self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()),
+        };
+        // Dropped armed on a fault: the locks may have been taken.
+        let claimed = match guessed {
+            Some(_) => redis.claim_asked(entries, version_keys, &asked, request).await?,
+            None => redis.claim_many(entries, version_keys, &self.plan.codec.lock_head(), request).await?,
+        };
+        if let Some(fault) = &claimed.refused {
+            self.observer.event(Event::Fault(fault));
+        }
+        let claims = claimed.claims;
+        let mut guards: Vec<(Claim, Option<LockGuard>)> = claims.iter().map(|&claim| (claim, None)).collect();
+        // Without the script a held lock may be this request's own (its
+        // reply lost), and so may a refused one: they get a guard too, which
+        // frees the lock only if it is.
+        let guarded = |claim| match claim {
+            Claim::Taken | Claim::Refused => true,
+            Claim::Held => guessed.is_some(),
+            Claim::Current | Claim::Unasked => false,
+        };
+        for (&n, guard) in asked.iter().zip(guard.split(|i| guarded(claims[asked[i]]))) {
+            guards[n].1 = guard;
+        }
+        Ok((claimed.read, guards, guessed))
     }
 
     /// The items whose lock the read took, each now led by this call, or
