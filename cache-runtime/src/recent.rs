@@ -10,16 +10,18 @@
 //! call returns or stores. An item guessed current that is not is locked
 //! in one more round trip, as before; an item guessed missing that is
 //! current had its lock taken for nothing, and released. A site whose
-//! guesses lock more current entries than misses (more distinct items
-//! than it can remember, or a process that just started) uses the script
-//! for a while, longer after each wrong guess in a row.
+//! guess was wrong on balance (locks taken for current entries and misses
+//! left unlocked outnumber the misses it locked: more distinct items than
+//! it remembers, another process filling them, an invalidation) uses the
+//! script for a while, longer after each wrong guess in a row. A lock the
+//! server refused says nothing either way.
 
 use crate::keys::KeyHash;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
-/// How many items a site remembers: 8 bytes each, allocated on its first
-/// bulk read. A page of 100 with 10 new ids needs its 90 regulars; a site
+/// How many items a site remembers: 8 bytes each, allocated on its
+/// second bulk read. A page of 100 with 10 new ids needs its 90 regulars; a site
 /// whose working set is far larger guesses badly and falls back.
 const SLOTS: usize = 4096;
 /// Slots per bucket: a key may sit in any slot of its bucket, so two
