@@ -110,10 +110,10 @@ impl Recent {
         }
     }
 
-    /// Judges a guess: `wasted` locks taken for items found current,
-    /// `needed` for items found missing.
-    pub(crate) fn guessed(&self, wasted: usize, needed: usize) {
-        if wasted <= needed {
+    /// Judges a guess by the items it got `wrong` (locked but current,
+    /// missing but not locked) and `right` (locked and missing).
+    pub(crate) fn guessed(&self, wrong: usize, right: usize) {
+        if wrong <= right {
             if self.next_doubt.load(Relaxed) != 0 {
                 self.next_doubt.store(0, Relaxed);
             }
