@@ -124,11 +124,7 @@ impl Redis {
     ) -> Result<Claimed, Fault> {
         let ttl = millis(request.ttl);
         let mut commands = Vec::with_capacity(asked.len() + 1);
-        for lock in request.locks {
-            let mut set = super::command("SET", 5, lock.len() + request.token.len() + 26);
-            set.arg(lock).arg(request.token).arg("NX").arg("PX").arg(ttl);
-            commands.push(set);
-        }
+        commands.extend(request.locks.iter().map(|lock| super::remote::take_lock(lock, request.token, ttl)));
         let mut mget = super::command(
             "MGET",
             entries.len() + version_keys.len(),

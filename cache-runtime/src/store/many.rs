@@ -63,9 +63,7 @@ impl Redis {
         let version_keys = &first.versions[..];
         let mut commands = Vec::with_capacity(items.len() + 1);
         for (_, request) in items {
-            let mut set = super::command("SET", 5, request.lock.len() + request.token.len() + 26);
-            set.arg(request.lock).arg(request.token).arg("NX").arg("PX").arg(super::remote::millis(request.ttl));
-            commands.push(set);
+            commands.push(super::remote::take_lock(request.lock, request.token, super::remote::millis(request.ttl)));
         }
         let entries: Vec<&str> = items.iter().map(|(keys, _)| keys.entry()).collect();
         let mut mget = super::command(

@@ -91,8 +91,7 @@ impl Redis {
             let held = matches!(reply, LockReply::Lead { .. });
             return Ok((reply, held));
         }
-        let mut set = super::command("SET", 5, request.lock.len() + request.token.len() + 26);
-        set.arg(request.lock).arg(request.token).arg("NX").arg("PX").arg(millis(request.ttl));
+        let set = take_lock(request.lock, request.token, millis(request.ttl));
         let mut mget =
             super::command("MGET", 1 + keys.versions.len(), keys.entry().len() + super::bytes_of(keys.versions));
         mget.arg(keys.entry()).arg(&keys.versions[..]);
@@ -220,6 +219,14 @@ impl Redis {
         let versions = &keys.versions[..];
         if self.connections.is_cluster() { &versions[..versions.len().min(1)] } else { versions }
     }
+}
+
+/// `SET lock token NX PX ttl_ms`: a stampede lock taken with a plain
+/// command, pipelined with the read that follows it.
+pub(super) fn take_lock(lock: &str, token: &str, ttl_ms: u64) -> ::redis::Cmd {
+    let mut set = super::command("SET", 5, lock.len() + token.len() + 26);
+    set.arg(lock).arg(token).arg("NX").arg("PX").arg(ttl_ms);
+    set
 }
 
 /// A lock the server refused (memory full, a replica) fails the request,
