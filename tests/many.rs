@@ -659,7 +659,7 @@ fn next(state: &mut u64) -> u64 {
 /// `MANY_SEED=<seed>` replays a seed's schedule.
 #[test]
 fn randomized_history_keeps_the_guarantees() {
-    history(Shape { processes: 1, items: 24, window: None });
+    history(Shape { processes: 1, items: 24, window: None, faults: false });
 }
 
 /// The same history from two processes (caches, each with a site of its
@@ -669,7 +669,19 @@ fn randomized_history_keeps_the_guarantees() {
 /// filled, which it guesses wrong. `MANY_SEED=<seed>` replays.
 #[test]
 fn randomized_history_of_two_processes_over_new_ids_keeps_the_guarantees() {
-    history(Shape { processes: 2, items: 400, window: Some(24) });
+    history(Shape { processes: 2, items: 400, window: Some(24), faults: false });
+}
+
+/// The two-process history with Redis faults from the seed: connections
+/// killed (`CLIENT KILL`, replies lost mid-pipeline) and writes paused
+/// (`CLIENT PAUSE WRITE`). No answer is older than a forget or invalidate
+/// that returned `Ok`; items may be computed more than once (a lock lost
+/// with its connection is taken again), and every lock is gone once its
+/// TTL has passed. `MANY_SEED=<seed>` replays the operations (the faults'
+/// timing is the machine's).
+#[test]
+fn randomized_history_with_faults_serves_nothing_stale() {
+    history(Shape { processes: 2, items: 400, window: Some(24), faults: true });
 }
 
 /// What a randomized history runs against.
@@ -682,6 +694,8 @@ struct Shape {
     /// Ids drawn from a window of this many that slides across `items` as
     /// each task goes; `None`: from all of them.
     window: Option<u64>,
+    /// Connections killed and writes paused while the tasks run.
+    faults: bool,
 }
 
 impl Shape {
@@ -704,8 +718,10 @@ fn history(shape: Shape) {
     println!("randomized history seed {seed}: replay with MANY_SEED={seed} cargo test --test many randomized");
     let server = RedisServer::start();
     run(DEADLINE, async {
+        // With faults a lock may outlive its connection: it expires soon.
+        let lock_timeout = Duration::from_secs(if shape.faults { 1 } else { 10 });
         let build = || {
-            let builder = support::patient_cache(&server.url(), "app").lock_timeout(Duration::from_secs(10));
+            let builder = support::patient_cache(&server.url(), "app").lock_timeout(lock_timeout);
             builder.build().expect("valid cache settings")
         };
         // One cache and one policy (so one site) per process.
@@ -736,9 +752,12 @@ fn history(shape: Shape) {
                                 generations[id as usize] += 1;
                                 generations[id as usize]
                             };
-                            cache.forget::<_, Option<u64>>(policy, &id).await.expect("forget");
+                            let forgot = cache.forget::<_, Option<u64>>(policy, &id).await;
+                            assert!(shape.faults || forgot.is_ok(), "{forgot:?}");
                             let mut floor = truth.floor.lock().unwrap();
-                            floor[id as usize] = floor[id as usize].max(generation);
+                            if forgot.is_ok() {
+                                floor[id as usize] = floor[id as usize].max(generation);
+                            }
                             truth.writing.lock().unwrap()[id as usize] -= 1;
                             continue;
                         }
@@ -749,9 +768,12 @@ fn history(shape: Shape) {
                                 generations.iter_mut().for_each(|g| *g += 1);
                                 generations.clone()
                             };
-                            cache.invalidate("history").await.expect("invalidate");
+                            let invalidated = cache.invalidate("history").await;
+                            assert!(shape.faults || invalidated.is_ok(), "{invalidated:?}");
                             let mut floor = truth.floor.lock().unwrap();
-                            floor.iter_mut().zip(reached).for_each(|(f, g)| *f = (*f).max(g));
+                            if invalidated.is_ok() {
+                                floor.iter_mut().zip(reached).for_each(|(f, g)| *f = (*f).max(g));
+                            }
                             truth.writing.lock().unwrap().iter_mut().for_each(|w| *w -= 1);
                             continue;
                         }
@@ -817,8 +839,16 @@ fn history(shape: Shape) {
                 })
             })
             .collect();
+        let injected: &'static AtomicUsize = Box::leak(Box::default());
+        let faults = shape.faults.then(|| tokio::spawn(inject_faults(server.url(), seed, injected)));
         for task in tasks {
             task.await.expect("a task panicked");
+        }
+        if let Some(faults) = faults {
+            faults.abort();
+            // Past the locks' TTL: a lock whose release was lost with its
+            // connection has expired.
+            tokio::time::sleep(lock_timeout).await;
         }
         // Every lock a dropped call took is released by its guards, well
         // before the lock timeout: a last call over every item is not held up.
@@ -844,7 +874,8 @@ fn history(shape: Shape) {
             let count = counts.entry((id, generation)).or_default();
             if cancelled.contains(&call) { count.1 += 1 } else { count.0 += 1 }
         }
-        for (&(id, generation), &(completed, dropped)) in &counts {
+        // With faults, a lock lost with its connection is taken again.
+        for (&(id, generation), &(completed, dropped)) in counts.iter().filter(|_| !shape.faults) {
             assert!(
                 completed <= 1 + dropped,
                 "seed {seed}: item {id} generation {generation} computed {completed} times by completed calls, \
@@ -852,13 +883,37 @@ fn history(shape: Shape) {
             );
         }
         let stats = cache.stats().total;
+        let met: u64 = caches.iter().map(|cache| cache.stats().total.errors()).sum();
+        let injected = injected.load(SeqCst);
         println!(
-            "{} computations, {} dropped calls, {} lock timeouts",
+            "{} computations, {} dropped calls, {} lock timeouts, {injected} faults injected, {met} met by calls",
             computed.len(),
             cancelled.len(),
             stats.lock_timeouts
         );
+        assert!(!shape.faults || injected > 0, "seed {seed}: no fault was injected");
     });
+}
+
+/// Until aborted: every 20 to 120 ms (from `seed`), the server kills its
+/// clients' connections or pauses their writes for 10 to 60 ms; counts
+/// the faults in `injected`.
+async fn inject_faults(url: String, seed: u64, injected: &AtomicUsize) {
+    let mut state = seed ^ 0xFA17;
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("the fault injector's connection");
+    loop {
+        tokio::time::sleep(Duration::from_millis(20 + next(&mut state) % 100)).await;
+        let mut fault = redis::cmd("CLIENT");
+        if next(&mut state).is_multiple_of(2) {
+            fault.arg("PAUSE").arg(10 + next(&mut state) % 50).arg("WRITE");
+        } else {
+            fault.arg("KILL").arg("TYPE").arg("normal").arg("SKIPME").arg("yes");
+        }
+        if fault.query_async::<redis::Value>(&mut conn).await.is_ok() {
+            injected.fetch_add(1, SeqCst);
+        }
+    }
 }
 
 /// On a Redis Cluster: the entries and locks of a prefix share a slot, so
