@@ -275,9 +275,16 @@ fn an_undecodable_entry_is_deleted_only_if_still_the_one_read() {
         let cache = support::patient_cache(&server.url(), "stale").build().expect("cache");
         assert_eq!(layout(&cache, 1).await, Layout(1));
         FAIL_NEXT_DECODE.store(true, SeqCst);
+        // The reader on a thread and runtime of its own: its decode blocks
+        // that thread for 400 ms, and on one of this runtime's two workers
+        // it could hold up the timers and I/O this test waits on, so that
+        // the reader computed before the write below began.
         let reader = {
             let cache = cache.clone();
-            tokio::spawn(async move { layout(&cache, 1).await })
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                runtime.block_on(layout(&cache, 1))
+            })
         };
         // While the reader decodes, the other deploy writes a good entry.
         // Waiting for the reader's decode to begin, not for a fixed time: on
@@ -291,7 +298,7 @@ fn an_undecodable_entry_is_deleted_only_if_still_the_one_read() {
         LAYOUT_DB.store(2, SeqCst);
         assert_eq!(cache_runtime::refresh(layout(&cache, 1)).await, Layout(2));
         let computations = cache.stats().total.computations;
-        assert_eq!(reader.await.expect("reader"), Layout(2));
+        assert_eq!(tokio::task::spawn_blocking(|| reader.join()).await.expect("join").expect("reader"), Layout(2));
         assert_eq!(
             cache.stats().total.computations,
             computations,
