@@ -27,8 +27,8 @@ use std::borrow::Cow;
 use tokio::sync::watch::Receiver;
 
 /// What a claiming read returns: the read, each item's claim and guard,
-/// and the site's guess.
-type ClaimingRead = (ReadMany, Vec<(Claim, Option<LockGuard>)>, Option<Vec<usize>>);
+/// and whether the site guessed.
+type ClaimingRead = (ReadMany, Vec<(Claim, Option<LockGuard>)>, bool);
 
 /// What one round's read made of each item it read.
 #[derive(Default)]
@@ -68,7 +68,7 @@ impl<'c, K, V> Bulk<'c, K, V> {
         let redis = self.cache.backend().redis().filter(|redis| claim && redis.can_claim());
         let (read, mut guards, guessed) = match redis {
             Some(redis) => self.claiming_read(redis, keys, unread, &entries).await?,
-            None => (self.cache.backend().read_many(&entries, version_keys).await?, Vec::new(), None),
+            None => (self.cache.backend().read_many(&entries, version_keys).await?, Vec::new(), false),
         };
         drop(entries);
         let ReadMany { entries, versions } = read;
@@ -122,7 +122,7 @@ impl<'c, K, V> Bulk<'c, K, V> {
         }
         self.observer.site.read_many(missed_any);
         if let Some(recent) = recent {
-            if guessed.is_some() {
+            if guessed {
                 recent.guessed(wasted + unlocked, needed);
             }
             recent.read(unread.iter().map(|&c| keys[c].hash()));
@@ -133,8 +133,7 @@ impl<'c, K, V> Bulk<'c, K, V> {
     /// The read of `entries` (those of the items at `unread`) that also
     /// takes locks: of the items the site guesses missing, with plain
     /// commands, or by script of every item it finds missing. Returns the
-    /// read, each item's claim and guard, and the guess (indices into
-    /// `unread`), if the site made one.
+    /// read, each item's claim and guard, and whether the site guessed.
     async fn claiming_read(
         &self,
         redis: &Redis,
@@ -143,14 +142,17 @@ impl<'c, K, V> Bulk<'c, K, V> {
         entries: &[&str],
     ) -> Result<ClaimingRead, Fault> {
         let version_keys = &self.observer.site.version_keys;
-        let guessed = self
+        // The items guessed missing (indices into `unread`); without a
+        // guess, every item is asked for, by script.
+        let guesses = self
             .observer
             .site
             .recent
             .as_ref()
             .filter(|recent| recent.trusted(unread.len()))
             .map(|recent| (0..unread.len()).filter(|&n| !recent.knows(keys[unread[n]].hash())).collect::<Vec<_>>());
-        let asked = guessed.clone().unwrap_or_else(|| (0..unread.len()).collect());
+        let guessed = guesses.is_some();
+        let asked = guesses.unwrap_or_else(|| (0..unread.len()).collect());
         let locks = asked.iter().map(|&n| keys[unread[n]].lock()).collect();
         // Armed before asking: see `ClaimGuard`.
         let guard = ClaimGuard::new(self.cache, locks);
@@ -160,9 +162,10 @@ impl<'c, K, V> Bulk<'c, K, V> {
             ttl: self.plan.lock_timeout.unwrap_or(self.cache.lock_timeout()),
         };
         // Dropped armed on a fault: the locks may have been taken.
-        let claimed = match guessed {
-            Some(_) => redis.claim_asked(entries, version_keys, &asked, request).await?,
-            None => redis.claim_many(entries, version_keys, &self.plan.codec.lock_head(), request).await?,
+        let claimed = if guessed {
+            redis.claim_asked(entries, version_keys, &asked, request).await?
+        } else {
+            redis.claim_many(entries, version_keys, &self.plan.codec.lock_head(), request).await?
         };
         if let Some(fault) = &claimed.refused {
             self.observer.event(Event::Fault(fault));
@@ -174,7 +177,7 @@ impl<'c, K, V> Bulk<'c, K, V> {
         // frees the lock only if it is.
         let guarded = |claim| match claim {
             Claim::Taken | Claim::Refused => true,
-            Claim::Held => guessed.is_some(),
+            Claim::Held => guessed,
             Claim::Current | Claim::Unasked => false,
         };
         for (&n, guard) in asked.iter().zip(guard.split(|i| guarded(claims[asked[i]]))) {
